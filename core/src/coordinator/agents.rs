@@ -1,0 +1,212 @@
+//! Running, supervising and stopping the agents of one lock set.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::CoordinatorConfig;
+use crate::agent::{Agent, AgentContext, AgentError};
+use crate::ids::ShardId;
+use crate::lock_set::LockSet;
+
+/// An agent that ran this long without failing has its failure count reset.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+enum SlotState {
+    Running {
+        cancel: CancellationToken,
+        task: JoinHandle<Result<(), AgentError>>,
+        started: Instant,
+    },
+    Waiting {
+        restart_at: Instant,
+    },
+}
+
+struct Slot {
+    state: SlotState,
+    failures: u32,
+}
+
+/// The agents of one owned set, one per shard.
+pub(super) struct SetAgents {
+    slots: BTreeMap<ShardId, Slot>,
+    /// Parent of every agent's token: cancelling it stops them all.
+    cancel: CancellationToken,
+}
+
+impl SetAgents {
+    /// Starts one agent per shard of `set`.
+    pub(super) fn start<A: Agent>(
+        agent: &Arc<A>,
+        set: &LockSet,
+        epoch: u64,
+        config: &CoordinatorConfig,
+    ) -> Self {
+        let cancel = CancellationToken::new();
+        let mut slots = BTreeMap::new();
+        for shard in &set.shards {
+            let state = spawn(agent, set, shard, epoch, config, &cancel);
+            slots.insert(shard.clone(), Slot { state, failures: 0 });
+        }
+        Self { slots, cancel }
+    }
+
+    /// Restarts agents that ended on their own, with exponential backoff.
+    /// Answers how many agents are waiting for a restart.
+    pub(super) fn supervise<A: Agent>(
+        &mut self,
+        agent: &Arc<A>,
+        set: &LockSet,
+        epoch: u64,
+        config: &CoordinatorConfig,
+    ) -> usize {
+        let now = Instant::now();
+        let mut waiting = 0;
+        for (shard, slot) in &mut self.slots {
+            if let SlotState::Running { task, started, .. } = &mut slot.state {
+                if !task.is_finished() {
+                    if started.elapsed() >= HEALTHY_RUN {
+                        slot.failures = 0;
+                    }
+                    continue;
+                }
+                let outcome = finished_outcome(task);
+                slot.failures = slot.failures.saturating_add(1);
+                let delay = config.backoff(config.restart_backoff, slot.failures - 1);
+                match outcome {
+                    Ok(()) => warn!(%shard, key = %set.key, ?delay, "agent returned before it was cancelled; restarting"),
+                    Err(reason) => error!(%shard, key = %set.key, failures = slot.failures, ?delay, error = %reason, "agent failed; restarting with backoff"),
+                }
+                slot.state = SlotState::Waiting {
+                    restart_at: now + delay,
+                };
+            }
+            if let SlotState::Waiting { restart_at } = slot.state {
+                if restart_at <= now {
+                    info!(%shard, key = %set.key, failures = slot.failures, "agent restarted");
+                    slot.state = spawn(agent, set, shard, epoch, config, &self.cancel);
+                } else {
+                    waiting += 1;
+                }
+            }
+        }
+        waiting
+    }
+
+    /// Cancels every agent without waiting (the first half of [`stop_all`]).
+    pub(super) fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Awaits every agent until `deadline`, then aborts (and awaits) the rest.
+    async fn join(mut self, deadline: Instant) {
+        for (shard, slot) in std::mem::take(&mut self.slots) {
+            if let SlotState::Running { mut task, .. } = slot.state {
+                match tokio::time::timeout_at(deadline, &mut task).await {
+                    Ok(Ok(Ok(()))) | Ok(Err(_)) => {}
+                    Ok(Ok(Err(e))) => warn!(%shard, error = %e, "agent failed while stopping"),
+                    Err(_) => {
+                        warn!(%shard, "agent did not stop within the stop timeout; aborting it");
+                        task.abort();
+                        let _ = task.await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops many sets' agents together: cancels all, then awaits all under one
+/// shared stop timeout. Returns only when no agent of these sets runs.
+pub(super) async fn stop_all(sets: Vec<SetAgents>, stop_timeout: Duration) {
+    for set in &sets {
+        set.cancel();
+    }
+    let deadline = Instant::now() + stop_timeout;
+    for set in sets {
+        set.join(deadline).await;
+    }
+}
+
+fn spawn<A: Agent>(
+    agent: &Arc<A>,
+    set: &LockSet,
+    shard: &ShardId,
+    epoch: u64,
+    config: &CoordinatorConfig,
+    parent: &CancellationToken,
+) -> SlotState {
+    let cancel = parent.child_token();
+    let ctx = AgentContext {
+        cancel: cancel.clone(),
+        epoch,
+        database: set.database.clone(),
+        lock: set.key.clone(),
+        node: config.node_id.clone(),
+    };
+    let agent = Arc::clone(agent);
+    let shard = shard.clone();
+    let task = tokio::spawn(async move { agent.run(&shard, ctx).await });
+    SlotState::Running {
+        cancel,
+        task,
+        started: Instant::now(),
+    }
+}
+
+/// The outcome of a finished task, without blocking.
+fn finished_outcome(task: &mut JoinHandle<Result<(), AgentError>>) -> Result<(), String> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match std::pin::Pin::new(task).poll(&mut cx) {
+        std::task::Poll::Ready(Ok(Ok(()))) => Ok(()),
+        std::task::Poll::Ready(Ok(Err(e))) => Err(e.to_string()),
+        std::task::Poll::Ready(Err(e)) if e.is_panic() => Err(format!("agent panicked: {}", panic_message(e))),
+        std::task::Poll::Ready(Err(e)) => Err(e.to_string()),
+        std::task::Poll::Pending => Err("BUG: agent task polled before it finished".into()),
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+impl SetAgents {
+    /// Number of shards with a running agent.
+    #[cfg(test)]
+    pub(super) fn running(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| matches!(s.state, SlotState::Running { .. }))
+            .count()
+    }
+}
+
+// `Future::poll` needs the trait in scope.
+use std::future::Future as _;
+
+impl Drop for SetAgents {
+    /// A safety net: agents never outlive the record of them.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        for slot in self.slots.values() {
+            if let SlotState::Running { task, cancel, .. } = &slot.state {
+                cancel.cancel();
+                task.abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! What a node owns, published on a `watch` channel after every cycle.
+
+use std::time::{Duration, SystemTime};
+
+use crate::ids::{DatabaseId, NodeId, ShardId};
+use crate::key::LockKey;
+use crate::lock_set::Guard;
+
+/// One lock set this node runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedSet {
+    /// The set's key.
+    pub key: LockKey,
+    /// Its database.
+    pub database: DatabaseId,
+    /// Its shards.
+    pub shards: Vec<ShardId>,
+    /// How the key guards the shards.
+    pub guard: Guard,
+    /// Whether this node holds the key (always true for exclusive sets).
+    pub held: bool,
+    /// This node's acquisition count for the key.
+    pub epoch: u64,
+    /// When this node started running the set.
+    pub since: SystemTime,
+}
+
+/// A node's current assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Assignment {
+    /// The node.
+    pub node: NodeId,
+    /// The sets it runs, sorted by key name.
+    pub owned: Vec<OwnedSet>,
+    /// Sets it competed for in the last cycle and did not get.
+    pub denied: usize,
+    /// Agents waiting for a restart after a failure.
+    pub failing_agents: usize,
+    /// Completed cycles.
+    pub cycles: u64,
+    /// How long the last cycle took.
+    pub last_cycle: Duration,
+    /// When the last cycle ended.
+    pub last_cycle_at: Option<SystemTime>,
+    /// Sessions lost since start.
+    pub sessions_lost: u64,
+    /// True once the coordinator has stopped and released everything.
+    pub stopped: bool,
+}
+
+impl Assignment {
+    pub(crate) fn new(node: NodeId) -> Self {
+        Self {
+            node,
+            owned: Vec::new(),
+            denied: 0,
+            failing_agents: 0,
+            cycles: 0,
+            last_cycle: Duration::ZERO,
+            last_cycle_at: None,
+            sessions_lost: 0,
+            stopped: false,
+        }
+    }
+
+    /// Whether this node runs `shard` of `database`.
+    pub fn runs(&self, database: &DatabaseId, shard: &ShardId) -> bool {
+        self.owned
+            .iter()
+            .any(|set| &set.database == database && set.shards.contains(shard))
+    }
+
+    /// Number of shards this node runs.
+    pub fn shard_count(&self) -> usize {
+        self.owned.iter().map(|set| set.shards.len()).sum()
+    }
+}

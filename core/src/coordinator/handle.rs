@@ -1,0 +1,90 @@
+//! The handle of a started coordinator.
+
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::Assignment;
+use crate::error::{Error, Result};
+use crate::ids::NodeId;
+
+/// Controls a running coordinator.
+///
+/// Dropping the handle without [`stop`](CoordinatorHandle::stop) also stops the
+/// coordinator (agents first, then locks, then sessions), in the background.
+#[derive(Debug)]
+pub struct CoordinatorHandle {
+    node: NodeId,
+    stop: CancellationToken,
+    wake: Arc<Notify>,
+    assignment: watch::Receiver<Assignment>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl CoordinatorHandle {
+    pub(super) fn new(
+        node: NodeId,
+        stop: CancellationToken,
+        wake: Arc<Notify>,
+        assignment: watch::Receiver<Assignment>,
+        task: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            node,
+            stop,
+            wake,
+            assignment,
+            task: Some(task),
+        }
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// A receiver of the node's assignment, updated after every cycle.
+    pub fn assignment(&self) -> watch::Receiver<Assignment> {
+        self.assignment.clone()
+    }
+
+    /// Runs the next cycle now instead of after the current pause.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Whether the coordinator loop has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops gracefully: cancels every agent and awaits it (aborting any that
+    /// outlive the stop timeout), **then** releases the locks, then closes
+    /// the sessions. Another node can take the work over as soon as this
+    /// returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if the coordinator task panicked (a bug).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the shutdown running in the background.
+    pub async fn stop(mut self) -> Result<()> {
+        self.stop.cancel();
+        match self.task.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| Error::Config(format!("BUG: coordinator task failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for CoordinatorHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

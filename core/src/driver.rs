@@ -1,0 +1,130 @@
+//! The driver contract: what every database backend provides.
+//!
+//! A [`Driver`] opens [`Session`]s; a session is **one dedicated connection to
+//! one database** (never a pooled one: a session lock belongs to the
+//! connection that took it). The contract suite in `shardlock-contract-tests`
+//! checks every clause below against every driver.
+//!
+//! 1. At most one session holds a key at any instant.
+//! 2. [`Session::try_acquire`] never waits and is idempotent: a key the
+//!    session already holds answers `true` without stacking a second hold.
+//! 3. A batch of keys is answered in one round trip.
+//! 4. [`Session::acquire`] waits without polling where the database can block,
+//!    and is cancel-safe: a cancelled wait leaves no lock held.
+//! 5. [`Session::release`] frees a held key at once; releasing a key not held
+//!    answers `false`.
+//! 6. Closing or dropping the session releases every key; drop never blocks
+//!    and works on a current-thread runtime.
+//! 7. Distinct keys are independent.
+//! 8. [`Session::verify`] fails when the connection is gone or the database no
+//!    longer shows the session's locks.
+//! 9. A crashed process's keys are released by the database.
+//! 10. Errors are typed; "not granted" is a value.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::ids::{DatabaseId, NodeId};
+use crate::key::LockKey;
+
+/// A database backend that opens lock sessions.
+///
+/// Cloning a driver must be cheap (share the configuration behind an `Arc`):
+/// the coordinator keeps one and opens one session per database.
+pub trait Driver: Clone + Send + Sync + 'static {
+    /// The session type.
+    type Session: Session;
+
+    /// A short name for logs and errors, e.g. `postgres`.
+    fn name(&self) -> &'static str;
+
+    /// Opens a session: one dedicated connection to `database`, labelled with
+    /// `node` where the database shows connection names
+    /// (`application_name`, program name) so operators see who holds what.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a dropped connect leaves nothing behind but a connection
+    /// the database closes.
+    fn connect(
+        &self,
+        database: &DatabaseId,
+        node: &NodeId,
+    ) -> impl Future<Output = Result<Self::Session>> + Send;
+
+    /// How long the database may keep a vanished session's locks before it
+    /// notices and frees them, when the driver knows (e.g. from the keepalive
+    /// settings it applies). The coordinator checks its own loss detection
+    /// fits inside this window, so a cut-off node stops its work before the
+    /// database hands its locks to another node.
+    fn lock_release_window(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// One dedicated connection to one database, holding session-scoped locks.
+///
+/// Every method takes `&mut self`: a session is used by one task at a time,
+/// as its connection is.
+pub trait Session: Send + 'static {
+    /// The database this session is connected to.
+    fn database(&self) -> &DatabaseId;
+
+    /// The keys this session holds, as far as it knows.
+    fn held(&self) -> Vec<LockKey>;
+
+    /// Tries to take every key in `keys` without waiting, in **one round
+    /// trip**; answers one `bool` per key, in order. Keys already held answer
+    /// `true` and are not locked a second time. Duplicate keys in one batch
+    /// are allowed and answered alike.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe at the database level: if the future is dropped after
+    /// the request was sent, some keys may be held without the session
+    /// knowing. Drivers mark the session broken in that case so the next
+    /// [`verify`](Session::verify) fails and the coordinator discards it.
+    fn try_acquire(&mut self, keys: &[LockKey]) -> impl Future<Output = Result<Vec<bool>>> + Send;
+
+    /// Waits until `key` is granted (`Ok(true)`) or `cancel` fires
+    /// (`Ok(false)`), without polling where the database can block.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, both through `cancel` and by dropping the future: a
+    /// cancelled wait leaves the key not held by this session.
+    fn acquire(
+        &mut self,
+        key: &LockKey,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Releases `key`. Answers `true` if it was held, `false` (not an error)
+    /// if it was not.
+    fn release(&mut self, key: &LockKey) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Releases every key this session holds.
+    fn release_all(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for key in self.held() {
+                self.release(&key).await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Proves, in one cheap round trip, that the connection is alive and the
+    /// database still shows this session's locks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`](crate::Error::SessionLost) when it cannot: the
+    /// caller must then treat every held key as lost and drop the session.
+    fn verify(&mut self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Releases every key and closes the connection.
+    fn close(self) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,42 @@
+//! Core of [shardlock](https://docs.rs/shardlock): lock keys, the driver and
+//! distributor traits, agents, leader election and the coordinator loop.
+//!
+//! This crate has no database code. Applications use it through the
+//! `shardlock` facade crate; driver authors implement [`Driver`] and
+//! [`Session`] and run the contract suite in `shardlock-contract-tests`.
+//! Until 1.0 its API may change in any release.
+//!
+//! ```
+//! use shardlock_core::{LockKey, LockSet, DatabaseId, ShardId};
+//!
+//! let key = LockKey::for_shard("main", "public", "orders:all")?;
+//! let set = LockSet::new(key, DatabaseId::new("main"), vec![ShardId::new("orders:all")]);
+//! assert_eq!(set.key.name(), "main:public:orders:all");
+//! # Ok::<(), shardlock_core::Error>(())
+//! ```
+#![doc(test(attr(deny(warnings))))]
+
+mod agent;
+mod coordinator;
+mod distributor;
+mod driver;
+mod error;
+mod ids;
+mod key;
+mod leadership;
+mod lock_set;
+
+pub use agent::{Agent, AgentContext, AgentError};
+pub use coordinator::{
+    Assignment, Coordinator, CoordinatorBuilder, CoordinatorConfig, CoordinatorHandle, OwnedSet,
+};
+pub use distributor::{Distributor, SharedTenants, TenantSource};
+pub use driver::{Driver, Session};
+pub use error::{BoxError, Error, InvalidName, Result};
+pub use ids::{DatabaseId, NodeId, ShardId};
+pub use key::{LockKey, KEY_SCHEME, MAX_NAME_LEN};
+pub use leadership::{acquire_leadership, wait_for_leadership, LeadershipGuard};
+pub use lock_set::{Guard, LockSet};
+
+/// Re-exported so agents and drivers name the same token type.
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,44 @@
+//! In-process reference driver of [shardlock](https://docs.rs/shardlock):
+//! exactly the driver contract, with no database. Use it through `shardlock`
+//! with feature `memory` (on by default).
+//!
+//! A [`MemoryServer`] plays the database server: a lock table per database
+//! shared by every [`MemoryDriver`] made from it. Tests use the driver's
+//! fault switches to play a node's failures:
+//!
+//! - [`MemoryDriver::kill`]: the process died; the server sees the sockets
+//!   close and frees its locks at once.
+//! - [`MemoryDriver::sever`]: the connections break (errors at once on the
+//!   node), but the server notices only after the release window, as a real
+//!   server does through TCP keepalives.
+//! - [`MemoryDriver::partition`]: the network is cut; the node's calls hang,
+//!   and the server frees its locks after the release window.
+//! - [`MemoryServer::terminate`]: an operator ends one session; its locks are
+//!   freed at once.
+//!
+//! ```
+//! use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
+//! use shardlock_memory::MemoryServer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> shardlock_core::Result<()> {
+//! let server = MemoryServer::new();
+//! let driver = server.driver();
+//! let db = DatabaseId::new("main");
+//! let mut a = driver.connect(&db, &NodeId::new("a")).await?;
+//! let mut b = driver.connect(&db, &NodeId::new("b")).await?;
+//! let key = LockKey::new("orders")?;
+//! assert_eq!(a.try_acquire(&[key.clone()]).await?, vec![true]);
+//! assert_eq!(b.try_acquire(&[key.clone()]).await?, vec![false]);
+//! a.release(&key).await?;
+//! assert_eq!(b.try_acquire(&[key]).await?, vec![true]);
+//! # Ok(())
+//! # }
+//! ```
+#![doc(test(attr(deny(warnings))))]
+
+mod server;
+mod session;
+
+pub use server::{DEFAULT_RELEASE_WINDOW, HolderInfo, LockEvent, LockEventKind, MemoryDriver, MemoryServer, SessionId};
+pub use session::MemorySession;

@@ -1,0 +1,488 @@
+//! The in-process "database server": lock tables, sessions, fault injection.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Result};
+use tokio::sync::{watch, Notify};
+use tracing::debug;
+
+use crate::session::MemorySession;
+
+/// Default time the server keeps a severed or partitioned session's locks.
+pub const DEFAULT_RELEASE_WINDOW: Duration = Duration::from_secs(20);
+
+/// Identifies one session on a [`MemoryServer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+/// What happened to a lock, for tests that check ordering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockEventKind {
+    /// A session took the key.
+    Acquired,
+    /// The session released the key (explicitly, by close or by drop).
+    Released,
+    /// The server freed the key because its session died or was terminated.
+    Freed,
+}
+
+/// One entry of the server's lock history.
+#[derive(Debug, Clone)]
+pub struct LockEvent {
+    /// When it happened.
+    pub at: Instant,
+    /// What happened.
+    pub kind: LockEventKind,
+    /// The key's name.
+    pub key: String,
+    /// The key's database.
+    pub database: DatabaseId,
+    /// The session.
+    pub session: SessionId,
+    /// The session's node.
+    pub node: NodeId,
+}
+
+/// A held lock, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderInfo {
+    /// The database.
+    pub database: DatabaseId,
+    /// The key.
+    pub key: LockKey,
+    /// The holding session.
+    pub session: SessionId,
+    /// The holding node.
+    pub node: NodeId,
+    /// Since when.
+    pub since: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    Up,
+    /// Calls fail at once (connection reset).
+    Severed,
+    /// Calls hang (network cut).
+    Partitioned,
+    /// The server ended the session.
+    Dead,
+}
+
+pub(crate) struct SessionRecord {
+    pub(crate) node: NodeId,
+    pub(crate) driver: u64,
+    pub(crate) health: Health,
+}
+
+struct Held {
+    session: SessionId,
+    key: LockKey,
+    since: SystemTime,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    locks: HashMap<(DatabaseId, i64), Held>,
+    pub(crate) sessions: HashMap<SessionId, SessionRecord>,
+    events: Vec<LockEvent>,
+    next_session: u64,
+}
+
+pub(crate) struct Inner {
+    state: Mutex<State>,
+    /// Woken whenever a lock is freed, so waiting sessions retry.
+    pub(crate) freed: Notify,
+    /// Bumped when a partition heals, so hanging calls resume.
+    pub(crate) health: watch::Sender<u64>,
+    release_window: Duration,
+    round_trips: AtomicU64,
+    next_driver: AtomicU64,
+}
+
+/// The shared lock table every [`MemoryDriver`] made from it talks to.
+///
+/// Clones share the server.
+#[derive(Clone)]
+pub struct MemoryServer {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Default for MemoryServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryServer {
+    /// A server with the default release window.
+    pub fn new() -> Self {
+        Self::with_release_window(DEFAULT_RELEASE_WINDOW)
+    }
+
+    /// A server that frees a severed or partitioned session's locks after
+    /// `window`, as a database does once its keepalives give up.
+    pub fn with_release_window(window: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                freed: Notify::new(),
+                health: watch::Sender::new(0),
+                release_window: window,
+                round_trips: AtomicU64::new(0),
+                next_driver: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A new driver (a node's connection factory) for this server.
+    pub fn driver(&self) -> MemoryDriver {
+        MemoryDriver {
+            server: self.clone(),
+            id: self.inner.next_driver.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// The release window.
+    pub fn release_window(&self) -> Duration {
+        self.inner.release_window
+    }
+
+    /// Every lock currently held.
+    pub fn holders(&self) -> Vec<HolderInfo> {
+        let state = self.inner.lock();
+        let mut out: Vec<HolderInfo> = state
+            .locks
+            .iter()
+            .map(|((db, _), held)| HolderInfo {
+                database: db.clone(),
+                key: held.key.clone(),
+                session: held.session,
+                node: state
+                    .sessions
+                    .get(&held.session)
+                    .map(|s| s.node.clone())
+                    .unwrap_or_else(|| NodeId::new("?")),
+                since: held.since,
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.name().cmp(b.key.name()));
+        out
+    }
+
+    /// The session holding `key` in `database`, if any.
+    pub fn holder(&self, database: &DatabaseId, key: &LockKey) -> Option<SessionId> {
+        let state = self.inner.lock();
+        state
+            .locks
+            .get(&(database.clone(), key.id()))
+            .map(|h| h.session)
+    }
+
+    /// The lock history since the server started.
+    pub fn events(&self) -> Vec<LockEvent> {
+        self.inner.lock().events.clone()
+    }
+
+    /// Lock operations served (one per session call), to check batching.
+    pub fn round_trips(&self) -> u64 {
+        self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Ends `session` as an operator would (`pg_terminate_backend`): its locks
+    /// are freed at once and its next call fails.
+    pub fn terminate(&self, session: SessionId) {
+        let mut state = self.inner.lock();
+        if let Some(record) = state.sessions.get_mut(&session) {
+            record.health = Health::Dead;
+        }
+        self.inner.free_session(&mut state, session, LockEventKind::Freed);
+    }
+}
+
+impl fmt::Debug for MemoryServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.inner.lock();
+        f.debug_struct("MemoryServer")
+            .field("sessions", &state.sessions.len())
+            .field("locks", &state.locks.len())
+            .field("release_window", &self.inner.release_window)
+            .finish()
+    }
+}
+
+pub(crate) enum Grant {
+    Granted,
+    Denied,
+}
+
+impl Inner {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this mutex cannot leave the table half
+        // updated (every update is a single map operation), so recover.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn count_round_trip(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn open_session(&self, node: &NodeId, driver: u64) -> SessionId {
+        let mut state = self.lock();
+        state.next_session += 1;
+        let id = SessionId(state.next_session);
+        state.sessions.insert(
+            id,
+            SessionRecord {
+                node: node.clone(),
+                driver,
+                health: Health::Up,
+            },
+        );
+        id
+    }
+
+    pub(crate) fn try_take(
+        &self,
+        state: &mut State,
+        session: SessionId,
+        database: &DatabaseId,
+        key: &LockKey,
+    ) -> Grant {
+        let slot = (database.clone(), key.id());
+        match state.locks.get(&slot) {
+            Some(held) if held.session == session => Grant::Granted,
+            Some(_) => Grant::Denied,
+            None => {
+                state.locks.insert(
+                    slot,
+                    Held {
+                        session,
+                        key: key.clone(),
+                        since: SystemTime::now(),
+                    },
+                );
+                let node = node_of(state, session);
+                state.events.push(LockEvent {
+                    at: Instant::now(),
+                    kind: LockEventKind::Acquired,
+                    key: key.name().to_string(),
+                    database: database.clone(),
+                    session,
+                    node,
+                });
+                Grant::Granted
+            }
+        }
+    }
+
+    /// Frees `key` if `session` holds it.
+    pub(crate) fn give_back(
+        &self,
+        state: &mut State,
+        session: SessionId,
+        database: &DatabaseId,
+        key: &LockKey,
+        kind: LockEventKind,
+    ) -> bool {
+        let slot = (database.clone(), key.id());
+        if state.locks.get(&slot).is_some_and(|h| h.session == session) {
+            state.locks.remove(&slot);
+            let node = node_of(state, session);
+            state.events.push(LockEvent {
+                at: Instant::now(),
+                kind,
+                key: key.name().to_string(),
+                database: database.clone(),
+                session,
+                node,
+            });
+            self.freed.notify_waiters();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `session` still holds `key`.
+    pub(crate) fn holds(
+        &self,
+        state: &State,
+        session: SessionId,
+        database: &DatabaseId,
+        key: &LockKey,
+    ) -> bool {
+        state
+            .locks
+            .get(&(database.clone(), key.id()))
+            .is_some_and(|h| h.session == session)
+    }
+
+    pub(crate) fn free_session(&self, state: &mut State, session: SessionId, kind: LockEventKind) {
+        let slots: Vec<(DatabaseId, i64)> = state
+            .locks
+            .iter()
+            .filter(|(_, h)| h.session == session)
+            .map(|(slot, _)| slot.clone())
+            .collect();
+        let node = node_of(state, session);
+        for slot in slots {
+            if let Some(held) = state.locks.remove(&slot) {
+                state.events.push(LockEvent {
+                    at: Instant::now(),
+                    kind,
+                    key: held.key.name().to_string(),
+                    database: slot.0.clone(),
+                    session,
+                    node: node.clone(),
+                });
+            }
+        }
+        self.freed.notify_waiters();
+    }
+
+    pub(crate) fn forget_session(&self, state: &mut State, session: SessionId) {
+        state.sessions.remove(&session);
+    }
+}
+
+fn node_of(state: &State, session: SessionId) -> NodeId {
+    state
+        .sessions
+        .get(&session)
+        .map(|s| s.node.clone())
+        .unwrap_or_else(|| NodeId::new("?"))
+}
+
+/// A node's connection factory to a [`MemoryServer`], with fault switches
+/// that act on every session it opened.
+#[derive(Clone)]
+pub struct MemoryDriver {
+    pub(crate) server: MemoryServer,
+    id: u64,
+}
+
+impl MemoryDriver {
+    /// The server this driver talks to.
+    pub fn server(&self) -> &MemoryServer {
+        &self.server
+    }
+
+    /// The process died: every session of this driver is dead and the server
+    /// frees its locks at once.
+    pub fn kill(&self) {
+        let inner = &self.server.inner;
+        let mut state = inner.lock();
+        for id in self.session_ids(&state) {
+            if let Some(r) = state.sessions.get_mut(&id) {
+                r.health = Health::Dead;
+            }
+            inner.free_session(&mut state, id, LockEventKind::Freed);
+        }
+    }
+
+    /// The connections break: calls fail at once on this node, while the
+    /// server keeps the locks for its release window, then frees them.
+    pub fn sever(&self) {
+        self.cut(Health::Severed);
+    }
+
+    /// The network is cut: calls on this node's sessions hang until
+    /// [`heal`](Self::heal); the server frees the locks after its release
+    /// window.
+    pub fn partition(&self) {
+        self.cut(Health::Partitioned);
+    }
+
+    /// Ends a partition: hanging calls resume and fail (the server has, or
+    /// soon will have, ended those sessions). New sessions work normally.
+    pub fn heal(&self) {
+        {
+            let mut state = self.server.inner.lock();
+            for id in self.session_ids(&state) {
+                if let Some(r) = state.sessions.get_mut(&id) {
+                    if r.health == Health::Partitioned {
+                        r.health = Health::Severed;
+                    }
+                }
+            }
+        }
+        self.server.inner.health.send_modify(|v| *v += 1);
+    }
+
+    fn session_ids(&self, state: &State) -> Vec<SessionId> {
+        state
+            .sessions
+            .iter()
+            .filter(|(_, r)| r.driver == self.id && r.health != Health::Dead)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn cut(&self, health: Health) {
+        let ids = {
+            let mut state = self.server.inner.lock();
+            let ids = self.session_ids(&state);
+            for id in &ids {
+                if let Some(r) = state.sessions.get_mut(id) {
+                    r.health = health;
+                }
+            }
+            ids
+        };
+        let server = self.server.clone();
+        let window = server.inner.release_window;
+        let expire = move || {
+            let mut state = server.inner.lock();
+            for id in &ids {
+                if let Some(r) = state.sessions.get_mut(id) {
+                    r.health = Health::Dead;
+                }
+                server.inner.free_session(&mut state, *id, LockEventKind::Freed);
+            }
+            debug!(sessions = ids.len(), "memory server freed cut-off sessions");
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(window).await;
+                    expire();
+                });
+            }
+            Err(_) => expire(),
+        }
+    }
+}
+
+impl fmt::Debug for MemoryDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryDriver").field("id", &self.id).finish()
+    }
+}
+
+impl Driver for MemoryDriver {
+    type Session = MemorySession;
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<MemorySession> {
+        let id = self.server.inner.open_session(node, self.id);
+        Ok(MemorySession::new(self.server.clone(), id, database.clone()))
+    }
+
+    fn lock_release_window(&self) -> Option<Duration> {
+        Some(self.server.inner.release_window)
+    }
+}
