@@ -1,1 +1,70 @@
-//! stub
+//! The driver contract suite of shardlock: the behaviour every driver must
+//! pass, as plain async functions plus [`driver_contract_tests!`], which
+//! stamps out one `#[tokio::test]` per clause for a driver.
+//!
+//! **Not API-stable**, and destructive only to keys it creates itself (each
+//! test uses fresh key names with a random suffix, so tests run in parallel
+//! against one database and never wipe shared state).
+//!
+//! A driver author implements [`Harness`] (how to get drivers, a database,
+//! and how to kill a session or a process) and writes:
+//!
+//! ```ignore
+//! shardlock_contract_tests::driver_contract_tests!(my_harness().await);
+//! ```
+//!
+//! where the expression evaluates to `Option<H>`: `None` means the server is
+//! not available, and every generated test prints a loud `SKIPPED` line
+//! (see [`skip`]) instead of passing silently.
+
+mod clauses;
+mod harness;
+mod recorder;
+mod scenarios;
+
+pub use clauses::*;
+pub use harness::{skip, unique_keys, unique_name, Harness, Holder};
+pub use recorder::{Recorder, RecordingAgent, ShardRun};
+pub use scenarios::*;
+
+/// Instantiates every contract clause and coordinator scenario as a
+/// `#[tokio::test]` for a driver.
+///
+/// `$harness` is an expression (it may use `.await`) of type `Option<H>`
+/// where `H: Harness`. The tests run on a multi-thread runtime.
+#[macro_export]
+macro_rules! driver_contract_tests {
+    ($harness:expr) => {
+        $crate::driver_contract_tests!(@tests $harness;
+            clause_1_exclusive,
+            clause_1_concurrent_race,
+            clause_2_try_acquire_idempotent,
+            clause_3_batch,
+            clause_4_acquire_waits,
+            clause_4_acquire_cancel_safe,
+            clause_4_acquire_drop_safe,
+            clause_5_release,
+            clause_6_close_releases,
+            clause_6_drop_releases,
+            clause_6_drop_on_current_thread_runtime,
+            clause_7_independent_keys,
+            clause_8_verify_detects_loss,
+            clause_9_crash_releases,
+            clause_10_typed_errors,
+            hostile_names,
+            leadership_handoff,
+            scenario_spread_and_graceful_stop,
+            scenario_failing_agent_restarted,
+            scenario_double_start_is_error,
+        );
+    };
+    (@tests $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(harness) = $harness else { return; };
+                $crate::$name(&harness).await;
+            }
+        )*
+    };
+}

@@ -218,7 +218,10 @@ mod tests {
         ];
         for (name, needle) in cases {
             match LockKey::new(name.clone()) {
-                Err(Error::InvalidLockName { reason, name: shown }) => {
+                Err(Error::InvalidLockName {
+                    reason,
+                    name: shown,
+                }) => {
                     assert!(reason.to_string().contains(needle), "{reason}");
                     assert!(shown.len() < 80, "preview is bounded: {shown}");
                 }

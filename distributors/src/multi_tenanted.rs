@@ -16,7 +16,11 @@ pub struct MultiTenanted<T> {
 
 impl<T: TenantSource> MultiTenanted<T> {
     /// Runs `shards` of `schema` in every tenant `tenants` lists.
-    pub fn new(tenants: T, schema: impl Into<String>, shards: impl IntoIterator<Item = ShardId>) -> Self {
+    pub fn new(
+        tenants: T,
+        schema: impl Into<String>,
+        shards: impl IntoIterator<Item = ShardId>,
+    ) -> Self {
         Self {
             tenants,
             schema: schema.into(),

@@ -33,7 +33,11 @@ impl SingleTenant {
             .iter()
             .map(|shard| {
                 let key = LockKey::for_shard(self.database.as_str(), &self.schema, shard.as_str())?;
-                Ok(LockSet::new(key, self.database.clone(), vec![shard.clone()]))
+                Ok(LockSet::new(
+                    key,
+                    self.database.clone(),
+                    vec![shard.clone()],
+                ))
             })
             .collect()
     }
@@ -52,22 +56,26 @@ mod tests {
 
     #[tokio::test]
     async fn one_set_per_shard_with_namespaced_names() {
-        let d = SingleTenant::new(
-            DatabaseId::new("db1"),
-            "app",
-            ["a", "b"].map(ShardId::new),
-        );
+        let d = SingleTenant::new(DatabaseId::new("db1"), "app", ["a", "b"].map(ShardId::new));
         let sets = d.lock_sets().await.unwrap();
         let names: Vec<_> = sets.iter().map(|s| s.key.name().to_string()).collect();
         assert_eq!(names, ["db1:app:a", "db1:app:b"]);
-        assert!(sets.iter().all(|s| s.shards.len() == 1 && s.database.as_str() == "db1"));
+        assert!(sets
+            .iter()
+            .all(|s| s.shards.len() == 1 && s.database.as_str() == "db1"));
     }
 
     #[tokio::test]
     async fn an_invalid_shard_name_is_a_typed_error() {
         let d = SingleTenant::new(DatabaseId::new("db"), "s", [ShardId::new("x".repeat(5000))]);
-        assert!(matches!(d.lock_sets().await, Err(Error::InvalidLockName { .. })));
+        assert!(matches!(
+            d.lock_sets().await,
+            Err(Error::InvalidLockName { .. })
+        ));
         let d = SingleTenant::new(DatabaseId::new("db"), "s", [ShardId::new("a\0b")]);
-        assert!(matches!(d.lock_sets().await, Err(Error::InvalidLockName { .. })));
+        assert!(matches!(
+            d.lock_sets().await,
+            Err(Error::InvalidLockName { .. })
+        ));
     }
 }

@@ -48,7 +48,11 @@ mod tests {
 
     #[tokio::test]
     async fn one_sentinel_set_per_database() {
-        let d = Solo::new(["a", "b"].map(DatabaseId::new), "s", ["x", "y"].map(ShardId::new));
+        let d = Solo::new(
+            ["a", "b"].map(DatabaseId::new),
+            "s",
+            ["x", "y"].map(ShardId::new),
+        );
         let sets = d.lock_sets().await.unwrap();
         assert_eq!(sets.len(), 2);
         for set in &sets {

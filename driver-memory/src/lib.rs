@@ -40,5 +40,8 @@
 mod server;
 mod session;
 
-pub use server::{DEFAULT_RELEASE_WINDOW, HolderInfo, LockEvent, LockEventKind, MemoryDriver, MemoryServer, SessionId};
+pub use server::{
+    HolderInfo, LockEvent, LockEventKind, MemoryDriver, MemoryServer, SessionId,
+    DEFAULT_RELEASE_WINDOW,
+};
 pub use session::MemorySession;

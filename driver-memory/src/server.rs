@@ -206,7 +206,8 @@ impl MemoryServer {
         if let Some(record) = state.sessions.get_mut(&session) {
             record.health = Health::Dead;
         }
-        self.inner.free_session(&mut state, session, LockEventKind::Freed);
+        self.inner
+            .free_session(&mut state, session, LockEventKind::Freed);
     }
 }
 
@@ -448,7 +449,9 @@ impl MemoryDriver {
                 if let Some(r) = state.sessions.get_mut(id) {
                     r.health = Health::Dead;
                 }
-                server.inner.free_session(&mut state, *id, LockEventKind::Freed);
+                server
+                    .inner
+                    .free_session(&mut state, *id, LockEventKind::Freed);
             }
             debug!(sessions = ids.len(), "memory server freed cut-off sessions");
         };
@@ -466,7 +469,9 @@ impl MemoryDriver {
 
 impl fmt::Debug for MemoryDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryDriver").field("id", &self.id).finish()
+        f.debug_struct("MemoryDriver")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -479,7 +484,11 @@ impl Driver for MemoryDriver {
 
     async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<MemorySession> {
         let id = self.server.inner.open_session(node, self.id);
-        Ok(MemorySession::new(self.server.clone(), id, database.clone()))
+        Ok(MemorySession::new(
+            self.server.clone(),
+            id,
+            database.clone(),
+        ))
     }
 
     fn lock_release_window(&self) -> Option<Duration> {

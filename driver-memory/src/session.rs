@@ -130,7 +130,13 @@ impl Session for MemorySession {
         self.held.remove(&key.id());
         let inner = &self.server.inner;
         let mut state = inner.lock();
-        Ok(inner.give_back(&mut state, self.id, &self.database, key, LockEventKind::Released))
+        Ok(inner.give_back(
+            &mut state,
+            self.id,
+            &self.database,
+            key,
+            LockEventKind::Released,
+        ))
     }
 
     async fn release_all(&mut self) -> Result<()> {
@@ -140,7 +146,13 @@ impl Session for MemorySession {
         let inner = &self.server.inner;
         let mut state = inner.lock();
         for key in std::mem::take(&mut self.held).into_values() {
-            inner.give_back(&mut state, self.id, &self.database, &key, LockEventKind::Released);
+            inner.give_back(
+                &mut state,
+                self.id,
+                &self.database,
+                &key,
+                LockEventKind::Released,
+            );
         }
         Ok(())
     }

@@ -80,8 +80,12 @@ impl SetAgents {
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = config.backoff(config.restart_backoff, slot.failures - 1);
                 match outcome {
-                    Ok(()) => warn!(%shard, key = %set.key, ?delay, "agent returned before it was cancelled; restarting"),
-                    Err(reason) => error!(%shard, key = %set.key, failures = slot.failures, ?delay, error = %reason, "agent failed; restarting with backoff"),
+                    Ok(()) => {
+                        warn!(%shard, key = %set.key, ?delay, "agent returned before it was cancelled; restarting")
+                    }
+                    Err(reason) => {
+                        error!(%shard, key = %set.key, failures = slot.failures, ?delay, error = %reason, "agent failed; restarting with backoff")
+                    }
                 }
                 slot.state = SlotState::Waiting {
                     restart_at: now + delay,
@@ -167,7 +171,9 @@ fn finished_outcome(task: &mut JoinHandle<Result<(), AgentError>>) -> Result<(),
     match std::pin::Pin::new(task).poll(&mut cx) {
         std::task::Poll::Ready(Ok(Ok(()))) => Ok(()),
         std::task::Poll::Ready(Ok(Err(e))) => Err(e.to_string()),
-        std::task::Poll::Ready(Err(e)) if e.is_panic() => Err(format!("agent panicked: {}", panic_message(e))),
+        std::task::Poll::Ready(Err(e)) if e.is_panic() => {
+            Err(format!("agent panicked: {}", panic_message(e)))
+        }
         std::task::Poll::Ready(Err(e)) => Err(e.to_string()),
         std::task::Poll::Pending => Err("BUG: agent task polled before it finished".into()),
     }

@@ -123,24 +123,22 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     }
 
     async fn cycle(&mut self) {
-        let sets = match tokio::time::timeout(
-            self.config.lock_loss_timeout,
-            self.distributor.lock_sets(),
-        )
-        .await
-        {
-            Ok(Ok(sets)) => sets,
-            Ok(Err(e)) => {
-                warn!(error = %e, "distributor failed; keeping the current assignment");
-                self.verify_sessions().await;
-                return;
-            }
-            Err(_) => {
-                warn!("distributor did not answer in time; keeping the current assignment");
-                self.verify_sessions().await;
-                return;
-            }
-        };
+        let sets =
+            match tokio::time::timeout(self.config.lock_loss_timeout, self.distributor.lock_sets())
+                .await
+            {
+                Ok(Ok(sets)) => sets,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "distributor failed; keeping the current assignment");
+                    self.verify_sessions().await;
+                    return;
+                }
+                Err(_) => {
+                    warn!("distributor did not answer in time; keeping the current assignment");
+                    self.verify_sessions().await;
+                    return;
+                }
+            };
         let mut wanted: Vec<LockSet> = Vec::with_capacity(sets.len());
         let mut seen = HashSet::with_capacity(sets.len());
         for set in sets {
@@ -351,21 +349,26 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             rounds.spawn(async move {
                 let mut session = match session {
                     Some(s) => s,
-                    None => match tokio::time::timeout(connect_deadline, driver.connect(&db, &node)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return (db, sets, None, Err(e), true),
-                        Err(_) => {
-                            let e = Error::Timeout {
-                                operation: "connect",
-                                database: db.to_string(),
-                                after: connect_deadline,
-                            };
-                            return (db, sets, None, Err(e), true);
+                    None => {
+                        match tokio::time::timeout(connect_deadline, driver.connect(&db, &node))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => return (db, sets, None, Err(e), true),
+                            Err(_) => {
+                                let e = Error::Timeout {
+                                    operation: "connect",
+                                    database: db.to_string(),
+                                    after: connect_deadline,
+                                };
+                                return (db, sets, None, Err(e), true);
+                            }
                         }
-                    },
+                    }
                 };
                 let keys: Vec<LockKey> = sets.iter().map(|s| s.key.clone()).collect();
-                let result = match tokio::time::timeout(deadline, session.try_acquire(&keys)).await {
+                let result = match tokio::time::timeout(deadline, session.try_acquire(&keys)).await
+                {
                     Ok(r) => r,
                     Err(_) => Err(Error::Timeout {
                         operation: "try_acquire",
@@ -403,7 +406,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                     denied += sets.len();
                     if let Some(conn) = self.conns.get_mut(&db) {
                         conn.failures = conn.failures.saturating_add(1);
-                        let delay = self.config.backoff(self.config.pause_interval, conn.failures - 1);
+                        let delay = self
+                            .config
+                            .backoff(self.config.pause_interval, conn.failures - 1);
                         conn.retry_at = Instant::now() + delay;
                         warn!(database = %db, error = %e, retry_in = ?delay, "cannot connect");
                     }
@@ -483,13 +488,16 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let idle: Vec<DatabaseId> = self
             .conns
             .keys()
-            .filter(|db| !wanted.contains(*db) && !self.owned.values().any(|o| &o.set.database == *db))
+            .filter(|db| {
+                !wanted.contains(*db) && !self.owned.values().any(|o| &o.set.database == *db)
+            })
             .cloned()
             .collect();
         for db in idle {
             if let Some(conn) = self.conns.remove(&db) {
                 if let Some(session) = conn.session {
-                    let _ = tokio::time::timeout(self.config.lock_loss_timeout, session.close()).await;
+                    let _ =
+                        tokio::time::timeout(self.config.lock_loss_timeout, session.close()).await;
                     debug!(database = %db, "closed idle session");
                 }
             }
@@ -570,8 +578,10 @@ impl<D: Driver, S, A> Drop for Runner<D, S, A> {
         // Agents are aborted by `SetAgents::drop`; sessions drop and free
         // their locks. Only reached without `shutdown` if the task is aborted.
         if !self.owned.is_empty() {
-            error!(sets = self.owned.len(), "coordinator dropped without stopping; aborting agents");
+            error!(
+                sets = self.owned.len(),
+                "coordinator dropped without stopping; aborting agents"
+            );
         }
     }
 }
-

@@ -129,11 +129,7 @@ impl<D: Driver, S: Distributor, A: Agent> Coordinator<D, S, A> {
 
 impl<D: Driver, S: Distributor, A: Agent> fmt::Debug for Coordinator<D, S, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let started = self
-            .parts
-            .lock()
-            .map(|p| p.is_none())
-            .unwrap_or(true);
+        let started = self.parts.lock().map(|p| p.is_none()).unwrap_or(true);
         f.debug_struct("Coordinator")
             .field("node_id", &self.config.node_id)
             .field("started", &started)

@@ -1,0 +1,51 @@
+//! The shared driver contract suite, run against the memory driver.
+
+use shardlock_contract_tests::{Harness, Holder};
+use shardlock_core::{BoxError, DatabaseId, Driver, LockKey, NodeId, Session};
+use shardlock_memory::{MemoryDriver, MemoryServer, MemorySession};
+
+struct MemoryHarness {
+    server: MemoryServer,
+}
+
+impl Harness for MemoryHarness {
+    type Driver = MemoryDriver;
+
+    fn driver(&self) -> MemoryDriver {
+        self.server.driver()
+    }
+
+    fn database(&self) -> DatabaseId {
+        DatabaseId::new("contract")
+    }
+
+    async fn terminate(&self, session: &MemorySession) {
+        self.server.terminate(session.id());
+    }
+
+    async fn spawn_holder(&self, keys: Vec<LockKey>) -> Result<Holder, BoxError> {
+        // A separate driver stands for a separate process; `kill` frees its
+        // locks the way a server does when the process's sockets close.
+        let driver = self.server.driver();
+        let mut session = driver
+            .connect(&self.database(), &NodeId::new("holder"))
+            .await?;
+        let granted = session.try_acquire(&keys).await?;
+        if !granted.iter().all(|g| *g) {
+            return Err("holder could not take its keys".into());
+        }
+        Ok(Holder::new("memory holder", move || {
+            driver.kill();
+            // The "process" is gone: its session object never runs again.
+            std::mem::forget(session);
+        }))
+    }
+}
+
+async fn harness() -> Option<MemoryHarness> {
+    Some(MemoryHarness {
+        server: MemoryServer::new(),
+    })
+}
+
+shardlock_contract_tests::driver_contract_tests!(harness().await);

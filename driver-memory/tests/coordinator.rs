@@ -1,0 +1,440 @@
+//! Coordinator scenarios that need the memory server's fault switches and
+//! lock history: severed and partitioned sessions, tenants coming and going,
+//! solo sentinels, stop ordering.
+
+use std::time::{Duration, Instant};
+
+use shardlock_contract_tests::{all_owned_once, shards, Recorder, RecordingAgent};
+use shardlock_core::{
+    Agent, AgentContext, AgentError, Coordinator, CoordinatorHandle, DatabaseId, Distributor,
+    Error, Guard, NodeId, ShardId, SharedTenants,
+};
+use shardlock_distributors::{MultiTenanted, SingleTenant, Solo};
+use shardlock_memory::{LockEventKind, MemoryDriver, MemoryServer};
+
+const POLL: Duration = Duration::from_millis(200);
+
+fn start<D: Distributor>(
+    driver: MemoryDriver,
+    distributor: D,
+    node: &str,
+    recorder: &Recorder,
+) -> CoordinatorHandle {
+    Coordinator::builder(driver, distributor, RecordingAgent::new(recorder.clone()))
+        .node_id(NodeId::new(node))
+        .poll_interval(POLL)
+        .pause_interval(Duration::from_millis(100))
+        .start_jitter(Duration::from_millis(20))
+        .lock_loss_timeout(Duration::from_millis(300))
+        .stop_timeout(Duration::from_millis(300))
+        .restart_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .build()
+        .expect("valid config")
+        .start()
+        .expect("start")
+}
+
+fn single(db: &str, n: usize) -> SingleTenant {
+    SingleTenant::new(DatabaseId::new(db), "app", shards(n))
+}
+
+/// For every shard, each run starts only after the previous run (on any
+/// node) stopped.
+fn assert_handovers_ordered(recorder: &Recorder) {
+    let mut runs = recorder.runs();
+    runs.sort_by_key(|r| r.started);
+    for (i, later) in runs.iter().enumerate() {
+        for earlier in &runs[..i] {
+            if earlier.shard == later.shard
+                && earlier.database == later.database
+                && earlier.node != later.node
+            {
+                let stopped = earlier
+                    .stopped
+                    .unwrap_or_else(|| panic!("{earlier:?} still running when {later:?} started"));
+                assert!(
+                    stopped <= later.started,
+                    "{later:?} started before {earlier:?} stopped"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_stops_agents_before_releasing_locks() {
+    let server = MemoryServer::new();
+    let recorder = Recorder::new();
+    let a = start(server.driver(), single("db", 6), "a", &recorder);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&NodeId::new("a"))
+                == 6)
+            .await
+    );
+    let b = start(server.driver(), single("db", 6), "b", &recorder);
+    a.stop().await.expect("stop");
+    let stops: Vec<Instant> = recorder
+        .runs()
+        .iter()
+        .filter(|r| r.node.as_str() == "a")
+        .map(|r| r.stopped.expect("stopped after stop()"))
+        .collect();
+    let last_agent_stop = stops.iter().max().copied().expect("a ran agents");
+    let releases: Vec<Instant> = server
+        .events()
+        .iter()
+        .filter(|e| e.node.as_str() == "a" && e.kind == LockEventKind::Released)
+        .map(|e| e.at)
+        .collect();
+    assert_eq!(
+        releases.len(),
+        6,
+        "a released each of its 6 locks explicitly"
+    );
+    assert!(
+        releases.iter().all(|r| *r >= last_agent_stop),
+        "every lock released after the last agent stopped"
+    );
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| all_owned_once(r, &shards(6)))
+            .await
+    );
+    assert!(recorder
+        .running()
+        .values()
+        .flatten()
+        .all(|n| n.as_str() == "b"));
+    b.stop().await.expect("stop");
+    assert!(
+        server.holders().is_empty(),
+        "no lock left: {:?}",
+        server.holders()
+    );
+    assert_eq!(recorder.overlaps(), 0);
+    assert_handovers_ordered(&recorder);
+}
+
+/// A node whose connections break stops its agents before the server frees
+/// its locks (self-fencing), then reconnects and competes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn severed_session_stops_work_before_takeover_and_reconnects() {
+    let server = MemoryServer::with_release_window(Duration::from_millis(1500));
+    let recorder = Recorder::new();
+    let all = shards(12);
+    let victim_driver = server.driver();
+    let victim = start(victim_driver.clone(), single("db", 12), "victim", &recorder);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r
+                .running_on(&NodeId::new("victim"))
+                == 12)
+            .await
+    );
+    let others: Vec<_> = ["b", "c"]
+        .iter()
+        .map(|n| start(server.driver(), single("db", 12), n, &recorder))
+        .collect();
+    tokio::time::sleep(POLL * 2).await;
+
+    victim_driver.sever();
+    let severed_at = Instant::now();
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r
+                .running_on(&NodeId::new("victim"))
+                == 0)
+            .await,
+        "the severed node stopped its agents"
+    );
+    let stopped_after = severed_at.elapsed();
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(10), |r| all_owned_once(r, &all))
+            .await,
+        "others took over after the server freed the locks"
+    );
+    let taken_over = severed_at.elapsed();
+    assert!(
+        stopped_after < taken_over,
+        "fenced itself ({stopped_after:?}) before takeover ({taken_over:?})"
+    );
+    assert_eq!(recorder.overlaps(), 0, "no shard ran twice");
+    assert_handovers_ordered(&recorder);
+    eprintln!(
+        "severed: victim stopped after {stopped_after:?}, others owned all after {taken_over:?}"
+    );
+
+    // The victim reconnects and competes again: stop the others and it
+    // takes everything back.
+    let lost = victim.assignment().borrow().sessions_lost;
+    assert!(lost >= 1, "the loss was counted");
+    for node in others {
+        node.stop().await.expect("stop");
+    }
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(10), |r| r
+                .running_on(&NodeId::new("victim"))
+                == 12)
+            .await,
+        "the severed node reconnected and took the work back"
+    );
+    victim.stop().await.expect("stop");
+    assert_eq!(recorder.overlaps(), 0);
+}
+
+/// A node cut off by a partition sees its calls hang, not fail: the
+/// lock-loss deadline stops its work before the server frees its locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_node_fences_itself_by_deadline() {
+    let server = MemoryServer::with_release_window(Duration::from_millis(1500));
+    let recorder = Recorder::new();
+    let all = shards(4);
+    let victim_driver = server.driver();
+    let victim = start(victim_driver.clone(), single("db", 4), "victim", &recorder);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r
+                .running_on(&NodeId::new("victim"))
+                == 4)
+            .await
+    );
+    let other = start(server.driver(), single("db", 4), "other", &recorder);
+
+    victim_driver.partition();
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r
+                .running_on(&NodeId::new("victim"))
+                == 0)
+            .await,
+        "the partitioned node stopped its agents by deadline"
+    );
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(10), |r| all_owned_once(r, &all))
+            .await
+    );
+    assert_eq!(recorder.overlaps(), 0);
+    assert_handovers_ordered(&recorder);
+    victim_driver.heal();
+    other.stop().await.expect("stop");
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(10), |r| r
+                .running_on(&NodeId::new("victim"))
+                == 4)
+            .await,
+        "after healing the node competes again"
+    );
+    victim.stop().await.expect("stop");
+}
+
+/// Coordinator timing that cannot fence before the server frees locks is
+/// refused at build time, unless explicitly allowed.
+#[tokio::test]
+async fn unsafe_timing_is_a_config_error() {
+    let server = MemoryServer::with_release_window(Duration::from_secs(1));
+    let build = |allow: bool| {
+        let b = Coordinator::builder(
+            server.driver(),
+            single("db", 1),
+            RecordingAgent::new(Recorder::new()),
+        );
+        if allow {
+            b.allow_unsafe_timing().build()
+        } else {
+            b.build()
+        }
+    };
+    match build(false) {
+        Err(Error::Config(msg)) => assert!(msg.contains("lock release window"), "{msg}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    assert!(build(true).is_ok());
+    let zero = Coordinator::builder(
+        server.driver(),
+        single("db", 1),
+        RecordingAgent::new(Recorder::new()),
+    )
+    .poll_interval(Duration::ZERO)
+    .allow_unsafe_timing()
+    .build();
+    assert!(matches!(zero, Err(Error::Config(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_added_and_removed() {
+    let server = MemoryServer::new();
+    let recorder = Recorder::new();
+    let tenants = SharedTenants::new([DatabaseId::new("t1")]);
+    let node = start(
+        server.driver(),
+        MultiTenanted::new(tenants.clone(), "app", shards(3)),
+        "n",
+        &recorder,
+    );
+    let t1 = DatabaseId::new("t1");
+    let t2 = DatabaseId::new("t2");
+    let running_in = |db: &DatabaseId| {
+        let db = db.clone();
+        move |r: &Recorder| r.running().keys().filter(|(d, _)| *d == db).count()
+    };
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| running_in(&t1)(r) == 3)
+            .await
+    );
+    tenants.add(t2.clone());
+    assert!(
+        recorder
+            .wait_for(POLL * 2 + Duration::from_secs(2), |r| running_in(&t2)(r)
+                == 3)
+            .await,
+        "new tenant picked up within a cycle"
+    );
+    assert!(
+        server.holders().iter().any(|h| h.database == t2),
+        "its lock lives in its own database"
+    );
+    tenants.remove(&t1);
+    assert!(
+        recorder
+            .wait_for(POLL * 2 + Duration::from_secs(2), |r| running_in(&t1)(r)
+                == 0)
+            .await,
+        "removed tenant's agents stopped"
+    );
+    assert!(
+        server.holders().iter().all(|h| h.database != t1),
+        "removed tenant's lock released: {:?}",
+        server.holders()
+    );
+    let assignment = node.assignment().borrow().clone();
+    assert_eq!(assignment.owned.len(), 1);
+    assert_eq!(assignment.owned[0].database, t2);
+    node.stop().await.expect("stop");
+    assert!(server.holders().is_empty());
+}
+
+/// Solo runs everything even when a second solo node holds the sentinel
+/// (that is logged as an error); only one of them holds the sentinel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn solo_nodes_run_everything_and_detect_each_other() {
+    let server = MemoryServer::new();
+    let recorder = Recorder::new();
+    let solo = || Solo::new([DatabaseId::new("db")], "app", shards(2));
+    let a = start(server.driver(), solo(), "a", &recorder);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&NodeId::new("a"))
+                == 2)
+            .await
+    );
+    let b = start(server.driver(), solo(), "b", &recorder);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&NodeId::new("b"))
+                == 2)
+            .await
+    );
+    tokio::time::sleep(POLL * 2).await;
+    let held: Vec<bool> = [&a, &b]
+        .iter()
+        .map(|h| {
+            let asg = h.assignment().borrow().clone();
+            assert_eq!(asg.owned.len(), 1);
+            assert_eq!(asg.owned[0].guard, Guard::Sentinel);
+            asg.owned[0].held
+        })
+        .collect();
+    assert_eq!(
+        held,
+        vec![true, false],
+        "the first holds the sentinel, the second is denied"
+    );
+    assert_eq!(server.holders().len(), 1);
+    a.stop().await.expect("stop");
+    b.stop().await.expect("stop");
+}
+
+/// An agent that ignores cancellation is aborted after the stop timeout, so
+/// stop() still returns and the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stubborn_agent_is_aborted() {
+    struct Stubborn(Recorder);
+    impl Agent for Stubborn {
+        async fn run(&self, shard: &ShardId, ctx: AgentContext) -> Result<(), AgentError> {
+            let _run = self.0.start(&ctx.node, &ctx.database, shard);
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    let server = MemoryServer::new();
+    let recorder = Recorder::new();
+    let node = Coordinator::builder(server.driver(), single("db", 2), Stubborn(recorder.clone()))
+        .poll_interval(POLL)
+        .start_jitter(Duration::ZERO)
+        .stop_timeout(Duration::from_millis(200))
+        .build()
+        .expect("config")
+        .start()
+        .expect("start");
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running().len() == 2)
+            .await
+    );
+    node.stop().await.expect("stop");
+    assert!(
+        recorder.running().is_empty(),
+        "aborted agents do not run on"
+    );
+    assert!(
+        server.holders().is_empty(),
+        "locks released after the abort"
+    );
+}
+
+/// A failing distributor keeps the current assignment instead of dropping it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_distributor_keeps_assignment() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    struct Flaky(SingleTenant, Arc<AtomicBool>);
+    impl Distributor for Flaky {
+        async fn lock_sets(&self) -> shardlock_core::Result<Vec<shardlock_core::LockSet>> {
+            if self.1.load(Ordering::SeqCst) {
+                Err(Error::Distributor("tenant catalogue unreachable".into()))
+            } else {
+                self.0.lock_sets().await
+            }
+        }
+    }
+    let server = MemoryServer::new();
+    let recorder = Recorder::new();
+    let broken = Arc::new(AtomicBool::new(false));
+    let node = start(
+        server.driver(),
+        Flaky(single("db", 3), broken.clone()),
+        "n",
+        &recorder,
+    );
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running().len() == 3)
+            .await
+    );
+    broken.store(true, Ordering::SeqCst);
+    tokio::time::sleep(POLL * 3).await;
+    assert_eq!(
+        recorder.running().len(),
+        3,
+        "work keeps running through distributor failures"
+    );
+    assert_eq!(recorder.runs().len(), 3, "and is not restarted");
+    node.stop().await.expect("stop");
+}
