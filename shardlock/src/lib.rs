@@ -1,1 +1,20 @@
-//! stub
+#![doc = include_str!("lib.md")]
+#![doc(test(attr(deny(warnings))))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+// The enum needs at least one variant; keep this list in step with the
+// driver features.
+#[cfg(feature = "memory")]
+mod any;
+
+#[cfg(feature = "memory")]
+pub use any::{AnyDriver, AnySession};
+pub use shardlock_core::*;
+pub use shardlock_distributors::{
+    MultiTenanted, SingleTenant, Solo, SOLO_SENTINEL_SHARD, TENANT_LOCK_SHARD,
+};
+
+/// The in-process driver (feature `memory`).
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use shardlock_memory as memory;

@@ -190,17 +190,6 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
-impl SetAgents {
-    /// Number of shards with a running agent.
-    #[cfg(test)]
-    pub(super) fn running(&self) -> usize {
-        self.slots
-            .values()
-            .filter(|s| matches!(s.state, SlotState::Running { .. }))
-            .count()
-    }
-}
-
 // `Future::poll` needs the trait in scope.
 use std::future::Future as _;
 

@@ -1,0 +1,324 @@
+//! `shardlock demo`: nodes sharing shards, one stopped, one severed, live.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use shardlock::memory::{MemoryDriver, MemoryServer};
+use shardlock::{Coordinator, CoordinatorHandle, DatabaseId, NodeId, ShardId, SingleTenant};
+
+use crate::tracker::{DemoAgent, Move, Tracker};
+
+/// Which driver the demo runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DemoDriver {
+    /// In-process lock server; no set-up at all.
+    Memory,
+}
+
+/// Options of `shardlock demo`.
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Driver to coordinate through.
+    #[arg(long, value_enum, default_value = "memory")]
+    driver: DemoDriver,
+    /// Number of nodes (at least 3: one is stopped, one severed).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Number of shards.
+    #[arg(long, default_value_t = 12)]
+    shards: usize,
+    /// Seconds until the demo ends by itself.
+    #[arg(long, default_value_t = 15)]
+    duration: u64,
+    /// Print events line by line instead of redrawing a table (default when
+    /// the output is not a terminal).
+    #[arg(long)]
+    plain: bool,
+}
+
+/// Coordinator timings of the demo: fast, and inside the server's window.
+const POLL: Duration = Duration::from_millis(500);
+const LOSS_TIMEOUT: Duration = Duration::from_millis(500);
+const STOP_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the server keeps a severed node's locks (its "keepalive").
+const RELEASE_WINDOW: Duration = Duration::from_secs(2);
+
+enum NodeState {
+    Running(CoordinatorHandle),
+    Stopped,
+}
+
+struct Node {
+    id: NodeId,
+    driver: MemoryDriver,
+    state: NodeState,
+    note: &'static str,
+}
+
+pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
+    if args.nodes < 3 {
+        bail!("--nodes must be at least 3 (one is stopped, one severed, one takes over)");
+    }
+    if args.shards == 0 || args.shards > 10_000 {
+        bail!("--shards must be between 1 and 10000");
+    }
+    if args.duration < 6 {
+        bail!(
+            "--duration must be at least 6 seconds (the takeover after a sever takes about 2.5 s)"
+        );
+    }
+    let DemoDriver::Memory = args.driver;
+    let plain = args.plain || !std::io::stdout().is_terminal();
+    let duration = Duration::from_secs(args.duration);
+
+    let server = MemoryServer::with_release_window(RELEASE_WINDOW);
+    let tracker = Tracker::default();
+    let database = DatabaseId::new("demo");
+    let shards: Vec<ShardId> = (0..args.shards)
+        .map(|i| ShardId::new(format!("orders:{i:02}")))
+        .collect();
+    let mut nodes = Vec::new();
+    for i in 0..args.nodes {
+        let id = NodeId::new(format!("node-{}", i + 1));
+        let driver = server.driver();
+        let distributor = SingleTenant::new(database.clone(), "demo", shards.iter().cloned());
+        let handle = Coordinator::builder(driver.clone(), distributor, DemoAgent(tracker.clone()))
+            .node_id(id.clone())
+            .poll_interval(POLL)
+            .pause_interval(Duration::from_millis(200))
+            .lock_loss_timeout(LOSS_TIMEOUT)
+            .stop_timeout(STOP_TIMEOUT)
+            .build()
+            .context("building a demo node")?
+            .start()
+            .context("starting a demo node")?;
+        nodes.push(Node {
+            id,
+            driver,
+            state: NodeState::Running(handle),
+            note: "running",
+        });
+    }
+    tracker.note(format!(
+        "started {} nodes over {} shards (memory driver, poll {POLL:?}, server release window {RELEASE_WINDOW:?})",
+        args.nodes, args.shards
+    ));
+
+    let started = Instant::now();
+    let stop_at = duration / 4;
+    let sever_at = duration * 2 / 5;
+    let mut stopped: Option<(NodeId, Instant)> = None;
+    let mut severed: Option<(NodeId, Instant)> = None;
+    let mut printed = 0;
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        ticker.tick().await;
+        let elapsed = started.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        if stopped.is_none() && elapsed >= stop_at {
+            if let Some(i) = busiest(&nodes, &tracker, |_| true) {
+                let node = &mut nodes[i];
+                let count = shards_of(&tracker, &node.id);
+                tracker.note(format!(
+                    "{} stops gracefully ({count} shards to hand over)",
+                    node.id
+                ));
+                if let NodeState::Running(handle) =
+                    std::mem::replace(&mut node.state, NodeState::Stopped)
+                {
+                    handle.stop().await.context("stopping a node")?;
+                }
+                node.note = "stopped";
+                stopped = Some((node.id.clone(), Instant::now()));
+            }
+        }
+        if severed.is_none() && elapsed >= sever_at {
+            if let Some(i) = busiest(&nodes, &tracker, |n| {
+                matches!(n.state, NodeState::Running(_))
+            }) {
+                let node = &mut nodes[i];
+                let count = shards_of(&tracker, &node.id);
+                tracker.note(format!(
+                    "{}'s connection is severed ({count} shards); it must stop its work before the server frees its locks",
+                    node.id
+                ));
+                node.driver.sever();
+                node.note = "severed, reconnecting";
+                severed = Some((node.id.clone(), Instant::now()));
+            }
+        }
+        if plain {
+            let (next, lines) = tracker.log_since(printed);
+            printed = next;
+            for (at, line) in lines {
+                println!(
+                    "[{:>6.2}s] {line}",
+                    at.saturating_duration_since(started).as_secs_f64()
+                );
+            }
+        } else {
+            draw(&nodes, &tracker, &shards, started, duration);
+        }
+    }
+
+    for node in &mut nodes {
+        if let NodeState::Running(handle) = std::mem::replace(&mut node.state, NodeState::Stopped) {
+            handle.stop().await.context("stopping a node")?;
+        }
+    }
+    if plain {
+        let (_, lines) = tracker.log_since(printed);
+        for (at, line) in lines {
+            println!(
+                "[{:>6.2}s] {line}",
+                at.saturating_duration_since(started).as_secs_f64()
+            );
+        }
+    }
+    let overlaps = tracker.overlaps();
+    println!(
+        "{}",
+        summary(
+            &tracker.moves(),
+            stopped.as_ref(),
+            severed.as_ref(),
+            overlaps
+        )
+    );
+    Ok(if overlaps == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn shards_of(tracker: &Tracker, node: &NodeId) -> usize {
+    tracker
+        .owners()
+        .values()
+        .filter(|owners| owners.iter().any(|(n, _)| n == node))
+        .count()
+}
+
+fn busiest(nodes: &[Node], tracker: &Tracker, eligible: impl Fn(&Node) -> bool) -> Option<usize> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| eligible(n))
+        .max_by_key(|(_, n)| shards_of(tracker, &n.id))
+        .map(|(i, _)| i)
+}
+
+fn draw(
+    nodes: &[Node],
+    tracker: &Tracker,
+    shards: &[ShardId],
+    started: Instant,
+    duration: Duration,
+) {
+    let owners = tracker.owners();
+    let now = Instant::now();
+    let mut out = String::new();
+    out.push_str("\x1b[2J\x1b[H");
+    let _ = writeln!(
+        out,
+        "shardlock demo: {} nodes, {} shards, memory driver   t = {:.1}s / {}s\n",
+        nodes.len(),
+        shards.len(),
+        started.elapsed().as_secs_f64(),
+        duration.as_secs()
+    );
+    let _ = writeln!(out, "  {:<12} {:<10} {:>8}", "shard", "owner", "for");
+    for shard in shards {
+        let (owner, age) = match owners.get(shard).and_then(|o| o.first()) {
+            Some((node, since)) => (
+                node.to_string(),
+                format!(
+                    "{:.1}s",
+                    now.saturating_duration_since(*since).as_secs_f64()
+                ),
+            ),
+            None => ("-".to_string(), String::new()),
+        };
+        let _ = writeln!(out, "  {:<12} {:<10} {:>8}", shard.as_str(), owner, age);
+    }
+    out.push('\n');
+    for node in nodes {
+        let _ = writeln!(
+            out,
+            "  {:<8} {:>3} shards  {}",
+            node.id.as_str(),
+            shards_of(tracker, &node.id),
+            node.note
+        );
+    }
+    let _ = writeln!(out, "\n  overlaps so far: {}\n", tracker.overlaps());
+    for (at, line) in tracker.log_tail(6) {
+        let _ = writeln!(
+            out,
+            "  [{:>5.1}s] {line}",
+            at.saturating_duration_since(started).as_secs_f64()
+        );
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+}
+
+fn summary(
+    moves: &[Move],
+    stopped: Option<&(NodeId, Instant)>,
+    severed: Option<&(NodeId, Instant)>,
+    overlaps: u64,
+) -> String {
+    let mut out = String::from("\nsummary\n");
+    let mut line = |label: &str, event: Option<&(NodeId, Instant)>, measure_from_event: bool| {
+        let Some((node, at)) = event else {
+            let _ = writeln!(out, "  {label}: did not happen (the demo ended first)");
+            return;
+        };
+        let mut times: Vec<Duration> = moves
+            .iter()
+            .filter(|m| &m.from == node && m.at >= *at)
+            .map(|m| {
+                if measure_from_event {
+                    m.at.saturating_duration_since(*at)
+                } else {
+                    m.gap
+                }
+            })
+            .collect();
+        times.sort();
+        if times.is_empty() {
+            let _ = writeln!(out, "  {label} of {node}: no shard moved");
+            return;
+        }
+        let p50 = times[times.len() / 2];
+        let max = times[times.len() - 1];
+        let _ = writeln!(
+            out,
+            "  {label} of {node}: {} shards taken over, p50 {:.0} ms, max {:.0} ms",
+            times.len(),
+            p50.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        );
+    };
+    line(
+        "graceful stop (gap between old stop and new start)",
+        stopped,
+        false,
+    );
+    line(
+        "sever (time from sever to takeover, includes the server's release window)",
+        severed,
+        true,
+    );
+    let _ = write!(out, "overlaps: {overlaps}");
+    out
+}

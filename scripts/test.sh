@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one test command: installs and starts what the tests need, then runs
+# formatting, lints, the whole test suite and the doctests.
+#
+#   scripts/test.sh            everything (starts Docker and builds the local
+#                              database images when they are missing)
+#   SHARDLOCK_PG_URL=postgres://user:pw@host/db scripts/test.sh
+#                              Postgres suite against your own server, no Docker
+#   SHARDLOCK_NO_DOCKER=1      do not install/start Docker (real-database tests
+#                              then print SKIPPED lines)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "[test.sh] $*"; }
+started=$(date +%s)
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "[test.sh] cargo is not installed: install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi
+
+# Real databases: Docker engine and locally built images, unless a URL is
+# given or Docker is switched off.
+if [ -z "${SHARDLOCK_PG_URL:-}" ] && [ -z "${SHARDLOCK_NO_DOCKER:-}" ] && [ -f scripts/lib/docker.sh ]; then
+    # shellcheck source=lib/docker.sh
+    . scripts/lib/docker.sh
+    ensure_docker
+    bash scripts/build-images.sh
+fi
+if [ "${CI:-}" = "true" ] && [ -z "${SHARDLOCK_REQUIRE+x}" ]; then
+    # In CI a skipped Postgres suite is a failure, not a pass.
+    export SHARDLOCK_REQUIRE=postgres
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo nextest run --workspace"
+cargo nextest run --workspace --locked --profile ci
+log "doctests"
+cargo test --workspace --doc --locked
+log "all checks passed in $(( $(date +%s) - started )) s"
