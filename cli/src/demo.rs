@@ -46,6 +46,8 @@ const LOSS_TIMEOUT: Duration = Duration::from_millis(500);
 const STOP_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long the server keeps a severed node's locks (its "keepalive").
 const RELEASE_WINDOW: Duration = Duration::from_secs(2);
+/// When the severed node's network comes back.
+const HEAL_AFTER: Duration = Duration::from_secs(3);
 
 enum NodeState {
     Running(CoordinatorHandle),
@@ -113,6 +115,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     let sever_at = duration * 2 / 5;
     let mut stopped: Option<(NodeId, Instant)> = None;
     let mut severed: Option<(NodeId, Instant)> = None;
+    let mut fenced = false;
     let mut printed = 0;
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -149,8 +152,29 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
                     node.id
                 ));
                 node.driver.sever();
-                node.note = "severed, reconnecting";
+                node.note = "severed";
                 severed = Some((node.id.clone(), Instant::now()));
+            }
+        }
+        if let Some((victim, at)) = &severed {
+            if !fenced && shards_of(&tracker, victim) == 0 {
+                fenced = true;
+                tracker.note(format!(
+                    "{victim} fenced itself: all its agents stopped {:.0} ms after the sever, before the server frees its locks",
+                    at.elapsed().as_secs_f64() * 1e3
+                ));
+            }
+            if at.elapsed() >= HEAL_AFTER {
+                if let Some(node) = nodes
+                    .iter_mut()
+                    .find(|n| &n.id == victim && n.note == "severed")
+                {
+                    node.driver.heal();
+                    node.note = "network back, competing again";
+                    tracker.note(format!(
+                        "{victim}'s network is back; it reconnects and competes again"
+                    ));
+                }
             }
         }
         if plain {

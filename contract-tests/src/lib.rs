@@ -9,7 +9,7 @@
 //! A driver author implements [`Harness`] (how to get drivers, a database,
 //! and how to kill a session or a process) and writes:
 //!
-//! ```ignore
+//! ```text
 //! shardlock_contract_tests::driver_contract_tests!(my_harness().await);
 //! ```
 //!

@@ -52,6 +52,8 @@ pub struct AgentContext {
 ///         }
 ///     }
 /// }
+/// # fn assert_agent<A: Agent>(_: A) {}
+/// # assert_agent(Ticker);
 /// ```
 pub trait Agent: Send + Sync + 'static {
     /// Runs `shard` until `ctx.cancel` fires. Returning an error (or

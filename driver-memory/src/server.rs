@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Result};
+use shardlock_core::{DatabaseId, Driver, Error, LockKey, NodeId, Result};
 use tokio::sync::{watch, Notify};
 use tracing::debug;
 
@@ -150,6 +150,7 @@ impl MemoryServer {
         MemoryDriver {
             server: self.clone(),
             id: self.inner.next_driver.fetch_add(1, Ordering::Relaxed),
+            network: Arc::new(Mutex::new(Health::Up)),
         }
     }
 
@@ -371,6 +372,9 @@ fn node_of(state: &State, session: SessionId) -> NodeId {
 pub struct MemoryDriver {
     pub(crate) server: MemoryServer,
     id: u64,
+    /// The node's network: `Health::Up`, `Severed` (connects refused) or
+    /// `Partitioned` (connects hang), shared by clones.
+    network: Arc<Mutex<Health>>,
 }
 
 impl MemoryDriver {
@@ -392,22 +396,24 @@ impl MemoryDriver {
         }
     }
 
-    /// The connections break: calls fail at once on this node, while the
-    /// server keeps the locks for its release window, then frees them.
+    /// The node's network breaks: calls fail at once on this node and new
+    /// connections are refused until [`heal`](Self::heal), while the server
+    /// keeps the locks for its release window, then frees them.
     pub fn sever(&self) {
         self.cut(Health::Severed);
     }
 
-    /// The network is cut: calls on this node's sessions hang until
-    /// [`heal`](Self::heal); the server frees the locks after its release
-    /// window.
+    /// The network is cut: calls on this node's sessions, and new
+    /// connections, hang until [`heal`](Self::heal); the server frees the
+    /// locks after its release window.
     pub fn partition(&self) {
         self.cut(Health::Partitioned);
     }
 
-    /// Ends a partition: hanging calls resume and fail (the server has, or
-    /// soon will have, ended those sessions). New sessions work normally.
+    /// Restores the network: hanging calls resume and fail (the server has,
+    /// or soon will have, ended those sessions); new sessions work normally.
     pub fn heal(&self) {
+        *self.network.lock().unwrap_or_else(|p| p.into_inner()) = Health::Up;
         {
             let mut state = self.server.inner.lock();
             for id in self.session_ids(&state) {
@@ -431,6 +437,7 @@ impl MemoryDriver {
     }
 
     fn cut(&self, health: Health) {
+        *self.network.lock().unwrap_or_else(|p| p.into_inner()) = health;
         let ids = {
             let mut state = self.server.inner.lock();
             let ids = self.session_ids(&state);
@@ -467,6 +474,13 @@ impl MemoryDriver {
     }
 }
 
+fn refused(database: &DatabaseId) -> Error {
+    Error::Connect {
+        database: database.to_string(),
+        source: "connection refused: the node's network is severed".into(),
+    }
+}
+
 impl fmt::Debug for MemoryDriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryDriver")
@@ -483,6 +497,19 @@ impl Driver for MemoryDriver {
     }
 
     async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<MemorySession> {
+        let mut heals = self.server.inner.health.subscribe();
+        loop {
+            let network = *self.network.lock().unwrap_or_else(|p| p.into_inner());
+            match network {
+                Health::Up => break,
+                Health::Partitioned => {
+                    if heals.changed().await.is_err() {
+                        return Err(refused(database));
+                    }
+                }
+                Health::Severed | Health::Dead => return Err(refused(database)),
+            }
+        }
         let id = self.server.inner.open_session(node, self.id);
         Ok(MemorySession::new(
             self.server.clone(),

@@ -166,8 +166,9 @@ async fn severed_session_stops_work_before_takeover_and_reconnects() {
         "severed: victim stopped after {stopped_after:?}, others owned all after {taken_over:?}"
     );
 
-    // The victim reconnects and competes again: stop the others and it
-    // takes everything back.
+    // Once its network is back the victim reconnects and competes again:
+    // stop the others and it takes everything back.
+    victim_driver.heal();
     let lost = victim.assignment().borrow().sessions_lost;
     assert!(lost >= 1, "the loss was counted");
     for node in others {

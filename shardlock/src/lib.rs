@@ -1,4 +1,4 @@
-#![doc = include_str!("lib.md")]
+#![doc = include_str!("../../README.md")]
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -39,9 +39,10 @@ use crate::ids::NodeId;
 /// [`start`](Coordinator::start) it once.
 ///
 /// ```
+/// # #![allow(dead_code)]
 /// use std::time::Duration;
 /// use shardlock_core::{Agent, AgentContext, AgentError, Coordinator, ShardId};
-/// # use shardlock_core::{Distributor, LockSet, Result, Driver};
+/// use shardlock_core::{CancellationToken, Distributor, Driver, Result};
 ///
 /// struct Work;
 /// impl Agent for Work {
@@ -51,12 +52,17 @@ use crate::ids::NodeId;
 ///     }
 /// }
 ///
-/// async fn run_node<D: Driver, S: Distributor>(driver: D, distributor: S) -> Result<()> {
+/// /// Runs this node until `shutdown` fires, then hands its work over.
+/// pub async fn run_node<D: Driver, S: Distributor>(
+///     driver: D,
+///     distributor: S,
+///     shutdown: CancellationToken,
+/// ) -> Result<()> {
 ///     let coordinator = Coordinator::builder(driver, distributor, Work)
 ///         .poll_interval(Duration::from_secs(2))
 ///         .build()?;
 ///     let handle = coordinator.start()?;
-///     tokio::signal::ctrl_c().await.ok();
+///     shutdown.cancelled().await;
 ///     handle.stop().await
 /// }
 /// ```
