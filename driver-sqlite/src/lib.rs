@@ -1,0 +1,200 @@
+//! Embedded, cross-process lock driver of
+//! [shardlock](https://docs.rs/shardlock) for processes on **one host**: no
+//! server, just a lock directory. Use it through `shardlock` with feature
+//! `sqlite` (on by default).
+//!
+//! Each key is an SQLite file; a session holds a key by keeping a write
+//! transaction (`BEGIN IMMEDIATE`) open on it, on a connection owned by the
+//! session's dedicated worker thread. SQLite's write lock is an operating
+//! system file lock, so when a process dies, even by `kill -9`, the kernel
+//! frees its locks at once: no lease, no clock, no heartbeat.
+//!
+//! | property | value |
+//! |---|---|
+//! | scope | processes sharing a local file system (not NFS) |
+//! | try-acquire batch | one call to the session's worker for any number of keys |
+//! | blocking acquire | SQLite's busy handler, retrying every 5 ms; cancel checked every 100 ms |
+//! | crash release | immediate (the kernel drops the file locks) |
+//! | files | one per key ever used, one per live session; each held key keeps one file open, so the open-file limit (`ulimit -n`) bounds the keys one process can hold |
+//! | status | `registry.db` records holder node, pid and since; `status()` checks liveness |
+//!
+//! A process that hangs without dying (stopped, swapped out) keeps its
+//! locks: there is no server to notice, so [`lock_release_window`] is
+//! `None`.
+//!
+//! [`lock_release_window`]: shardlock_core::Driver::lock_release_window
+//!
+//! ```
+//! use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
+//! use shardlock_sqlite::SqliteDriver;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::env::temp_dir().join(format!("shardlock-doc-{}", std::process::id()));
+//! let driver = SqliteDriver::open(&dir)?;
+//! let db = DatabaseId::new("main");
+//! let mut a = driver.connect(&db, &NodeId::new("a")).await?;
+//! let mut b = driver.connect(&db, &NodeId::new("b")).await?;
+//! let key = LockKey::new("orders")?;
+//! assert_eq!(a.try_acquire(&[key.clone()]).await?, vec![true]);
+//! assert_eq!(b.try_acquire(&[key.clone()]).await?, vec![false]);
+//! a.close().await?;
+//! assert_eq!(b.try_acquire(&[key]).await?, vec![true]);
+//! # b.close().await?;
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+#![doc(test(attr(deny(warnings))))]
+
+mod error;
+mod layout;
+mod session;
+mod status;
+mod worker;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use shardlock_core::{DatabaseId, Driver, Error, NodeId, Result};
+use tokio::sync::{mpsc, oneshot};
+
+pub use error::SqliteError;
+pub use session::SqliteSession;
+pub use status::{status, Holder};
+
+/// Re-exported so users name the same rusqlite version.
+pub use rusqlite;
+
+/// Opens sessions on a lock directory. Clones share the configuration.
+#[derive(Clone)]
+pub struct SqliteDriver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    sessions: AtomicU64,
+}
+
+impl SqliteDriver {
+    /// Uses `dir` as the lock directory, creating it if missing.
+    ///
+    /// # Errors
+    ///
+    /// [`SqliteError::Unwritable`] if it cannot be created or written;
+    /// [`SqliteError::NotALockDirectory`] if it exists, is not empty and is
+    /// not a lock directory (so a wrong path never gets littered).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, SqliteError> {
+        let dir = dir.as_ref().to_path_buf();
+        layout::prepare(&dir)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                sessions: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The lock directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+}
+
+impl fmt::Debug for SqliteDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteDriver")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+impl Driver for SqliteDriver {
+    type Session = SqliteSession;
+
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<SqliteSession> {
+        let n = self.inner.sessions.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "{}-{}-{n}-{:04x}",
+            sanitize(node.as_str()),
+            std::process::id(),
+            fastrand_u16()
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (root, db, node_id, session_name) = (
+            self.inner.dir.clone(),
+            database.clone(),
+            node.clone(),
+            name.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("shardlock-sqlite-{n}"))
+            .spawn(
+                move || match worker::Worker::open(&root, &db, &node_id, session_name) {
+                    Ok(worker) => {
+                        let _ = ready_tx.send(Ok(()));
+                        worker.run(rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                },
+            );
+        let connect_err = |source: SqliteError| Error::Connect {
+            database: database.to_string(),
+            source: Box::new(source),
+        };
+        spawned.map_err(|e| connect_err(SqliteError::io(&self.inner.dir, e)))?;
+        match ready_rx.await {
+            Ok(Ok(())) => {
+                let liveness =
+                    layout::session_file(&layout::database_dir(&self.inner.dir, database), &name);
+                Ok(SqliteSession::new(tx, database.clone(), name, liveness))
+            }
+            Ok(Err(e)) => Err(connect_err(e)),
+            Err(_) => Err(connect_err(SqliteError::WorkerGone)),
+        }
+    }
+}
+
+/// A file-name-safe version of a node id.
+fn sanitize(node: &str) -> String {
+    let cleaned: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    if cleaned.is_empty() {
+        "node".to_string()
+    } else {
+        cleaned
+    }
+}
+
+/// A little randomness for session names without another dependency: the
+/// std hasher is randomly seeded per process.
+fn fastrand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .elapsed()
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    h.finish() as u16
+}
