@@ -2,6 +2,9 @@
 //! database locks.
 
 mod demo;
+mod node;
+mod records;
+mod status;
 mod tracker;
 
 use std::process::ExitCode;
@@ -23,6 +26,11 @@ enum Command {
     /// Run several nodes over a set of shards, stop one, sever another, and
     /// show the takeover live; ends with a summary and `overlaps: N`.
     Demo(demo::DemoArgs),
+    /// Run one coordinator process with a sample agent that ticks each
+    /// shard it owns; ctrl-c or SIGTERM stops it gracefully.
+    Node(node::NodeArgs),
+    /// List the locks held, with their holders.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,12 +38,15 @@ fn main() -> ExitCode {
     let default_filter = match cli.command {
         // The demo draws its own table; library logs would scroll it away.
         Command::Demo(_) => "off",
+        Command::Node(_) => "info",
+        Command::Status(_) => "warn",
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -50,6 +61,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Node(args) => node::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Status(args) => status::run(args).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

@@ -1,13 +1,27 @@
-//! Runs the real `shardlock demo` binary and checks its summary.
+//! Runs the real `shardlock` binary: the demo on both drivers, and argument
+//! errors.
 
-use std::process::Command;
+use std::process::{Command, Output};
 
-#[test]
-fn demo_hands_over_without_overlap() {
-    let output = Command::new(env!("CARGO_BIN_EXE_shardlock"))
-        .args(["demo", "--duration", "7", "--plain"])
+fn shardlock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardlock"))
+        .args(args)
         .output()
-        .expect("run shardlock demo");
+        .expect("run shardlock")
+}
+
+fn summary_line<'a>(stdout: &'a str, needle: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?}:\n{stdout}"))
+}
+
+/// The default demo: real node processes on SQLite, one SIGKILLed, one
+/// stopped; the summary comes from the nodes' own records.
+#[test]
+fn sqlite_process_demo_takes_over_after_kill_without_overlap() {
+    let output = shardlock(&["demo", "--duration", "8", "--plain"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed: {stdout}\n{stderr}");
@@ -15,18 +29,35 @@ fn demo_hands_over_without_overlap() {
         stdout.lines().any(|l| l == "overlaps: 0"),
         "no `overlaps: 0` line:\n{stdout}"
     );
-    let graceful = stdout
-        .lines()
-        .find(|l| l.contains("graceful stop"))
-        .unwrap_or_else(|| panic!("no graceful-stop summary:\n{stdout}"));
+    let kill = summary_line(&stdout, "kill -9 of");
+    assert!(
+        kill.contains("shards taken over"),
+        "no takeover after the kill: {kill}"
+    );
+    let graceful = summary_line(&stdout, "graceful stop of");
+    assert!(
+        graceful.contains("shards taken over"),
+        "nothing handed over: {graceful}"
+    );
+    assert!(stdout.contains("killed with SIGKILL"), "{stdout}");
+}
+
+#[test]
+fn memory_demo_hands_over_without_overlap() {
+    let output = shardlock(&["demo", "--driver", "memory", "--duration", "7", "--plain"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed: {stdout}\n{stderr}");
+    assert!(
+        stdout.lines().any(|l| l == "overlaps: 0"),
+        "no `overlaps: 0` line:\n{stdout}"
+    );
+    let graceful = summary_line(&stdout, "graceful stop");
     assert!(
         graceful.contains("shards taken over"),
         "graceful stop handed nothing over: {graceful}"
     );
-    let sever = stdout
-        .lines()
-        .find(|l| l.contains("sever ("))
-        .unwrap_or_else(|| panic!("no sever summary:\n{stdout}"));
+    let sever = summary_line(&stdout, "sever (");
     assert!(
         sever.contains("shards taken over"),
         "no takeover after the sever: {sever}"
@@ -38,12 +69,35 @@ fn demo_hands_over_without_overlap() {
 }
 
 #[test]
-fn demo_rejects_bad_arguments_with_a_message() {
-    let output = Command::new(env!("CARGO_BIN_EXE_shardlock"))
-        .args(["demo", "--nodes", "1"])
-        .output()
-        .expect("run shardlock demo");
+fn bad_arguments_get_clear_messages() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["demo", "--nodes", "1"],
+            "--nodes must be between 3 and 32",
+        ),
+        (
+            &["demo", "--shards", "0"],
+            "--shards must be between 1 and 10000",
+        ),
+        (&["node", "--driver", "sqlite"], "needs --dir"),
+        (&["node", "--driver", "memory"], "lives inside one process"),
+        (&["status"], "--dir"),
+    ];
+    for (args, needle) in cases {
+        let output = shardlock(args);
+        assert!(!output.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn status_refuses_a_folder_that_is_not_a_lock_directory() {
+    let output = shardlock(&["status", "--dir", env!("CARGO_MANIFEST_DIR")]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--nodes must be at least 3"), "{stderr}");
+    assert!(
+        stderr.contains("not a shardlock lock directory"),
+        "{stderr}"
+    );
 }

@@ -86,4 +86,6 @@ macro_rules! any_driver {
 any_driver! {
     #[cfg(feature = "memory")]
     Memory(shardlock_memory::MemoryDriver, shardlock_memory::MemorySession),
+    #[cfg(feature = "sqlite")]
+    Sqlite(shardlock_sqlite::SqliteDriver, shardlock_sqlite::SqliteSession),
 }

@@ -4,10 +4,10 @@
 
 // The enum needs at least one variant; keep this list in step with the
 // driver features.
-#[cfg(feature = "memory")]
+#[cfg(any(feature = "memory", feature = "sqlite"))]
 mod any;
 
-#[cfg(feature = "memory")]
+#[cfg(any(feature = "memory", feature = "sqlite"))]
 pub use any::{AnyDriver, AnySession};
 pub use shardlock_core::*;
 pub use shardlock_distributors::{
@@ -18,3 +18,8 @@ pub use shardlock_distributors::{
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use shardlock_memory as memory;
+
+/// The embedded cross-process driver (feature `sqlite`).
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use shardlock_sqlite as sqlite;

@@ -5,40 +5,12 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use anyhow::{Context, Result};
 use shardlock::memory::{MemoryDriver, MemoryServer};
 use shardlock::{Coordinator, CoordinatorHandle, DatabaseId, NodeId, ShardId, SingleTenant};
 
+use super::{percentiles, DemoArgs};
 use crate::tracker::{DemoAgent, Move, Tracker};
-
-/// Which driver the demo runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum DemoDriver {
-    /// In-process lock server; no set-up at all.
-    Memory,
-}
-
-/// Options of `shardlock demo`.
-#[derive(Debug, Args)]
-pub(crate) struct DemoArgs {
-    /// Driver to coordinate through.
-    #[arg(long, value_enum, default_value = "memory")]
-    driver: DemoDriver,
-    /// Number of nodes (at least 3: one is stopped, one severed).
-    #[arg(long, default_value_t = 3)]
-    nodes: usize,
-    /// Number of shards.
-    #[arg(long, default_value_t = 12)]
-    shards: usize,
-    /// Seconds until the demo ends by itself.
-    #[arg(long, default_value_t = 15)]
-    duration: u64,
-    /// Print events line by line instead of redrawing a table (default when
-    /// the output is not a terminal).
-    #[arg(long)]
-    plain: bool,
-}
 
 /// Coordinator timings of the demo: fast, and inside the server's window.
 const POLL: Duration = Duration::from_millis(500);
@@ -61,28 +33,15 @@ struct Node {
     note: &'static str,
 }
 
-pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
-    if args.nodes < 3 {
-        bail!("--nodes must be at least 3 (one is stopped, one severed, one takes over)");
-    }
-    if args.shards == 0 || args.shards > 10_000 {
-        bail!("--shards must be between 1 and 10000");
-    }
-    if args.duration < 6 {
-        bail!(
-            "--duration must be at least 6 seconds (the takeover after a sever takes about 2.5 s)"
-        );
-    }
-    let DemoDriver::Memory = args.driver;
+/// The in-process demo: every node in this process, on the memory driver.
+pub(crate) async fn run(args: &DemoArgs) -> Result<ExitCode> {
     let plain = args.plain || !std::io::stdout().is_terminal();
     let duration = Duration::from_secs(args.duration);
 
     let server = MemoryServer::with_release_window(RELEASE_WINDOW);
     let tracker = Tracker::default();
     let database = DatabaseId::new("demo");
-    let shards: Vec<ShardId> = (0..args.shards)
-        .map(|i| ShardId::new(format!("orders:{i:02}")))
-        .collect();
+    let shards: Vec<ShardId> = crate::node::shard_names(args.shards);
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
         let id = NodeId::new(format!("node-{}", i + 1));
@@ -318,20 +277,7 @@ fn summary(
                 }
             })
             .collect();
-        times.sort();
-        if times.is_empty() {
-            let _ = writeln!(out, "  {label} of {node}: no shard moved");
-            return;
-        }
-        let p50 = times[times.len() / 2];
-        let max = times[times.len() - 1];
-        let _ = writeln!(
-            out,
-            "  {label} of {node}: {} shards taken over, p50 {:.0} ms, max {:.0} ms",
-            times.len(),
-            p50.as_secs_f64() * 1e3,
-            max.as_secs_f64() * 1e3
-        );
+        let _ = writeln!(out, "  {label} of {node}: {}", percentiles(&mut times));
     };
     line(
         "graceful stop (gap between old stop and new start)",

@@ -1,0 +1,271 @@
+//! `shardlock node`: one coordinator process with a sample agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use shardlock::{
+    Agent, AgentContext, AgentError, AnyDriver, Coordinator, DatabaseId, Distributor, LockSet,
+    MultiTenanted, NodeId, ShardId, SingleTenant, Solo,
+};
+use tokio::io::AsyncReadExt;
+use tracing::info;
+
+use crate::records::RecordWriter;
+
+/// Which lock backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DriverKind {
+    /// Lock directory on this host (`--dir`).
+    Sqlite,
+    /// In-process; only meaningful inside `demo`.
+    Memory,
+}
+
+/// Where the locks live.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DriverArgs {
+    /// Lock backend.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    pub(crate) driver: DriverKind,
+    /// Lock directory (sqlite driver).
+    #[arg(long)]
+    pub(crate) dir: Option<PathBuf>,
+}
+
+impl DriverArgs {
+    pub(crate) fn open(&self) -> Result<AnyDriver> {
+        match self.driver {
+            DriverKind::Sqlite => {
+                let Some(dir) = &self.dir else {
+                    bail!("--driver sqlite needs --dir <lock directory>");
+                };
+                let driver = shardlock::sqlite::SqliteDriver::open(dir)
+                    .with_context(|| format!("opening lock directory {}", dir.display()))?;
+                Ok(driver.into())
+            }
+            DriverKind::Memory => bail!(
+                "the memory driver lives inside one process; use `shardlock demo --driver memory`"
+            ),
+        }
+    }
+}
+
+/// How shards are grouped into lock sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DistributorKind {
+    /// One lock per shard in one database.
+    SingleTenant,
+    /// One lock per tenant database holding all its shards.
+    MultiTenanted,
+    /// This node is alone: run everything, a sentinel detects a second node.
+    Solo,
+}
+
+/// Options of `shardlock node`.
+#[derive(Debug, Args)]
+pub(crate) struct NodeArgs {
+    #[command(flatten)]
+    pub(crate) driver: DriverArgs,
+    /// Distributor.
+    #[arg(long, value_enum, default_value = "single-tenant")]
+    pub(crate) distributor: DistributorKind,
+    /// Database (single-tenant and solo).
+    #[arg(long, default_value = "main")]
+    pub(crate) database: String,
+    /// Tenant databases, comma separated (multi-tenanted).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) tenants: Vec<String>,
+    /// Schema part of lock names.
+    #[arg(long, default_value = "app")]
+    pub(crate) schema: String,
+    /// Number of shards (named `orders:00`, `orders:01`, ...).
+    #[arg(long, default_value_t = 12)]
+    pub(crate) shards: usize,
+    /// Node id (default: host name, pid and a random suffix).
+    #[arg(long)]
+    pub(crate) node_id: Option<String>,
+    /// Poll interval in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) poll_ms: u64,
+    /// Pause interval in milliseconds (while agents restart).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) pause_ms: u64,
+    /// Deadline of each lock round trip in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) loss_timeout_ms: u64,
+    /// How long agents get to stop, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) stop_timeout_ms: u64,
+    /// Write agent start/stop records here (one file per node).
+    #[arg(long)]
+    pub(crate) records: Option<PathBuf>,
+    /// Keep each shard's tick count here (one file per shard).
+    #[arg(long)]
+    pub(crate) checkpoints: Option<PathBuf>,
+    /// Stop gracefully when standard input closes (for supervisors).
+    #[arg(long)]
+    pub(crate) stop_on_stdin_eof: bool,
+}
+
+/// The sample agent: ticks every 200 ms, counting ticks per shard in a
+/// checkpoint file, so a shard's count resumes where the last owner left it.
+#[derive(Debug, Clone)]
+struct TickAgent {
+    records: Option<RecordWriter>,
+    checkpoints: Option<PathBuf>,
+}
+
+impl TickAgent {
+    fn checkpoint(&self, shard: &ShardId) -> Option<PathBuf> {
+        let name: String = shard
+            .as_str()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.checkpoints.as_ref().map(|dir| dir.join(name))
+    }
+}
+
+impl Agent for TickAgent {
+    async fn run(&self, shard: &ShardId, ctx: AgentContext) -> Result<(), AgentError> {
+        if let Some(r) = &self.records {
+            r.write("start", shard.as_str());
+        }
+        let file = self.checkpoint(shard);
+        let mut ticks: u64 = match &file {
+            Some(f) => tokio::fs::read_to_string(f)
+                .await
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0),
+            None => 0,
+        };
+        info!(%shard, epoch = ctx.epoch, resume_from = ticks, "agent started");
+        let mut interval = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => break,
+                _ = interval.tick() => {
+                    ticks += 1;
+                    if let Some(f) = &file {
+                        tokio::fs::write(f, ticks.to_string()).await?;
+                    }
+                }
+            }
+        }
+        info!(%shard, ticks, "agent stopped");
+        if let Some(r) = &self.records {
+            r.write("stop", shard.as_str());
+        }
+        Ok(())
+    }
+}
+
+/// One of the distributors, chosen on the command line.
+enum AnyDistributor {
+    Single(SingleTenant),
+    Multi(MultiTenanted<Vec<DatabaseId>>),
+    Solo(Solo),
+}
+
+impl Distributor for AnyDistributor {
+    async fn lock_sets(&self) -> shardlock::Result<Vec<LockSet>> {
+        match self {
+            Self::Single(d) => d.lock_sets().await,
+            Self::Multi(d) => d.lock_sets().await,
+            Self::Solo(d) => d.lock_sets().await,
+        }
+    }
+}
+
+pub(crate) fn shard_names(n: usize) -> Vec<ShardId> {
+    (0..n)
+        .map(|i| ShardId::new(format!("orders:{i:02}")))
+        .collect()
+}
+
+pub(crate) async fn run(args: NodeArgs) -> Result<()> {
+    if args.shards == 0 || args.shards > 100_000 {
+        bail!("--shards must be between 1 and 100000");
+    }
+    let driver = args.driver.open()?;
+    let shards = shard_names(args.shards);
+    let database = DatabaseId::new(&args.database);
+    let distributor = match args.distributor {
+        DistributorKind::SingleTenant => {
+            AnyDistributor::Single(SingleTenant::new(database, &args.schema, shards))
+        }
+        DistributorKind::Solo => AnyDistributor::Solo(Solo::new([database], &args.schema, shards)),
+        DistributorKind::MultiTenanted => {
+            if args.tenants.is_empty() {
+                bail!("--distributor multi-tenanted needs --tenants a,b,c");
+            }
+            let tenants = args.tenants.iter().map(DatabaseId::new).collect();
+            AnyDistributor::Multi(MultiTenanted::new(tenants, &args.schema, shards))
+        }
+    };
+    let node = args
+        .node_id
+        .clone()
+        .map(NodeId::new)
+        .unwrap_or_else(NodeId::generate);
+    let records = match &args.records {
+        Some(dir) => Some(RecordWriter::create(dir, node.as_str())?),
+        None => None,
+    };
+    if let Some(dir) = &args.checkpoints {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let agent = TickAgent {
+        records,
+        checkpoints: args.checkpoints.clone(),
+    };
+    let coordinator = Coordinator::builder(driver, distributor, agent)
+        .node_id(node.clone())
+        .poll_interval(Duration::from_millis(args.poll_ms))
+        .pause_interval(Duration::from_millis(args.pause_ms))
+        .lock_loss_timeout(Duration::from_millis(args.loss_timeout_ms))
+        .stop_timeout(Duration::from_millis(args.stop_timeout_ms))
+        .build()
+        .context("invalid node configuration")?;
+    let handle = coordinator.start()?;
+    info!(%node, "node running; ctrl-c or SIGTERM stops it gracefully");
+    wait_for_shutdown(args.stop_on_stdin_eof).await;
+    info!(%node, "stopping: agents first, then locks");
+    handle.stop().await?;
+    info!(%node, "stopped");
+    Ok(())
+}
+
+async fn wait_for_shutdown(stdin_eof: bool) {
+    let stdin = async {
+        if stdin_eof {
+            let mut buf = [0u8; 64];
+            let mut input = tokio::io::stdin();
+            while matches!(input.read(&mut buf).await, Ok(n) if n > 0) {}
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+        _ = stdin => {}
+    }
+}
