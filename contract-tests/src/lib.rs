@@ -19,11 +19,13 @@
 
 mod clauses;
 mod harness;
+mod projection;
 mod recorder;
 mod scenarios;
 
 pub use clauses::*;
 pub use harness::{skip, unique_keys, unique_name, Harness, Holder};
+pub use projection::*;
 pub use recorder::{Recorder, RecordingAgent, ShardRun};
 pub use scenarios::*;
 

@@ -121,3 +121,36 @@ pub async fn wait_for_leadership<D: Driver>(
         Ok(None)
     }
 }
+
+/// Leader election for projectors through a driver: the projector named `n`
+/// leads while holding the key `projector:<n>` in `database`.
+#[derive(Debug, Clone)]
+pub struct DriverLeadership<D> {
+    driver: D,
+    database: DatabaseId,
+    node: NodeId,
+}
+
+impl<D: Driver> DriverLeadership<D> {
+    /// Leadership keys live in `database`; sessions are labelled `node`.
+    pub fn new(driver: D, database: DatabaseId, node: NodeId) -> Self {
+        Self {
+            driver,
+            database,
+            node,
+        }
+    }
+}
+
+impl<D: Driver> crate::projection::ProjectorCoordinator for DriverLeadership<D> {
+    type Guard = LeadershipGuard<D::Session>;
+
+    async fn try_lead(&self, projector: &str) -> Result<Option<Self::Guard>, crate::BoxError> {
+        let key = LockKey::new(format!("projector:{projector}"))?;
+        match acquire_leadership(&self.driver, &self.database, &self.node, key).await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(Error::LockNotAcquired { .. }) => Ok(None),
+            Err(e) => Err(Box::new(e)),
+        }
+    }
+}

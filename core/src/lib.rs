@@ -25,6 +25,7 @@ mod ids;
 mod key;
 mod leadership;
 mod lock_set;
+mod projection;
 
 pub use agent::{Agent, AgentContext, AgentError};
 pub use coordinator::{
@@ -35,8 +36,13 @@ pub use driver::{Driver, Session};
 pub use error::{BoxError, Error, InvalidName, Result};
 pub use ids::{DatabaseId, NodeId, ShardId};
 pub use key::{LockKey, KEY_SCHEME, MAX_NAME_LEN};
-pub use leadership::{acquire_leadership, wait_for_leadership, LeadershipGuard};
+pub use leadership::{acquire_leadership, wait_for_leadership, DriverLeadership, LeadershipGuard};
 pub use lock_set::{Guard, LockSet};
+pub use projection::{
+    run_projection, Checkpoint, CheckpointError, CheckpointStore, CoordinatorLed, DeadLetter,
+    EventReader, NoDeadLetter, Positioned, ProjectionAgent, ProjectionBackend, ProjectionError,
+    ProjectionOptions, ProjectionRunner, Projector, ProjectorCoordinator,
+};
 
 /// Re-exported so agents and drivers name the same token type.
 pub use tokio_util::sync::CancellationToken;

@@ -37,9 +37,11 @@
 //! ```
 #![doc(test(attr(deny(warnings))))]
 
+mod projection;
 mod server;
 mod session;
 
+pub use projection::{MemoryCheckpoints, MemoryEventLog};
 pub use server::{
     HolderInfo, LockEvent, LockEventKind, MemoryDriver, MemoryServer, SessionId,
     DEFAULT_RELEASE_WINDOW,

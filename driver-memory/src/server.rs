@@ -200,6 +200,23 @@ impl MemoryServer {
         self.inner.round_trips.load(Ordering::Relaxed)
     }
 
+    /// Ends every session of `node` as if its process died: their locks are
+    /// freed at once and their next calls fail.
+    pub fn terminate_node(&self, node: &NodeId) {
+        let ids: Vec<SessionId> = {
+            let state = self.inner.lock();
+            state
+                .sessions
+                .iter()
+                .filter(|(_, r)| &r.node == node && r.health != Health::Dead)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in ids {
+            self.terminate(id);
+        }
+    }
+
     /// Ends `session` as an operator would (`pg_terminate_backend`): its locks
     /// are freed at once and its next call fails.
     pub fn terminate(&self, session: SessionId) {
