@@ -1,0 +1,246 @@
+//! Every statement the driver sends, and how a `bigint` advisory key appears
+//! in `pg_locks`.
+//!
+//! # Keys in `pg_locks`
+//!
+//! `pg_advisory_lock(bigint)` stores its key as two `oid` (unsigned 32-bit)
+//! columns: `classid` holds the high 32 bits, `objid` the low 32 bits, and
+//! `objsubid` is 1 (it is 2 for the two-`int4` form). [`LOCK_KEY_OF`]
+//! rebuilds the signed key without overflow: the high half is read as a
+//! signed 32-bit number, multiplied by 2³², and the low half added; the Rust
+//! mirror is [`join_key`], tested against [`split_key`] for negative keys.
+
+/// The `bigint` key of an advisory-lock row `l` of `pg_locks`.
+///
+/// `objsubid = 1` must be part of the filter (see [`OWN_ADVISORY`]).
+macro_rules! lock_key_of {
+    () => {
+        "((CASE WHEN l.classid::bigint >= 2147483648 \
+           THEN l.classid::bigint - 4294967296 \
+           ELSE l.classid::bigint END) * 4294967296 + l.objid::bigint)"
+    };
+}
+
+/// Advisory-lock rows of `pg_locks l` granted to this backend with a
+/// `bigint` key.
+macro_rules! own_advisory {
+    () => {
+        "l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted AND l.objsubid = 1"
+    };
+}
+
+/// See [`lock_key_of!`].
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const LOCK_KEY_OF: &str = lock_key_of!();
+
+/// See [`own_advisory!`].
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const OWN_ADVISORY: &str = own_advisory!();
+
+/// Connect, first statement (simple protocol): what the server is, and its
+/// backend pid.
+pub(crate) const IDENTIFY: &str =
+    "SELECT version(), current_setting('server_version_num'), pg_backend_pid()";
+
+/// Try one key without waiting.
+pub(crate) const TRY_ONE: &str = "SELECT pg_try_advisory_lock($1)";
+
+/// Try many keys without waiting, in one round trip, answering in order.
+pub(crate) const TRY_MANY: &str = "SELECT t.k, pg_try_advisory_lock(t.k) \
+     FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY t.i";
+
+/// Wait for one key.
+pub(crate) const LOCK: &str = "SELECT pg_advisory_lock($1)";
+
+/// Release one key held once.
+pub(crate) const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+
+/// Release every advisory lock of the session.
+pub(crate) const UNLOCK_ALL: &str = "SELECT pg_advisory_unlock_all()";
+
+/// Release `$1` only if this backend holds it (no server WARNING when it
+/// does not): after an abandoned wait whose outcome is unsure.
+pub(crate) const UNLOCK_IF_HELD: &str = concat!(
+    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks l WHERE ",
+    own_advisory!(),
+    " AND ",
+    lock_key_of!(),
+    " = $1) THEN pg_advisory_unlock($1) ELSE false END"
+);
+
+/// Release those of `$1` this backend holds: after a batch that failed
+/// half-way (e.g. out of shared memory), whose earlier keys stay locked.
+pub(crate) const UNLOCK_HELD_OF: &str = concat!(
+    "SELECT count(pg_advisory_unlock(t.k)) FROM unnest($1::bigint[]) AS t(k) WHERE t.k IN (SELECT ",
+    lock_key_of!(),
+    " FROM pg_locks l WHERE ",
+    own_advisory!(),
+    ")"
+);
+
+/// Verify: this backend's pid and those of the keys `$1` it no longer
+/// holds, in one round trip.
+pub(crate) const VERIFY: &str = concat!(
+    "SELECT pg_backend_pid(), ARRAY(SELECT t.k FROM unnest($1::bigint[]) AS t(k) EXCEPT SELECT ",
+    lock_key_of!(),
+    " FROM pg_locks l WHERE ",
+    own_advisory!(),
+    ")"
+);
+
+/// The keys this backend holds (for tests).
+#[cfg(test)]
+pub(crate) const HELD_KEYS: &str = concat!(
+    "SELECT ",
+    lock_key_of!(),
+    " FROM pg_locks l WHERE ",
+    own_advisory!(),
+    " ORDER BY 1"
+);
+
+/// Cancel the statement of backend `$1` (from a side connection).
+pub(crate) const CANCEL_BACKEND: &str = "SELECT pg_cancel_backend($1)";
+
+/// The second connect statement (simple protocol): the backend pid again,
+/// then the session settings. Values are numbers this crate formats, never
+/// user text.
+pub(crate) fn session_setup(settings: &[(&str, String)]) -> String {
+    let mut sql = String::from("SELECT pg_backend_pid()");
+    for (name, value) in settings {
+        sql.push_str(&format!(", set_config('{name}', '{value}', false)"));
+    }
+    sql
+}
+
+/// `(classid, objid)` of a `bigint` key as `pg_locks` shows it.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn split_key(key: i64) -> (u32, u32) {
+    let bits = key as u64;
+    ((bits >> 32) as u32, bits as u32)
+}
+
+/// The `bigint` key of a `pg_locks` row: the arithmetic of [`LOCK_KEY_OF`].
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn join_key(classid: u32, objid: u32) -> i64 {
+    let high = i64::from(classid as i32);
+    high * (1_i64 << 32) + i64::from(objid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_split_and_join_round_trip_including_negative_keys() {
+        let keys = [
+            0,
+            1,
+            -1,
+            i64::MIN,
+            i64::MAX,
+            0x0000_0001_0000_0000,
+            -0x0000_0001_0000_0000,
+            0x7fff_ffff_ffff_ffff,
+            -6_004_255_738_539_311_188, // a real negative key id
+            0x97ce_9009_3311_a1ac_u64 as i64,
+        ];
+        for key in keys {
+            let (classid, objid) = split_key(key);
+            assert_eq!(
+                join_key(classid, objid),
+                key,
+                "key {key} ({classid}, {objid})"
+            );
+        }
+        // Postgres' own layout for -1: both halves all ones.
+        assert_eq!(split_key(-1), (u32::MAX, u32::MAX));
+        assert_eq!(split_key(i64::MIN), (0x8000_0000, 0));
+    }
+
+    /// The SQL reconstruction against a live server, for the edge keys no
+    /// lock name reaches. Needs `SHARDLOCK_PG_URL` (the integration tests
+    /// cover negative keys through `verify` in every mode).
+    #[tokio::test]
+    async fn live_key_reconstruction_for_edge_keys() {
+        use sqlx::Connection;
+        let Ok(url) = std::env::var("SHARDLOCK_PG_URL") else {
+            eprintln!("live part not run: set SHARDLOCK_PG_URL");
+            return;
+        };
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let mut keys = vec![
+            i64::MIN,
+            -1,
+            0,
+            1,
+            i64::MAX,
+            -(1 << 32),
+            1 << 32,
+            -6_004_255_738,
+        ];
+        for key in &keys {
+            let taken: bool = sqlx::query_scalar(TRY_ONE)
+                .bind(key)
+                .fetch_one(&mut conn)
+                .await
+                .expect("lock");
+            assert!(taken, "edge key {key} is free");
+        }
+        keys.sort_unstable();
+        let shown: Vec<i64> = sqlx::query_scalar(HELD_KEYS)
+            .fetch_all(&mut conn)
+            .await
+            .expect("held keys");
+        assert_eq!(shown, keys, "pg_locks rebuilt to the same keys");
+        let (_, missing): (i32, Vec<i64>) = sqlx::query_as(VERIFY)
+            .bind(&keys)
+            .fetch_one(&mut conn)
+            .await
+            .expect("verify");
+        assert!(
+            missing.is_empty(),
+            "verify sees every edge key: {missing:?}"
+        );
+        let released: bool = sqlx::query_scalar(UNLOCK_IF_HELD)
+            .bind(i64::MIN)
+            .fetch_one(&mut conn)
+            .await
+            .expect("unlock if held");
+        assert!(released);
+        let again: bool = sqlx::query_scalar(UNLOCK_IF_HELD)
+            .bind(i64::MIN)
+            .fetch_one(&mut conn)
+            .await
+            .expect("unlock if held");
+        assert!(!again, "not held any more: false, no warning");
+        let (_, missing): (i32, Vec<i64>) = sqlx::query_as(VERIFY)
+            .bind(&keys)
+            .fetch_one(&mut conn)
+            .await
+            .expect("verify");
+        assert_eq!(missing, vec![i64::MIN], "verify names the missing key");
+        let undone: i64 = sqlx::query_scalar(UNLOCK_HELD_OF)
+            .bind(&keys)
+            .fetch_one(&mut conn)
+            .await
+            .expect("undo");
+        assert_eq!(undone, keys.len() as i64 - 1);
+        conn.close().await.expect("close");
+    }
+
+    #[test]
+    fn statements_are_well_formed() {
+        assert!(VERIFY.contains("EXCEPT"));
+        assert!(VERIFY.contains("l.objsubid = 1"));
+        assert!(UNLOCK_IF_HELD.contains("= $1"));
+        assert_eq!(
+            LOCK_KEY_OF.matches('(').count(),
+            LOCK_KEY_OF.matches(')').count()
+        );
+        assert!(OWN_ADVISORY.contains("pg_backend_pid()"));
+        assert_eq!(
+            session_setup(&[("tcp_keepalives_idle", "10".into())]),
+            "SELECT pg_backend_pid(), set_config('tcp_keepalives_idle', '10', false)"
+        );
+    }
+}

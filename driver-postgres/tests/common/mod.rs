@@ -1,0 +1,282 @@
+//! The PostgreSQL test harness: which server, how to end a session from the
+//! server side, and a real holder process to kill.
+//!
+//! # Which server
+//!
+//! 1. `SHARDLOCK_PG_URL` set: that server, no Docker.
+//! 2. Otherwise a container of `SHARDLOCK_PG_IMAGE` (default
+//!    `shardlock-test/postgres:15`, built by `scripts/build-images.sh`;
+//!    `postgres:16` or any official tag works on a normal machine), through
+//!    testcontainers' `Postgres` module.
+//! 3. No Docker: every test prints a `SKIPPED` line naming
+//!    `SHARDLOCK_PG_URL` (and fails instead when `SHARDLOCK_REQUIRE`
+//!    contains `postgres`, as in CI).
+//!
+//! # One container for all tests
+//!
+//! nextest runs every test in its own process, and every `#[tokio::test]`
+//! has its own runtime, so a container handle kept in a `static` would
+//! neither be shared across tests nor be dropped (removed) at the end. The
+//! harness therefore shares the container through Docker itself: it has a
+//! fixed name derived from the image (`shardlock-test-pg-<image>`), the
+//! label `shardlock.test=postgres`, and testcontainers'
+//! `ReuseDirective::Always`, so the first test process creates it and every
+//! later process (of this run and of later runs) finds it by name and
+//! reuses it; two processes racing to create it get a name conflict, and
+//! the loser's retry finds the winner's container. Reused containers are
+//! never removed by testcontainers, so there is no handle to keep alive and
+//! nothing tied to a runtime: the harness only keeps the URL (in a
+//! `OnceLock`, so a `cargo test` process asks Docker once). The container
+//! outlives the test run; remove it with
+//! `docker rm -f $(docker ps -aq --filter label=shardlock.test=postgres)`
+//! (needed after rebuilding the image, so the new image is used). Tests
+//! never wipe shared state: every test uses fresh key names.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use shardlock_contract_tests::{skip, Harness, Holder};
+use shardlock_core::{BoxError, DatabaseId, LockKey};
+use shardlock_postgres::sqlx::postgres::PgConnection;
+use shardlock_postgres::sqlx::{self, Connection};
+use shardlock_postgres::{PgDriver, PgOptions, PgSession};
+use testcontainers::runners::SyncRunner;
+use testcontainers::{ImageExt, ReuseDirective};
+use testcontainers_modules::postgres::Postgres;
+
+/// Environment variable naming a server to use instead of a container.
+pub const URL_ENV: &str = "SHARDLOCK_PG_URL";
+/// Environment variable naming the image (`name:tag`).
+pub const IMAGE_ENV: &str = "SHARDLOCK_PG_IMAGE";
+/// The image the project builds locally.
+pub const DEFAULT_IMAGE: &str = "shardlock-test/postgres:15";
+
+/// How the suite reaches PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgHarness {
+    url: String,
+    options: PgOptions,
+    database: DatabaseId,
+}
+
+/// The harness, or `None` (after a loud skip line) without a server.
+pub async fn harness() -> Option<PgHarness> {
+    let url = match std::env::var(URL_ENV) {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => match container_url().await {
+            Ok(url) => url,
+            Err(why) => {
+                skip("postgres", &why, URL_ENV);
+                return None;
+            }
+        },
+    };
+    let options = match PgOptions::parse(&url) {
+        Ok(options) => options,
+        Err(e) => panic!("{URL_ENV} is not a usable URL: {e}"),
+    };
+    let database = options
+        .get_connect_options()
+        .get_database()
+        .unwrap_or_else(|| options.get_connect_options().get_username())
+        .to_string();
+    if let Err(why) = wait_ready(&url, Duration::from_secs(90)).await {
+        panic!(
+            "PostgreSQL at {} is not reachable: {why}",
+            options_target(&options)
+        );
+    }
+    Some(PgHarness {
+        url,
+        options,
+        database: DatabaseId::new(database),
+    })
+}
+
+fn options_target(options: &PgOptions) -> String {
+    let o = options.get_connect_options();
+    format!("{}:{}", o.get_host(), o.get_port())
+}
+
+impl PgHarness {
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The driver options.
+    pub fn options(&self) -> &PgOptions {
+        &self.options
+    }
+
+    /// A plain sqlx connection to the suite's database, for side checks.
+    pub async fn raw(&self) -> PgConnection {
+        match PgConnection::connect(&self.url).await {
+            Ok(conn) => conn,
+            Err(e) => panic!("side connection failed: {e}"),
+        }
+    }
+}
+
+impl Harness for PgHarness {
+    type Driver = PgDriver;
+
+    fn driver(&self) -> PgDriver {
+        PgDriver::new(self.options.clone())
+    }
+
+    fn database(&self) -> DatabaseId {
+        self.database.clone()
+    }
+
+    fn terminate(&self, session: &PgSession) -> impl std::future::Future<Output = ()> + Send {
+        let pid = session.backend_pid();
+        let url = self.url.clone();
+        async move {
+            let mut conn = match PgConnection::connect(&url).await {
+                Ok(conn) => conn,
+                Err(e) => panic!("side connection failed: {e}"),
+            };
+            let ended: bool = match sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(&mut conn)
+                .await
+            {
+                Ok(ended) => ended,
+                Err(e) => panic!("pg_terminate_backend({pid}) failed: {e}"),
+            };
+            assert!(ended, "backend {pid} was not running");
+            let _ = conn.close().await;
+        }
+    }
+
+    fn spawn_holder(
+        &self,
+        keys: Vec<LockKey>,
+    ) -> impl std::future::Future<Output = Result<Holder, BoxError>> + Send {
+        let url = self.url.clone();
+        let database = self.database.clone();
+        async move {
+            tokio::task::spawn_blocking(move || spawn_holder_process(&url, &database, &keys))
+                .await?
+        }
+    }
+}
+
+/// Starts `shardlock-pg-holder` (this crate's binary) and waits for its
+/// `READY` line.
+fn spawn_holder_process(
+    url: &str,
+    database: &DatabaseId,
+    keys: &[LockKey],
+) -> Result<Holder, BoxError> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardlock-pg-holder"))
+        .arg(database.as_str())
+        .args(keys.iter().map(LockKey::name))
+        .env(URL_ENV, url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut line = String::new();
+    // The holder prints one line once it holds every key, or exits.
+    let read = BufReader::new(stdout).read_line(&mut line);
+    if read.is_err() || !line.starts_with("READY") {
+        let _ = child.kill();
+        let status = child.wait();
+        return Err(format!("holder did not get ready: {line:?} {read:?} {status:?}").into());
+    }
+    let label = format!("shardlock-pg-holder pid {} ({})", child.id(), line.trim());
+    Ok(Holder::new(label, move || {
+        // std's kill is SIGKILL on Unix: no clean-up in the holder.
+        let _ = child.kill();
+        let _ = child.wait();
+    }))
+}
+
+/// Waits until a real query succeeds (a reused container may still be
+/// starting, or restarting after initdb).
+async fn wait_ready(url: &str, limit: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    loop {
+        let attempt = async {
+            let mut conn = PgConnection::connect(url).await?;
+            let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await?;
+            let _ = conn.close().await;
+            Ok::<i32, sqlx::Error>(one)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) if started.elapsed() > limit => return Err(e.to_string()),
+            Err(_) if started.elapsed() > limit => return Err("timed out".into()),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+static CONTAINER_URL: OnceLock<Result<String, String>> = OnceLock::new();
+
+/// The URL of the shared container, starting it on first use.
+async fn container_url() -> Result<String, String> {
+    tokio::task::spawn_blocking(|| CONTAINER_URL.get_or_init(start_container).clone())
+        .await
+        .map_err(|e| format!("container start panicked: {e}"))?
+}
+
+/// `name:tag` split at the tag's colon (a registry port is not a tag).
+pub fn split_image(image: &str) -> (&str, &str) {
+    match image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, tag),
+        _ => (image, "latest"),
+    }
+}
+
+fn start_container() -> Result<String, String> {
+    let image = std::env::var(IMAGE_ENV).unwrap_or_else(|_| DEFAULT_IMAGE.to_string());
+    let (name, tag) = split_image(&image);
+    let container_name: String = format!("shardlock-test-pg-{image}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mut last = String::new();
+    for attempt in 0..5 {
+        let request = Postgres::default()
+            .with_name(name)
+            .with_tag(tag)
+            .with_container_name(&container_name)
+            .with_label("shardlock.test", "postgres")
+            .with_reuse(ReuseDirective::Always)
+            .with_startup_timeout(Duration::from_secs(120));
+        match request.start() {
+            Ok(container) => {
+                let host = container.get_host().map_err(|e| e.to_string())?;
+                let port = container
+                    .get_host_port_ipv4(5432)
+                    .map_err(|e| e.to_string())?;
+                // Reused containers are not removed on drop.
+                drop(container);
+                return Ok(format!(
+                    "postgres://postgres:postgres@{host}:{port}/postgres"
+                ));
+            }
+            Err(e) => {
+                // Most likely another test process is creating the same
+                // container: the next attempt finds and reuses it.
+                last = format!("cannot start container {container_name} from {image}: {e}");
+                std::thread::sleep(Duration::from_millis(500 * (attempt + 1)));
+            }
+        }
+    }
+    Err(last)
+}
