@@ -17,6 +17,8 @@
 //! | crash release | immediate (the kernel drops the file locks) |
 //! | files | one per key ever used, one per live session; each held key keeps one file open, so the open-file limit (`ulimit -n`) bounds the keys one process can hold |
 //! | status | `registry.db` records holder node, pid and since; `status()` checks liveness |
+//! | ending a session from outside | delete its liveness file `<database>/sessions/<name>.lock`: within 250 ms its worker frees every lock and later calls fail with `SessionLost` |
+//! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs; [`SqliteCheckpoints::save_in`] writes inside your own transaction |
 //!
 //! A process that hangs without dying (stopped, swapped out) keeps its
 //! locks: there is no server to notice, so [`lock_release_window`] is
@@ -47,6 +49,7 @@
 //! ```
 #![doc(test(attr(deny(warnings))))]
 
+mod checkpoints;
 mod error;
 mod layout;
 mod session;
@@ -59,8 +62,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use shardlock_core::{DatabaseId, Driver, Error, NodeId, Result};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
+pub use checkpoints::SqliteCheckpoints;
 pub use error::SqliteError;
 pub use session::SqliteSession;
 pub use status::{status, Holder};
@@ -127,7 +131,7 @@ impl Driver for SqliteDriver {
             std::process::id(),
             fastrand_u16()
         );
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (root, db, node_id, session_name) = (
             self.inner.dir.clone(),

@@ -5,7 +5,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use shardlock_core::{CancellationToken, DatabaseId, Error, LockKey, Result, Session};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
 
 use crate::error::SqliteError;
 use crate::worker::{Command, Reply};
@@ -17,7 +19,7 @@ use crate::worker::{Command, Reply};
 /// transaction back (freeing the locks) and exits. If the process dies, the
 /// operating system frees the file locks.
 pub struct SqliteSession {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
     database: DatabaseId,
     name: String,
     liveness: PathBuf,
@@ -26,7 +28,7 @@ pub struct SqliteSession {
 
 impl SqliteSession {
     pub(crate) fn new(
-        commands: mpsc::UnboundedSender<Command>,
+        commands: mpsc::Sender<Command>,
         database: DatabaseId,
         name: String,
         liveness: PathBuf,

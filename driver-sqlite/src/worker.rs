@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags};
 use shardlock_core::{CancellationToken, DatabaseId, Error, LockKey, NodeId, Result};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::error::SqliteError;
@@ -17,6 +19,8 @@ use crate::layout;
 
 /// How long one blocking-acquire slice waits before checking cancellation.
 const SLICE_RETRIES: i32 = 20;
+/// How often an idle session checks that its liveness file is still there.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
 /// Sleep between lock attempts while waiting (SQLite's busy handler).
 const RETRY_SLEEP: Duration = Duration::from_millis(5);
 
@@ -147,8 +151,18 @@ impl Worker {
         Ok(worker)
     }
 
-    pub(crate) fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        while let Some(command) = commands.blocking_recv() {
+    pub(crate) fn run(mut self, commands: mpsc::Receiver<Command>) {
+        loop {
+            let command = match commands.recv_timeout(LIVENESS_CHECK) {
+                Ok(command) => command,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Like a server ending a session: once the liveness file
+                    // is gone, free the locks without waiting for a call.
+                    let _ = self.alive();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             match command {
                 Command::TryAcquire(keys, reply) => {
                     let _ = reply.send(self.try_acquire(&keys));
