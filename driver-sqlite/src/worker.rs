@@ -412,6 +412,8 @@ pub(crate) fn open_registry(root: &Path) -> Result<Connection, SqliteError> {
         .map_err(|e| SqliteError::sqlite(&path, e))?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
+         -- The registry only feeds `status`: no fsync per lock change.
+         PRAGMA synchronous = NORMAL;
          CREATE TABLE IF NOT EXISTS sessions(
              session TEXT PRIMARY KEY, database TEXT NOT NULL, node TEXT NOT NULL,
              pid INTEGER NOT NULL, since INTEGER NOT NULL);
