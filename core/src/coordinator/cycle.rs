@@ -420,8 +420,17 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             }
         }
         self.denied = denied;
-        if acquired > 0 || denied > 0 {
-            debug!(acquired, denied, owned = self.owned.len(), "cycle tally");
+        // One line per cycle, not one per lock: 10,000 sets must not mean
+        // 10,000 log lines.
+        if acquired > 0 {
+            info!(
+                acquired,
+                denied,
+                owned = self.owned.len(),
+                "locks acquired: agents started"
+            );
+        } else if denied > 0 {
+            debug!(denied, owned = self.owned.len(), "cycle tally");
         }
     }
 
@@ -442,7 +451,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 return;
             }
         }
-        info!(%key, database = %set.database, shards = set.shards.len(), epoch, "lock acquired: starting agents");
+        debug!(%key, database = %set.database, shards = set.shards.len(), epoch, "lock acquired: starting agents");
         self.owned.remove(&key);
         let agents = SetAgents::start(&self.agent, &set, epoch, &self.config);
         self.owned.insert(
