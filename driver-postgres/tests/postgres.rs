@@ -1,0 +1,419 @@
+//! PostgreSQL-specific behaviour beyond the shared contract: typed connect
+//! errors, the session label, negative keys in `pg_locks`, the races of a
+//! blocking wait, broken sessions, drop without a runtime.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::error::Error as _;
+use std::time::{Duration, Instant};
+
+use common::{harness, PgHarness};
+use shardlock_contract_tests::{unique_keys, unique_name, Harness};
+use shardlock_core::{CancellationToken, DatabaseId, Driver, Error, LockKey, NodeId, Session};
+use shardlock_postgres::sqlx::{self, Connection};
+use shardlock_postgres::{DatabaseMapping, PgDriver, PgError, PgSession};
+
+async fn open(h: &PgHarness, node: &str) -> PgSession {
+    match h.driver().connect(&h.database(), &NodeId::new(node)).await {
+        Ok(s) => s,
+        Err(e) => panic!("connect failed: {e:?}"),
+    }
+}
+
+/// Waits until another session can take `key`, within `limit`.
+async fn free_within(h: &PgHarness, key: &LockKey, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut probe = open(h, "probe").await;
+    loop {
+        if probe
+            .try_acquire(std::slice::from_ref(key))
+            .await
+            .expect("probe")[0]
+        {
+            probe.close().await.expect("close probe");
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{key} still held after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn pg_error(err: &Error) -> &PgError {
+    err.source()
+        .and_then(|s| s.downcast_ref::<PgError>())
+        .unwrap_or_else(|| panic!("no PgError behind {err:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_errors_are_typed() {
+    let Some(h) = harness().await else { return };
+    let db = h.database();
+    let node = NodeId::new("errors");
+
+    let unknown = DatabaseId::new("shardlock_no_such_database");
+    match h.driver().connect(&unknown, &node).await {
+        Err(err @ Error::Connect { .. }) => {
+            assert!(
+                matches!(pg_error(&err), PgError::UnknownDatabase { .. }),
+                "{err:?}"
+            );
+            let text = pg_error(&err).to_string();
+            assert!(text.contains("shardlock_no_such_database"), "{text}");
+            assert!(text.contains("database_mapping"), "{text}");
+        }
+        other => panic!("unknown database gave {other:?}"),
+    }
+
+    let closed = PgDriver::new(
+        h.options()
+            .clone()
+            .host("127.0.0.1")
+            .port(1)
+            .connect_timeout(Duration::from_secs(5)),
+    );
+    match closed.connect(&db, &node).await {
+        Err(err @ Error::Connect { .. }) => {
+            assert!(
+                matches!(pg_error(&err), PgError::Unreachable { .. }),
+                "{err:?}"
+            );
+            assert!(pg_error(&err).to_string().contains("127.0.0.1:1"));
+        }
+        other => panic!("closed port gave {other:?}"),
+    }
+
+    let wrong = PgDriver::new(h.options().clone().password("shardlock-wrong-password"));
+    match wrong.connect(&db, &node).await {
+        Err(err @ Error::Connect { .. }) => match pg_error(&err) {
+            PgError::Authentication { code, .. } => assert!(code.starts_with("28"), "{code}"),
+            other => panic!("wrong password gave {other:?}"),
+        },
+        Ok(_) => eprintln!("note: the server trusts this user; wrong-password check not run"),
+        Err(other) => panic!("wrong password gave {other:?}"),
+    }
+
+    let fixed = PgDriver::new(
+        h.options()
+            .clone()
+            .database_mapping(DatabaseMapping::Fixed(db.as_str().to_string())),
+    );
+    let session = fixed
+        .connect(&DatabaseId::new("logical-name"), &node)
+        .await
+        .expect("a fixed mapping connects any id to the one database");
+    assert_eq!(session.database().as_str(), "logical-name");
+    session.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_is_labelled_with_the_node() {
+    let Some(h) = harness().await else { return };
+    let node = unique_name("label");
+    let session = open(&h, &node).await;
+    let mut raw = h.raw().await;
+    let name: String =
+        sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1")
+            .bind(session.backend_pid())
+            .fetch_one(&mut raw)
+            .await
+            .expect("pg_stat_activity");
+    assert_eq!(name, format!("shardlock:{node}"));
+    assert!(session.server_version_num() >= shardlock_postgres::MIN_SERVER_VERSION_NUM);
+    let long = "ü".repeat(80);
+    let labelled = open(&h, &long).await;
+    let name: String =
+        sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE pid = $1")
+            .bind(labelled.backend_pid())
+            .fetch_one(&mut raw)
+            .await
+            .expect("pg_stat_activity");
+    assert!(name.starts_with("shardlock:"), "{name}");
+    assert!(name.len() <= 63, "{name}");
+    session.close().await.expect("close");
+    labelled.close().await.expect("close");
+    raw.close().await.expect("close");
+}
+
+/// Negative and positive ids, as `pg_locks` shows them (classid = high 32
+/// bits, objid = low 32 bits): `verify` passes, and an independent reading
+/// of `pg_locks` finds exactly the held keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_sees_negative_and_positive_keys() {
+    let Some(h) = harness().await else { return };
+    let keys = unique_keys("signs", 40);
+    let negative = keys.iter().filter(|k| k.id() < 0).count();
+    assert!(
+        (3..=37).contains(&negative),
+        "both signs among 40 hashed ids: {negative} negative"
+    );
+    let mut a = open(&h, "signs").await;
+    assert!(a
+        .try_acquire(&keys)
+        .await
+        .expect("batch")
+        .iter()
+        .all(|g| *g));
+    a.verify().await.expect("verify with negative keys held");
+    let mut raw = h.raw().await;
+    let shown: Vec<i64> = sqlx::query_scalar(
+        "SELECT ((classid::bigint << 32) | objid::bigint) FROM pg_locks \
+         WHERE locktype = 'advisory' AND pid = $1 AND granted AND objsubid = 1",
+    )
+    .bind(a.backend_pid())
+    .fetch_all(&mut raw)
+    .await
+    .expect("pg_locks");
+    let shown: BTreeSet<i64> = shown.into_iter().collect();
+    let expected: BTreeSet<i64> = keys.iter().map(LockKey::id).collect();
+    assert_eq!(shown, expected, "each key held exactly once");
+    // Releasing half keeps verify green for the rest.
+    for key in &keys[..20] {
+        assert!(a.release(key).await.expect("release"));
+    }
+    a.verify().await.expect("verify after releases");
+    a.close().await.expect("close");
+    raw.close().await.expect("close");
+}
+
+/// Taking a held key again (try or blocking) never stacks a second hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_never_stack() {
+    let Some(h) = harness().await else { return };
+    let key = unique_keys("stack", 1).remove(0);
+    let mut a = open(&h, "a").await;
+    let never = CancellationToken::new();
+    assert!(a.acquire(&key, &never).await.expect("acquire"));
+    assert!(
+        a.try_acquire(&[key.clone(), key.clone()])
+            .await
+            .expect("try")[0]
+    );
+    assert!(a.acquire(&key, &never).await.expect("acquire again"));
+    assert!(a.release(&key).await.expect("release"));
+    free_within(&h, &key, Duration::from_secs(2)).await;
+    a.close().await.expect("close");
+}
+
+/// A grant that arrives after the acquire future was last polled, and
+/// before it is dropped, is given back: the key is free for others and the
+/// session stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_acquire_after_an_unseen_grant_gives_the_key_back() {
+    let Some(h) = harness().await else { return };
+    let key = unique_keys("unseen", 1).remove(0);
+    let mut a = open(&h, "a").await;
+    let mut b = open(&h, "b").await;
+    assert!(a.try_acquire(std::slice::from_ref(&key)).await.expect("a")[0]);
+    let never = CancellationToken::new();
+    {
+        let mut waiting = Box::pin(b.acquire(&key, &never));
+        tokio::select! {
+            _ = &mut waiting => panic!("acquire must wait while a holds the key"),
+            () = tokio::time::sleep(Duration::from_millis(150)) => {}
+        }
+        assert!(a.release(&key).await.expect("release"));
+        // The wait is granted now, but the future is not polled again.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let took = free_within(&h, &key, Duration::from_secs(5)).await;
+    eprintln!("unseen grant given back after {took:?}");
+    assert!(b.held().is_empty(), "b holds nothing: {:?}", b.held());
+    b.verify().await.expect("b is still a good session");
+    let other = unique_keys("unseen-other", 1).remove(0);
+    assert!(
+        b.try_acquire(std::slice::from_ref(&other))
+            .await
+            .expect("b")[0]
+    );
+    b.close().await.expect("close");
+    a.close().await.expect("close");
+}
+
+/// Cancel and release racing: whatever `acquire` answers, the server agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_racing_a_grant_leaves_a_consistent_state() {
+    let Some(h) = harness().await else { return };
+    let mut a = open(&h, "a").await;
+    let mut b = open(&h, "b").await;
+    let mut c = open(&h, "c").await;
+    let (mut granted, mut cancelled) = (0, 0);
+    for (round, key) in unique_keys("race", 12).into_iter().enumerate() {
+        assert!(a.try_acquire(std::slice::from_ref(&key)).await.expect("a")[0]);
+        let cancel = CancellationToken::new();
+        let waiter = {
+            let (key, cancel) = (key.clone(), cancel.clone());
+            tokio::spawn(async move {
+                let got = b.acquire(&key, &cancel).await;
+                (b, got)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Release and cancel at nearly the same time, in varying order.
+        if round % 2 == 0 {
+            cancel.cancel();
+            assert!(a.release(&key).await.expect("release"));
+        } else {
+            assert!(a.release(&key).await.expect("release"));
+            tokio::time::sleep(Duration::from_micros(200 * round as u64)).await;
+            cancel.cancel();
+        }
+        let (back, got) = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the wait ends")
+            .expect("task");
+        b = back;
+        let got = got.expect("acquire answers");
+        let c_got = c.try_acquire(std::slice::from_ref(&key)).await.expect("c")[0];
+        assert_eq!(
+            b.held().contains(&key),
+            got,
+            "round {round}: answer and held() agree"
+        );
+        assert_eq!(
+            c_got, !got,
+            "round {round}: the server agrees with b ({got})"
+        );
+        if got {
+            granted += 1;
+            assert!(b.release(&key).await.expect("release"));
+        } else {
+            cancelled += 1;
+            assert!(c.release(&key).await.expect("release"));
+        }
+        b.verify().await.expect("b stays usable");
+    }
+    eprintln!("cancel race: {granted} granted, {cancelled} cancelled");
+    for s in [a, b, c] {
+        s.close().await.expect("close");
+    }
+}
+
+/// A try-acquire dropped mid-round-trip leaves the session's locks unknown:
+/// the session reports itself lost, and dropping it frees whatever it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_round_trip_breaks_the_session() {
+    let Some(h) = harness().await else { return };
+    let mut a = open(&h, "a").await;
+    // Polled once (the statement is sent), then dropped. A fast server may
+    // answer within that one poll: then try again with fresh keys.
+    let mut keys = Vec::new();
+    for attempt in 0..10 {
+        keys = unique_keys("interrupted", 1000);
+        let dropped = tokio::time::timeout(Duration::ZERO, a.try_acquire(&keys)).await;
+        if dropped.is_err() {
+            break;
+        }
+        assert!(attempt < 9, "the batch never stayed in flight");
+        a.release_all().await.expect("release_all");
+    }
+    match a.verify().await {
+        Err(e) => assert!(e.is_session_fatal(), "{e:?}"),
+        Ok(()) => panic!("verify must fail after an interrupted round trip"),
+    }
+    assert!(a.try_acquire(&keys).await.is_err(), "still broken");
+    assert!(
+        !a.release(&keys[0]).await.expect("release of an unheld key"),
+        "releasing an unheld key stays Ok(false) on a broken session"
+    );
+    drop(a);
+    for key in keys.iter().take(5) {
+        free_within(&h, key, Duration::from_secs(5)).await;
+    }
+}
+
+/// After the server ended the session: held keys cannot be released (the
+/// session is lost), unheld ones still answer false, close does not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_session_reports_loss() {
+    let Some(h) = harness().await else { return };
+    let keys = unique_keys("terminated", 2);
+    let mut a = open(&h, "a").await;
+    assert!(a.try_acquire(&keys[..1]).await.expect("a")[0]);
+    h.terminate(&a).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let err = loop {
+        match a.release(&keys[0]).await {
+            Err(e) => break e,
+            Ok(v) => {
+                assert!(Instant::now() < deadline, "release still answers {v}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(err.is_session_fatal(), "{err:?}");
+    assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
+    assert!(!a.release(&keys[1]).await.expect("unheld"), "unheld: false");
+    assert!(a.broken_reason().is_some());
+    a.close()
+        .await
+        .expect("closing a lost session is not an error");
+    free_within(&h, &keys[0], Duration::from_secs(5)).await;
+}
+
+/// Dropped where no runtime exists (after its runtime ended): no panic, and
+/// the server frees the keys when the socket closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_without_a_runtime_frees_the_keys() {
+    let Some(h) = harness().await else { return };
+    let keys = unique_keys("noruntime", 3);
+    let driver = h.driver();
+    let db = h.database();
+    let held = keys.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let session = rt.block_on(async move {
+            let mut s = driver
+                .connect(&db, &NodeId::new("nort"))
+                .await
+                .expect("connect");
+            assert!(s
+                .try_acquire(&held)
+                .await
+                .expect("batch")
+                .iter()
+                .all(|g| *g));
+            s
+        });
+        drop(rt);
+        let started = Instant::now();
+        drop(session);
+        started.elapsed()
+    });
+    let took = tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .expect("join")
+        .expect("dropping without a runtime must not panic");
+    assert!(
+        took < Duration::from_millis(100),
+        "drop blocked for {took:?}"
+    );
+    for key in &keys {
+        free_within(&h, key, Duration::from_secs(5)).await;
+    }
+}
+
+/// The driver's release window is what the coordinator checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_release_window_is_reported() {
+    let Some(h) = harness().await else { return };
+    assert_eq!(
+        h.driver().lock_release_window(),
+        Some(Duration::from_secs(25))
+    );
+    let none = PgDriver::new(h.options().clone().keepalives(None));
+    assert_eq!(none.lock_release_window(), None);
+    // Sessions open with the settings applied (a bad setting would fail).
+    let mut s = none
+        .connect(&h.database(), &NodeId::new("w"))
+        .await
+        .expect("connect");
+    s.verify().await.expect("verify");
+    s.close().await.expect("close");
+}
