@@ -173,21 +173,28 @@ pub async fn clause_3_batch<H: Harness>(h: &H) {
     b.close().await.expect("close");
 }
 
+/// Runs `session.acquire(key)` in a task that hands the session back with
+/// the answer.
+fn spawn_waiter<S: Session>(
+    mut session: S,
+    key: &LockKey,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<(S, shardlock_core::Result<bool>)> {
+    let (key, cancel) = (key.clone(), cancel.clone());
+    tokio::spawn(async move {
+        let got = session.acquire(&key, &cancel).await;
+        (session, got)
+    })
+}
+
 /// Clause 4: `acquire` waits for a held key and gets it on release.
 pub async fn clause_4_acquire_waits<H: Harness>(h: &H) {
     let key = unique_keys("c4", 1).remove(0);
     let mut a = open(h, "a").await;
-    let mut b = open(h, "b").await;
+    let b = open(h, "b").await;
     assert!(try_one(&mut a, &key).await);
     let cancel = CancellationToken::new();
-    let waiter = {
-        let key = key.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let got = b.acquire(&key, &cancel).await;
-            (b, got)
-        })
-    };
+    let waiter = spawn_waiter(b, &key, &cancel);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !waiter.is_finished(),
@@ -216,17 +223,10 @@ pub async fn clause_4_acquire_waits<H: Harness>(h: &H) {
 pub async fn clause_4_acquire_cancel_safe<H: Harness>(h: &H) {
     let key = unique_keys("c4cancel", 1).remove(0);
     let mut a = open(h, "a").await;
-    let mut b = open(h, "b").await;
+    let b = open(h, "b").await;
     assert!(try_one(&mut a, &key).await);
     let cancel = CancellationToken::new();
-    let waiter = {
-        let key = key.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let got = b.acquire(&key, &cancel).await;
-            (b, got)
-        })
-    };
+    let waiter = spawn_waiter(b, &key, &cancel);
     tokio::time::sleep(Duration::from_millis(150)).await;
     cancel.cancel();
     let (mut b, got) = tokio::time::timeout(SETTLE, waiter)

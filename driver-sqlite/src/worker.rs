@@ -358,29 +358,33 @@ impl Worker {
     }
 
     fn register(&mut self, keys: &[LockKey]) {
-        if keys.is_empty() {
-            return;
-        }
-        let (db, name) = (self.database.to_string(), self.name.clone());
-        let Some(conn) = self.registry() else { return };
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.unchecked_transaction()?;
-            {
-                let mut stmt = tx.prepare(
-                    "INSERT OR REPLACE INTO holders(database, key_id, name, session, since) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for key in keys {
-                    stmt.execute(params![db, key.id(), key.name(), name, now_secs()])?;
-                }
-            }
-            tx.commit()
-        })();
-        if let Err(e) = result {
-            warn!(error = %e, "cannot record held locks in the registry");
-        }
+        let since = now_secs();
+        self.registry_batch(
+            keys,
+            "INSERT OR REPLACE INTO holders(database, key_id, name, session, since) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "cannot record held locks in the registry",
+            |stmt, db, key, session| stmt.execute(params![db, key.id(), key.name(), session, since]),
+        );
     }
 
     fn unregister(&mut self, keys: &[LockKey]) {
+        self.registry_batch(
+            keys,
+            "DELETE FROM holders WHERE database = ?1 AND key_id = ?2 AND session = ?3",
+            "cannot remove released locks from the registry",
+            |stmt, db, key, session| stmt.execute(params![db, key.id(), session]),
+        );
+    }
+
+    /// Runs `sql` once per key in one registry transaction; failures are
+    /// logged, never returned (the registry only feeds `status`).
+    fn registry_batch(
+        &mut self,
+        keys: &[LockKey],
+        sql: &str,
+        failure: &str,
+        run: impl Fn(&mut rusqlite::Statement<'_>, &str, &LockKey, &str) -> rusqlite::Result<usize>,
+    ) {
         if keys.is_empty() {
             return;
         }
@@ -389,17 +393,15 @@ impl Worker {
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.unchecked_transaction()?;
             {
-                let mut stmt = tx.prepare(
-                    "DELETE FROM holders WHERE database = ?1 AND key_id = ?2 AND session = ?3",
-                )?;
+                let mut stmt = tx.prepare(sql)?;
                 for key in keys {
-                    stmt.execute(params![db, key.id(), name])?;
+                    run(&mut stmt, &db, key, &name)?;
                 }
             }
             tx.commit()
         })();
         if let Err(e) = result {
-            warn!(error = %e, "cannot remove released locks from the registry");
+            warn!(error = %e, "{failure}");
         }
     }
 }

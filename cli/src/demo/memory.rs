@@ -1,7 +1,7 @@
 //! `shardlock demo`: nodes sharing shards, one stopped, one severed, live.
 
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use shardlock::memory::{MemoryDriver, MemoryServer};
 use shardlock::{Coordinator, CoordinatorHandle, DatabaseId, NodeId, ShardId, SingleTenant};
 
-use super::{percentiles, DemoArgs};
+use super::{percentiles, DemoArgs, Screen};
 use crate::tracker::{DemoAgent, Move, Tracker};
 
 /// Coordinator timings of the demo: fast, and inside the server's window.
@@ -207,51 +207,41 @@ fn draw(
 ) {
     let owners = tracker.owners();
     let now = Instant::now();
-    let mut out = String::new();
-    out.push_str("\x1b[2J\x1b[H");
-    let _ = writeln!(
-        out,
-        "shardlock demo: {} nodes, {} shards, memory driver   t = {:.1}s / {}s\n",
-        nodes.len(),
-        shards.len(),
-        started.elapsed().as_secs_f64(),
-        duration.as_secs()
-    );
-    let _ = writeln!(out, "  {:<12} {:<10} {:>8}", "shard", "owner", "for");
-    for shard in shards {
-        let (owner, age) = match owners.get(shard).and_then(|o| o.first()) {
-            Some((node, since)) => (
-                node.to_string(),
-                format!(
-                    "{:.1}s",
-                    now.saturating_duration_since(*since).as_secs_f64()
-                ),
-            ),
-            None => ("-".to_string(), String::new()),
-        };
-        let _ = writeln!(out, "  {:<12} {:<10} {:>8}", shard.as_str(), owner, age);
+    Screen {
+        title: format!(
+            "shardlock demo: {} nodes, {} shards, memory driver   t = {:.1}s / {}s",
+            nodes.len(),
+            shards.len(),
+            started.elapsed().as_secs_f64(),
+            duration.as_secs()
+        ),
+        shards: shards
+            .iter()
+            .map(|shard| {
+                let owner = owners
+                    .get(shard)
+                    .and_then(|o| o.first())
+                    .map(|(node, since)| {
+                        (
+                            node.to_string(),
+                            now.saturating_duration_since(*since).as_secs_f64(),
+                        )
+                    });
+                (shard.to_string(), owner)
+            })
+            .collect(),
+        nodes: nodes
+            .iter()
+            .map(|n| (n.id.to_string(), shards_of(tracker, &n.id), n.note))
+            .collect(),
+        note: format!("  overlaps so far: {}\n", tracker.overlaps()),
+        log: tracker
+            .log_tail(6)
+            .into_iter()
+            .map(|(at, line)| (at.saturating_duration_since(started).as_secs_f64(), line))
+            .collect(),
     }
-    out.push('\n');
-    for node in nodes {
-        let _ = writeln!(
-            out,
-            "  {:<8} {:>3} shards  {}",
-            node.id.as_str(),
-            shards_of(tracker, &node.id),
-            node.note
-        );
-    }
-    let _ = writeln!(out, "\n  overlaps so far: {}\n", tracker.overlaps());
-    for (at, line) in tracker.log_tail(6) {
-        let _ = writeln!(
-            out,
-            "  [{:>5.1}s] {line}",
-            at.saturating_duration_since(started).as_secs_f64()
-        );
-    }
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
+    .draw();
 }
 
 fn summary(

@@ -75,3 +75,46 @@ pub(crate) fn percentiles(times: &mut [Duration]) -> String {
         _ => "no shard moved".to_string(),
     }
 }
+
+/// One redraw of the live table.
+pub(crate) struct Screen<'a> {
+    /// First line.
+    pub(crate) title: String,
+    /// Each shard with its owner and for how many seconds, if owned.
+    pub(crate) shards: Vec<(String, Option<(String, f64)>)>,
+    /// Each node with its shard count and state.
+    pub(crate) nodes: Vec<(String, usize, &'a str)>,
+    /// Extra line under the nodes (may be empty).
+    pub(crate) note: String,
+    /// The latest events, seconds since start.
+    pub(crate) log: Vec<(f64, String)>,
+}
+
+impl Screen<'_> {
+    /// Clears the terminal and draws the screen.
+    pub(crate) fn draw(&self) {
+        use std::fmt::Write as _;
+        use std::io::Write as _;
+        let mut out = String::from("\x1b[2J\x1b[H");
+        let _ = writeln!(out, "{}\n", self.title);
+        let _ = writeln!(out, "  {:<12} {:<10} {:>8}", "shard", "owner", "for");
+        for (shard, owner) in &self.shards {
+            let (owner, age) = match owner {
+                Some((node, secs)) => (node.as_str(), format!("{secs:.1}s")),
+                None => ("-", String::new()),
+            };
+            let _ = writeln!(out, "  {shard:<12} {owner:<10} {age:>8}");
+        }
+        out.push('\n');
+        for (node, count, note) in &self.nodes {
+            let _ = writeln!(out, "  {node:<8} {count:>3} shards  {note}");
+        }
+        let _ = writeln!(out, "\n{}", self.note);
+        for (at, line) in &self.log {
+            let _ = writeln!(out, "  [{at:>5.1}s] {line}");
+        }
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(out.as_bytes());
+        let _ = stdout.flush();
+    }
+}

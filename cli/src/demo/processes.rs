@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::process::{Child, Command};
 
-use super::{percentiles, DemoArgs};
+use super::{percentiles, DemoArgs, Screen};
 use crate::records::{close_killed, now_ns, overlaps, read_runs, Run};
 
 struct Node {
@@ -287,43 +287,37 @@ fn draw(
     log: &[(Duration, String)],
 ) {
     let now = now_ns();
-    let mut out = String::from("\x1b[2J\x1b[H");
-    let _ = writeln!(
-        out,
-        "shardlock demo: {} node processes, {} shards, sqlite driver   t = {:.1}s / {}s\n",
-        args.nodes,
-        args.shards,
-        started.elapsed().as_secs_f64(),
-        duration.as_secs()
-    );
-    let _ = writeln!(out, "  {:<12} {:<10} {:>8}", "shard", "owner", "for");
-    for shard in crate::node::shard_names(args.shards) {
-        let (owner, age) = match owners.get(shard.as_str()) {
-            Some((node, since)) => (
-                node.clone(),
-                format!("{:.1}s", now.saturating_sub(*since) as f64 / 1e9),
-            ),
-            None => ("-".to_string(), String::new()),
-        };
-        let _ = writeln!(out, "  {:<12} {:<10} {:>8}", shard.as_str(), owner, age);
+    Screen {
+        title: format!(
+            "shardlock demo: {} node processes, {} shards, sqlite driver   t = {:.1}s / {}s",
+            args.nodes,
+            args.shards,
+            started.elapsed().as_secs_f64(),
+            duration.as_secs()
+        ),
+        shards: crate::node::shard_names(args.shards)
+            .iter()
+            .map(|shard| {
+                let owner = owners
+                    .get(shard.as_str())
+                    .map(|(node, since)| (node.clone(), now.saturating_sub(*since) as f64 / 1e9));
+                (shard.to_string(), owner)
+            })
+            .collect(),
+        nodes: nodes
+            .iter()
+            .map(|n| (n.id.clone(), owned_by(owners, &n.id), n.note.as_str()))
+            .collect(),
+        note: String::new(),
+        log: log
+            .iter()
+            .rev()
+            .take(8)
+            .rev()
+            .map(|(at, line)| (at.as_secs_f64(), line.clone()))
+            .collect(),
     }
-    out.push('\n');
-    for node in nodes {
-        let _ = writeln!(
-            out,
-            "  {:<8} {:>3} shards  {}",
-            node.id,
-            owned_by(owners, &node.id),
-            node.note
-        );
-    }
-    out.push('\n');
-    for (at, line) in log.iter().rev().take(8).rev() {
-        let _ = writeln!(out, "  [{:>5.1}s] {line}", at.as_secs_f64());
-    }
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
+    .draw();
 }
 
 /// Takeover times per staged event, from the nodes' records.
