@@ -19,6 +19,8 @@ use crate::records::RecordWriter;
 pub(crate) enum DriverKind {
     /// Lock directory on this host (`--dir`).
     Sqlite,
+    /// PostgreSQL advisory locks (`--url`).
+    Postgres,
     /// In-process; only meaningful inside `demo`.
     Memory,
 }
@@ -32,11 +34,36 @@ pub(crate) struct DriverArgs {
     /// Lock directory (sqlite driver).
     #[arg(long)]
     pub(crate) dir: Option<PathBuf>,
+    /// Server URL (postgres driver), e.g. `postgres://user:pw@host:5432/app`.
+    #[arg(long)]
+    pub(crate) url: Option<String>,
 }
 
 impl DriverArgs {
-    pub(crate) fn open(&self) -> Result<AnyDriver> {
+    /// Opens the driver. With `fixed_database`, every `DatabaseId` maps to
+    /// the URL's database (single-tenant); otherwise ids are database names
+    /// on the URL's server (one database per tenant).
+    pub(crate) fn open(&self, fixed_database: bool) -> Result<AnyDriver> {
         match self.driver {
+            DriverKind::Postgres => {
+                let Some(url) = &self.url else {
+                    bail!(
+                        "--driver postgres needs --url postgres://user:password@host:port/database"
+                    );
+                };
+                let mut options =
+                    shardlock::postgres::PgOptions::parse(url).context("invalid --url")?;
+                if fixed_database {
+                    let name = options
+                        .get_connect_options()
+                        .get_database()
+                        .unwrap_or("postgres")
+                        .to_string();
+                    options =
+                        options.database_mapping(shardlock::postgres::DatabaseMapping::Fixed(name));
+                }
+                Ok(shardlock::postgres::PgDriver::new(options).into())
+            }
             DriverKind::Sqlite => {
                 let Some(dir) = &self.dir else {
                     bail!("--driver sqlite needs --dir <lock directory>");
@@ -196,7 +223,9 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
     if args.shards == 0 || args.shards > 100_000 {
         bail!("--shards must be between 1 and 100000");
     }
-    let driver = args.driver.open()?;
+    let driver = args
+        .driver
+        .open(args.distributor != DistributorKind::MultiTenanted)?;
     let shards = shard_names(args.shards);
     let database = DatabaseId::new(&args.database);
     let distributor = match args.distributor {

@@ -37,8 +37,16 @@ pub(crate) fn prepare(dir: &Path) -> Result<(), SqliteError> {
         }
         Ok(_) => {
             if !dir.join(MARKER).is_file() {
-                let mut entries = fs::read_dir(dir).map_err(unwritable)?;
-                if entries.next().is_some() {
+                // Only our own start-up artifacts may be there: another
+                // process may be creating this directory right now.
+                let foreign = fs::read_dir(dir).map_err(unwritable)?.any(|entry| {
+                    entry.map_or(true, |e| {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        !(name.starts_with(MARKER) || name.starts_with(".probe-"))
+                    })
+                });
+                if foreign {
                     return Err(SqliteError::NotALockDirectory {
                         path: dir.to_path_buf(),
                         marker: MARKER,
@@ -53,7 +61,10 @@ pub(crate) fn prepare(dir: &Path) -> Result<(), SqliteError> {
     }
     let marker = dir.join(MARKER);
     if !marker.is_file() {
-        fs::write(&marker, MARKER_TEXT).map_err(unwritable)?;
+        // Write then rename, so nobody ever sees a half-written marker.
+        let tmp = dir.join(format!("{MARKER}.{}.tmp", std::process::id()));
+        fs::write(&tmp, MARKER_TEXT).map_err(unwritable)?;
+        fs::rename(&tmp, &marker).map_err(unwritable)?;
     }
     // Prove we can create files here, not just read.
     let probe = dir.join(format!(".probe-{}", std::process::id()));
@@ -136,6 +147,11 @@ mod tests {
         ));
         prepare(&base.join("new/nested")).unwrap();
         prepare(&base.join("new/nested")).unwrap();
+        // A directory another process is initialising right now is fine.
+        fs::create_dir_all(base.join("racing")).unwrap();
+        fs::write(base.join("racing").join(format!("{MARKER}.42.tmp")), "x").unwrap();
+        fs::write(base.join("racing/.probe-42"), "").unwrap();
+        prepare(&base.join("racing")).unwrap();
         assert!(base.join("new/nested").join(MARKER).is_file());
         let _ = fs::remove_dir_all(&base);
     }

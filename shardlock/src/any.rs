@@ -88,4 +88,6 @@ any_driver! {
     Memory(shardlock_memory::MemoryDriver, shardlock_memory::MemorySession),
     #[cfg(feature = "sqlite")]
     Sqlite(shardlock_sqlite::SqliteDriver, shardlock_sqlite::SqliteSession),
+    #[cfg(feature = "postgres")]
+    Postgres(shardlock_postgres::PgDriver, shardlock_postgres::PgSession),
 }

@@ -4,10 +4,10 @@
 
 // The enum needs at least one variant; keep this list in step with the
 // driver features.
-#[cfg(any(feature = "memory", feature = "sqlite"))]
+#[cfg(any(feature = "memory", feature = "sqlite", feature = "postgres"))]
 mod any;
 
-#[cfg(any(feature = "memory", feature = "sqlite"))]
+#[cfg(any(feature = "memory", feature = "sqlite", feature = "postgres"))]
 pub use any::{AnyDriver, AnySession};
 pub use shardlock_core::*;
 pub use shardlock_distributors::{
@@ -23,3 +23,8 @@ pub use shardlock_memory as memory;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use shardlock_sqlite as sqlite;
+
+/// The PostgreSQL advisory-lock driver (feature `postgres`).
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use shardlock_postgres as postgres;

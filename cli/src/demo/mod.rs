@@ -19,6 +19,9 @@ pub(crate) enum DemoDriver {
     /// Every node inside this process on the in-memory driver: one is
     /// stopped gracefully, one has its connection severed.
     Memory,
+    /// Real `shardlock node` processes on PostgreSQL advisory locks
+    /// (`--url`): one killed with SIGKILL, one stopped gracefully.
+    Postgres,
 }
 
 /// Options of `shardlock demo`.
@@ -40,6 +43,9 @@ pub(crate) struct DemoArgs {
     /// the output is not a terminal).
     #[arg(long)]
     pub(crate) plain: bool,
+    /// Server URL for `--driver postgres`.
+    #[arg(long)]
+    pub(crate) url: Option<String>,
     /// Keep the demo's working directory (node logs, records, lock
     /// directory) instead of deleting it at the end.
     #[arg(long)]
@@ -58,7 +64,13 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     match args.driver {
         DemoDriver::Memory => memory::run(&args).await,
-        DemoDriver::Sqlite => processes::run(&args).await,
+        DemoDriver::Sqlite => processes::run(&args, None).await,
+        DemoDriver::Postgres => match &args.url {
+            Some(url) => processes::run(&args, Some(url)).await,
+            None => {
+                bail!("--driver postgres needs --url postgres://user:password@host:port/database")
+            }
+        },
     }
 }
 

@@ -28,7 +28,7 @@ struct Staged {
     stopped: Option<(String, u128)>,
 }
 
-pub(crate) async fn run(args: &DemoArgs) -> Result<ExitCode> {
+pub(crate) async fn run(args: &DemoArgs, url: Option<&str>) -> Result<ExitCode> {
     let plain = args.plain || !std::io::stdout().is_terminal();
     let work = std::env::temp_dir().join(format!("shardlock-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
@@ -39,6 +39,28 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<ExitCode> {
     );
     std::fs::create_dir_all(&records).with_context(|| format!("creating {}", records.display()))?;
     let exe = std::env::current_exe().context("finding the shardlock binary")?;
+    let (driver_args, driver_label): (Vec<std::ffi::OsString>, String) = match url {
+        Some(url) => (
+            vec![
+                "--driver".into(),
+                "postgres".into(),
+                "--url".into(),
+                url.into(),
+            ],
+            "postgres".into(),
+        ),
+        None => (
+            vec![
+                "--driver".into(),
+                "sqlite".into(),
+                "--dir".into(),
+                locks.clone().into(),
+            ],
+            format!("sqlite lock directory {}", locks.display()),
+        ),
+    };
+    // Fresh lock names per run, so a shared server's leftovers never meet us.
+    let schema = format!("demo{}", std::process::id());
 
     let mut nodes = Vec::new();
     for i in 1..=args.nodes {
@@ -46,7 +68,8 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<ExitCode> {
         let child = spawn_node(
             &exe,
             &work,
-            &locks,
+            &driver_args,
+            &schema,
             &records,
             &checkpoints,
             &id,
@@ -63,10 +86,8 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<ExitCode> {
     let mut log: Vec<(Duration, String)> = vec![(
         Duration::ZERO,
         format!(
-            "started {} `shardlock node` processes over {} shards, sqlite lock directory {}",
-            args.nodes,
-            args.shards,
-            locks.display()
+            "started {} `shardlock node` processes over {} shards, {driver_label}",
+            args.nodes, args.shards
         ),
     )];
     let duration = Duration::from_secs(args.duration);
@@ -108,6 +129,20 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<ExitCode> {
                 log.push((
                     started.elapsed(),
                     format!("{} stops gracefully ({count} shards to hand over)", node.id),
+                ));
+            }
+        }
+        for node in nodes.iter_mut().filter(|n| n.note == "running") {
+            if let Some(Ok(Some(status))) = node.child.as_mut().map(|c| c.try_wait()) {
+                node.note = format!("exited ({status})");
+                let path = work.join(format!("{}.log", node.id));
+                log.push((
+                    started.elapsed(),
+                    format!(
+                        "{} exited unexpectedly with {status}; see {}",
+                        node.id,
+                        path.display()
+                    ),
                 ));
             }
         }
@@ -183,10 +218,12 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<ExitCode> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_node(
     exe: &Path,
     work: &Path,
-    locks: &Path,
+    driver_args: &[std::ffi::OsString],
+    schema: &str,
     records: &Path,
     checkpoints: &Path,
     id: &str,
@@ -198,9 +235,15 @@ fn spawn_node(
     let log2 = log.try_clone().context("node log")?;
     let mut cmd = Command::new(exe);
     cmd.arg("node")
-        .args(["--driver", "sqlite", "--dir"])
-        .arg(locks)
-        .args(["--shards", &shards.to_string(), "--node-id", id])
+        .args(driver_args)
+        .args([
+            "--schema",
+            schema,
+            "--shards",
+            &shards.to_string(),
+            "--node-id",
+            id,
+        ])
         .args([
             "--poll-ms",
             "500",
@@ -289,7 +332,7 @@ fn draw(
     let now = now_ns();
     Screen {
         title: format!(
-            "shardlock demo: {} node processes, {} shards, sqlite driver   t = {:.1}s / {}s",
+            "shardlock demo: {} node processes, {} shards   t = {:.1}s / {}s",
             args.nodes,
             args.shards,
             started.elapsed().as_secs_f64(),
