@@ -179,7 +179,7 @@ impl Agent for RecordingAgent {
         if let Some(left) = self.recorder.take_failure(shard) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             if left % 2 == 0 {
-                panic!("injected panic in {shard}");
+                panic!("injected panic in {shard} (expected: the test checks the restart)");
             }
             return Err(format!("injected failure in {shard}").into());
         }
