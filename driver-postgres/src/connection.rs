@@ -158,7 +158,14 @@ pub(crate) struct Established {
 
 /// Opens and prepares the session's connection to database `name`.
 async fn establish(options: &PgOptions, name: &str, node: &NodeId) -> Result<Established, PgError> {
-    let base = options.get_connect_options().clone().database(name);
+    // sqlx sends `extra_float_digits` at startup by default; this driver
+    // reads no floats, and PgBouncer refuses that parameter unless its
+    // `ignore_startup_parameters` lists it.
+    let base = options
+        .get_connect_options()
+        .clone()
+        .database(name)
+        .extra_float_digits(None);
     let connect = base
         .clone()
         .application_name(&application_name(node.as_str(), ""));

@@ -48,9 +48,9 @@ pub(crate) mod sqlstate {
 /// docs.
 pub(crate) const LOCK_TABLE_SIZING: &str = "the server's shared lock table holds about \
 max_locks_per_transaction × (max_connections + max_prepared_transactions) locks in total \
-(64 × (100 + 0) = 6,400 with the defaults), shared by every session; raise \
-max_locks_per_transaction (needs a server restart) so that it covers the advisory locks \
-all nodes hold at once plus the server's ordinary locking";
+(64 × (100 + 0) = 6,400 with the defaults), shared by every session, and must cover the \
+advisory locks all nodes hold at once plus the server's ordinary locking; changing \
+max_locks_per_transaction needs a server restart";
 
 /// What went wrong in the PostgreSQL driver.
 ///
@@ -168,7 +168,7 @@ pub enum PgError {
     /// `out_of_shared_memory`).
     #[error(
         "PostgreSQL is out of shared memory for locks (SQLSTATE 53200) during {operation}: \
-         raise max_locks_per_transaction on the server; {sizing}",
+         raise max_locks_per_transaction on the server ({sizing})",
         sizing = LOCK_TABLE_SIZING
     )]
     LockTableFull {

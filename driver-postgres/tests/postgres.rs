@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
-use common::{harness, PgHarness};
+use common::{harness, OwnContainer, PgHarness, URL_ENV};
 use shardlock_contract_tests::{unique_keys, unique_name, Harness};
 use shardlock_core::{CancellationToken, DatabaseId, Driver, Error, LockKey, NodeId, Session};
 use shardlock_postgres::sqlx::{self, Connection};
-use shardlock_postgres::{DatabaseMapping, PgDriver, PgError, PgSession};
+use shardlock_postgres::{DatabaseMapping, PgDriver, PgError, PgOptions, PgSession};
 
 async fn open(h: &PgHarness, node: &str) -> PgSession {
     match h.driver().connect(&h.database(), &NodeId::new(node)).await {
@@ -144,12 +144,23 @@ async fn session_is_labelled_with_the_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_sees_negative_and_positive_keys() {
     let Some(h) = harness().await else { return };
-    let keys = unique_keys("signs", 40);
-    let negative = keys.iter().filter(|k| k.id() < 0).count();
-    assert!(
-        (3..=37).contains(&negative),
-        "both signs among 40 hashed ids: {negative} negative"
-    );
+    // Names that differ only at the end hash to ids of one sign (FNV-1a
+    // mixes the last bytes into the low bits), so draw fresh names until
+    // both signs are well represented.
+    let (mut negative, mut positive) = (Vec::new(), Vec::new());
+    while negative.len() < 20 || positive.len() < 20 {
+        let key = unique_keys("signs", 1).remove(0);
+        if key.id() < 0 {
+            negative.push(key);
+        } else {
+            positive.push(key);
+        }
+    }
+    let keys: Vec<LockKey> = negative
+        .into_iter()
+        .take(20)
+        .chain(positive.into_iter().take(20))
+        .collect();
     let mut a = open(&h, "signs").await;
     assert!(a
         .try_acquire(&keys)
@@ -170,8 +181,8 @@ async fn verify_sees_negative_and_positive_keys() {
     let shown: BTreeSet<i64> = shown.into_iter().collect();
     let expected: BTreeSet<i64> = keys.iter().map(LockKey::id).collect();
     assert_eq!(shown, expected, "each key held exactly once");
-    // Releasing half keeps verify green for the rest.
-    for key in &keys[..20] {
+    // Releasing half (of both signs) keeps verify green for the rest.
+    for key in keys.iter().step_by(2) {
         assert!(a.release(key).await.expect("release"));
     }
     a.verify().await.expect("verify after releases");
@@ -416,4 +427,82 @@ async fn lock_release_window_is_reported() {
         .expect("connect");
     s.verify().await.expect("verify");
     s.close().await.expect("close");
+}
+
+/// A full shared lock table (SQLSTATE 53200) is a typed error naming
+/// `max_locks_per_transaction`, and the keys the failed batch took are
+/// released again. Needs a server of its own with a tiny lock table, so it
+/// runs in container mode only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_table_full_is_typed_and_undone() {
+    if std::env::var(URL_ENV).is_ok_and(|u| !u.trim().is_empty()) {
+        eprintln!("lock_table_full_is_typed_and_undone: needs its own server (container mode), not run with {URL_ENV}");
+        return;
+    }
+    if harness().await.is_none() {
+        return;
+    }
+    let own = match OwnContainer::start(&[
+        "-c",
+        "max_locks_per_transaction=10",
+        "-c",
+        "max_connections=20",
+    ])
+    .await
+    {
+        Ok(own) => own,
+        Err(why) => {
+            shardlock_contract_tests::skip("postgres", &why, URL_ENV);
+            return;
+        }
+    };
+    let driver = PgDriver::new(PgOptions::parse(&own.url).expect("url"));
+    let db = DatabaseId::new("postgres");
+    let mut a = driver
+        .connect(&db, &NodeId::new("full"))
+        .await
+        .expect("connect");
+    let keys = unique_keys("full", 20_000);
+    let err = match a.try_acquire(&keys).await {
+        Err(err) => err,
+        Ok(granted) => panic!(
+            "20,000 keys fit a tiny lock table? {} granted",
+            granted.iter().filter(|g| **g).count()
+        ),
+    };
+    assert!(
+        !err.is_session_fatal(),
+        "a full lock table is not a lost session: {err:?}"
+    );
+    let pg = pg_error(&err);
+    assert!(pg.is_lock_table_full(), "{pg:?}");
+    assert_eq!(pg.sqlstate(), Some("53200"));
+    let text = pg.to_string();
+    assert!(text.contains("max_locks_per_transaction"), "{text}");
+    eprintln!("lock table full: {text}");
+    assert!(
+        a.held().is_empty(),
+        "nothing recorded as held: {}",
+        a.held().len()
+    );
+    let mut raw = sqlx::PgConnection::connect(&own.url).await.expect("raw");
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+    )
+    .bind(a.backend_pid())
+    .fetch_one(&mut raw)
+    .await
+    .expect("pg_locks");
+    assert_eq!(left, 0, "the failed batch's keys were released");
+    // The session is still good for a batch that fits.
+    assert!(a
+        .try_acquire(&keys[..50])
+        .await
+        .expect("small batch")
+        .iter()
+        .all(|g| *g));
+    a.verify().await.expect("verify");
+    a.close().await.expect("close");
+    raw.close().await.expect("close");
+    drop(own);
 }

@@ -219,6 +219,74 @@ async fn wait_ready(url: &str, limit: Duration) -> Result<(), String> {
     }
 }
 
+/// A container of its own for one test, with extra server arguments; removed
+/// when the returned guard is dropped (on a thread of its own, so no runtime
+/// is involved, even when the test panics).
+pub struct OwnContainer {
+    /// The server's URL.
+    pub url: String,
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for OwnContainer {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl OwnContainer {
+    /// Starts `postgres <args>` from the test image; `Err` when Docker or
+    /// the image is not available.
+    pub async fn start(args: &[&str]) -> Result<Self, String> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (url_tx, url_rx) = std::sync::mpsc::channel::<Result<String, String>>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let image = std::env::var(IMAGE_ENV).unwrap_or_else(|_| DEFAULT_IMAGE.to_string());
+            let (name, tag) = split_image(&image);
+            let mut cmd = vec!["-c".to_string(), "fsync=off".to_string()];
+            cmd.extend(args);
+            let started = Postgres::default()
+                .with_name(name)
+                .with_tag(tag)
+                .with_cmd(cmd)
+                .with_label("shardlock.test", "postgres-own")
+                .with_startup_timeout(Duration::from_secs(120))
+                .start();
+            let container = match started {
+                Ok(container) => container,
+                Err(e) => {
+                    let _ = url_tx.send(Err(format!("cannot start a container from {image}: {e}")));
+                    return;
+                }
+            };
+            let url = container
+                .get_host()
+                .and_then(|host| Ok((host, container.get_host_port_ipv4(5432)?)))
+                .map(|(host, port)| format!("postgres://postgres:postgres@{host}:{port}/postgres"))
+                .map_err(|e| e.to_string());
+            let _ = url_tx.send(url);
+            // Until the guard is dropped (or the test thread is gone).
+            let _ = done_rx.recv();
+            drop(container);
+        });
+        let url = tokio::task::spawn_blocking(move || url_rx.recv())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|_| "the container thread ended".to_string())??;
+        wait_ready(&url, Duration::from_secs(90)).await?;
+        Ok(Self {
+            url,
+            done: Some(done_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
 static CONTAINER_URL: OnceLock<Result<String, String>> = OnceLock::new();
 
 /// The URL of the shared container, starting it on first use.
