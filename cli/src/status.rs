@@ -103,6 +103,9 @@ fn names(args: &StatusArgs) -> Result<HashMap<i64, String>> {
     Ok(out)
 }
 
+/// database, lock id, application name, client address, pid, session start.
+type PgLockRow = (String, i64, String, Option<String>, i32, Option<f64>);
+
 /// Advisory locks held in the URL's database, from `pg_locks` and
 /// `pg_stat_activity`, one round trip.
 async fn postgres_rows(url: &str, names: &HashMap<i64, String>) -> Result<Vec<Row>> {
@@ -110,7 +113,7 @@ async fn postgres_rows(url: &str, names: &HashMap<i64, String>) -> Result<Vec<Ro
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .with_context(|| format!("connecting to {}", redact(url)))?;
-    let rows: Vec<(String, i64, String, Option<String>, i32, Option<f64>)> = sqlx::query_as(
+    let rows: Vec<PgLockRow> = sqlx::query_as(
         "SELECT a.datname::text,
                 (l.classid::bigint << 32) | l.objid::bigint,
                 coalesce(a.application_name, ''),
