@@ -32,7 +32,8 @@ const V14: u32 = 140_000;
 /// use shardlock_core::{DatabaseId, Driver, NodeId};
 /// use shardlock_postgres::{PgDriver, PgOptions};
 ///
-/// # async fn run() -> shardlock_core::Result<()> {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> shardlock_core::Result<()> {
 /// let driver = PgDriver::new(PgOptions::parse("postgres://app:secret@db:5432/app")?);
 /// let session = driver.connect(&DatabaseId::new("app"), &NodeId::generate()).await?;
 /// println!("backend {}", session.backend_pid());

@@ -229,6 +229,7 @@ impl PgOptions {
     ///
     /// let options = PgOptions::parse("postgres://app@db/app")?
     ///     .map_connect_options(|o| o.ssl_mode(PgSslMode::Disable));
+    /// assert!(matches!(options.get_connect_options().get_ssl_mode(), PgSslMode::Disable));
     /// # Ok::<(), shardlock_postgres::PgError>(())
     /// ```
     pub fn map_connect_options(
