@@ -39,6 +39,20 @@
 //! PostgreSQL stacks session locks (taking a key twice needs two unlocks), so
 //! the session tracks what it holds and never asks for a key twice.
 //!
+//! The `bigint` a key locks is its [`LockKey::id`](shardlock_core::LockKey::id),
+//! the same in every process and version, so an operator can find a lock in
+//! `pg_locks` (`classid` holds the high 32 bits, `objid` the low 32 bits) or
+//! take it by hand with `pg_advisory_lock`:
+//!
+//! ```
+//! use shardlock_core::LockKey;
+//!
+//! let key = LockKey::new("orders-projection")?;
+//! assert_eq!(key.id(), 0x5886_0d97_fd87_2fa4); // pg_advisory_lock(6378800868661604260)
+//! assert_eq!(key.id(), 6_378_800_868_661_604_260);
+//! # Ok::<(), shardlock_core::Error>(())
+//! ```
+//!
 //! # Options
 //!
 //! [`PgOptions`] is built from a URL (`postgres://user:password@host:5432/db`,
