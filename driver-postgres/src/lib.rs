@@ -30,7 +30,7 @@
 //!
 //! | operation | statement | round trips |
 //! |---|---|---|
-//! | `try_acquire(keys)` | `pg_try_advisory_lock(k)` over `unnest($1::bigint[]) WITH ORDINALITY`, only for keys not held yet | 1 (0 if all held) |
+//! | `try_acquire(keys)` | `array_agg(pg_try_advisory_lock(k) ORDER BY i)` over `unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)`, only for keys not held yet (one key: `pg_try_advisory_lock($1)`) | 1 (0 if all held) |
 //! | `acquire(key, cancel)` | `pg_advisory_lock($1)`; on cancel or drop, `pg_cancel_backend(pid)` from a side connection, then release a grant that raced it | 1 + cancel |
 //! | `release(key)` | `pg_advisory_unlock($1)` for a held key | 1 (0 if not held) |
 //! | `release_all` / `close` | `pg_advisory_unlock_all()` | 1 |

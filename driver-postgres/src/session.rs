@@ -231,10 +231,11 @@ impl Session for PgSession {
                     .await
                     .map(|granted| vec![(id, granted)])
             } else {
-                sqlx::query_as::<_, (i64, bool)>(sql::TRY_MANY)
+                sqlx::query_scalar::<_, Vec<bool>>(sql::TRY_MANY)
                     .bind(&wanted)
-                    .fetch_all(conn)
+                    .fetch_one(conn)
                     .await
+                    .map(|granted| wanted.iter().copied().zip(granted).collect::<Vec<_>>())
             };
             self.in_flight = None;
             let rows = match result {
@@ -245,9 +246,14 @@ impl Session for PgSession {
                     return Err(err);
                 }
             };
-            if rows.len() != wanted.len() || rows.iter().zip(&wanted).any(|((k, _), w)| k != w) {
-                self.mark_broken("the server answered a batch with other keys than asked");
-                return Err(self.lost("the server answered a batch with other keys than asked"));
+            if rows.len() != wanted.len() {
+                let reason = format!(
+                    "the server answered {} of {} keys of a batch",
+                    rows.len(),
+                    wanted.len()
+                );
+                self.mark_broken(reason.clone());
+                return Err(self.lost(&reason));
             }
             let by_id: HashMap<i64, &LockKey> = keys.iter().map(|k| (k.id(), k)).collect();
             for (id, granted) in rows {
