@@ -1,0 +1,167 @@
+//! The driver: options shared behind an `Arc`, one connection per session.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardlock_core::{DatabaseId, Driver, NodeId, Result};
+use tracing::debug;
+
+use crate::connection::{application_name, open_client, probe, Connection, TdsClient};
+use crate::error::{MssqlError, DRIVER};
+use crate::options::MssqlOptions;
+use crate::session::MssqlSession;
+
+/// The SQL Server driver: opens [`MssqlSession`]s, each on its own dedicated
+/// TDS connection. Cloning is cheap (the options sit behind an `Arc`).
+///
+/// ```no_run
+/// use shardlock_core::{DatabaseId, Driver, NodeId};
+/// use shardlock_sqlserver::MssqlDriver;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let driver = MssqlDriver::new(
+///     "Server=tcp:db.internal,1433;User Id=app;Password=secret;TrustServerCertificate=true"
+///         .parse()?,
+/// );
+/// let session = driver
+///     .connect(&DatabaseId::new("orders"), &NodeId::generate())
+///     .await?;
+/// println!("connected as spid {}", session.spid());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MssqlDriver {
+    options: Arc<MssqlOptions>,
+}
+
+impl MssqlDriver {
+    /// A driver for the server and settings of `options`.
+    pub fn new(options: MssqlOptions) -> Self {
+        Self {
+            options: Arc::new(options),
+        }
+    }
+
+    /// The options.
+    pub fn options(&self) -> &MssqlOptions {
+        &self.options
+    }
+
+    /// Opens a session on `database` labelled `shardlock:<node>`, with the
+    /// driver's own error type (what [`Driver::connect`] wraps in
+    /// [`Error::Connect`](shardlock_core::Error::Connect)).
+    ///
+    /// Checks at connect that the peer is a SQL Server with application
+    /// locks (`@@VERSION`, `SERVERPROPERTY('EngineEdition')`), reads the
+    /// session id (`@@SPID`) and the database's compatibility level (which
+    /// decides how batches pass lists of names), and sets
+    /// `IMPLICIT_TRANSACTIONS OFF`, `NOCOUNT ON`, `XACT_ABORT OFF` for the
+    /// session.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a dropped connect leaves only a socket that closes.
+    ///
+    /// # Errors
+    ///
+    /// [`MssqlError::Unreachable`], [`MssqlError::ConnectTimeout`],
+    /// [`MssqlError::Handshake`], [`MssqlError::LoginFailed`],
+    /// [`MssqlError::DatabaseUnavailable`], [`MssqlError::NotSqlServer`].
+    pub async fn open_session(
+        &self,
+        database: &DatabaseId,
+        node: &NodeId,
+    ) -> Result<MssqlSession, MssqlError> {
+        let target = self.options.database_for(database);
+        let app = application_name(node.as_str());
+        let timeout = self.options.get_connect_timeout();
+        let opened = tokio::time::timeout(timeout, async {
+            let mut client = open_client(&self.options, target.as_deref(), &app).await?;
+            let info = probe(&mut client).await?;
+            Ok::<_, MssqlError>((client, info))
+        })
+        .await;
+        let (client, info) = match opened {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(MssqlError::ConnectTimeout {
+                    addr: self.options.addr().to_string(),
+                    after: timeout,
+                })
+            }
+        };
+        debug!(
+            database = %database,
+            server_database = %info.database,
+            spid = info.spid,
+            version = %info.product_version,
+            key_list = ?info.key_list,
+            "SQL Server session opened"
+        );
+        let slice_ms =
+            i32::try_from(self.options.get_acquire_slice().as_millis()).unwrap_or(i32::MAX);
+        Ok(MssqlSession::new(
+            Connection::spawn(client, info),
+            database.clone(),
+            slice_ms,
+        ))
+    }
+
+    /// Opens a plain tiberius connection to `database` on the driver's server
+    /// (mapped like sessions), for administrative queries next to the lock
+    /// sessions (e.g. `KILL`, reading `sys.dm_tran_locks`). It is not a lock
+    /// session and is not tracked by the driver.
+    ///
+    /// # Errors
+    ///
+    /// As [`open_session`](Self::open_session), without the server checks.
+    pub async fn connect_client(
+        &self,
+        database: &DatabaseId,
+        application_name: &str,
+    ) -> Result<TdsClient, MssqlError> {
+        let target = self.options.database_for(database);
+        let timeout = self.options.get_connect_timeout();
+        tokio::time::timeout(
+            timeout,
+            open_client(&self.options, target.as_deref(), application_name),
+        )
+        .await
+        .map_err(|_| MssqlError::ConnectTimeout {
+            addr: self.options.addr().to_string(),
+            after: timeout,
+        })?
+    }
+}
+
+impl Driver for MssqlDriver {
+    type Session = MssqlSession;
+
+    fn name(&self) -> &'static str {
+        DRIVER
+    }
+
+    async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<MssqlSession> {
+        self.open_session(database, node)
+            .await
+            .map_err(|e| e.into_connect_error(database))
+    }
+
+    /// The server's TCP keepalive time, by default SQL Server's 30 s
+    /// ([`MssqlOptions::server_keepalive`]). See the crate docs, "When a node
+    /// vanishes".
+    fn lock_release_window(&self) -> Option<Duration> {
+        self.options.lock_release_window()
+    }
+}
+
+impl fmt::Debug for MssqlDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MssqlDriver")
+            .field("options", &self.options)
+            .finish()
+    }
+}

@@ -1,0 +1,766 @@
+//! A simulated SQL Server for the driver's own tests.
+//!
+//! It answers the driver's batches, recognised by their text, from an
+//! in-memory table of session-owned application locks with the documented
+//! semantics of `sp_getapplock` / `sp_releaseapplock` / `APPLOCK_MODE`:
+//! names compared binary, a second acquire by the owner stacks, a timed
+//! request waits server-side and is granted as soon as the holder releases,
+//! a session's locks are freed when its connection closes or it is killed.
+//! It decodes the names exactly as the server would receive them (the JSON
+//! array parameter, or one parameter per name, checked against the SQL
+//! text), and builds tiberius rows with the columns the driver reads.
+//!
+//! It proves the session logic, the connection task (ordering, abandoned
+//! requests, drop) and the batch/row plumbing, and runs the whole contract
+//! suite. It cannot prove the T-SQL against a real server.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use shardlock_contract_tests::{Harness, Holder};
+use shardlock_core::{BoxError, DatabaseId, Driver, LockKey, NodeId, Result, Session};
+use tiberius::{ColumnData, ColumnType, Row};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::connection::{Connection, ServerInfo, Wire};
+use crate::session::MssqlSession;
+use crate::sql::{self, Batch, KeyList, Param, NOT_HELD};
+
+/// The simulated server.
+#[derive(Clone, Default)]
+pub(crate) struct FakeServer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    state: Mutex<State>,
+    freed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    next_spid: i32,
+    /// (database, resource) → (owner spid, stack count).
+    locks: HashMap<(String, String), (i32, u32)>,
+    /// Sessions ended by `kill`.
+    dead: HashSet<i32>,
+    /// Forced `sp_getapplock` return codes per resource.
+    codes: HashMap<String, i32>,
+    /// Resources whose lock batches fail with an error.
+    failing: HashSet<String>,
+    /// Delay before a lock batch takes effect (the request is on the wire).
+    delay: Duration,
+    /// A different @@SPID reported by verify.
+    spid_override: Option<i32>,
+    /// Batches run per kind, for round-trip counts.
+    batches: HashMap<&'static str, usize>,
+}
+
+impl FakeServer {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wire(&self, database: &DatabaseId) -> FakeWire {
+        let mut state = self.lock();
+        state.next_spid += 1;
+        FakeWire {
+            server: self.clone(),
+            spid: 50 + state.next_spid,
+            database: database.to_string(),
+        }
+    }
+
+    /// Ends a session as `KILL` does: its locks are freed at once.
+    pub(crate) fn kill(&self, spid: i32) {
+        let mut state = self.lock();
+        state.dead.insert(spid);
+        state.locks.retain(|_, (owner, _)| *owner != spid);
+        drop(state);
+        self.inner.freed.notify_waiters();
+    }
+
+    /// Frees one lock behind its owner's back.
+    pub(crate) fn steal(&self, resource: &str) {
+        self.lock().locks.retain(|(_, r), _| r != resource);
+        self.inner.freed.notify_waiters();
+    }
+
+    /// The owner and stack count of `resource`.
+    pub(crate) fn holder(&self, resource: &str) -> Option<(i32, u32)> {
+        self.lock()
+            .locks
+            .iter()
+            .find(|((_, r), _)| r == resource)
+            .map(|(_, v)| *v)
+    }
+
+    pub(crate) fn force_code(&self, resource: &str, code: i32) {
+        self.lock().codes.insert(resource.to_string(), code);
+    }
+
+    pub(crate) fn fail_batches_with(&self, resource: &str) {
+        self.lock().failing.insert(resource.to_string());
+    }
+
+    pub(crate) fn set_delay(&self, delay: Duration) {
+        self.lock().delay = delay;
+    }
+
+    pub(crate) fn set_spid_override(&self, spid: Option<i32>) {
+        self.lock().spid_override = spid;
+    }
+
+    pub(crate) fn batches(&self, kind: &str) -> usize {
+        self.lock().batches.get(kind).copied().unwrap_or(0)
+    }
+
+    fn free_session(&self, spid: i32) {
+        self.lock().locks.retain(|_, (owner, _)| *owner != spid);
+        self.inner.freed.notify_waiters();
+    }
+}
+
+/// One simulated connection.
+pub(crate) struct FakeWire {
+    server: FakeServer,
+    spid: i32,
+    database: String,
+}
+
+fn int_row(columns: &[(&str, i32)]) -> Row {
+    columns
+        .iter()
+        .fold(Row::builder(), |b, (name, v)| {
+            b.column(*name, ColumnType::Int4, ColumnData::I32(Some(*v)))
+        })
+        .build()
+}
+
+fn reset() -> tiberius::error::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "connection reset by peer",
+    )
+    .into()
+}
+
+/// The names a batch carries, decoded as the server would, checked against
+/// the SQL text and the batch's count.
+fn names(batch: &Batch) -> Vec<String> {
+    let names: Vec<String> = if batch.sql.contains("FROM OPENJSON(@P1)") {
+        assert_eq!(batch.params.len(), 1, "JSON mode binds one parameter");
+        let Param::Text(json) = &batch.params[0] else {
+            panic!("JSON parameter must be text")
+        };
+        serde_json::from_str(json).expect("the JSON parameter is a valid array of strings")
+    } else {
+        assert!(batch.params.len() <= sql::MAX_PARAMS_PER_BATCH);
+        batch
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                assert!(
+                    batch.sql.contains(&format!("({i}, @P{})", i + 1)),
+                    "parameter {} is not in the VALUES rows",
+                    i + 1
+                );
+                match p {
+                    Param::Text(s) => s.clone(),
+                    Param::Int(_) => panic!("names are text"),
+                }
+            })
+            .collect()
+    };
+    assert_eq!(names.len(), batch.names, "the batch's name count");
+    for name in &names {
+        assert!(sql::utf16_len(name) <= sql::MAX_RESOURCE_UTF16, "{name}");
+    }
+    names
+}
+
+impl FakeWire {
+    fn check_alive(&self, state: &State) -> Result<(), tiberius::error::Error> {
+        if state.dead.contains(&self.spid) {
+            Err(reset())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn take(&self, state: &mut State, resource: &str) -> bool {
+        let key = (self.database.clone(), resource.to_string());
+        match state.locks.get_mut(&key) {
+            None => {
+                state.locks.insert(key, (self.spid, 1));
+                true
+            }
+            Some((owner, count)) if *owner == self.spid => {
+                *count += 1; // SQL Server stacks
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn holds(&self, state: &State, resource: &str) -> bool {
+        state
+            .locks
+            .get(&(self.database.clone(), resource.to_string()))
+            .is_some_and(|(owner, _)| *owner == self.spid)
+    }
+
+    fn count(&self, kind: &'static str) {
+        *self.server.lock().batches.entry(kind).or_default() += 1;
+    }
+
+    async fn slice(&mut self, batch: &Batch) -> Result<Vec<Row>, tiberius::error::Error> {
+        let (Param::Text(resource), Param::Int(timeout_ms)) = (&batch.params[0], &batch.params[1])
+        else {
+            panic!("slice parameters: {:?}", batch.params)
+        };
+        let deadline =
+            Instant::now() + Duration::from_millis(u64::try_from(*timeout_ms).unwrap_or(0));
+        let mut waited = false;
+        loop {
+            let freed = self.server.inner.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut state = self.server.lock();
+                self.check_alive(&state)?;
+                if let Some(code) = state.codes.get(resource) {
+                    return Ok(vec![int_row(&[("r", *code)])]);
+                }
+                if self.take(&mut state, resource) {
+                    return Ok(vec![int_row(&[("r", i32::from(waited))])]);
+                }
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Ok(vec![int_row(&[("r", -1)])]);
+            }
+            waited = true;
+        }
+    }
+}
+
+impl Wire for FakeWire {
+    async fn run(&mut self, batch: &Batch) -> Result<Vec<Row>, tiberius::error::Error> {
+        self.check_alive(&self.server.lock())?;
+        let sql = batch.sql.as_str();
+        if sql == sql::PING {
+            self.count("ping");
+            return Ok(vec![int_row(&[("spid", self.spid)])]);
+        }
+        if sql.contains("@LockTimeout = @P2") {
+            self.count("acquire");
+            return self.slice(batch).await;
+        }
+        let kind = if sql.contains("sp_getapplock") {
+            assert!(sql.contains("@LockTimeout = 0"));
+            "try_acquire"
+        } else if sql.contains("sp_releaseapplock") {
+            "release"
+        } else if sql.contains("APPLOCK_MODE(N'public', name, N'Session')") {
+            "verify"
+        } else {
+            return Err(tiberius::error::Error::Protocol(
+                format!("fake server: unknown batch {sql}").into(),
+            ));
+        };
+        self.count(kind);
+        let names = names(batch);
+        let delay = self.server.lock().delay;
+        if kind != "verify" && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut state = self.server.lock();
+        self.check_alive(&state)?;
+        if kind != "verify" && names.iter().any(|n| state.failing.contains(n)) {
+            return Err(tiberius::error::Error::Conversion(
+                "injected failure".into(),
+            ));
+        }
+        let spid = state.spid_override.unwrap_or(self.spid);
+        let mut rows = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let i = i32::try_from(i).unwrap_or(i32::MAX);
+            match kind {
+                "try_acquire" => {
+                    let forced = state.codes.get(name).copied();
+                    let code = match forced {
+                        Some(code) => code,
+                        None if self.take(&mut state, name) => 0,
+                        None => -1,
+                    };
+                    rows.push(int_row(&[("i", i), ("r", code)]));
+                }
+                "release" => {
+                    let key = (self.database.clone(), name.clone());
+                    let code = match state.locks.get_mut(&key) {
+                        Some((owner, count)) if *owner == self.spid => {
+                            *count -= 1;
+                            if *count == 0 {
+                                state.locks.remove(&key);
+                            }
+                            0
+                        }
+                        _ => NOT_HELD,
+                    };
+                    rows.push(int_row(&[("i", i), ("r", code)]));
+                }
+                _ => {
+                    let mode = if self.holds(&state, name) {
+                        "Exclusive"
+                    } else {
+                        "NoLock"
+                    };
+                    rows.push(
+                        Row::builder()
+                            .column("spid", ColumnType::Int4, ColumnData::I32(Some(spid)))
+                            .column("i", ColumnType::Int4, ColumnData::I32(Some(i)))
+                            .column(
+                                "mode",
+                                ColumnType::NVarchar,
+                                ColumnData::String(Some(mode.into())),
+                            )
+                            .build(),
+                    );
+                }
+            }
+        }
+        drop(state);
+        if kind == "release" {
+            self.server.inner.freed.notify_waiters();
+        }
+        Ok(rows)
+    }
+
+    async fn close(self) -> Result<(), tiberius::error::Error> {
+        Ok(()) // Drop frees the session.
+    }
+}
+
+impl Drop for FakeWire {
+    fn drop(&mut self) {
+        // The connection closed: the server ends the session.
+        self.server.free_session(self.spid);
+    }
+}
+
+/// A driver on the fake server, with the real session type.
+#[derive(Clone)]
+pub(crate) struct FakeDriver {
+    pub(crate) server: FakeServer,
+    key_list: KeyList,
+    slice_ms: i32,
+}
+
+impl FakeDriver {
+    pub(crate) fn new(server: FakeServer, key_list: KeyList) -> Self {
+        Self {
+            server,
+            key_list,
+            slice_ms: 1000,
+        }
+    }
+
+    pub(crate) fn open(&self, database: &DatabaseId) -> MssqlSession {
+        let wire = self.server.wire(database);
+        let info = ServerInfo {
+            spid: wire.spid,
+            product_version: "16.0.0.0-fake".to_string(),
+            database: database.to_string(),
+            key_list: self.key_list,
+        };
+        MssqlSession::new(
+            Connection::spawn(wire, info),
+            database.clone(),
+            self.slice_ms,
+        )
+    }
+}
+
+impl Driver for FakeDriver {
+    type Session = MssqlSession;
+
+    fn name(&self) -> &'static str {
+        "sqlserver-fake"
+    }
+
+    async fn connect(&self, database: &DatabaseId, _node: &NodeId) -> Result<MssqlSession> {
+        Ok(self.open(database))
+    }
+}
+
+/// The contract suite's view of the fake server.
+pub(crate) struct FakeHarness {
+    driver: FakeDriver,
+}
+
+impl FakeHarness {
+    pub(crate) fn new(key_list: KeyList) -> Self {
+        Self {
+            driver: FakeDriver::new(FakeServer::default(), key_list),
+        }
+    }
+}
+
+impl Harness for FakeHarness {
+    type Driver = FakeDriver;
+
+    fn driver(&self) -> FakeDriver {
+        self.driver.clone()
+    }
+
+    fn database(&self) -> DatabaseId {
+        DatabaseId::new("contract")
+    }
+
+    async fn terminate(&self, session: &MssqlSession) {
+        self.driver.server.kill(session.spid());
+    }
+
+    async fn spawn_holder(&self, keys: Vec<LockKey>) -> Result<Holder, BoxError> {
+        // Another "process": its own session; kill ends it on the server.
+        let mut session = self.driver.open(&self.database());
+        let granted = session.try_acquire(&keys).await?;
+        if !granted.iter().all(|g| *g) {
+            return Err("holder could not take its keys".into());
+        }
+        let server = self.driver.server.clone();
+        Ok(Holder::new("fake holder", move || {
+            server.kill(session.spid());
+            drop(session);
+        }))
+    }
+}
+
+/// The whole contract suite with names passed as one JSON parameter.
+mod json_contract {
+    use super::*;
+
+    async fn harness() -> Option<FakeHarness> {
+        Some(FakeHarness::new(KeyList::Json))
+    }
+
+    shardlock_contract_tests::driver_contract_tests!(harness().await);
+}
+
+/// The whole contract suite with one parameter per name.
+mod parameters_contract {
+    use super::*;
+
+    async fn harness() -> Option<FakeHarness> {
+        Some(FakeHarness::new(KeyList::Parameters))
+    }
+
+    shardlock_contract_tests::driver_contract_tests!(harness().await);
+}
+
+mod tests {
+    use super::*;
+    use crate::error::MssqlError;
+    use shardlock_core::{CancellationToken, Error};
+
+    fn setup(key_list: KeyList) -> (FakeDriver, DatabaseId) {
+        (
+            FakeDriver::new(FakeServer::default(), key_list),
+            DatabaseId::new("main"),
+        )
+    }
+
+    fn key(name: &str) -> LockKey {
+        LockKey::new(shardlock_contract_tests::unique_name(name)).expect("valid")
+    }
+
+    fn driver_error(e: &Error) -> Option<&MssqlError> {
+        std::error::Error::source(e)?.downcast_ref::<MssqlError>()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_round_trip_and_never_stacks() {
+        for list in [KeyList::Json, KeyList::Parameters] {
+            let (driver, db) = setup(list);
+            let mut a = driver.open(&db);
+            let k = key("k");
+            let keys = vec![k.clone(), k.clone(), key("other")];
+            assert_eq!(a.try_acquire(&keys).await.unwrap(), vec![true, true, true]);
+            assert_eq!(driver.server.batches("try_acquire"), 1);
+            // Held keys are not sent again: no stacking on the server.
+            assert_eq!(a.try_acquire(&keys).await.unwrap(), vec![true, true, true]);
+            assert_eq!(driver.server.batches("try_acquire"), 1, "nothing to ask");
+            assert_eq!(driver.server.holder(&resource(&k)).map(|h| h.1), Some(1));
+            let mut b = driver.open(&db);
+            assert_eq!(
+                b.try_acquire(std::slice::from_ref(&k)).await.unwrap(),
+                vec![false]
+            );
+            a.close().await.unwrap();
+            assert_eq!(b.try_acquire(&[k]).await.unwrap(), vec![true]);
+        }
+    }
+
+    fn resource(key: &LockKey) -> String {
+        sql::resource_name(key)
+    }
+
+    #[tokio::test]
+    async fn parameter_mode_takes_ceil_n_over_2000_round_trips() {
+        let (driver, db) = setup(KeyList::Parameters);
+        let mut a = driver.open(&db);
+        let keys: Vec<LockKey> = (0..4001).map(|i| key(&format!("p{i}"))).collect();
+        let granted = a.try_acquire(&keys).await.unwrap();
+        assert!(granted.iter().all(|g| *g));
+        assert_eq!(driver.server.batches("try_acquire"), 3);
+        a.verify().await.unwrap();
+        assert_eq!(driver.server.batches("verify"), 3);
+        a.release_all().await.unwrap();
+        assert_eq!(driver.server.batches("release"), 3);
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        assert!(a.try_acquire(&keys).await.unwrap().iter().all(|g| *g));
+        assert_eq!(driver.server.batches("try_acquire"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_try_acquire_leaves_nothing_held() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let k = key("dropped");
+        driver.server.set_delay(Duration::from_millis(200));
+        // The request is sent; the future is dropped while the server works.
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(50),
+            a.try_acquire(std::slice::from_ref(&k)),
+        )
+        .await;
+        assert!(dropped.is_err(), "still running: {dropped:?}");
+        driver.server.set_delay(Duration::ZERO);
+        assert!(a.held().is_empty());
+        // The task finished the batch and released its grant before this.
+        a.verify().await.unwrap();
+        assert_eq!(driver.server.holder(&resource(&k)), None);
+        // Taking it again holds it once: one release frees it.
+        assert_eq!(
+            a.try_acquire(std::slice::from_ref(&k)).await.unwrap(),
+            vec![true]
+        );
+        assert_eq!(driver.server.holder(&resource(&k)).map(|h| h.1), Some(1));
+        assert!(a.release(&k).await.unwrap());
+        assert_eq!(driver.server.holder(&resource(&k)), None);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_acquire_releases_a_late_grant() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let mut b = driver.open(&db);
+        let k = key("late");
+        assert!(a.try_acquire(std::slice::from_ref(&k)).await.unwrap()[0]);
+        let never = CancellationToken::new();
+        let dropped = tokio::time::timeout(Duration::from_millis(100), b.acquire(&k, &never)).await;
+        assert!(dropped.is_err());
+        // The waiting slice is granted when a releases...
+        assert!(a.release(&k).await.unwrap());
+        // ...and the task gives it back before b's next request answers.
+        b.verify().await.unwrap();
+        assert!(b.held().is_empty());
+        assert_eq!(driver.server.holder(&resource(&k)), None);
+        assert_eq!(a.try_acquire(&[k]).await.unwrap(), vec![true]);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_that_races_a_grant_releases_it_before_answering() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let mut b = driver.open(&db);
+        let k = key("race");
+        assert!(a.try_acquire(std::slice::from_ref(&k)).await.unwrap()[0]);
+        let cancel = CancellationToken::new();
+        let (got, ()) = tokio::join!(b.acquire(&k, &cancel), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Cancel first, then free the key while the slice still waits:
+            // the slice is granted, and acquire must give it back.
+            cancel.cancel();
+            assert!(a.release(&k).await.unwrap());
+        });
+        assert!(!got.unwrap(), "a cancelled acquire answers false");
+        assert!(b.held().is_empty());
+        assert_eq!(
+            driver.server.holder(&resource(&k)),
+            None,
+            "nothing held when it answers"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_a_session_mid_wait_frees_its_locks_at_once() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let mut b = driver.open(&db);
+        let (k, mine) = (key("wait"), key("mine"));
+        assert!(a.try_acquire(std::slice::from_ref(&k)).await.unwrap()[0]);
+        assert!(b.try_acquire(std::slice::from_ref(&mine)).await.unwrap()[0]);
+        let never = CancellationToken::new();
+        let _ = tokio::time::timeout(Duration::from_millis(50), b.acquire(&k, &never)).await;
+        let started = std::time::Instant::now();
+        drop(b);
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "drop does not block"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            driver.server.holder(&resource(&mine)),
+            None,
+            "freed without waiting for the slice"
+        );
+    }
+
+    #[tokio::test]
+    async fn verify_reports_a_lock_the_server_dropped() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let keys = [key("v1"), key("v2")];
+        assert!(a.try_acquire(&keys).await.unwrap().iter().all(|g| *g));
+        a.verify().await.unwrap();
+        driver.server.steal(&resource(&keys[1]));
+        let e = a.verify().await.unwrap_err();
+        assert!(
+            matches!(e, Error::SessionLost { .. }) && e.is_session_fatal(),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(keys[1].name()), "{e}");
+        // Lost for good.
+        assert!(a
+            .try_acquire(&[key("x")])
+            .await
+            .unwrap_err()
+            .is_session_fatal());
+    }
+
+    #[tokio::test]
+    async fn verify_reports_a_changed_server_session() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        assert!(a.try_acquire(&[key("s")]).await.unwrap()[0]);
+        driver.server.set_spid_override(Some(4242));
+        let e = a.verify().await.unwrap_err();
+        assert!(e.to_string().contains("4242"), "{e}");
+        assert!(e.is_session_fatal());
+    }
+
+    #[tokio::test]
+    async fn verify_without_locks_is_a_ping_and_detects_a_kill() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        a.verify().await.unwrap();
+        assert_eq!(driver.server.batches("ping"), 1);
+        driver.server.kill(a.spid());
+        let e = a.verify().await.unwrap_err();
+        assert!(e.is_session_fatal(), "{e:?}");
+        assert!(
+            matches!(driver_error(&e), Some(MssqlError::ConnectionLost { .. })),
+            "{e:?}"
+        );
+        // Closing a lost session is fine: the server freed its locks.
+        a.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn releasing_a_lock_the_server_dropped_is_session_loss() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let k = key("gone");
+        assert!(a.try_acquire(std::slice::from_ref(&k)).await.unwrap()[0]);
+        driver.server.steal(&resource(&k));
+        let e = a.release(&k).await.unwrap_err();
+        assert!(e.is_session_fatal(), "{e:?}");
+        // A key never held is a plain false, without a round trip.
+        let (driver, db) = setup(KeyList::Json);
+        let mut b = driver.open(&db);
+        assert!(!b.release(&key("never")).await.unwrap());
+        assert_eq!(driver.server.batches("release"), 0);
+    }
+
+    #[tokio::test]
+    async fn failure_codes_are_typed_and_grants_in_the_batch_are_kept() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let (ok, bad) = (key("ok"), key("bad"));
+        driver.server.force_code(&resource(&bad), -999);
+        let e = a.try_acquire(&[ok.clone(), bad.clone()]).await.unwrap_err();
+        assert!(!e.is_session_fatal(), "{e:?}");
+        assert!(matches!(
+            driver_error(&e),
+            Some(MssqlError::LockRequest {
+                failure: crate::AppLockFailure::CallError,
+                ..
+            })
+        ));
+        assert_eq!(a.held(), vec![ok.clone()], "the granted key is tracked");
+        a.verify().await.unwrap();
+
+        let deadlocked = key("deadlock");
+        driver.server.force_code(&resource(&deadlocked), -3);
+        let e = a
+            .acquire(&deadlocked, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(
+            driver_error(&e).is_some_and(MssqlError::is_deadlock),
+            "{e:?}"
+        );
+        assert!(!e.is_session_fatal());
+        a.verify().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_lock_batch_closes_the_connection_and_frees_everything() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let (held, poison) = (key("held"), key("poison"));
+        assert!(a.try_acquire(std::slice::from_ref(&held)).await.unwrap()[0]);
+        driver.server.fail_batches_with(&resource(&poison));
+        let e = a.try_acquire(&[poison]).await.unwrap_err();
+        assert!(e.is_session_fatal(), "{e:?}");
+        assert!(
+            matches!(driver_error(&e), Some(MssqlError::LockStateUnknown { .. })),
+            "{e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            driver.server.holder(&resource(&held)),
+            None,
+            "the connection was dropped"
+        );
+        assert!(a.verify().await.unwrap_err().is_session_fatal());
+    }
+
+    #[tokio::test]
+    async fn acquire_takes_the_lock_the_moment_it_is_released() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let mut b = driver.open(&db);
+        let k = key("handoff");
+        assert!(a.try_acquire(std::slice::from_ref(&k)).await.unwrap()[0]);
+        let cancel = CancellationToken::new();
+        let (got, released_at) = tokio::join!(b.acquire(&k, &cancel), async {
+            tokio::time::sleep(Duration::from_millis(1500)).await; // past one slice
+            assert!(a.release(&k).await.unwrap());
+            std::time::Instant::now()
+        });
+        assert!(got.unwrap());
+        assert!(released_at.elapsed() < Duration::from_millis(200));
+        assert!(
+            driver.server.batches("acquire") >= 2,
+            "waited over more than one slice"
+        );
+        assert_eq!(b.held(), vec![k]);
+    }
+}

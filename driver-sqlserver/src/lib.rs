@@ -1,0 +1,170 @@
+//! SQL Server driver of [shardlock](https://docs.rs/shardlock): session-owned
+//! application locks (`sp_getapplock … @LockOwner = 'Session'`) on one
+//! dedicated TDS connection per database, over
+//! [tiberius](https://docs.rs/tiberius). Use it through `shardlock` with
+//! feature `sqlserver`; this crate is its implementation.
+//!
+//! ```no_run
+//! use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
+//! use shardlock_sqlserver::{MssqlDriver, MssqlOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let options: MssqlOptions =
+//!     "Server=tcp:db.internal,1433;User Id=app;Password=secret;TrustServerCertificate=true"
+//!         .parse()?;
+//! let driver = MssqlDriver::new(options);
+//! let mut session = driver
+//!     .connect(&DatabaseId::new("orders"), &NodeId::generate())
+//!     .await?;
+//! let keys = [LockKey::new("orders:public:projection")?, LockKey::new("orders:public:mailer")?];
+//! let granted = session.try_acquire(&keys).await?; // one round trip
+//! println!("granted: {granted:?}");
+//! session.verify().await?; // one round trip: APPLOCK_MODE of every held key
+//! session.close().await?; // releases everything, closes the connection
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Connection strings
+//!
+//! [`MssqlOptions`] parses three forms (also through [`str::parse`]); a bad
+//! string is a typed [`MssqlError::InvalidConnectionString`], never a panic,
+//! and the message never repeats the password.
+//!
+//! | form | example |
+//! |---|---|
+//! | ADO.NET | `Server=tcp:db.internal,1433;User Id=app;Password=secret;Encrypt=true;TrustServerCertificate=false` |
+//! | JDBC | `jdbc:sqlserver://db.internal:1433;user=app;password=secret` |
+//! | URL | `sqlserver://app:secret@db.internal:1433/orders?trustServerCertificate=true` (or `mssql://`) |
+//!
+//! ADO.NET and JDBC keys are tiberius' (see [`tiberius::Config::from_ado_string`]):
+//! `Server` (`tcp:host,port` or `host\instance`), `User Id`, `Password`,
+//! `Database`, `Encrypt` (`true`, `false`, `strict`, `DANGER_PLAINTEXT`;
+//! default: required), `TrustServerCertificate`, `TrustServerCertificateCA`,
+//! `HostNameInCertificate`, `MultiSubnetFailover`. In URLs, user and password
+//! are percent-decoded, the path is the database, and the query takes
+//! `encrypt`, `trustServerCertificate`, `trustServerCertificateCA`,
+//! `hostNameInCertificate` and `instance`; other parameters are an error. A
+//! named instance without a port is resolved through SQL Server Browser
+//! (UDP 1434). Only SQL Server authentication (user and password) and Azure AD
+//! tokens (through [`MssqlOptions::map_config`]) are supported; Windows
+//! authentication is not built in.
+//!
+//! The driver always sets the login's application name to
+//! `shardlock:<node-id>` (cut to 128 characters), so
+//! `sys.dm_exec_sessions.program_name` shows which node holds what.
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | [`database_mapping`](MssqlOptions::database_mapping) | [`DatabaseMapping::SameServer`] | the `DatabaseId` is the database name (overrides the string's `Database`) |
+//! | [`acquire_slice`](MssqlOptions::acquire_slice) | 1 s | one server-side wait of a blocking `acquire` |
+//! | [`server_keepalive`](MssqlOptions::server_keepalive) | 30 s | the server's TCP `KeepAlive`; the [`lock_release_window`](shardlock_core::Driver::lock_release_window) |
+//! | [`connect_timeout`](MssqlOptions::connect_timeout) | 15 s | TCP, TLS, login and checks |
+//!
+//! TLS uses the platform library (`native-tls`: OpenSSL on Linux, which must
+//! be installed to build: `pkg-config` and `libssl-dev` on Debian).
+//!
+//! # How keys map to application locks
+//!
+//! - **Resource names.** A key named `N` is the resource `shardlock:v1:N`
+//!   ([`resource_name`]). `@Resource` is `nvarchar(255)`, so a longer name
+//!   keeps its first characters and ends with `~` and the 16 hex digits of
+//!   the key's id: [`LockKey::bounded_resource_name`](shardlock_core::LockKey::bounded_resource_name)`(255)`,
+//!   cut again by UTF-16 code units when the name has characters outside the
+//!   Basic Multilingual Plane (the server counts UTF-16 units, not
+//!   characters).
+//! - **Case.** Resource names are compared **binary**, so case-sensitively,
+//!   whatever the database collation: `Orders` and `orders` are two locks
+//!   (unlike, say, table names in a case-insensitive database).
+//! - **Scope.** A lock lives in the database the session is in (the
+//!   database id qualifies the resource) and belongs to the `public`
+//!   principal (`@DbPrincipal` left at its default). Sessions exclude each
+//!   other only in the same database.
+//! - **Identity on the server.** The lock manager keeps the first 32
+//!   characters of a resource name in plain text and a hash of the rest, so
+//!   `sys.dm_tran_locks` shows `shardlock:v1:` and the first 19 characters of
+//!   the key name. Two names that share those 32 characters could hash alike
+//!   and then exclude each other: harmless for safety (never two holders),
+//!   at worst two keys always end up on the same node.
+//!
+//! # Differences from the Postgres driver
+//!
+//! | | Postgres | SQL Server |
+//! |---|---|---|
+//! | lock | `pg_try_advisory_lock(bigint)` on the key's 64-bit id | `sp_getapplock` on the key's name |
+//! | stacking | a second lock on a held key stacks | also stacks: the session tracks holds and never asks twice |
+//! | batch | `unnest($1::bigint[])`, one round trip | one JSON array parameter read with `OPENJSON`, one round trip (SQL Server 2016+, compatibility level ≥ 130); otherwise one parameter per name, at most 2000 per batch, so `ceil(n / 2000)` round trips |
+//! | blocking wait | `pg_advisory_lock`, cancelled by the server | `sp_getapplock` with `@LockTimeout` = the acquire slice (1 s), repeated; a cancel is seen within one slice |
+//! | release not held | returns false | raises error 1223: the driver answers `false` without calling it |
+//! | verify | `pg_locks` | `APPLOCK_MODE('public', name, 'Session')` = `Exclusive` for every held key, plus `@@SPID` unchanged |
+//! | vanished node | server keepalives set per session | only the server's endpoint `KeepAlive` (default 30 s, set by the DBA) |
+//!
+//! # When a node vanishes
+//!
+//! A process that dies (even `kill -9`) has its socket closed by its kernel:
+//! the server ends the session and frees its locks at once. A host that
+//! vanishes, or a network cut, is noticed by the server only through TCP
+//! keepalive on its endpoint: `KeepAlive` is 30 000 ms by default, with probes
+//! every 1 000 ms, so about 35 s on Windows. SQL Server has no per-session
+//! keepalive settings a client could set (unlike Postgres'
+//! `tcp_keepalives_*`), and keepalive on the client's socket does not make
+//! the server notice sooner, so the driver sets none. It reports
+//! [`MssqlOptions::server_keepalive`] (default 30 s, the least time the server
+//! keeps a vanished session) as its
+//! [`lock_release_window`](shardlock_core::Driver::lock_release_window): the
+//! coordinator refuses timings (poll interval + lock-loss timeout + stop
+//! timeout, 15 s by default) that would let a cut-off node run past it. If
+//! your DBA lowered `KeepAlive`, set the option to match.
+//!
+//! # Dropped futures and the connection task
+//!
+//! Each session's connection is owned by a task that finishes every request
+//! it started (a half-read TDS response cannot be resumed). A dropped
+//! `try_acquire` or `acquire` future therefore never leaves a lock behind:
+//! the task releases whatever the abandoned request was granted before it
+//! runs the session's next request. A dropped session closes its connection
+//! from the task, without blocking, on any runtime.
+
+#![doc(test(attr(deny(warnings))))]
+
+mod connection;
+mod driver;
+mod error;
+#[cfg(test)]
+mod fake;
+mod options;
+mod session;
+mod sql;
+
+pub use connection::TdsClient;
+pub use driver::MssqlDriver;
+pub use error::{AppLockFailure, MssqlError};
+pub use options::{
+    DatabaseMapping, MssqlOptions, DEFAULT_ACQUIRE_SLICE, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_SERVER_KEEPALIVE,
+};
+pub use session::MssqlSession;
+
+/// The TDS client this driver is built on, re-exported so users name the same
+/// version (e.g. for [`MssqlOptions::map_config`]).
+pub use tiberius;
+
+/// The `sp_getapplock` resource name of `key`: `shardlock:v1:<name>`, at most
+/// 255 UTF-16 code units (longer names end with `~<16 hex digits of the id>`).
+///
+/// Useful to find a key in `sys.dm_tran_locks` or to take the same lock from
+/// T-SQL.
+///
+/// ```
+/// use shardlock_core::LockKey;
+///
+/// let key = LockKey::new("orders:public:projection")?;
+/// assert_eq!(shardlock_sqlserver::resource_name(&key), "shardlock:v1:orders:public:projection");
+/// let long = LockKey::new("x".repeat(300))?;
+/// assert!(shardlock_sqlserver::resource_name(&long).ends_with(&format!("~{:016x}", long.id_u64())));
+/// # Ok::<(), shardlock_core::Error>(())
+/// ```
+pub fn resource_name(key: &shardlock_core::LockKey) -> String {
+    sql::resource_name(key)
+}

@@ -1,0 +1,403 @@
+//! A lock session: one dedicated TDS connection to one database, holding
+//! session-owned application locks.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::pin::pin;
+
+use shardlock_core::{CancellationToken, DatabaseId, Error, LockKey, Result, Session};
+use tracing::{debug, warn};
+
+use crate::connection::{Connection, Op, Reply};
+use crate::error::{map_get_code, map_release_code, MssqlError, ReleaseOutcome};
+use crate::sql::resource_name;
+
+/// A session on SQL Server: one dedicated connection in one database, whose
+/// application locks are owned by the server session
+/// (`sp_getapplock … @LockOwner = 'Session'`).
+///
+/// Opened by [`MssqlDriver`](crate::MssqlDriver) (through
+/// [`Driver::connect`](shardlock_core::Driver::connect)). SQL Server stacks
+/// application locks (a lock taken twice needs two releases), so the session
+/// tracks what it holds and never asks the server for a key it already holds.
+///
+/// # Drop
+///
+/// Dropping the session never blocks and needs no particular runtime: it
+/// tells the connection's task to close the connection (abandoning any request
+/// in flight), and the server frees every lock of the session when its
+/// connection closes. If the runtime that opened the session is gone, the
+/// connection was already closed with it. The locks are free once the server
+/// has processed the disconnect, not at the moment `drop` returns; use
+/// [`close`](Session::close) for an acknowledged release.
+pub struct MssqlSession {
+    conn: Connection,
+    database: DatabaseId,
+    /// Resource name → key, for every lock this session holds.
+    held: BTreeMap<String, LockKey>,
+    /// Why the session can no longer be used, once it cannot.
+    lost: Option<String>,
+    slice_ms: i32,
+}
+
+impl MssqlSession {
+    pub(crate) fn new(conn: Connection, database: DatabaseId, slice_ms: i32) -> Self {
+        Self {
+            conn,
+            database,
+            held: BTreeMap::new(),
+            lost: None,
+            slice_ms,
+        }
+    }
+
+    /// The server's id of this session (`@@SPID`, read at connect), e.g. for
+    /// `KILL` or `sys.dm_tran_locks.request_session_id`.
+    pub fn spid(&self) -> i32 {
+        self.conn.info().spid
+    }
+
+    /// The server's product version (`SERVERPROPERTY('ProductVersion')`).
+    pub fn server_version(&self) -> &str {
+        &self.conn.info().product_version
+    }
+
+    /// The database the session is in on the server (`DB_NAME()`), where its
+    /// application locks live.
+    pub fn database_name(&self) -> &str {
+        &self.conn.info().database
+    }
+
+    /// The resource name under which `key` is locked on the server (see
+    /// [`resource_name`](crate::resource_name)).
+    pub fn resource_name(key: &LockKey) -> String {
+        resource_name(key)
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.lost {
+            Some(reason) => Err(Error::session_lost(&self.database, reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Converts a driver error, marking the session lost when it is fatal.
+    fn fail(&mut self, e: MssqlError) -> Error {
+        if e.is_session_fatal() {
+            self.mark_lost(e.to_string());
+        }
+        e.into_session_error(&self.database)
+    }
+
+    fn mark_lost(&mut self, reason: String) {
+        if self.lost.is_none() {
+            warn!(database = %self.database, spid = self.spid(), %reason, held = self.held.len(), "SQL Server session lost");
+            self.lost = Some(reason);
+        }
+    }
+
+    fn lost_error(&mut self, reason: String) -> Error {
+        self.mark_lost(reason.clone());
+        Error::session_lost(&self.database, reason)
+    }
+
+    fn unexpected(&mut self, operation: &'static str, reply: &Reply) -> Error {
+        self.fail(MssqlError::UnexpectedResult {
+            operation,
+            detail: format!("answered {reply:?}"),
+        })
+    }
+
+    /// Releases `resources` (held by the server, not tracked) and checks the
+    /// answer.
+    async fn release_untracked(&mut self, resources: Vec<String>) -> Result<()> {
+        match self.conn.call(Op::Release(resources.clone())).await {
+            Ok(Reply::Released(codes)) => self.check_released(&resources, &codes),
+            Ok(other) => Err(self.unexpected("release", &other)),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn check_released(&mut self, resources: &[String], codes: &[i32]) -> Result<()> {
+        if codes.len() != resources.len() {
+            return Err(self.fail(MssqlError::UnexpectedResult {
+                operation: "release",
+                detail: format!("{} codes for {} names", codes.len(), resources.len()),
+            }));
+        }
+        let mut not_held = Vec::new();
+        for (resource, code) in resources.iter().zip(codes) {
+            match map_release_code(*code) {
+                ReleaseOutcome::Released => {}
+                ReleaseOutcome::NotHeld => not_held.push(resource.as_str()),
+                ReleaseOutcome::Failed(failure) => {
+                    return Err(self.fail(MssqlError::Release {
+                        resource: resource.clone(),
+                        failure,
+                    }))
+                }
+            }
+        }
+        if not_held.is_empty() {
+            Ok(())
+        } else {
+            let reason = format!(
+                "the server no longer showed {} of the session's locks when releasing: {not_held:?}",
+                not_held.len()
+            );
+            Err(self.lost_error(reason))
+        }
+    }
+}
+
+impl Session for MssqlSession {
+    fn database(&self) -> &DatabaseId {
+        &self.database
+    }
+
+    fn held(&self) -> Vec<LockKey> {
+        self.held.values().cloned().collect()
+    }
+
+    /// Takes every key that is free, in one round trip (one batch of
+    /// `sp_getapplock … @LockTimeout = 0`; see the crate docs for the
+    /// parameter-per-name fallback, which takes `ceil(n / 2000)` round trips).
+    ///
+    /// Keys already held, and repeated keys, are not sent to the server twice.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: if the future is dropped, the connection's task still
+    /// finishes the batch and releases whatever it granted before running
+    /// anything else, so the keys end up not held.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] when the connection is gone or the batch failed
+    /// on the server (the driver then closes the connection: the lock state is
+    /// unknown). [`Error::Driver`] with [`MssqlError::LockRequest`] when
+    /// `sp_getapplock` answered a failure code for a key; the keys granted in
+    /// the same batch stay held and are tracked.
+    async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        self.check()?;
+        let names: Vec<String> = keys.iter().map(resource_name).collect();
+        let mut seen = HashSet::new();
+        let mut ask: Vec<(String, LockKey)> = Vec::new();
+        for (name, key) in names.iter().zip(keys) {
+            if !self.held.contains_key(name) && seen.insert(name.as_str()) {
+                ask.push((name.clone(), key.clone()));
+            }
+        }
+        if !ask.is_empty() {
+            let resources: Vec<String> = ask.iter().map(|(name, _)| name.clone()).collect();
+            let (codes, grants) = match self.conn.call(Op::TryAcquire(resources)).await {
+                Ok(Reply::Acquired { codes, grants }) => (codes, grants),
+                Ok(other) => return Err(self.unexpected("try_acquire", &other)),
+                Err(e) => return Err(self.fail(e)),
+            };
+            // From here on no await: the grants are recorded or undone.
+            let granted: HashSet<String> = grants.accept().into_iter().collect();
+            let mut failure = None;
+            for ((name, key), code) in ask.into_iter().zip(codes) {
+                if granted.contains(&name) {
+                    self.held.insert(name, key);
+                } else if let Err(f) = map_get_code(code) {
+                    failure.get_or_insert(MssqlError::LockRequest {
+                        resource: name,
+                        failure: f,
+                    });
+                }
+            }
+            if let Some(e) = failure {
+                return Err(self.fail(e));
+            }
+        }
+        Ok(names
+            .iter()
+            .map(|name| self.held.contains_key(name))
+            .collect())
+    }
+
+    /// Waits for `key` server-side: `sp_getapplock` with `@LockTimeout` set
+    /// to the acquire slice (default 1 s), repeated until granted or
+    /// cancelled. A release by the holder grants the lock to the waiting
+    /// request at once; the slices only bound how late a cancellation is
+    /// seen (one request per slice while waiting).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe. When `cancel` fires during a slice, the slice cannot be
+    /// interrupted (tiberius offers no request cancel the driver relies on),
+    /// so `acquire` waits for it to end (at most one slice); if it granted the
+    /// lock, the lock is released before `acquire` answers `false`. If the
+    /// future is dropped instead, the connection's task finishes the slice
+    /// and releases a grant before running anything else.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire`](Self::try_acquire); a deadlock victim (-3) is
+    /// [`MssqlError::LockRequest`] with
+    /// [`AppLockFailure::DeadlockVictim`](crate::AppLockFailure::DeadlockVictim).
+    async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
+        self.check()?;
+        let resource = resource_name(key);
+        if self.held.contains_key(&resource) {
+            return Ok(true);
+        }
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(false);
+            }
+            let (answer, cancelled) = {
+                let mut call = pin!(self.conn.call(Op::AcquireSlice {
+                    resource: resource.clone(),
+                    timeout_ms: self.slice_ms,
+                }));
+                let first = tokio::select! {
+                    biased;
+                    answer = call.as_mut() => Some(answer),
+                    () = cancel.cancelled() => None,
+                };
+                match first {
+                    Some(answer) => (answer, false),
+                    // The slice runs to its end on the server.
+                    None => (call.await, true),
+                }
+            };
+            let (codes, grants) = match answer {
+                Ok(Reply::Acquired { codes, grants }) => (codes, grants),
+                Ok(other) => return Err(self.unexpected("acquire", &other)),
+                Err(e) => return Err(self.fail(e)),
+            };
+            let granted = grants.accept();
+            let Some(code) = codes.first().copied() else {
+                return Err(self.fail(MssqlError::UnexpectedResult {
+                    operation: "acquire",
+                    detail: "no return code".to_string(),
+                }));
+            };
+            match map_get_code(code) {
+                Ok(true) if cancelled => {
+                    debug!(key = %key, "granted as the wait was cancelled: releasing");
+                    self.release_untracked(granted).await?;
+                    return Ok(false);
+                }
+                Ok(true) => {
+                    self.held.insert(resource, key.clone());
+                    return Ok(true);
+                }
+                Ok(false) if cancelled => return Ok(false),
+                Ok(false) => {}
+                Err(failure) => {
+                    return Err(self.fail(MssqlError::LockRequest { resource, failure }));
+                }
+            }
+        }
+    }
+
+    /// Releases `key` with `sp_releaseapplock … @LockOwner = 'Session'`, or
+    /// answers `false` without a round trip when this session does not hold
+    /// it (the procedure raises an error for a lock not held).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] when the connection is gone, or when the server
+    /// no longer showed the lock as held by this session.
+    async fn release(&mut self, key: &LockKey) -> Result<bool> {
+        self.check()?;
+        let resource = resource_name(key);
+        if self.held.remove(&resource).is_none() {
+            return Ok(false);
+        }
+        self.release_untracked(vec![resource]).await?;
+        Ok(true)
+    }
+
+    /// Releases every held key in one batch.
+    async fn release_all(&mut self) -> Result<()> {
+        self.check()?;
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let resources: Vec<String> = std::mem::take(&mut self.held).into_keys().collect();
+        self.release_untracked(resources).await
+    }
+
+    /// One batch: `APPLOCK_MODE('public', @Resource, 'Session')` of every
+    /// held key must be `Exclusive`, and `@@SPID` must still be the session's
+    /// (a proxy that swaps server sessions would break session locks). A
+    /// session that holds nothing sends `SELECT @@SPID`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] for any failure: the connection is gone, the
+    /// query failed, a key is no longer held, or the server session changed.
+    async fn verify(&mut self) -> Result<()> {
+        self.check()?;
+        let resources: Vec<String> = self.held.keys().cloned().collect();
+        let (spid, modes) = match self.conn.call(Op::Verify(resources)).await {
+            Ok(Reply::Verified { spid, modes }) => (spid, modes),
+            Ok(other) => return Err(self.unexpected("verify", &other)),
+            Err(e) => {
+                let reason = e.to_string();
+                self.mark_lost(reason.clone());
+                return Err(Error::SessionLost {
+                    database: self.database.to_string(),
+                    reason,
+                    source: Some(Box::new(e)),
+                });
+            }
+        };
+        if spid != self.spid() {
+            let reason = format!(
+                "the server session changed from spid {} to {spid}: is a proxy or pooler between the driver and SQL Server?",
+                self.spid()
+            );
+            return Err(self.lost_error(reason));
+        }
+        let missing: Vec<&str> = self
+            .held
+            .values()
+            .zip(&modes)
+            .filter(|(_, mode)| mode.as_str() != "Exclusive")
+            .map(|(key, _)| key.name())
+            .collect();
+        if modes.len() != self.held.len() || !missing.is_empty() {
+            let reason = format!(
+                "the server no longer shows {} of the session's {} locks: {missing:?}",
+                missing.len().max(self.held.len().abs_diff(modes.len())),
+                self.held.len()
+            );
+            return Err(self.lost_error(reason));
+        }
+        Ok(())
+    }
+
+    /// Releases every held key (one batch), then closes the connection. A
+    /// session already lost closes without error: the server has freed, or
+    /// will free, its locks.
+    async fn close(mut self) -> Result<()> {
+        if self.lost.is_some() {
+            return Ok(());
+        }
+        let resources: Vec<String> = std::mem::take(&mut self.held).into_keys().collect();
+        match self.conn.call(Op::Close(resources)).await {
+            Ok(Reply::Closed) => Ok(()),
+            Ok(other) => Err(self.unexpected("close", &other)),
+            // The connection is gone: its locks are freed with it.
+            Err(e) if e.is_connection_lost() => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+}
+
+impl fmt::Debug for MssqlSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MssqlSession")
+            .field("database", &self.database)
+            .field("spid", &self.spid())
+            .field("held", &self.held.len())
+            .field("lost", &self.lost)
+            .finish()
+    }
+}
