@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Runs the benchmarks and writes BENCHMARKS.md: every measure beside a raw
+# baseline taken in the same run (see benches/ and BENCHMARKS.md).
+#
+#   scripts/bench.sh              full run (about 10-15 minutes on 2 cores)
+#   scripts/bench.sh --quick      short run, a few seconds per measure
+#   scripts/bench.sh --out FILE   write FILE instead of BENCHMARKS.md
+#   scripts/bench.sh --no-criterion   only the latency harness
+#
+# Postgres: SHARDLOCK_PG_URL=postgres://user:pw@host:port/db uses your server
+# (start it with -c shared_preload_libraries=pg_stat_statements for statement
+# counts, and -c max_locks_per_transaction=256 for the 10,000-key rows).
+# Otherwise the script starts Docker (scripts/lib/docker.sh), builds the local
+# image (scripts/build-images.sh) and runs a throw-away container of
+# SHARDLOCK_PG_IMAGE (default shardlock-test/postgres:15) that is removed at
+# the end. SHARDLOCK_NO_DOCKER=1 skips that: the Postgres rows then say
+# "not measured" and why. scripts/test.sh does not run this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "[bench.sh] $*" >&2; }
+
+quick=0 criterion=1 out=BENCHMARKS.md
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+    --quick) quick=1 ;;
+    --no-criterion) criterion=0 ;;
+    --out)
+        out=${2:?--out needs a file}
+        shift
+        ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "bench.sh: unknown argument: $1 (try --help)" >&2
+        exit 2
+        ;;
+    esac
+    shift
+done
+
+if ! command -v cargo >/dev/null 2>&1; then
+    log "cargo is not installed: install Rust (https://rustup.rs) first"
+    exit 1
+fi
+target_dir=${CARGO_TARGET_DIR:-target}
+work=$target_dir/bench
+mkdir -p "$work"
+started=$(date +%s)
+
+log "building the harness, the benches and the holder binaries (release)"
+cargo build --release -p shardlock-benches -p shardlock-sqlite -p shardlock-postgres --bins
+cargo bench -p shardlock-benches --bench micro --no-run
+
+# ----- Postgres -----------------------------------------------------------
+cid=
+cleanup() {
+    if [ -n "$cid" ]; then
+        log "removing the bench container ${cid:0:12}"
+        docker rm -f "$cid" >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+pg_skip=
+if [ -n "${SHARDLOCK_PG_URL:-}" ]; then
+    log "Postgres: using SHARDLOCK_PG_URL"
+elif [ -n "${SHARDLOCK_NO_DOCKER:-}" ]; then
+    pg_skip="SHARDLOCK_NO_DOCKER is set and SHARDLOCK_PG_URL is not"
+else
+    # shellcheck source=lib/docker.sh
+    . scripts/lib/docker.sh
+    image=${SHARDLOCK_PG_IMAGE:-shardlock-test/postgres:15}
+    if ! ensure_docker; then
+        pg_skip="no Docker engine could be started (see ${TMPDIR:-/tmp}/shardlock-dockerd.log); set SHARDLOCK_PG_URL"
+    elif [ "$image" = "shardlock-test/postgres:15" ] && ! bash scripts/build-images.sh; then
+        pg_skip="the local image $image could not be built (scripts/build-images.sh); set SHARDLOCK_PG_URL"
+    else
+        log "Postgres: starting a container of $image"
+        # fsync off: a throw-away server; lock-table room for the 10,000-key
+        # rows plus a raw baseline; connections for 100 tenants twice.
+        cid=$(docker run -d -p 127.0.0.1::5432 -e POSTGRES_PASSWORD=postgres \
+            --label shardlock.bench=postgres "$image" \
+            -c fsync=off -c shared_preload_libraries=pg_stat_statements \
+            -c max_locks_per_transaction=256 -c max_connections=300) ||
+            pg_skip="docker run $image failed"
+        if [ -n "$cid" ]; then
+            port=
+            for _ in $(seq 1 100); do
+                port=$(docker port "$cid" 5432/tcp 2>/dev/null | head -n 1 | sed 's/.*://')
+                [ -n "$port" ] && break
+                sleep 0.1
+            done
+            if [ -z "$port" ]; then
+                pg_skip="the container published no port"
+            else
+                # The harness waits until a real query succeeds.
+                export SHARDLOCK_PG_URL="postgres://postgres:postgres@127.0.0.1:$port/postgres"
+                log "Postgres: container ${cid:0:12} on 127.0.0.1:$port"
+            fi
+        fi
+    fi
+fi
+if [ -n "$pg_skip" ]; then
+    log "Postgres rows will not be measured: $pg_skip"
+    export SHARDLOCK_BENCH_PG_SKIP="$pg_skip"
+fi
+
+# ----- the latency harness --------------------------------------------------
+harness_args=(--out "$work/harness.md")
+[ "$quick" -eq 1 ] && harness_args+=(--quick)
+log "running the harness (${harness_args[*]})"
+"$target_dir/release/shardlock-bench" "${harness_args[@]}"
+
+# ----- criterion ------------------------------------------------------------
+criterion_md="(not run: --no-criterion)"
+if [ "$criterion" -eq 1 ]; then
+    export CRITERION_HOME="$PWD/$work/criterion"
+    rm -rf "$CRITERION_HOME"
+    criterion_args=(--noplot)
+    if [ "$quick" -eq 1 ]; then
+        criterion_args+=(--warm-up-time 0.5 --measurement-time 1 --sample-size 10)
+    fi
+    log "running criterion (${criterion_args[*]})"
+    cargo bench -p shardlock-benches --bench micro -- "${criterion_args[@]}" 2>&1 |
+        tee "$work/criterion.log" | grep -E '^(try_acquire|batch_)|time:|SKIPPED' >&2 || true
+    if [ -d "$CRITERION_HOME" ]; then
+        criterion_md=$("$target_dir/release/shardlock-bench" criterion-summary "$CRITERION_HOME")
+    else
+        criterion_md="(criterion wrote no results; see $work/criterion.log)"
+    fi
+fi
+
+# ----- BENCHMARKS.md ----------------------------------------------------------
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain 2>/dev/null | grep -v '^??' || true)" ]; then
+    commit="$commit (with uncommitted changes)"
+fi
+cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || echo unknown)
+mem=$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo 2>/dev/null || echo unknown)
+mode=full
+[ "$quick" -eq 1 ] && mode="quick (--quick: few rounds, not for comparison)"
+{
+    cat <<HEADER
+# shardlock benchmarks
+
+Written by \`scripts/bench.sh\`; do not edit by hand (run it again).
+
+| | |
+|---|---|
+| date | $(date -u '+%Y-%m-%d %H:%M UTC') |
+| git commit | $commit |
+| run | $mode, took $(($(date +%s) - started)) s |
+| CPU | $cpu, \`nproc\` = $(nproc) |
+| memory | $mem |
+| OS | $(uname -sr) |
+| Rust | $(rustc --version) |
+
+## Method
+
+Every measure is taken beside a **raw baseline in the same run**: the same
+operation done directly over one connection of the same kind (sqlx on one
+\`PgConnection\`, rusqlite on a key file, a \`Mutex<HashMap>\` or a
+\`tokio::sync::Mutex\`). Rounds of shardlock and raw are interleaved (the
+order alternates each round) so that the noise of this shared 2-core machine
+hits both sides alike. **ratio** = shardlock's p50 / raw's p50 (lower is
+better; 1.00× means no overhead). The Postgres server runs in a local Docker
+container reached through a published port on 127.0.0.1, with \`fsync=off\`.
+Statement counts are the server's own (\`pg_stat_statements\`, read from a
+separate connection in another database). The harness is
+\`benches/src/bin/shardlock-bench\`; the criterion benches are
+\`benches/benches/micro.rs\`.
+
+## Results
+
+HEADER
+    cat "$work/harness.md"
+    cat <<CRIT
+
+## Criterion micro-benchmarks
+
+Criterion's median per iteration (\`cargo bench -p shardlock-benches --bench
+micro\`), run after the harness. Criterion measures the two sides one after
+the other, not interleaved, so the harness's ratios above are the ones to
+trust on this noisy machine; these are a cross-check.
+
+$criterion_md
+CRIT
+} >"$out"
+log "wrote $out in $(($(date +%s) - started)) s"
