@@ -50,6 +50,9 @@ const MAX_APPLICATION_NAME: usize = 128;
 /// How long closing a connection gracefully may take before it is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How much longer than one acquire slice tiberius' command timeout must be.
+const COMMAND_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
+
 /// The connection a task drives: tiberius on TCP in production, a simulated
 /// server in the crate's unit tests.
 pub(crate) trait Wire: Send + 'static {
@@ -114,6 +117,15 @@ pub(crate) async fn open_client(
         config.database(database);
     }
     config.application_name(application_name);
+    // tiberius fails a request (and the connection) when the server sends
+    // nothing for its command timeout (30 s by default); a server-side wait
+    // slice sends nothing until it ends, so the timeout must outlast it.
+    let slice_floor = options.get_acquire_slice() + COMMAND_TIMEOUT_MARGIN;
+    if let Some(timeout) = config.get_command_timeout() {
+        if timeout < slice_floor {
+            config.command_timeout(Some(slice_floor));
+        }
+    }
     let addr = config.get_addr();
     // Resolves named instances through SQL Server Browser, honours
     // MultiSubnetFailover, and sets TCP_NODELAY.

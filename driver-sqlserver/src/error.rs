@@ -336,14 +336,17 @@ impl MssqlError {
     }
 
     /// True when the session that produced this error can no longer be
-    /// trusted (connection lost, or its lock state unknown): it maps to
-    /// [`Error::SessionLost`].
+    /// trusted: the connection is lost, or its lock state is unknown (a lock
+    /// batch failed, a result had the wrong shape, or `sp_releaseapplock`
+    /// failed, so the lock may still be held by a session that no longer
+    /// tracks it). It maps to [`Error::SessionLost`].
     pub fn is_session_fatal(&self) -> bool {
         matches!(
             self,
             Self::ConnectionLost { .. }
                 | Self::LockStateUnknown { .. }
                 | Self::UnexpectedResult { .. }
+                | Self::Release { .. }
         )
     }
 
@@ -375,8 +378,8 @@ impl MssqlError {
     }
 
     /// Converts a failure to open a session on `database` into
-    /// [`Error::Connect`]; bad connection strings become [`Error::Config`]
-    /// would lose the source, so they are [`Error::Connect`] too.
+    /// [`Error::Connect`], whatever the cause (a bad connection string too:
+    /// [`Error::Config`] would drop this error as the source).
     pub fn into_connect_error(self, database: &DatabaseId) -> Error {
         Error::Connect {
             database: database.to_string(),
@@ -538,6 +541,12 @@ mod tests {
             "{err:?}"
         );
         assert!(!err.is_session_fatal());
+        // A failed release leaves the lock state unknown: session-fatal.
+        let e = MssqlError::Release {
+            resource: "shardlock:v1:x".into(),
+            failure: AppLockFailure::CallError,
+        };
+        assert!(e.into_session_error(&db).is_session_fatal());
     }
 
     #[test]

@@ -124,7 +124,10 @@
 //! `try_acquire` or `acquire` future therefore never leaves a lock behind:
 //! the task releases whatever the abandoned request was granted before it
 //! runs the session's next request. A dropped session closes its connection
-//! from the task, without blocking, on any runtime.
+//! from the task, without blocking, on any runtime. The task runs on the
+//! tokio runtime that opened the session: keep that runtime running while the
+//! session is in use (if it shuts down, the connection closes and the session
+//! reports itself lost).
 
 #![doc(test(attr(deny(warnings))))]
 

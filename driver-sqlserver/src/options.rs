@@ -183,7 +183,9 @@ impl MssqlOptions {
     /// waits again; default [`DEFAULT_ACQUIRE_SLICE`]. A grant ends the wait
     /// at once, so this bounds only how late a cancelled wait ends and how
     /// often a waiting session sends a request (once per slice). Clamped to
-    /// 10 ms ..= 1 hour.
+    /// 10 ms ..= 1 hour. tiberius' command timeout (30 s by default) is
+    /// raised to the slice + 10 s where it is shorter, since the server sends
+    /// nothing while it waits.
     pub fn acquire_slice(mut self, slice: Duration) -> Self {
         self.acquire_slice = slice.clamp(Duration::from_millis(10), Duration::from_secs(3600));
         self

@@ -31,6 +31,7 @@ async fn a_closed_port_is_unreachable() {
         .open_session(&DatabaseId::new("main"), &NodeId::new("n"))
         .await
         .expect_err("nothing listens");
+    eprintln!("closed port: {e}: {:?}", std::error::Error::source(&e));
     assert!(matches!(e, MssqlError::Unreachable { .. }), "{e:?}");
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
     // Through the Driver trait it is Error::Connect with the typed source.
@@ -70,6 +71,7 @@ async fn a_peer_that_is_not_sql_server_fails_the_handshake() {
         .open_session(&DatabaseId::new("main"), &NodeId::new("n"))
         .await
         .expect_err("not a TDS server");
+    eprintln!("not TDS: {e}: {:?}", std::error::Error::source(&e));
     assert!(
         matches!(e, MssqlError::Handshake { .. }),
         "expected a handshake error, got {e:?}"
