@@ -115,6 +115,10 @@ impl MssqlDriver {
     /// sessions (e.g. `KILL`, reading `sys.dm_tran_locks`). It is not a lock
     /// session and is not tracked by the driver.
     ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a dropped connect leaves only a socket that closes.
+    ///
     /// # Errors
     ///
     /// As [`open_session`](Self::open_session), without the server checks.

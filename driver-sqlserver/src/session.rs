@@ -299,6 +299,12 @@ impl Session for MssqlSession {
     /// answers `false` without a round trip when this session does not hold
     /// it (the procedure raises an error for a lock not held).
     ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the session forgets the key before the request is sent,
+    /// and the connection's task finishes the release even if the future is
+    /// dropped.
+    ///
     /// # Errors
     ///
     /// [`Error::SessionLost`] when the connection is gone, or when the server
@@ -314,6 +320,10 @@ impl Session for MssqlSession {
     }
 
     /// Releases every held key in one batch.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, as [`release`](Self::release).
     async fn release_all(&mut self) -> Result<()> {
         self.check()?;
         if self.held.is_empty() {
@@ -327,6 +337,11 @@ impl Session for MssqlSession {
     /// held key must be `Exclusive`, and `@@SPID` must still be the session's
     /// (a proxy that swaps server sessions would break session locks). A
     /// session that holds nothing sends `SELECT @@SPID`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it changes nothing. A coordinator that gives up waiting
+    /// (self-fencing) should drop the session, which closes the connection.
     ///
     /// # Errors
     ///
@@ -376,6 +391,11 @@ impl Session for MssqlSession {
     /// Releases every held key (one batch), then closes the connection. A
     /// session already lost closes without error: the server has freed, or
     /// will free, its locks.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the session: the connection closes and the
+    /// server frees its locks (see [Drop](MssqlSession#drop)).
     async fn close(mut self) -> Result<()> {
         if self.lost.is_some() {
             return Ok(());

@@ -110,3 +110,33 @@ fn the_release_window_is_the_server_keepalive() {
     let driver = MssqlDriver::new(options(1433).server_keepalive(None));
     assert_eq!(driver.lock_release_window(), None);
 }
+
+/// The holder process reports a connect failure and exits non-zero (the
+/// crash test's helper, checked without a server).
+#[tokio::test]
+async fn the_holder_process_fails_cleanly_without_a_server() {
+    let port = closed_port().await;
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shardlock-mssql-holder"))
+            .args(["main", "some-key"])
+            .env(
+                "SHARDLOCK_MSSQL_HOLDER_URL",
+                format!("Server=tcp:127.0.0.1,{port};User Id=sa;Password=x"),
+            )
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run the holder");
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty(), "no GRANTED line");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("holder failed"), "{stderr}");
+    // Without the variable it explains itself.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shardlock-mssql-holder"))
+        .args(["main", "some-key"])
+        .env_remove("SHARDLOCK_MSSQL_HOLDER_URL")
+        .output()
+        .expect("run the holder");
+    assert_eq!(output.status.code(), Some(2));
+}
