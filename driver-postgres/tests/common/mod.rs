@@ -339,9 +339,17 @@ fn start_container() -> Result<String, String> {
                 ));
             }
             Err(e) => {
-                // Most likely another test process is creating the same
-                // container: the next attempt finds and reuses it.
                 last = format!("cannot start container {container_name} from {image}: {e}");
+                // Another test process is creating the same container: the
+                // next attempt finds and reuses it. Anything else (no
+                // Docker, no image) fails at once.
+                let text = e.to_string();
+                let conflict = text.contains("409")
+                    || text.contains("Conflict")
+                    || text.contains("already in use");
+                if !conflict {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(500 * (attempt + 1)));
             }
         }
