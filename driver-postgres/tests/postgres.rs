@@ -512,3 +512,86 @@ async fn lock_table_full_is_typed_and_undone() {
     raw.close().await.expect("close");
     drop(own);
 }
+
+/// `client_connection_check_interval` is applied: the backend of a client
+/// killed while it waits in `pg_advisory_lock` ends within seconds, instead
+/// of staying queued and taking the lock for nobody when it is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_waiter_leaves_the_queue() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let Some(h) = harness().await else { return };
+    let key = unique_keys("killed-waiter", 1).remove(0);
+    let mut a = open(&h, "a").await;
+    if a.server_version_num() < 140_000 {
+        eprintln!("killed_waiter_leaves_the_queue: needs PostgreSQL 14+");
+        return;
+    }
+    assert!(a.try_acquire(std::slice::from_ref(&key)).await.expect("a")[0]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardlock-pg-holder"))
+        .args(["--wait", h.database().as_str(), key.name()])
+        .env(URL_ENV, h.url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("holder");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        line
+    })
+    .await
+    .expect("read");
+    let pid: i32 = line
+        .trim()
+        .strip_prefix("WAITING pid=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected holder output {line:?}"));
+    let mut raw = h.raw().await;
+    let started = Instant::now();
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)",
+        )
+        .bind(pid)
+        .fetch_one(&mut raw)
+        .await
+        .expect("pg_locks");
+        if waiting {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "holder never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().expect("kill");
+    let _ = child.wait();
+    let killed = Instant::now();
+    loop {
+        let alive: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                .bind(pid)
+                .fetch_one(&mut raw)
+                .await
+                .expect("pg_stat_activity");
+        if !alive {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the killed waiter's backend still waits after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("killed waiter's backend ended after {:?}", killed.elapsed());
+    // a still holds the key, and releasing it hands it to nobody stale.
+    a.verify().await.expect("a still holds");
+    assert!(a.release(&key).await.expect("release"));
+    free_within(&h, &key, Duration::from_secs(2)).await;
+    a.close().await.expect("close");
+    raw.close().await.expect("close");
+}

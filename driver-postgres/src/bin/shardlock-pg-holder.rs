@@ -3,17 +3,19 @@
 //! clause 9), also handy to try takeover by hand.
 //!
 //! ```text
-//! SHARDLOCK_PG_URL=postgres://user:pw@host/db shardlock-pg-holder <database-id> <key-name>...
+//! SHARDLOCK_PG_URL=postgres://user:pw@host/db shardlock-pg-holder [--wait] <database-id> <key-name>...
 //! ```
 //!
 //! Prints `READY pid=<backend pid>` once every key is held, then waits. A
-//! key held elsewhere is an error (exit status 2). On end of input it
-//! releases the keys and exits 0; `kill -9` leaves the release to the server.
+//! key held elsewhere is an error (exit status 2), unless `--wait` is given:
+//! then it prints `WAITING pid=<backend pid>` and waits in the database for
+//! each key in turn. On end of input it releases the keys and exits 0;
+//! `kill -9` leaves the release to the server.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
+use shardlock_core::{CancellationToken, DatabaseId, Driver, LockKey, NodeId, Session};
 use shardlock_postgres::{PgDriver, PgOptions};
 
 fn main() -> ExitCode {
@@ -27,10 +29,11 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    let wait = args.next_if(|a| a == "--wait").is_some();
     let database = args
         .next()
-        .ok_or("usage: shardlock-pg-holder <database-id> <key-name>...")?;
+        .ok_or("usage: shardlock-pg-holder [--wait] <database-id> <key-name>...")?;
     let keys = args
         .map(LockKey::new)
         .collect::<Result<Vec<_>, _>>()
@@ -48,6 +51,16 @@ fn run() -> Result<(), String> {
             .connect(&DatabaseId::new(database), &node)
             .await
             .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
+        if wait {
+            println!("WAITING pid={}", session.backend_pid());
+            let never = CancellationToken::new();
+            for key in &keys {
+                let _ = session
+                    .acquire(key, &never)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
         let granted = session
             .try_acquire(&keys)
             .await
