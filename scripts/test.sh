@@ -17,6 +17,15 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "[test.sh] cargo is not installed: install Rust (https://rustup.rs) first" >&2
     exit 1
 fi
+# C libraries some crates build against (tiberius' native-tls: OpenSSL).
+missing=""
+for pkg in pkg-config libssl-dev; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+done
+if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing$missing"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked

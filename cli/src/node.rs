@@ -21,6 +21,9 @@ pub(crate) enum DriverKind {
     Sqlite,
     /// PostgreSQL advisory locks (`--url`).
     Postgres,
+    /// SQL Server application locks (`--url`: an ADO.NET connection string
+    /// or `sqlserver://` URL).
+    Sqlserver,
     /// In-process; only meaningful inside `demo`.
     Memory,
 }
@@ -34,7 +37,8 @@ pub(crate) struct DriverArgs {
     /// Lock directory (sqlite driver).
     #[arg(long)]
     pub(crate) dir: Option<PathBuf>,
-    /// Server URL (postgres driver), e.g. `postgres://user:pw@host:5432/app`.
+    /// Server URL: `postgres://user:pw@host:5432/app` (postgres), or an
+    /// ADO.NET connection string / `sqlserver://` URL (sqlserver).
     #[arg(long)]
     pub(crate) url: Option<String>,
 }
@@ -71,6 +75,18 @@ impl DriverArgs {
                 let driver = shardlock::sqlite::SqliteDriver::open(dir)
                     .with_context(|| format!("opening lock directory {}", dir.display()))?;
                 Ok(driver.into())
+            }
+            DriverKind::Sqlserver => {
+                let Some(url) = &self.url else {
+                    bail!("--driver sqlserver needs --url \"server=tcp:host,1433;user=..;password=..;database=..\"");
+                };
+                let mut options =
+                    shardlock::sqlserver::MssqlOptions::parse(url).context("invalid --url")?;
+                if fixed_database {
+                    options = options
+                        .database_mapping(shardlock::sqlserver::DatabaseMapping::ConnectionString);
+                }
+                Ok(shardlock::sqlserver::MssqlDriver::new(options).into())
             }
             DriverKind::Memory => bail!(
                 "the memory driver lives inside one process; use `shardlock demo --driver memory`"

@@ -132,6 +132,22 @@ impl Error {
         }
     }
 
+    /// The message with every source appended (`a: b: c`), for logs that
+    /// would otherwise show only the outermost layer.
+    pub fn report(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            let text = e.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            source = e.source();
+        }
+        out
+    }
+
     /// True when the session that produced this error can no longer be
     /// trusted and must be dropped (its locks are lost).
     pub fn is_session_fatal(&self) -> bool {

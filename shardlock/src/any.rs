@@ -90,4 +90,6 @@ any_driver! {
     Sqlite(shardlock_sqlite::SqliteDriver, shardlock_sqlite::SqliteSession),
     #[cfg(feature = "postgres")]
     Postgres(shardlock_postgres::PgDriver, shardlock_postgres::PgSession),
+    #[cfg(feature = "sqlserver")]
+    SqlServer(shardlock_sqlserver::MssqlDriver, shardlock_sqlserver::MssqlSession),
 }

@@ -4,10 +4,20 @@
 
 // The enum needs at least one variant; keep this list in step with the
 // driver features.
-#[cfg(any(feature = "memory", feature = "sqlite", feature = "postgres"))]
+#[cfg(any(
+    feature = "memory",
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "sqlserver"
+))]
 mod any;
 
-#[cfg(any(feature = "memory", feature = "sqlite", feature = "postgres"))]
+#[cfg(any(
+    feature = "memory",
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "sqlserver"
+))]
 pub use any::{AnyDriver, AnySession};
 pub use shardlock_core::*;
 pub use shardlock_distributors::{
@@ -28,3 +38,8 @@ pub use shardlock_sqlite as sqlite;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use shardlock_postgres as postgres;
+
+/// The SQL Server application-lock driver (feature `sqlserver`).
+#[cfg(feature = "sqlserver")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlserver")))]
+pub use shardlock_sqlserver as sqlserver;

@@ -123,22 +123,24 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     }
 
     async fn cycle(&mut self) {
-        let sets =
-            match tokio::time::timeout(self.config.lock_loss_timeout, self.distributor.lock_sets())
-                .await
-            {
-                Ok(Ok(sets)) => sets,
-                Ok(Err(e)) => {
-                    warn!(error = %e, "distributor failed; keeping the current assignment");
-                    self.verify_sessions().await;
-                    return;
-                }
-                Err(_) => {
-                    warn!("distributor did not answer in time; keeping the current assignment");
-                    self.verify_sessions().await;
-                    return;
-                }
-            };
+        let sets = match tokio::time::timeout(
+            self.config.lock_loss_timeout,
+            self.distributor.lock_sets(),
+        )
+        .await
+        {
+            Ok(Ok(sets)) => sets,
+            Ok(Err(e)) => {
+                warn!(error = %e.report(), "distributor failed; keeping the current assignment");
+                self.verify_sessions().await;
+                return;
+            }
+            Err(_) => {
+                warn!("distributor did not answer in time; keeping the current assignment");
+                self.verify_sessions().await;
+                return;
+            }
+        };
         let mut wanted: Vec<LockSet> = Vec::with_capacity(sets.len());
         let mut seen = HashSet::with_capacity(sets.len());
         for set in sets {
@@ -227,7 +229,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let names: Vec<&str> = keys.iter().map(LockKey::name).collect();
         error!(
             database = %db,
-            error = %reason,
+            error = %reason.report(),
             lost = names.len(),
             stopped_sets = stopped,
             keys = ?names,
@@ -410,7 +412,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                             .config
                             .backoff(self.config.pause_interval, conn.failures - 1);
                         conn.retry_at = Instant::now() + delay;
-                        warn!(database = %db, error = %e, retry_in = ?delay, "cannot connect");
+                        warn!(database = %db, error = %e.report(), retry_in = ?delay, "cannot connect");
                     }
                 }
                 Err(e) => {
