@@ -421,6 +421,11 @@ impl Session for PgSession {
     /// `pg_advisory_unlock_all()` if anything is held, then a graceful
     /// close. A broken session's connection is just dropped: the server
     /// frees its locks when it notices.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropped midway, the connection is dropped and the server
+    /// ends the session, freeing its locks.
     async fn close(mut self) -> Result<()> {
         self.reclaim().await;
         let Some(mut conn) = self.conn.take() else {
