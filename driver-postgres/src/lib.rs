@@ -112,6 +112,7 @@
 //! The crate re-exports [`sqlx`], so users name the same version.
 #![doc(test(attr(deny(warnings))))]
 
+mod checkpoints;
 mod connection;
 mod error;
 mod options;
@@ -119,6 +120,7 @@ mod session;
 mod sql;
 mod wait;
 
+pub use checkpoints::PgCheckpoints;
 pub use connection::{PgDriver, MIN_SERVER_VERSION_NUM};
 pub use error::PgError;
 pub use options::{

@@ -1,0 +1,133 @@
+//! Projection scenarios on PostgreSQL: leadership through advisory locks,
+//! checkpoints in the `subscriptions` table (events from an in-memory log),
+//! the checkpoint-store contract, and a transactional checkpoint.
+
+mod common;
+
+use shardlock_contract_tests::{Harness, Holder, ProjectionHarness};
+use shardlock_core::{BoxError, CheckpointError, CheckpointStore, DatabaseId, LockKey, NodeId};
+use shardlock_memory::MemoryEventLog;
+use shardlock_postgres::sqlx::{self, postgres::PgPoolOptions, Connection};
+use shardlock_postgres::{PgCheckpoints, PgDriver, PgSession};
+
+struct PgProjectionHarness {
+    inner: common::PgHarness,
+    checkpoints: PgCheckpoints,
+}
+
+impl Harness for PgProjectionHarness {
+    type Driver = PgDriver;
+
+    fn driver(&self) -> PgDriver {
+        self.inner.driver()
+    }
+
+    fn database(&self) -> DatabaseId {
+        self.inner.database()
+    }
+
+    async fn terminate(&self, session: &PgSession) {
+        self.inner.terminate(session).await;
+    }
+
+    async fn spawn_holder(&self, keys: Vec<LockKey>) -> Result<Holder, BoxError> {
+        self.inner.spawn_holder(keys).await
+    }
+}
+
+impl ProjectionHarness for PgProjectionHarness {
+    type Events = MemoryEventLog<i64>;
+    type Checkpoints = PgCheckpoints;
+
+    async fn stream(&self, n: usize) -> MemoryEventLog<i64> {
+        let log = MemoryEventLog::new();
+        for i in 1..=n as i64 {
+            log.append(i);
+        }
+        log
+    }
+
+    async fn checkpoints(&self) -> PgCheckpoints {
+        self.checkpoints.clone()
+    }
+
+    async fn kill_node(&self, node: &NodeId) {
+        let mut conn = self.inner.raw().await;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(format!("shardlock:{node}"))
+        .execute(&mut conn)
+        .await
+        .expect("terminate the node's sessions");
+        let _ = conn.close().await;
+    }
+}
+
+async fn harness() -> Option<PgProjectionHarness> {
+    let inner = common::harness().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(inner.url())
+        .await
+        .expect("checkpoint pool");
+    let checkpoints = PgCheckpoints::new(pool).await.expect("subscriptions table");
+    Some(PgProjectionHarness { inner, checkpoints })
+}
+
+shardlock_contract_tests::projection_tests!(harness().await);
+
+/// The projection's own rows and the checkpoint commit in one transaction;
+/// a stale leader's transaction is rolled back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_checkpoint_commits_with_the_projection() {
+    let Some(h) = harness().await else { return };
+    let name = shardlock_contract_tests::unique_name("tx");
+    let table = format!("view_{}", name.replace('-', "_").to_lowercase());
+    let mut conn = h.inner.raw().await;
+    sqlx::query(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)"))
+        .execute(&mut conn)
+        .await
+        .expect("view table");
+    let first = h.checkpoints.claim(&name).await.expect("claim");
+    let mut tx = conn.begin().await.expect("begin");
+    sqlx::query(&format!("INSERT INTO {table} VALUES (1)"))
+        .execute(&mut *tx)
+        .await
+        .expect("row");
+    PgCheckpoints::save_in(&mut tx, &name, first.epoch, 1)
+        .await
+        .expect("save in tx");
+    tx.commit().await.expect("commit");
+
+    let newer = h
+        .checkpoints
+        .claim(&name)
+        .await
+        .expect("a new leader claims");
+    let mut tx = conn.begin().await.expect("begin");
+    sqlx::query(&format!("INSERT INTO {table} VALUES (2)"))
+        .execute(&mut *tx)
+        .await
+        .expect("row");
+    let stale = PgCheckpoints::save_in(&mut tx, &name, first.epoch, 2).await;
+    assert!(
+        matches!(stale, Err(CheckpointError::FencedOff { .. })),
+        "{stale:?}"
+    );
+    tx.rollback().await.expect("rollback");
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+    assert_eq!(
+        rows, 1,
+        "the fenced-off write was rolled back with its checkpoint"
+    );
+    let cp = h.checkpoints.load(&name).await.expect("load").expect("row");
+    assert_eq!((cp.position, cp.epoch), (1, newer.epoch));
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&mut conn)
+        .await
+        .expect("drop");
+}
