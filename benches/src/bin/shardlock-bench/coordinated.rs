@@ -370,8 +370,11 @@ pub(crate) async fn run(ctx: &mut Ctx, m5: bool, m6: bool) {
                 }
                 Err(why) => {
                     if m6 {
-                        ctx.report
-                            .push(Row::not_measured(M6S, driver, Target::None, why.clone()));
+                        let mut row = Row::not_measured(M6S, driver, Target::None, why.clone());
+                        if driver == "sqlite" && why.contains("files") {
+                            row.note = Some(crate::micro::SQLITE_FDS.to_string());
+                        }
+                        ctx.report.push(row);
                     }
                     if m5 && n == max && driver == "postgres" {
                         ctx.report
@@ -480,7 +483,7 @@ async fn sets_run<D: Driver, R: RawSide>(
     .await;
     let stopped = handle.stop().await;
     let _ = raw.release().await;
-    let out = result?;
+    let out = result.map_err(|why| format!("N = {n}: {why} ({})", crate::open_files()))?;
     stopped.map_err(err)?;
     Ok(out)
 }
@@ -664,9 +667,51 @@ async fn memory_sets(ctx: &mut Ctx, n: usize) -> Result<Vec<Row>, String> {
     ))
 }
 
+/// Open file descriptors per SQLite lock held with `BEGIN IMMEDIATE`,
+/// probed on 100 files.
+fn fds_per_sqlite_lock(dir: &std::path::Path) -> Result<f64, String> {
+    let count = || {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count())
+            .map_err(err)
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let before = count()?;
+    let mut held = Vec::new();
+    for i in 0..100 {
+        held.push(RawSqlite::try_lock(&dir.join(format!("{i}.lock"))).map_err(err)?);
+    }
+    let after = count()?;
+    drop(held);
+    Ok((after.saturating_sub(before)) as f64 / 100.0)
+}
+
+fn soft_open_file_limit() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
 async fn sqlite_sets(ctx: &mut Ctx, n: usize) -> Result<Vec<Row>, String> {
     let (repeats, cycles) = ctx.config.pick((1, 3), (3, 10));
     let dir = ctx.sqlite_dir(&format!("m6-{n}"));
+    // The coordinator and the raw baseline hold n key files each at once.
+    let per_lock = fds_per_sqlite_lock(&dir.join("probe"))?;
+    if let Some(limit) = soft_open_file_limit() {
+        let needed = (per_lock * 2.0 * n as f64) as usize + 500;
+        if needed > limit {
+            return Err(format!(
+                "N = {n}: the coordinator and the raw baseline together hold {} SQLite locks, \
+                 {per_lock} open files each here, about {needed} files > `ulimit -n` {limit}",
+                2 * n
+            ));
+        }
+    }
     let driver = SqliteDriver::open(&dir).map_err(err)?;
     let db = DatabaseId::new(BENCH_DB);
     let raw_dir = dir.join("raw");

@@ -101,6 +101,22 @@ pub(crate) fn err(e: impl std::error::Error) -> String {
     text
 }
 
+/// `open files: N of the soft limit M`, for errors that may be `EMFILE`.
+pub(crate) fn open_files() -> String {
+    let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).ok();
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        });
+    match (open, limit) {
+        (Some(open), Some(limit)) => format!("{open} files open, soft limit {limit}"),
+        _ => "open files unknown".to_string(),
+    }
+}
+
 pub(crate) fn progress(message: impl AsRef<str>) {
     eprintln!("[shardlock-bench] {}", message.as_ref());
 }

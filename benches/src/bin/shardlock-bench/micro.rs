@@ -11,7 +11,7 @@ use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
 use shardlock_memory::MemoryServer;
 use shardlock_sqlite::SqliteDriver;
 
-use crate::{err, progress, Ctx, BENCH_DB};
+use crate::{err, open_files, progress, Ctx, BENCH_DB};
 
 /// Runs `ours` and `raw` in `rounds` rounds of `per_round` samples each,
 /// alternating which goes first, and answers both sample sets.
@@ -76,6 +76,14 @@ pub(crate) fn ratio_row(
         note: None,
     }
 }
+
+/// Why the SQLite driver runs out of file descriptors near 10,000 keys.
+pub(crate) const SQLITE_FDS: &str = "SQLite at 10,000 keys: every held key keeps two files \
+     open, the key file and its `-journal` (SQLite opens the rollback journal when \
+     `BEGIN IMMEDIATE` takes the write lock), so 10,000 keys need 20,000 descriptors, the \
+     `ulimit -n` of this machine. The key connections never write: `PRAGMA journal_mode = OFF` \
+     (or `MEMORY`) on them would halve that and spare a file creation per acquire; raising \
+     `ulimit -n` also works.";
 
 const M1: &str = "1 try-acquire + release, 1 key";
 const M2: &str = "2 batched cycle (try-acquire all + release all)";
@@ -200,9 +208,9 @@ async fn sqlite_single(ctx: &mut Ctx) -> Result<Row, String> {
     row.note = Some(
         "SQLite (no target): the driver does the raw work plus a hop to the session's worker \
          thread and back (channel + oneshot), an `fstat` of the key file, and two best-effort \
-         writes to `registry.db` (WAL, one transaction on acquire and one on release) that feed \
-         `shardlock status`; the registry writes are most of the difference. Batching them, or \
-         making the registry optional, would bring it close to raw."
+         transactions on `registry.db` (WAL; a row inserted on acquire, deleted on release) \
+         that feed `shardlock status`, most likely the larger part of the difference. Making \
+         the registry optional, or writing it off the acquire path, would bring it close to raw."
             .into(),
     );
     Ok(row)
@@ -303,9 +311,14 @@ pub(crate) async fn batches(ctx: &mut Ctx) {
         ctx.report.push(row);
     }
     for size in [1_000usize, 10_000] {
-        let row = sqlite_batch(ctx, size)
-            .await
-            .unwrap_or_else(|why| Row::not_measured(M2, "sqlite", Target::None, why));
+        let row = sqlite_batch(ctx, size).await.unwrap_or_else(|why| {
+            let mut row =
+                Row::not_measured(M2, "sqlite", Target::None, format!("{size} keys: {why}"));
+            if why.contains("files open") {
+                row.note = Some(SQLITE_FDS.to_string());
+            }
+            row
+        });
         ctx.report.push(row);
     }
     for size in [1_000usize, 10_000] {
@@ -395,7 +408,10 @@ async fn sqlite_batch(ctx: &mut Ctx, size: usize) -> Result<Row, String> {
         per_round,
         async || {
             let started = Instant::now();
-            let granted = session.try_acquire(&keys).await.map_err(err)?;
+            let granted = session
+                .try_acquire(&keys)
+                .await
+                .map_err(|e| format!("{} ({})", err(e), open_files()))?;
             if !granted.iter().all(|g| *g) {
                 return Err("a key was not granted".into());
             }
@@ -406,7 +422,8 @@ async fn sqlite_batch(ctx: &mut Ctx, size: usize) -> Result<Row, String> {
             let started = Instant::now();
             let mut held = Vec::with_capacity(raw_paths.len());
             for path in &raw_paths {
-                held.push(RawSqlite::try_lock(path).map_err(err)?);
+                let lock = RawSqlite::try_lock(path);
+                held.push(lock.map_err(|e| format!("raw: {} ({})", err(e), open_files()))?);
             }
             if !held.iter().all(Option::is_some) {
                 return Err("a raw key was not granted".into());
@@ -500,17 +517,65 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
                     .sum();
                 n as f64 / N as f64
             };
+            let driver_sql = ours
+                .iter()
+                .find(|s| s.query.contains("pg_try_advisory_lock"))
+                .map(|s| s.query.clone());
             Ok((
                 per(&ours, true),
                 per(&ours, false),
                 per(&raws, true),
                 per(&raws, false),
+                driver_sql,
             ))
         }
         Err(why) => Err(why.clone()),
     };
     let (ours, base) = interleave(rounds, per_round, ours_cycle, raw_cycle).await?;
     let _ = session.close().await;
+    // Diagnosis: the driver's own batch statement (as the server recorded
+    // it) sent raw over sqlx, against the plain raw batch: separates the
+    // statement's cost from the driver's client-side work.
+    let diagnosis = match &counts {
+        Ok((.., Some(sql))) => {
+            let sql = sql.clone();
+            let mut plain = async || {
+                let started = Instant::now();
+                raw.try_lock_many(&raw_keys).await.map_err(err)?;
+                raw.unlock_all().await.map_err(err)?;
+                Ok(started.elapsed())
+            };
+            plain().await?;
+            let mut same = RawPg::connect(&options).await.map_err(err)?;
+            let mut driver_stmt = async || {
+                let started = Instant::now();
+                shardlock_postgres::sqlx::query(&sql)
+                    .bind(&raw_keys)
+                    .fetch_all(same.conn())
+                    .await
+                    .map_err(err)?;
+                same.unlock_all().await.map_err(err)?;
+                Ok(started.elapsed())
+            };
+            driver_stmt().await?;
+            let (d, p) = interleave(rounds, per_round, driver_stmt, plain).await?;
+            let _ = same.close().await;
+            let mut r = ratio_row(
+                "2 diagnosis: the driver's batch statement sent raw",
+                "postgres",
+                format!(
+                    "{size} keys, {} cycles each; sqlx sends `{sql}` + unlock all, against the                      plain raw batch; no target (explains the row above)",
+                    d.len()
+                ),
+                &d,
+                &p,
+                Target::None,
+            );
+            r.verdict = shardlock_benches::Verdict::NoTarget;
+            Some(r)
+        }
+        _ => None,
+    };
     let _ = raw.close().await;
     let mut row = ratio_row(
         M2,
@@ -527,16 +592,20 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
     );
     if row.verdict == shardlock_benches::Verdict::Missed {
         row.note = Some(format!(
-            "Batched cycle of {size} keys misses ≤1.2×: the driver's statement answers each key \
-             with its id (`select t.k, pg_try_advisory_lock(t.k) … with ordinality … order by \
-             t.i`), so the server sorts and sends twice the data, and the client checks the \
-             order and fills its held-key map. Returning only the booleans in order (ordinality \
-             without the key column) would close most of it."
+            "Batched cycle of {size} keys misses ≤1.2×: both sides send one statement per \
+             try-acquire (counted below). The diagnosis row sends the driver's own statement \
+             raw: if it is close to 1.00×, the gap is the driver's client-side work per key \
+             (a dedup `HashSet`, a `HashMap` from id to key, a `BTreeMap` insert and a \
+             `LockKey` clone per granted key, then a lookup per key for the answer); keeping \
+             held keys in a `HashMap` and skipping the dedup set when the batch has no \
+             duplicates would close it. If the diagnosis row is itself above 1.00×, the \
+             statement's shape (`array_agg … order by` over `with ordinality`) costs the \
+             difference on the server."
         ));
     }
     let target = Target::Exactly(1.0);
     let statements = match counts {
-        Ok((ours_try, ours_rest, raw_try, raw_rest)) => {
+        Ok((ours_try, ours_rest, raw_try, raw_rest, _)) => {
             let mut r = Row {
                 measure: M2B.to_string(),
                 driver: "postgres".to_string(),
@@ -560,5 +629,8 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
         }
         Err(why) => Row::not_measured(M2B, "postgres", target, why),
     };
-    Ok(vec![row, statements])
+    Ok([Some(row), diagnosis, Some(statements)]
+        .into_iter()
+        .flatten()
+        .collect())
 }
