@@ -65,7 +65,7 @@ impl<B: Send + Sync> ProjectorCoordinator for CoordinatorLed<B> {
 /// # fn demo<P, B>(projector_for: impl Fn(&ShardId) -> P + Send + Sync + 'static, backend: B)
 /// # where P: Projector + 'static, B: EventReader<Event = P::Event> + CheckpointStore + Clone + Send + Sync + 'static {
 /// let agent = ProjectionAgent::new(move |shard: &ShardId, _ctx: &AgentContext| {
-///     Ok((projector_for(shard), backend.clone()))
+///     Ok::<_, AgentError>((projector_for(shard), backend.clone()))
 /// });
 /// # let _ = agent;
 /// # }
