@@ -61,6 +61,7 @@ impl<B: Send + Sync> ProjectorCoordinator for CoordinatorLed<B> {
 /// `ctx.database`).
 ///
 /// ```
+/// # #![allow(dead_code)]
 /// # use shardlock_core::*;
 /// # fn demo<P, B>(projector_for: impl Fn(&ShardId) -> P + Send + Sync + 'static, backend: B)
 /// # where P: Projector + 'static, B: EventReader<Event = P::Event> + CheckpointStore + Clone + Send + Sync + 'static {
