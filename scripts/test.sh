@@ -17,9 +17,11 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "[test.sh] cargo is not installed: install Rust (https://rustup.rs) first" >&2
     exit 1
 fi
-# C libraries some crates build against (tiberius' native-tls: OpenSSL).
+# C libraries some crates build against (tiberius' native-tls: OpenSSL),
+# and PgBouncer, which the Postgres suite runs to prove transaction pooling
+# is refused.
 missing=""
-for pkg in pkg-config libssl-dev; do
+for pkg in pkg-config libssl-dev pgbouncer; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
 done
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then

@@ -145,7 +145,11 @@ impl Bouncer {
 async fn pgbouncer_transaction_pooling_is_refused_session_pooling_works() {
     let Some(h) = harness().await else { return };
     let Some(binary) = find_pgbouncer() else {
-        eprintln!("pgbouncer test not run: install pgbouncer (apt-get install pgbouncer)");
+        shardlock_contract_tests::skip(
+            "postgres (pgbouncer)",
+            "pgbouncer is not installed (apt-get install pgbouncer)",
+            "PATH to include pgbouncer",
+        );
         return;
     };
     let node = NodeId::new("through-pgbouncer");
