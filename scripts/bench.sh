@@ -65,6 +65,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 pg_skip=
+pin_server=()
+pin_client=()
 if [ -n "${SHARDLOCK_PG_URL:-}" ]; then
     log "Postgres: using SHARDLOCK_PG_URL"
 elif [ -n "${SHARDLOCK_NO_DOCKER:-}" ]; then
@@ -83,6 +85,18 @@ else
         # copy loop, into every round trip. Fall back to -p if it fails.
         # fsync off: a throw-away server; lock-table room for the 10,000-key
         # rows plus a raw baseline; connections for 100 tenants twice.
+        # CPU placement: on this 2-core machine a round trip between two
+        # processes costs ~25 µs when the scheduler keeps them on one core and
+        # ~75 µs across cores, and each connection's backend settles in one
+        # mode or the other, which biased ratios by up to 3x between two
+        # otherwise identical connections. So the server gets the last CPU and
+        # the benchmarks the others (taskset): every round trip crosses cores,
+        # the same for shardlock and raw.
+        if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
+            last=$(($(nproc) - 1))
+            pin_server=(--cpuset-cpus="$last")
+            pin_client=(taskset -c "0-$((last - 1))")
+        fi
         pg_args=(-c fsync=off -c shared_preload_libraries=pg_stat_statements
             -c max_locks_per_transaction=256 -c max_connections=300)
         port=
@@ -94,13 +108,13 @@ else
         done
         if [ -n "$port" ]; then
             log "Postgres: starting a container of $image (host network, 127.0.0.1:$port)"
-            cid=$(docker run -d --network host -e POSTGRES_PASSWORD=postgres \
+            cid=$(docker run -d --network host "${pin_server[@]}" -e POSTGRES_PASSWORD=postgres \
                 --label shardlock.bench=postgres "$image" "${pg_args[@]}" \
                 -c listen_addresses=127.0.0.1 -c port="$port") || cid=
         fi
         if [ -z "$cid" ]; then
             log "Postgres: host networking unavailable; publishing a port instead"
-            cid=$(docker run -d -p 127.0.0.1::5432 -e POSTGRES_PASSWORD=postgres \
+            cid=$(docker run -d -p 127.0.0.1::5432 "${pin_server[@]}" -e POSTGRES_PASSWORD=postgres \
                 --label shardlock.bench=postgres "$image" "${pg_args[@]}") || cid=
             port=
             for _ in $(seq 1 100); do
@@ -127,8 +141,8 @@ fi
 # ----- the latency harness --------------------------------------------------
 harness_args=(--out "$work/harness.md")
 [ "$quick" -eq 1 ] && harness_args+=(--quick)
-log "running the harness (${harness_args[*]})"
-"$target_dir/release/shardlock-bench" "${harness_args[@]}"
+log "running the harness (${harness_args[*]})${pin_client[*]:+ under ${pin_client[*]}}"
+"${pin_client[@]}" "$target_dir/release/shardlock-bench" "${harness_args[@]}"
 
 # ----- criterion ------------------------------------------------------------
 criterion_md="(not run: --no-criterion)"
@@ -140,7 +154,7 @@ if [ "$criterion" -eq 1 ]; then
         criterion_args+=(--warm-up-time 0.5 --measurement-time 1 --sample-size 10)
     fi
     log "running criterion (${criterion_args[*]})"
-    cargo bench -p shardlock-benches --bench micro -- "${criterion_args[@]}" 2>&1 |
+    "${pin_client[@]}" cargo bench -p shardlock-benches --bench micro -- "${criterion_args[@]}" 2>&1 |
         tee "$work/criterion.log" | grep -E '^(try_acquire|batch_)|time:|SKIPPED' >&2 || true
     if [ -d "$CRITERION_HOME" ]; then
         criterion_md=$("$target_dir/release/shardlock-bench" criterion-summary "$CRITERION_HOME")
@@ -156,6 +170,8 @@ if [ -n "$(git status --porcelain 2>/dev/null | grep -v '^??' || true)" ]; then
 fi
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || echo unknown)
 mem=$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo 2>/dev/null || echo unknown)
+pinning="not pinned"
+[ "${#pin_client[@]}" -gt 0 ] && pinning="server: docker ${pin_server[*]}; benchmarks: ${pin_client[*]}"
 mode=full
 [ "$quick" -eq 1 ] && mode="quick (--quick: few rounds, not for comparison)"
 {
@@ -184,7 +200,10 @@ order alternates each round) so that the noise of this shared 2-core machine
 hits both sides alike. **ratio** = shardlock's p50 / raw's p50 (lower is
 better; 1.00× means no overhead). The Postgres server runs in a local Docker
 container on the host network (reached on 127.0.0.1 without docker-proxy),
-with \`fsync=off\`.
+with \`fsync=off\`, pinned to the last CPU while the benchmarks run on the
+others (\`$pinning\`): on 2 cores a round trip costs about 25 µs when
+client and server share a core and 75 µs across cores, and an unpinned
+connection settles in either mode, which skewed ratios by up to 3×.
 Statement counts are the server's own (\`pg_stat_statements\`, read from a
 separate connection in another database). The harness is
 \`benches/src/bin/shardlock-bench\`; the criterion benches are

@@ -701,7 +701,7 @@ async fn sqlite_sets(ctx: &mut Ctx, n: usize) -> Result<Vec<Row>, String> {
     let (repeats, cycles) = ctx.config.pick((1, 3), (3, 10));
     let dir = ctx.sqlite_dir(&format!("m6-{n}"));
     // The coordinator and the raw baseline hold n key files each at once.
-    let per_lock = fds_per_sqlite_lock(&dir.join("probe"))?;
+    let per_lock = fds_per_sqlite_lock(&ctx.sqlite_dir(&format!("m6-{n}-probe")))?;
     if let Some(limit) = soft_open_file_limit() {
         let needed = (per_lock * 2.0 * n as f64) as usize + 500;
         if needed > limit {

@@ -591,16 +591,28 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
         Target::RatioAtMost(1.2),
     );
     if row.verdict == shardlock_benches::Verdict::Missed {
+        let statement = diagnosis.as_ref().and_then(|d| d.ratio);
+        let why = match statement {
+            Some(r) if r <= 1.05 => format!(
+                "the driver's statement sent raw costs {r:.2}× the plain raw batch (diagnosis \
+                 row), so the gap is the driver's client-side work per key: a dedup `HashSet`, \
+                 a `HashMap` from id to key, a `BTreeMap` insert and a `LockKey` clone per \
+                 granted key, then a lookup per key for the answer, and on release a clear of \
+                 that map. Keeping held keys in a `HashMap` and building the answer from the \
+                 server's array directly (no second lookup, no dedup set when the batch has no \
+                 duplicates) would close most of it"
+            ),
+            Some(r) => format!(
+                "the driver's statement sent raw already costs {r:.2}× the plain raw batch \
+                 (diagnosis row): `array_agg(… order by t.i)` over `with ordinality` sorts on \
+                 the server; the rest is client-side work per key (dedup set, id map, \
+                 `BTreeMap` of held keys)"
+            ),
+            None => "the statement could not be isolated (no statement counts)".to_string(),
+        };
         row.note = Some(format!(
-            "Batched cycle of {size} keys misses ≤1.2×: both sides send one statement per \
-             try-acquire (counted below). The diagnosis row sends the driver's own statement \
-             raw: if it is close to 1.00×, the gap is the driver's client-side work per key \
-             (a dedup `HashSet`, a `HashMap` from id to key, a `BTreeMap` insert and a \
-             `LockKey` clone per granted key, then a lookup per key for the answer); keeping \
-             held keys in a `HashMap` and skipping the dedup set when the batch has no \
-             duplicates would close it. If the diagnosis row is itself above 1.00×, the \
-             statement's shape (`array_agg … order by` over `with ordinality`) costs the \
-             difference on the server."
+            "Batched cycle of {size} keys misses ≤1.2× although both sides send one statement \
+             per try-acquire (counted below): {why}."
         ));
     }
     let target = Target::Exactly(1.0);
