@@ -198,6 +198,14 @@ pub async fn projection_leader_killed_resumes<H: ProjectionHarness>(h: &H) {
         applied.all().iter().all(|(who, _)| who == "a"),
         "the follower waits while the leader leads"
     );
+    // The leader's epoch, read before the crash (the follower may claim a
+    // newer one the moment the leader's lock is gone).
+    let leader_epoch = checkpoints
+        .load(&name)
+        .await
+        .expect("load")
+        .expect("claimed")
+        .epoch;
     // Crash: the runner stops mid-stream and its sessions die.
     leader.abort();
     let _ = leader.await;
@@ -253,8 +261,8 @@ pub async fn projection_leader_killed_resumes<H: ProjectionHarness>(h: &H) {
         "every event applied at least once"
     );
     assert!(
-        final_cp.epoch > at_kill.epoch,
-        "the follower claimed a newer epoch"
+        final_cp.epoch > leader_epoch,
+        "the follower claimed a newer epoch than the leader's {leader_epoch}: {final_cp:?}"
     );
     eprintln!(
         "projection: leader killed at checkpoint {}, follower resumed at {first_b}, {} events re-applied",

@@ -321,8 +321,10 @@ async fn interrupted_round_trip_breaks_the_session() {
         // timer tick, time enough for a fast server to answer).
         let polled = std::future::poll_fn(|cx| Poll::Ready(batch.as_mut().poll(cx))).await;
         drop(batch);
-        if polled.is_pending() {
-            break;
+        match polled {
+            Poll::Pending => break,
+            Poll::Ready(Err(e)) => panic!("the batch failed instead of staying in flight: {e:?}"),
+            Poll::Ready(Ok(_)) => {}
         }
         assert!(attempt < 9, "the batch never stayed in flight");
         a.release_all().await.expect("release_all");
