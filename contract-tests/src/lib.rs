@@ -24,7 +24,7 @@ mod recorder;
 mod scenarios;
 
 pub use clauses::*;
-pub use harness::{skip, unique_keys, unique_name, Harness, Holder};
+pub use harness::{skip, spawn_holder_process, unique_keys, unique_name, Harness, Holder};
 pub use projection::*;
 pub use recorder::{Recorder, RecordingAgent, ShardRun};
 pub use scenarios::*;

@@ -34,7 +34,6 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -174,29 +173,13 @@ fn spawn_holder_process(
     database: &DatabaseId,
     keys: &[LockKey],
 ) -> Result<Holder, BoxError> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardlock-pg-holder"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shardlock-pg-holder"));
+    command
         .arg(database.as_str())
         .args(keys.iter().map(LockKey::name))
         .env(URL_ENV, url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let mut line = String::new();
-    // The holder prints one line once it holds every key, or exits.
-    let read = BufReader::new(stdout).read_line(&mut line);
-    if read.is_err() || !line.starts_with("READY") {
-        let _ = child.kill();
-        let status = child.wait();
-        return Err(format!("holder did not get ready: {line:?} {read:?} {status:?}").into());
-    }
-    let label = format!("shardlock-pg-holder pid {} ({})", child.id(), line.trim());
-    Ok(Holder::new(label, move || {
-        // std's kill is SIGKILL on Unix: no clean-up in the holder.
-        let _ = child.kill();
-        let _ = child.wait();
-    }))
+        .stdin(Stdio::piped());
+    shardlock_contract_tests::spawn_holder_process(command, "READY", |_| true)
 }
 
 /// Waits until a real query succeeds (a reused container may still be

@@ -38,7 +38,6 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -176,39 +175,16 @@ fn spawn_holder_process(
     database: &DatabaseId,
     keys: &[LockKey],
 ) -> Result<Holder, BoxError> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardlock-mssql-holder"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shardlock-mssql-holder"));
+    command
         .arg(database.as_str())
         .args(keys.iter().map(LockKey::name))
         .env("SHARDLOCK_MSSQL_HOLDER_URL", url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let mut line = String::new();
-    // The holder prints one line once the batch is answered, or exits.
-    let read = BufReader::new(stdout).read_line(&mut line);
-    let bits = line
-        .split_whitespace()
-        .nth(1)
-        .filter(|_| line.starts_with("GRANTED "))
-        .unwrap_or_default()
-        .to_string();
-    if read.is_err() || bits.len() != keys.len() || bits.contains('0') {
-        let _ = child.kill();
-        let status = child.wait();
-        return Err(format!("holder did not get every key: {line:?} {read:?} {status:?}").into());
-    }
-    let label = format!(
-        "shardlock-mssql-holder pid {} ({})",
-        child.id(),
-        line.trim()
-    );
-    Ok(Holder::new(label, move || {
-        // std's kill is SIGKILL on Unix: no clean-up in the holder.
-        let _ = child.kill();
-        let _ = child.wait();
-    }))
+        .stdin(Stdio::null());
+    shardlock_contract_tests::spawn_holder_process(command, "GRANTED ", |line| {
+        let bits = line.split_whitespace().nth(1).unwrap_or_default();
+        bits.len() == keys.len() && !bits.contains('0')
+    })
 }
 
 /// Waits until the server accepts logins (a reused container may still be
