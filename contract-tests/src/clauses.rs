@@ -298,6 +298,36 @@ pub async fn clause_5_release<H: Harness>(h: &H) {
     b.close().await.expect("close");
 }
 
+/// Clause 5, batched: `release_many` answers per key (held → true, not held
+/// or held by another → false) and frees exactly the held ones.
+pub async fn clause_5_release_many<H: Harness>(h: &H) {
+    let keys = unique_keys("c5many", 4);
+    let mut a = open(h, "a").await;
+    let mut b = open(h, "b").await;
+    assert!(a
+        .try_acquire(&keys[..2])
+        .await
+        .expect("batch")
+        .iter()
+        .all(|g| *g));
+    assert!(try_one(&mut b, &keys[2]).await);
+    let answers = a.release_many(&keys).await.expect("release_many");
+    assert_eq!(
+        answers,
+        vec![true, true, false, false],
+        "one answer per key"
+    );
+    assert!(a.held().is_empty(), "nothing left: {:?}", a.held());
+    let granted = b.try_acquire(&keys).await.expect("batch");
+    assert_eq!(
+        granted,
+        vec![true, true, true, true],
+        "released keys are free; b keeps its own"
+    );
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
+
 /// Clause 6: `close` releases every key.
 pub async fn clause_6_close_releases<H: Harness>(h: &H) {
     let keys = unique_keys("c6close", 5);

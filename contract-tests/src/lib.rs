@@ -46,6 +46,7 @@ macro_rules! driver_contract_tests {
             clause_4_acquire_cancel_safe,
             clause_4_acquire_drop_safe,
             clause_5_release,
+            clause_5_release_many,
             clause_6_close_releases,
             clause_6_drop_releases,
             clause_6_drop_on_current_thread_runtime,

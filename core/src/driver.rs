@@ -106,6 +106,19 @@ pub trait Session: Send + 'static {
     /// if it was not.
     fn release(&mut self, key: &LockKey) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Releases each key in `keys`, answering like [`release`](Session::release)
+    /// per key. Drivers that can should do it in one round trip (the default
+    /// calls `release` per key).
+    fn release_many(&mut self, keys: &[LockKey]) -> impl Future<Output = Result<Vec<bool>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                out.push(self.release(key).await?);
+            }
+            Ok(out)
+        }
+    }
+
     /// Releases every key this session holds.
     fn release_all(&mut self) -> impl Future<Output = Result<()>> + Send {
         async move {

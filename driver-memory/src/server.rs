@@ -1,6 +1,6 @@
 //! The in-process "database server": lock tables, sessions, fault injection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,6 +11,9 @@ use tokio::sync::{watch, Notify};
 use tracing::debug;
 
 use crate::session::MemorySession;
+
+/// How many lock events the server remembers (the oldest are dropped).
+const EVENT_HISTORY: usize = 100_000;
 
 /// Default time the server keeps a severed or partitioned session's locks.
 pub const DEFAULT_RELEASE_WINDOW: Duration = Duration::from_secs(20);
@@ -95,7 +98,7 @@ struct Held {
 pub(crate) struct State {
     locks: HashMap<(DatabaseId, i64), Held>,
     pub(crate) sessions: HashMap<SessionId, SessionRecord>,
-    events: Vec<LockEvent>,
+    events: VecDeque<LockEvent>,
     next_session: u64,
 }
 
@@ -190,9 +193,9 @@ impl MemoryServer {
             .map(|h| h.session)
     }
 
-    /// The lock history since the server started.
+    /// The lock history (the latest 100,000 events).
     pub fn events(&self) -> Vec<LockEvent> {
-        self.inner.lock().events.clone()
+        self.inner.lock().events.iter().cloned().collect()
     }
 
     /// Lock operations served (one per session call), to check batching.
@@ -237,6 +240,15 @@ impl fmt::Debug for MemoryServer {
             .field("locks", &state.locks.len())
             .field("release_window", &self.inner.release_window)
             .finish()
+    }
+}
+
+impl State {
+    fn record(&mut self, event: LockEvent) {
+        if self.events.len() >= EVENT_HISTORY {
+            let _ = self.events.pop_front();
+        }
+        self.events.push_back(event);
     }
 }
 
@@ -292,7 +304,7 @@ impl Inner {
                     },
                 );
                 let node = node_of(state, session);
-                state.events.push(LockEvent {
+                state.record(LockEvent {
                     at: Instant::now(),
                     kind: LockEventKind::Acquired,
                     key: key.name().to_string(),
@@ -318,7 +330,7 @@ impl Inner {
         if state.locks.get(&slot).is_some_and(|h| h.session == session) {
             state.locks.remove(&slot);
             let node = node_of(state, session);
-            state.events.push(LockEvent {
+            state.record(LockEvent {
                 at: Instant::now(),
                 kind,
                 key: key.name().to_string(),
@@ -357,7 +369,7 @@ impl Inner {
         let node = node_of(state, session);
         for slot in slots {
             if let Some(held) = state.locks.remove(&slot) {
-                state.events.push(LockEvent {
+                state.record(LockEvent {
                     at: Instant::now(),
                     kind,
                     key: held.key.name().to_string(),

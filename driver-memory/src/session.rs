@@ -139,6 +139,27 @@ impl Session for MemorySession {
         ))
     }
 
+    async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        self.ensure_open()?;
+        self.reachable().await?;
+        self.server.inner.count_round_trip();
+        let inner = &self.server.inner;
+        let mut state = inner.lock();
+        Ok(keys
+            .iter()
+            .map(|key| {
+                self.held.remove(&key.id());
+                inner.give_back(
+                    &mut state,
+                    self.id,
+                    &self.database,
+                    key,
+                    LockEventKind::Released,
+                )
+            })
+            .collect())
+    }
+
     async fn release_all(&mut self) -> Result<()> {
         self.ensure_open()?;
         self.reachable().await?;

@@ -349,6 +349,43 @@ impl Session for PgSession {
         Ok(released)
     }
 
+    /// One statement for every held key of `keys` (`unnest` +
+    /// `pg_advisory_unlock`); keys not held answer `false` without being sent.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped mid-round-trip, the session is broken.
+    async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        self.reclaim().await;
+        let mut seen = HashSet::with_capacity(keys.len());
+        let held: Vec<i64> = keys
+            .iter()
+            .map(LockKey::id)
+            .filter(|id| self.held.contains_key(id) && seen.insert(*id))
+            .collect();
+        if held.is_empty() {
+            return Ok(vec![false; keys.len()]);
+        }
+        self.ready().await?;
+        self.in_flight = Some("release_many");
+        let conn = self.conn()?;
+        let result = sqlx::query_scalar::<_, Vec<bool>>(sql::UNLOCK_MANY)
+            .bind(&held)
+            .fetch_one(conn)
+            .await;
+        self.in_flight = None;
+        let answers = result.map_err(|e| self.fail("release_many", e))?;
+        let released: HashMap<i64, bool> = held.iter().copied().zip(answers).collect();
+        for id in &held {
+            let _ = self.held.remove(id);
+        }
+        let mut first = HashSet::with_capacity(keys.len());
+        Ok(keys
+            .iter()
+            .map(|k| first.insert(k.id()) && released.get(&k.id()).copied().unwrap_or(false))
+            .collect())
+    }
+
     /// `pg_advisory_unlock_all()`, or nothing when no key is held.
     ///
     /// # Cancel safety

@@ -57,6 +57,9 @@ pub(crate) const LOCK: &str = "SELECT pg_advisory_lock($1)";
 pub(crate) const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
 
 /// Release every advisory lock of the session.
+/// Releases many keys in one statement, one answer per key in order.
+pub(crate) const UNLOCK_MANY: &str = "SELECT array_agg(pg_advisory_unlock(t.k) ORDER BY t.i) FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)";
+
 pub(crate) const UNLOCK_ALL: &str = "SELECT pg_advisory_unlock_all()";
 
 /// Release `$1` only if this backend holds it (no server WARNING when it

@@ -15,7 +15,7 @@
 //! | try-acquire batch | one call to the session's worker for any number of keys |
 //! | blocking acquire | SQLite's busy handler, retrying every 5 ms; cancel checked every 100 ms |
 //! | crash release | immediate (the kernel drops the file locks) |
-//! | files | one per key ever used, one per live session; each held key keeps one file open, so the open-file limit (`ulimit -n`) bounds the keys one process can hold |
+//! | files | one per key ever used, one per live session; each held key keeps one file open (no journal), so the open-file limit (`ulimit -n`) bounds the keys one process can hold |
 //! | status | `registry.db` records holder node, pid and since; `status()` checks liveness |
 //! | ending a session from outside | delete its liveness file `<database>/sessions/<name>.lock`: within 250 ms its worker frees every lock and later calls fail with `SessionLost` |
 //! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs; [`SqliteCheckpoints::save_in`] writes inside your own transaction |

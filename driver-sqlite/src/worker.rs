@@ -75,6 +75,10 @@ fn lock_file(path: &Path, blocking: bool) -> Result<Option<HeldFile>, SqliteErro
     let handler: Option<fn(i32) -> bool> = if blocking { Some(wait_a_little) } else { None };
     conn.busy_handler(handler)
         .map_err(|e| SqliteError::sqlite(path, e))?;
+    // Lock files are never written: no rollback journal (and so one open
+    // file per held key, not two).
+    conn.query_row("PRAGMA journal_mode = OFF", [], |_| Ok(()))
+        .map_err(|e| SqliteError::sqlite(path, e))?;
     match conn.execute_batch("BEGIN IMMEDIATE") {
         Ok(()) => {
             let ino = fs::metadata(path)

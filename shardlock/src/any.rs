@@ -68,6 +68,10 @@ macro_rules! any_driver {
                 match self { $( $(#[$meta])* Self::$variant(s) => s.release(key).await, )* }
             }
 
+            async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+                match self { $( $(#[$meta])* Self::$variant(s) => s.release_many(keys).await, )* }
+            }
+
             async fn release_all(&mut self) -> Result<()> {
                 match self { $( $(#[$meta])* Self::$variant(s) => s.release_all().await, )* }
             }

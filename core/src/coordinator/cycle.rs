@@ -265,15 +265,21 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             }
         }
         stop_all(stopping, self.config.stop_timeout).await;
+        let mut by_db: HashMap<DatabaseId, Vec<LockKey>> = HashMap::new();
         for (set, held) in leaving {
             info!(key = %set.key, database = %set.database, "set left the distribution: agents stopped");
             if held {
-                self.release_key(&set.database, &set.key).await;
+                by_db.entry(set.database).or_default().push(set.key);
             }
+        }
+        for (db, keys) in by_db {
+            self.release_keys(&db, &keys).await;
         }
     }
 
-    async fn release_key(&mut self, db: &DatabaseId, key: &LockKey) {
+    /// Releases `keys` in `db` in one call (one round trip where the driver
+    /// can); a failure or a missed deadline loses the session.
+    async fn release_keys(&mut self, db: &DatabaseId, keys: &[LockKey]) {
         let deadline = self.config.lock_loss_timeout;
         let Some(conn) = self.conns.get_mut(db) else {
             return;
@@ -281,22 +287,20 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let Some(session) = conn.session.as_mut() else {
             return;
         };
-        match tokio::time::timeout(deadline, session.release(key)).await {
-            Ok(Ok(_)) => debug!(%key, "released"),
-            Ok(Err(e)) => {
-                let session = conn.session.take();
-                self.lose_session(db, session, &e).await;
+        let failure = match tokio::time::timeout(deadline, session.release_many(keys)).await {
+            Ok(Ok(_)) => {
+                debug!(database = %db, keys = keys.len(), "released");
+                return;
             }
-            Err(_) => {
-                let session = conn.session.take();
-                let e = Error::Timeout {
-                    operation: "release",
-                    database: db.to_string(),
-                    after: deadline,
-                };
-                self.lose_session(db, session, &e).await;
-            }
-        }
+            Ok(Err(e)) => e,
+            Err(_) => Error::Timeout {
+                operation: "release",
+                database: db.to_string(),
+                after: deadline,
+            },
+        };
+        let session = conn.session.take();
+        self.lose_session(db, session, &failure).await;
     }
 
     fn supervise_agents(&mut self) {
@@ -519,24 +523,26 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     async fn shutdown(&mut self) {
         let owned = std::mem::take(&mut self.owned);
         let mut stopping = Vec::new();
-        let mut held = Vec::new();
+        let mut held: HashMap<DatabaseId, Vec<LockKey>> = HashMap::new();
         for (key, o) in owned {
             stopping.push(o.agents);
             if o.held {
-                held.push((o.set.database, key));
+                held.entry(o.set.database).or_default().push(key);
             }
         }
         let agents = stopping.len();
         stop_all(stopping, self.config.stop_timeout).await;
         info!(sets = agents, "agents stopped; releasing locks");
-        for (db, key) in held {
-            self.release_key(&db, &key).await;
+        for (db, keys) in held {
+            self.release_keys(&db, &keys).await;
         }
         for (db, conn) in self.conns.drain() {
             if let Some(session) = conn.session {
                 match tokio::time::timeout(self.config.lock_loss_timeout, session.close()).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(database = %db, error = %e, "closing session failed"),
+                    Ok(Err(e)) => {
+                        warn!(database = %db, error = %e.report(), "closing session failed")
+                    }
                     Err(_) => warn!(database = %db, "closing session timed out"),
                 }
             }
