@@ -14,7 +14,7 @@
 //! 3. A blocking `acquire` lends the connection to a task (see `wait.rs`);
 //!    the next call takes it back first.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +53,7 @@ pub struct PgSession {
     side: Arc<SideConnect>,
     pid: i32,
     version_num: u32,
-    held: BTreeMap<i64, LockKey>,
+    held: HashMap<i64, LockKey>,
     broken: Option<String>,
     in_flight: Option<&'static str>,
 }
@@ -67,7 +67,7 @@ impl PgSession {
             side: established.side,
             pid: established.pid,
             version_num: established.version_num,
-            held: BTreeMap::new(),
+            held: HashMap::new(),
             broken: None,
             in_flight: None,
         }
@@ -255,11 +255,20 @@ impl Session for PgSession {
                 self.mark_broken(reason.clone());
                 return Err(self.lost(&reason));
             }
-            let by_id: HashMap<i64, &LockKey> = keys.iter().map(|k| (k.id(), k)).collect();
-            for (id, granted) in rows {
-                if let (true, Some(key)) = (granted, by_id.get(&id)) {
-                    let _ = self.held.insert(id, (*key).clone());
-                }
+            // `rows` follows `wanted`, which follows the first occurrence of
+            // each id in `keys`.
+            let mut first = HashSet::with_capacity(wanted.len());
+            let newly = keys
+                .iter()
+                .filter(|k| !self.held.contains_key(&k.id()) && first.insert(k.id()));
+            let granted: Vec<&LockKey> = newly
+                .zip(rows)
+                .filter(|(_, (_, granted))| *granted)
+                .map(|(key, _)| key)
+                .collect();
+            self.held.reserve(granted.len());
+            for key in granted {
+                let _ = self.held.insert(key.id(), key.clone());
             }
         }
         Ok(keys
