@@ -78,12 +78,10 @@ pub(crate) fn ratio_row(
 }
 
 /// Why the SQLite driver runs out of file descriptors near 10,000 keys.
-pub(crate) const SQLITE_FDS: &str = "SQLite at 10,000 keys: every held key keeps two files \
-     open, the key file and its `-journal` (SQLite opens the rollback journal when \
-     `BEGIN IMMEDIATE` takes the write lock), so 10,000 keys need 20,000 descriptors, the \
-     `ulimit -n` of this machine. The key connections never write: `PRAGMA journal_mode = OFF` \
-     (or `MEMORY`) on them would halve that and spare a file creation per acquire; raising \
-     `ulimit -n` also works.";
+pub(crate) const SQLITE_FDS: &str = "SQLite at 10,000 keys: every held key keeps its key \
+     file open (the driver turns the rollback journal off, so one descriptor per key), and the \
+     raw baseline keeps a key file and its `-journal` open per key; both sides together pass \
+     the `ulimit -n` of this machine. Raising `ulimit -n` lets it run.";
 
 const M1: &str = "1 try-acquire + release, 1 key";
 const M2: &str = "2 batched cycle (try-acquire all + release all)";
@@ -596,17 +594,16 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
             Some(r) if r <= 1.05 => format!(
                 "the driver's statement sent raw costs {r:.2}× the plain raw batch (diagnosis \
                  row), so the gap is the driver's client-side work per key: a dedup `HashSet`, \
-                 a `HashMap` from id to key, a `BTreeMap` insert and a `LockKey` clone per \
-                 granted key, then a lookup per key for the answer, and on release a clear of \
-                 that map. Keeping held keys in a `HashMap` and building the answer from the \
-                 server's array directly (no second lookup, no dedup set when the batch has no \
-                 duplicates) would close most of it"
+                 a `HashMap` insert and a `LockKey` clone per granted key, and a lookup per key \
+                 for the answer. Building the answer from the server's array directly (no \
+                 dedup set when the batch has no duplicates) would close more of it"
             ),
             Some(r) => format!(
                 "the driver's statement sent raw already costs {r:.2}× the plain raw batch \
                  (diagnosis row): `array_agg(… order by t.i)` over `with ordinality` sorts on \
-                 the server; the rest is client-side work per key (dedup set, id map, \
-                 `BTreeMap` of held keys)"
+                 the server; the rest is client-side work per key (dedup set, `HashMap` of held \
+                 keys). An unordered `array_agg` with the order restored on the client would \
+                 remove the server-side sort"
             ),
             None => "the statement could not be isolated (no statement counts)".to_string(),
         };
