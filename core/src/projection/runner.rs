@@ -12,8 +12,31 @@ use super::{
 use crate::error::BoxError;
 
 /// Runs `projector` against `backend` until `cancel` fires, with default
-/// options and no dead-letter hook. See [the module docs](super) for the
-/// semantics.
+/// options and no dead-letter hook.
+///
+/// # Semantics (at-least-once)
+///
+/// 1. Take leadership for the projector's name, else
+///    [`ProjectionError::LeadershipError`].
+/// 2. [`CheckpointStore::claim`]: bump the subscription's fencing **epoch**
+///    and load its position.
+/// 3. Read a batch of events after the position; apply each in order; save
+///    the checkpoint **after** applying, conditional on the epoch. A node
+///    whose epoch was superseded (it lost its lock but kept running) gets
+///    [`ProjectionError::FencedOff`] and stops; the checkpoint never moves
+///    backwards.
+/// 4. No events: wait with backoff. Cancellation stops the runner promptly
+///    and releases leadership.
+///
+/// Events after the last saved checkpoint may be applied again after a
+/// failover (at-least-once): make `apply` idempotent, or write the
+/// projection's rows and the checkpoint in one transaction (SQL stores
+/// offer that).
+///
+/// A failing event is retried with exponential backoff up to
+/// [`ProjectionOptions::max_attempts`]; then, with a [`DeadLetter`] hook the
+/// event is recorded and skipped, without one the runner stops with
+/// [`ProjectionError::Apply`] and the checkpoint stays before the event.
 ///
 /// # Errors
 ///
