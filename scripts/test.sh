@@ -54,4 +54,6 @@ log "cargo nextest run --workspace"
 cargo nextest run --workspace --locked --profile ci
 log "doctests"
 cargo test --workspace --doc --locked
+log "cargo doc (broken links and doc warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 log "all checks passed in $(( $(date +%s) - started )) s"
