@@ -36,6 +36,17 @@ async fn try_one<S: Session>(s: &mut S, key: &LockKey) -> bool {
     }
 }
 
+/// Takes every key of `keys` in one batch, or panics with the answers.
+pub async fn take_all<S: Session>(session: &mut S, keys: &[LockKey]) {
+    match session.try_acquire(keys).await {
+        Ok(granted) => assert!(
+            granted.iter().all(|g| *g),
+            "every key must be granted: {granted:?}"
+        ),
+        Err(e) => panic!("try_acquire of {} keys failed: {e:?}", keys.len()),
+    }
+}
+
 /// Waits until a fresh session can take `key` (then releases it), or panics
 /// after [`SETTLE`]. Returns how long it took.
 async fn until_free<H: Harness>(h: &H, key: &LockKey, why: &str) -> Duration {
@@ -304,12 +315,7 @@ pub async fn clause_5_release_many<H: Harness>(h: &H) {
     let keys = unique_keys("c5many", 4);
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
-    assert!(a
-        .try_acquire(&keys[..2])
-        .await
-        .expect("batch")
-        .iter()
-        .all(|g| *g));
+    take_all(&mut a, &keys[..2]).await;
     assert!(try_one(&mut b, &keys[2]).await);
     let answers = a.release_many(&keys).await.expect("release_many");
     assert_eq!(
@@ -332,12 +338,7 @@ pub async fn clause_5_release_many<H: Harness>(h: &H) {
 pub async fn clause_6_close_releases<H: Harness>(h: &H) {
     let keys = unique_keys("c6close", 5);
     let mut a = open(h, "a").await;
-    assert!(a
-        .try_acquire(&keys)
-        .await
-        .expect("batch")
-        .iter()
-        .all(|g| *g));
+    take_all(&mut a, &keys).await;
     a.close().await.expect("close");
     let mut b = open(h, "b").await;
     let granted = b.try_acquire(&keys).await.expect("batch");
@@ -352,12 +353,7 @@ pub async fn clause_6_close_releases<H: Harness>(h: &H) {
 pub async fn clause_6_drop_releases<H: Harness>(h: &H) {
     let keys = unique_keys("c6drop", 3);
     let mut a = open(h, "a").await;
-    assert!(a
-        .try_acquire(&keys)
-        .await
-        .expect("batch")
-        .iter()
-        .all(|g| *g));
+    take_all(&mut a, &keys).await;
     let started = Instant::now();
     drop(a);
     let drop_took = started.elapsed();
@@ -387,12 +383,7 @@ pub async fn clause_6_drop_on_current_thread_runtime<H: Harness>(h: &H) {
                 .connect(&db, &NodeId::new("ct"))
                 .await
                 .expect("connect");
-            assert!(s
-                .try_acquire(&held)
-                .await
-                .expect("batch")
-                .iter()
-                .all(|g| *g));
+            take_all(&mut s, &held).await;
             drop(s);
             // Give a spawned unlock a chance to run before the runtime ends.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -432,12 +423,7 @@ pub async fn clause_8_verify_detects_loss<H: Harness>(h: &H) {
     let keys = unique_keys("c8", 3);
     let mut a = open(h, "a").await;
     a.verify().await.expect("verify with no locks");
-    assert!(a
-        .try_acquire(&keys)
-        .await
-        .expect("batch")
-        .iter()
-        .all(|g| *g));
+    take_all(&mut a, &keys).await;
     a.verify().await.expect("verify while holding");
     h.terminate(&a).await;
     let deadline = Instant::now() + SETTLE;
@@ -543,12 +529,7 @@ pub async fn hostile_names<H: Harness>(h: &H) {
         .collect();
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
-    assert!(a
-        .try_acquire(&keys)
-        .await
-        .expect("batch")
-        .iter()
-        .all(|g| *g));
+    take_all(&mut a, &keys).await;
     let denied = b.try_acquire(&keys).await.expect("batch");
     assert!(
         denied.iter().all(|g| !*g),

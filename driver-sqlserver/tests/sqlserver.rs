@@ -56,12 +56,7 @@ async fn server_views_show_the_node_and_its_locks() {
     let keys = unique_keys("views", 3);
     let node = unique_name("node");
     let mut a = open(&h, &node).await;
-    assert!(a
-        .try_acquire(&keys)
-        .await
-        .expect("batch")
-        .iter()
-        .all(|g| *g));
+    shardlock_contract_tests::take_all(&mut a, &keys).await;
     let mut side = h.raw(h.database().as_str()).await;
     let row = side
         .query(
