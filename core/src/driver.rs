@@ -17,7 +17,10 @@
 //!    and works on a current-thread runtime.
 //! 7. Distinct keys are independent.
 //! 8. [`Session::verify`] fails when the connection is gone or the database no
-//!    longer shows the session's locks.
+//!    longer shows the session's locks; and loss is signalled as it happens:
+//!    [`Session::signals`]' `lost` token fires when the driver sees the
+//!    connection end, without waiting for a statement, within the bound the
+//!    driver states in [`Driver::capabilities`].
 //! 9. A crashed process's keys are released by the database.
 //! 10. Errors are typed; "not granted" is a value.
 
@@ -29,6 +32,73 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::ids::{DatabaseId, NodeId};
 use crate::key::LockKey;
+use crate::signals::SessionSignals;
+
+/// Whether a driver offers a feature, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Support {
+    /// The database provides it directly.
+    Native,
+    /// The driver builds it from other means (a watcher connection, a timer).
+    Emulated,
+    /// Not offered.
+    Unsupported,
+}
+
+impl Support {
+    /// Native or emulated.
+    pub fn is_supported(self) -> bool {
+        !matches!(self, Self::Unsupported)
+    }
+}
+
+/// What a driver can do beyond the required contract, and its bounds (the
+/// model is opendal's `Capability`). The coordinator sizes its takeover
+/// delay from [`loss_detection_bound`](Capabilities::loss_detection_bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// How [`SessionSignals::lost`] learns that a connection ended.
+    pub loss_signal: Support,
+    /// The longest time from the server ending a session (terminate, restart,
+    /// failover, `KILL`) to the loss signal firing, on a healthy network.
+    /// `None` when the driver cannot say (no loss signal).
+    pub loss_detection_bound: Option<Duration>,
+    /// Whether sessions announce releases by other sessions
+    /// ([`SessionSignals::release_hint`]).
+    pub release_hint: Support,
+}
+
+impl Capabilities {
+    /// Nothing beyond the required contract: no loss signal, no hint.
+    pub const fn none() -> Self {
+        Self {
+            loss_signal: Support::Unsupported,
+            loss_detection_bound: None,
+            release_hint: Support::Unsupported,
+        }
+    }
+
+    /// With a loss signal of this kind, firing within `bound`.
+    pub const fn with_loss_signal(mut self, support: Support, bound: Duration) -> Self {
+        self.loss_signal = support;
+        self.loss_detection_bound = Some(bound);
+        self
+    }
+
+    /// With a release hint of this kind.
+    pub const fn with_release_hint(mut self, support: Support) -> Self {
+        self.release_hint = support;
+        self
+    }
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self::none()
+    }
+}
 
 /// A database backend that opens lock sessions.
 ///
@@ -63,6 +133,11 @@ pub trait Driver: Clone + Send + Sync + 'static {
     fn lock_release_window(&self) -> Option<Duration> {
         None
     }
+
+    /// What the driver offers beyond the required contract (default: nothing).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+    }
 }
 
 /// One dedicated connection to one database, holding session-scoped locks.
@@ -76,6 +151,12 @@ pub trait Session: Send + 'static {
     /// The keys this session holds, as far as it knows.
     fn held(&self) -> Vec<LockKey>;
 
+    /// The session's signals (clause 8): an owned handle, taken once when
+    /// the session opens and watched apart from it, whose `lost` token fires
+    /// as soon as the driver sees the connection end. Every call answers
+    /// handles on the same signals.
+    fn signals(&self) -> SessionSignals;
+
     /// Tries to take every key in `keys` without waiting, in **one round
     /// trip**; answers one `bool` per key, in order. Keys already held answer
     /// `true` and are not locked a second time. Duplicate keys in one batch
@@ -85,8 +166,9 @@ pub trait Session: Send + 'static {
     ///
     /// Not cancel-safe at the database level: if the future is dropped after
     /// the request was sent, some keys may be held without the session
-    /// knowing. Drivers mark the session broken in that case so the next
-    /// [`verify`](Session::verify) fails and the coordinator discards it.
+    /// knowing. Drivers then poison the session (see
+    /// [`Holds`](crate::Holds)) so the next [`verify`](Session::verify) fails
+    /// and the coordinator discards it; the contract suite checks this.
     fn try_acquire(&mut self, keys: &[LockKey]) -> impl Future<Output = Result<Vec<bool>>> + Send;
 
     /// Waits until `key` is granted (`Ok(true)`) or `cancel` fires

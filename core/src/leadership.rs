@@ -9,6 +9,7 @@ use crate::driver::{Driver, Session};
 use crate::error::{Error, Result};
 use crate::ids::{DatabaseId, NodeId};
 use crate::key::LockKey;
+use crate::signals::SessionSignals;
 
 /// Proof of leadership: holds the session that holds the key.
 ///
@@ -18,13 +19,32 @@ use crate::key::LockKey;
 /// way to hand over.
 pub struct LeadershipGuard<S: Session> {
     session: Option<S>,
+    signals: SessionSignals,
+    database: DatabaseId,
     key: LockKey,
 }
 
 impl<S: Session> LeadershipGuard<S> {
+    fn new(session: S, key: LockKey) -> Self {
+        Self {
+            signals: session.signals(),
+            database: session.database().clone(),
+            session: Some(session),
+            key,
+        }
+    }
+
     /// The key this guard holds.
     pub fn key(&self) -> &LockKey {
         &self.key
+    }
+
+    /// Fires as soon as the driver sees the session end (the server
+    /// terminated it, restarted, failed over): leadership is gone, stop
+    /// leading at once. Derive the leader's work token from it
+    /// (`guard.lost().child_token()`).
+    pub fn lost(&self) -> CancellationToken {
+        self.signals.lost().clone()
     }
 
     /// Proves the lock is still held (one round trip).
@@ -35,7 +55,10 @@ impl<S: Session> LeadershipGuard<S> {
     pub async fn verify(&mut self) -> Result<()> {
         match self.session.as_mut() {
             Some(session) => session.verify().await,
-            None => Err(Error::Closed),
+            None => Err(Error::session_lost(
+                &self.database,
+                "leadership was released",
+            )),
         }
     }
 
@@ -57,6 +80,7 @@ impl<S: Session> fmt::Debug for LeadershipGuard<S> {
         f.debug_struct("LeadershipGuard")
             .field("key", &self.key)
             .field("released", &self.session.is_none())
+            .field("lost", &self.signals.is_lost())
             .finish()
     }
 }
@@ -78,10 +102,7 @@ pub async fn acquire_leadership<D: Driver>(
     let granted = session.try_acquire(std::slice::from_ref(&key)).await?;
     if granted.first().copied().unwrap_or(false) {
         info!(key = %key, %node, "leadership acquired");
-        Ok(LeadershipGuard {
-            session: Some(session),
-            key,
-        })
+        Ok(LeadershipGuard::new(session, key))
     } else {
         debug!(key = %key, "leadership held elsewhere");
         // Nothing is held: closing only ends the connection.
@@ -112,10 +133,7 @@ pub async fn wait_for_leadership<D: Driver>(
     };
     if session.acquire(&key, cancel).await? {
         info!(key = %key, %node, "leadership acquired");
-        Ok(Some(LeadershipGuard {
-            session: Some(session),
-            key,
-        }))
+        Ok(Some(LeadershipGuard::new(session, key)))
     } else {
         let _ = session.close().await;
         Ok(None)
@@ -144,6 +162,10 @@ impl<D: Driver> DriverLeadership<D> {
 
 impl<D: Driver> crate::projection::ProjectorCoordinator for DriverLeadership<D> {
     type Guard = LeadershipGuard<D::Session>;
+
+    fn lost(guard: &Self::Guard) -> Option<CancellationToken> {
+        Some(guard.lost())
+    }
 
     async fn try_lead(&self, projector: &str) -> Result<Option<Self::Guard>, crate::BoxError> {
         let key = LockKey::new(format!("projector:{projector}"))?;

@@ -21,19 +21,22 @@ mod coordinator;
 mod distributor;
 mod driver;
 mod error;
+mod holds;
 mod ids;
 mod key;
 mod leadership;
 mod lock_set;
 mod projection;
+mod signals;
 
 pub use agent::{Agent, AgentContext, AgentError};
 pub use coordinator::{
     Assignment, Coordinator, CoordinatorBuilder, CoordinatorConfig, CoordinatorHandle, OwnedSet,
 };
 pub use distributor::{Distributor, SharedTenants, TenantSource};
-pub use driver::{Driver, Session};
-pub use error::{BoxError, Error, InvalidName, Result};
+pub use driver::{Capabilities, Driver, Session, Support};
+pub use error::{BoxError, DriverError, Error, ErrorKind, InvalidName, Result};
+pub use holds::Holds;
 pub use ids::{DatabaseId, NodeId, ShardId};
 pub use key::{LockKey, KEY_SCHEME, MAX_NAME_LEN};
 pub use leadership::{acquire_leadership, wait_for_leadership, DriverLeadership, LeadershipGuard};
@@ -43,6 +46,7 @@ pub use projection::{
     EventReader, NoDeadLetter, Positioned, ProjectionAgent, ProjectionBackend, ProjectionError,
     ProjectionOptions, ProjectionRunner, Projector, ProjectorCoordinator,
 };
+pub use signals::SessionSignals;
 
 /// Re-exported so agents and drivers name the same token type.
 pub use tokio_util::sync::CancellationToken;

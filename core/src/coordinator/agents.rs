@@ -41,17 +41,24 @@ pub(super) struct SetAgents {
 }
 
 impl SetAgents {
-    /// Starts one agent per shard of `set`.
+    /// Starts one agent per shard of `set`, each after `delay` (the takeover
+    /// delay; zero for sets that need none).
+    ///
+    /// The agents' tokens are children of `parent`: for an exclusive set the
+    /// session's loss token, so the agents are cancelled the instant the
+    /// driver signals the loss, before the coordinator even wakes up.
     pub(super) fn start<A: Agent>(
         agent: &Arc<A>,
         set: &LockSet,
         epoch: u64,
         config: &CoordinatorConfig,
+        parent: &CancellationToken,
+        delay: Duration,
     ) -> Self {
-        let cancel = CancellationToken::new();
+        let cancel = parent.child_token();
         let mut slots = BTreeMap::new();
         for shard in &set.shards {
-            let state = spawn(agent, set, shard, epoch, config, &cancel);
+            let state = spawn(agent, set, shard, epoch, config, &cancel, delay);
             slots.insert(shard.clone(), Slot { state, failures: 0 });
         }
         Self { slots, cancel }
@@ -94,7 +101,15 @@ impl SetAgents {
             if let SlotState::Waiting { restart_at } = slot.state {
                 if restart_at <= now {
                     info!(%shard, key = %set.key, failures = slot.failures, "agent restarted");
-                    slot.state = spawn(agent, set, shard, epoch, config, &self.cancel);
+                    slot.state = spawn(
+                        agent,
+                        set,
+                        shard,
+                        epoch,
+                        config,
+                        &self.cancel,
+                        Duration::ZERO,
+                    );
                 } else {
                     waiting += 1;
                 }
@@ -145,6 +160,7 @@ fn spawn<A: Agent>(
     epoch: u64,
     config: &CoordinatorConfig,
     parent: &CancellationToken,
+    delay: Duration,
 ) -> SlotState {
     let cancel = parent.child_token();
     let ctx = AgentContext {
@@ -156,7 +172,17 @@ fn spawn<A: Agent>(
     };
     let agent = Arc::clone(agent);
     let shard = shard.clone();
-    let task = tokio::spawn(async move { agent.run(&shard, ctx).await });
+    let task = tokio::spawn(async move {
+        if !delay.is_zero() {
+            // Lock-delay: whoever held the key before may not have noticed
+            // its loss yet; give it the driver's detection bound to stop.
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        agent.run(&shard, ctx).await
+    });
     SlotState::Running {
         cancel,
         task,

@@ -37,6 +37,11 @@ pub struct CoordinatorConfig {
     pub restart_backoff: Duration,
     /// Longest restart or reconnect delay (default 30 s).
     pub max_backoff: Duration,
+    /// How long a set taken with `try_acquire` waits before its agents start,
+    /// so a previous holder whose session the server ended has stopped
+    /// (default: the driver's loss detection bound; see the module docs of
+    /// the coordinator).
+    pub takeover_delay: Duration,
 }
 
 impl CoordinatorConfig {
@@ -52,7 +57,19 @@ impl CoordinatorConfig {
             stop_timeout: Duration::from_secs(5),
             restart_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            takeover_delay: Duration::ZERO,
         }
+    }
+
+    /// The longest time from the server ending a session to this node's
+    /// agents being cancelled with `driver`: its loss detection bound, or,
+    /// for a driver without a loss signal, the next verify (poll interval +
+    /// lock-loss timeout).
+    pub fn loss_detection_bound<D: Driver>(&self, driver: &D) -> Duration {
+        driver
+            .capabilities()
+            .loss_detection_bound
+            .unwrap_or(self.poll_interval + self.lock_loss_timeout)
     }
 
     /// The longest time a cut-off node may keep running work after its last
@@ -75,6 +92,7 @@ pub struct CoordinatorBuilder<D, S, A> {
     distributor: S,
     agent: A,
     config: CoordinatorConfig,
+    takeover_delay: Option<Duration>,
     unsafe_timing: bool,
 }
 
@@ -85,6 +103,7 @@ impl<D: Driver, S: Distributor, A: Agent> CoordinatorBuilder<D, S, A> {
             distributor,
             agent,
             config: CoordinatorConfig::new(NodeId::generate()),
+            takeover_delay: None,
             unsafe_timing: false,
         }
     }
@@ -139,6 +158,16 @@ impl<D: Driver, S: Distributor, A: Agent> CoordinatorBuilder<D, S, A> {
         self
     }
 
+    /// How long a set taken with `try_acquire` waits before its agents start
+    /// (default: the driver's loss detection bound, see
+    /// [`CoordinatorConfig::loss_detection_bound`]). Shorter than that bound,
+    /// a node whose session the server just ended may still be running the
+    /// set's work, and [`build`](Self::build) refuses it.
+    pub fn takeover_delay(mut self, delay: Duration) -> Self {
+        self.takeover_delay = Some(delay);
+        self
+    }
+
     /// Accepts timings under which a cut-off node may still run work after
     /// the database has freed its locks (see [`build`](Self::build)); the
     /// conflict is logged as a warning instead of failing the build.
@@ -158,7 +187,28 @@ impl<D: Driver, S: Distributor, A: Agent> CoordinatorBuilder<D, S, A> {
     /// from its database would then still be running work when the database
     /// frees its locks for another node. [`allow_unsafe_timing`](Self::allow_unsafe_timing)
     /// turns that second check into a warning.
-    pub fn build(self) -> Result<Coordinator<D, S, A>> {
+    ///
+    /// Also [`Error::Config`] when the takeover delay is shorter than the
+    /// driver's loss detection bound (see the coordinator's module docs for
+    /// the inequality); [`allow_unsafe_timing`](Self::allow_unsafe_timing)
+    /// turns that into a warning too.
+    pub fn build(mut self) -> Result<Coordinator<D, S, A>> {
+        let bound = self.config.loss_detection_bound(&self.driver);
+        self.config.takeover_delay = self.takeover_delay.unwrap_or(bound);
+        if self.config.takeover_delay < bound {
+            let message = format!(
+                "takeover_delay ({:?}) must be at least the {} driver's loss detection bound \
+                 ({bound:?}); otherwise a node whose session the server just ended may still run a \
+                 set's work when another node starts it",
+                self.config.takeover_delay,
+                self.driver.name(),
+            );
+            if self.unsafe_timing {
+                warn!("{message}");
+            } else {
+                return Err(Error::Config(message));
+            }
+        }
         let c = &self.config;
         for (name, value) in [
             ("poll_interval", c.poll_interval),

@@ -1,13 +1,16 @@
 //! The coordinator loop: one cycle every poll interval.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::agents::{stop_all, SetAgents};
@@ -19,12 +22,35 @@ use crate::error::Error;
 use crate::ids::DatabaseId;
 use crate::key::LockKey;
 use crate::lock_set::{Guard, LockSet};
+use crate::signals::SessionSignals;
 
 /// A database's connection slot.
 struct Conn<S> {
     session: Option<S>,
+    /// The open session's signals, kept here because the session itself is
+    /// moved into a task for each round trip.
+    signals: Option<SessionSignals>,
+    /// Ends the task that forwards the loss signal to the loop when the
+    /// session is replaced or closed.
+    _watch: Option<DropGuard>,
     failures: u32,
     retry_at: Instant,
+}
+
+impl<S> Conn<S> {
+    fn new(retry_at: Instant) -> Self {
+        Self {
+            session: None,
+            signals: None,
+            _watch: None,
+            failures: 0,
+            retry_at,
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.signals.as_ref().is_some_and(SessionSignals::is_lost)
+    }
 }
 
 /// A set this node runs.
@@ -45,6 +71,8 @@ pub(super) struct Runner<D: Driver, S, A> {
     config: Arc<CoordinatorConfig>,
     stop: CancellationToken,
     wake: Arc<Notify>,
+    /// Woken by any session's loss signal.
+    lost: Arc<Notify>,
     tx: watch::Sender<Assignment>,
     conns: HashMap<DatabaseId, Conn<D::Session>>,
     owned: BTreeMap<LockKey, Owned>,
@@ -74,6 +102,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             config,
             stop,
             wake,
+            lost: Arc::new(Notify::new()),
             tx,
             conns: HashMap::new(),
             owned: BTreeMap::new(),
@@ -106,6 +135,14 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 };
                 tokio::select! {
                     _ = self.stop.cancelled() => break,
+                    _ = self.lost.notified() => {
+                        // A session signalled its loss: its agents are
+                        // already cancelled (their tokens are children of
+                        // its loss token); await them and drop it now, not
+                        // at the next poll.
+                        self.handle_lost().await;
+                        self.publish(Duration::ZERO, false);
+                    }
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(pause) => {}
                 }
@@ -160,42 +197,99 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     }
 
     /// Verifies every open session in parallel under the lock-loss deadline;
-    /// a failed one has its agents stopped, then is dropped.
+    /// a failed one has its agents stopped, then is dropped. A verify task
+    /// that panics counts as a failed verify.
     async fn verify_sessions(&mut self) {
+        self.handle_lost().await;
         let deadline = self.config.lock_loss_timeout;
-        let mut checks = JoinSet::new();
+        let mut checks = Vec::new();
         for (db, conn) in &mut self.conns {
             if let Some(mut session) = conn.session.take() {
-                let db = db.clone();
-                checks.spawn(async move {
-                    let result = match tokio::time::timeout(deadline, session.verify()).await {
-                        Ok(result) => result,
-                        Err(_) => Err(Error::Timeout {
-                            operation: "verify",
-                            database: db.to_string(),
-                            after: deadline,
-                        }),
-                    };
-                    (db, session, result)
+                let task_db = db.clone();
+                let task = tokio::spawn(async move {
+                    let result = guarded("verify", &task_db, deadline, session.verify()).await;
+                    (session, result)
                 });
+                checks.push((db.clone(), task));
             }
         }
         let mut lost = Vec::new();
-        while let Some(joined) = checks.join_next().await {
-            let Ok((db, session, result)) = joined else {
-                continue;
-            };
-            match result {
-                Ok(()) => {
+        for (db, task) in checks {
+            match join(task).await {
+                Ok((session, Ok(()))) => {
                     if let Some(conn) = self.conns.get_mut(&db) {
                         conn.session = Some(session);
                     }
                 }
-                Err(e) => lost.push((db, session, e)),
+                Ok((session, Err(e))) => lost.push((db, Some(session), e)),
+                Err(e) => lost.push((db, None, e)),
             }
         }
         for (db, session, reason) in lost {
-            self.lose_session(&db, Some(session), &reason).await;
+            self.lose_session(&db, session, &reason).await;
+        }
+    }
+
+    /// Drops every session whose loss signal fired, its agents stopped
+    /// first.
+    async fn handle_lost(&mut self) {
+        let lost: Vec<DatabaseId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.is_lost())
+            .map(|(db, _)| db.clone())
+            .collect();
+        for db in lost {
+            let Some(conn) = self.conns.get_mut(&db) else {
+                continue;
+            };
+            let session = conn.session.take();
+            let reason = conn
+                .signals
+                .as_ref()
+                .and_then(SessionSignals::reason)
+                .unwrap_or_else(|| "the connection ended".to_string());
+            let error = Error::session_lost(&db, format!("loss signalled by the driver: {reason}"));
+            self.lose_session(&db, session, &error).await;
+        }
+    }
+
+    /// Puts a (new or returning) session into `db`'s slot; a new one has its
+    /// loss signal forwarded to the loop.
+    fn attach(&mut self, db: &DatabaseId, session: D::Session) {
+        let lost = Arc::clone(&self.lost);
+        let conn = self
+            .conns
+            .entry(db.clone())
+            .or_insert_with(|| Conn::new(Instant::now()));
+        if conn.signals.is_none() {
+            let signals = session.signals();
+            let watch = CancellationToken::new();
+            let (token, ended) = (signals.lost().clone(), watch.clone());
+            drop(tokio::spawn(async move {
+                tokio::select! {
+                    _ = token.cancelled() => lost.notify_one(),
+                    _ = ended.cancelled() => {}
+                }
+            }));
+            conn.signals = Some(signals);
+            conn._watch = Some(watch.drop_guard());
+        }
+        conn.session = Some(session);
+    }
+
+    /// The token an exclusive set's agents in `db` descend from: the
+    /// session's loss token.
+    fn parent_token(&self, db: &DatabaseId) -> CancellationToken {
+        match self.conns.get(db).and_then(|c| c.signals.as_ref()) {
+            Some(signals) => signals.lost().clone(),
+            // No session means no lock: should not happen for a grant, but
+            // a cancelled parent keeps the agents from running if it does.
+            None => {
+                let token = CancellationToken::new();
+                token.cancel();
+                token
+            }
         }
     }
 
@@ -237,6 +331,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         );
         if let Some(conn) = self.conns.get_mut(db) {
             conn.session = None;
+            conn.signals = None;
+            conn._watch = None;
             conn.failures = conn.failures.saturating_add(1);
             conn.retry_at = Instant::now()
                 + self
@@ -295,7 +391,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             Ok(Err(e)) => e,
             Err(_) => Error::Timeout {
                 operation: "release",
-                database: db.to_string(),
+                database: db.clone(),
                 after: deadline,
             },
         };
@@ -338,13 +434,12 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let now = Instant::now();
         let deadline = self.config.lock_loss_timeout;
         let connect_deadline = self.config.connect_timeout;
-        let mut rounds = JoinSet::new();
+        let mut rounds = Vec::new();
         for (db, sets) in by_db {
-            let conn = self.conns.entry(db.clone()).or_insert_with(|| Conn {
-                session: None,
-                failures: 0,
-                retry_at: now,
-            });
+            let conn = self
+                .conns
+                .entry(db.clone())
+                .or_insert_with(|| Conn::new(now));
             if conn.session.is_none() && conn.retry_at > now {
                 debug!(database = %db, "waiting to reconnect");
                 continue;
@@ -352,50 +447,41 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             let session = conn.session.take();
             let driver = self.driver.clone();
             let node = self.config.node_id.clone();
-            rounds.spawn(async move {
+            let task_db = db.clone();
+            let keys: Vec<LockKey> = sets.iter().map(|s| s.key.clone()).collect();
+            let task = tokio::spawn(async move {
+                let db = task_db;
                 let mut session = match session {
                     Some(s) => s,
                     None => {
-                        match tokio::time::timeout(connect_deadline, driver.connect(&db, &node))
+                        match guarded("connect", &db, connect_deadline, driver.connect(&db, &node))
                             .await
                         {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => return (db, sets, None, Err(e), true),
-                            Err(_) => {
-                                let e = Error::Timeout {
-                                    operation: "connect",
-                                    database: db.to_string(),
-                                    after: connect_deadline,
-                                };
-                                return (db, sets, None, Err(e), true);
-                            }
+                            Ok(s) => s,
+                            Err(e) => return (None, Err(e), true),
                         }
                     }
                 };
-                let keys: Vec<LockKey> = sets.iter().map(|s| s.key.clone()).collect();
-                let result = match tokio::time::timeout(deadline, session.try_acquire(&keys)).await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(Error::Timeout {
-                        operation: "try_acquire",
-                        database: db.to_string(),
-                        after: deadline,
-                    }),
-                };
-                (db, sets, Some(session), result, false)
+                let result =
+                    guarded("try_acquire", &db, deadline, session.try_acquire(&keys)).await;
+                (Some(session), result, false)
             });
+            rounds.push((db, sets, task));
         }
 
         let mut acquired = 0usize;
         let mut denied = 0usize;
-        while let Some(joined) = rounds.join_next().await {
-            let Ok((db, sets, session, result, connect_failed)) = joined else {
-                continue;
+        for (db, sets, task) in rounds {
+            let (session, result, connect_failed) = match join(task).await {
+                Ok(out) => out,
+                Err(e) => (None, Err(e), false),
             };
             match result {
                 Ok(granted) => {
+                    if let Some(session) = session {
+                        self.attach(&db, session);
+                    }
                     if let Some(conn) = self.conns.get_mut(&db) {
-                        conn.session = session;
                         conn.failures = 0;
                     }
                     for (set, ok) in sets.into_iter().zip(granted) {
@@ -459,7 +545,15 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
         debug!(%key, database = %set.database, shards = set.shards.len(), epoch, "lock acquired: starting agents");
         self.owned.remove(&key);
-        let agents = SetAgents::start(&self.agent, &set, epoch, &self.config);
+        let parent = self.parent_token(&set.database);
+        let agents = SetAgents::start(
+            &self.agent,
+            &set,
+            epoch,
+            &self.config,
+            &parent,
+            self.config.takeover_delay,
+        );
         self.owned.insert(
             key,
             Owned {
@@ -484,7 +578,15 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     fn start_set(&mut self, set: LockSet, held: bool) {
         let key = set.key.clone();
-        let agents = SetAgents::start(&self.agent, &set, 0, &self.config);
+        // A sentinel set runs whether or not its session lives.
+        let agents = SetAgents::start(
+            &self.agent,
+            &set,
+            0,
+            &self.config,
+            &CancellationToken::new(),
+            Duration::ZERO,
+        );
         self.owned.insert(
             key,
             Owned {
@@ -578,6 +680,68 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             stopped,
         };
         self.tx.send_replace(assignment);
+    }
+}
+
+/// Runs one driver round trip under `deadline`; a timeout or a panic becomes
+/// a session-fatal error, so the caller stops the session's agents first.
+async fn guarded<T>(
+    operation: &'static str,
+    db: &DatabaseId,
+    deadline: Duration,
+    round_trip: impl Future<Output = crate::error::Result<T>> + Send,
+) -> crate::error::Result<T> {
+    match tokio::time::timeout(deadline, CatchPanic(Box::pin(round_trip))).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => {
+            error!(database = %db, operation, panic = %panic, "a driver call panicked: treating the session as lost");
+            Err(Error::TaskFailed {
+                task: operation,
+                detail: format!("the driver panicked: {panic}"),
+            })
+        }
+        Err(_) => Err(Error::Timeout {
+            operation,
+            database: db.clone(),
+            after: deadline,
+        }),
+    }
+}
+
+/// Awaits a round-trip task; a task that panicked outside [`guarded`] or was
+/// cancelled is a session-fatal error (its session is gone with it).
+async fn join<T>(task: JoinHandle<T>) -> crate::error::Result<T> {
+    task.await.map_err(|e| Error::TaskFailed {
+        task: "round trip",
+        detail: e.to_string(),
+    })
+}
+
+/// Turns a panic while polling the inner future into an `Err` with the
+/// panic's message, so the session the future borrowed survives to be
+/// dropped only after its agents stopped.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(panic_text(payload.as_ref()))),
+        }
+    }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
     }
 }
 

@@ -67,7 +67,7 @@ impl CoordinatorHandle {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if the coordinator task panicked (a bug).
+    /// [`Error::TaskFailed`] if the coordinator task panicked (a bug).
     ///
     /// # Cancel safety
     ///
@@ -75,9 +75,10 @@ impl CoordinatorHandle {
     pub async fn stop(mut self) -> Result<()> {
         self.stop.cancel();
         match self.task.take() {
-            Some(task) => task
-                .await
-                .map_err(|e| Error::Config(format!("BUG: coordinator task failed: {e}"))),
+            Some(task) => task.await.map_err(|e| Error::TaskFailed {
+                task: "coordinator",
+                detail: format!("BUG: {e}"),
+            }),
             None => Ok(()),
         }
     }

@@ -5,13 +5,50 @@
 //!
 //! 1. An exclusive set's agents run only while its key is held by a session
 //!    that passed its last `verify` within the poll interval plus the lock-loss
-//!    timeout.
-//! 2. When a session fails or misses its deadline, its sets' agents are
-//!    stopped (cancelled, awaited, then aborted after the stop timeout)
-//!    **before** the session is dropped.
+//!    timeout **and** whose loss signal has not fired: every agent's
+//!    cancellation token is a child of its session's
+//!    [`lost`](crate::SessionSignals::lost) token, so the driver's loss
+//!    signal cancels the agents directly, and the coordinator wakes at once
+//!    to await them and replace the session.
+//! 2. When a session fails, misses its deadline, signals its loss, or a task
+//!    running one of its round trips panics, its sets' agents are stopped
+//!    (cancelled, awaited, then aborted after the stop timeout) **before** the
+//!    session is dropped.
 //! 3. A set that leaves the distribution, and every set at `stop()`, has its
 //!    agents stopped **before** its key is released.
 //! 4. Connections per node are one per database, never one per lock.
+//!
+//! # No overlap when the server ends a session
+//!
+//! When the server ends a session (terminate, restart, failover, `KILL`) it
+//! frees the locks at once, and another node may take them on its next
+//! cycle. Two rules keep the old and the new holder from running together
+//! (the lock-delay of Chubby):
+//!
+//! - the old holder's agents are cancelled when the driver's loss signal
+//!   fires, at most the driver's detection bound `B` after the server ended
+//!   the session ([`Capabilities::loss_detection_bound`](crate::Capabilities));
+//! - a set taken with `try_acquire` starts its agents only `takeover_delay`
+//!   after the grant, and the builder refuses `takeover_delay < B`.
+//!
+//! So, with `t_lost` the moment the server freed the locks:
+//!
+//! ```text
+//! old agents cancelled ≤ t_lost + B ≤ t_lost + takeover_delay ≤ new agents start
+//! ```
+//!
+//! since the new holder's grant comes after `t_lost`. With the defaults that
+//! is `B = 100 ms` on Postgres (measured in milliseconds; see the driver's
+//! docs) and `takeover_delay = B`. A driver without a loss signal falls back
+//! to `B = poll_interval + lock_loss_timeout` (the next verify).
+//!
+//! A node cut off by the network sees no loss at all: its round trips hang.
+//! Self-fencing covers it: a verify that misses `lock_loss_timeout` stops the
+//! agents, and the builder checks that
+//! `poll_interval + lock_loss_timeout + stop_timeout` is below the driver's
+//! [`lock_release_window`](crate::Driver::lock_release_window), the time the
+//! server keeps a vanished node's locks (5 + 5 + 5 = 15 s < 25 s on
+//! Postgres by default). Checkpoint fencing covers whatever slips through.
 
 mod agents;
 mod assignment;
@@ -98,11 +135,11 @@ impl<D: Driver, S: Distributor, A: Agent> Coordinator<D, S, A> {
     ///
     /// # Errors
     ///
-    /// [`Error::AlreadyStarted`] on a second call; [`Error::Config`] outside a
-    /// Tokio runtime.
+    /// [`Error::AlreadyStarted`] on a second call; [`Error::NotInRuntime`]
+    /// outside a Tokio runtime.
     pub fn start(&self) -> Result<CoordinatorHandle> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::Config("Coordinator::start must be called inside a Tokio runtime".into())
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NotInRuntime {
+            what: "Coordinator::start",
         })?;
         let parts = self
             .parts

@@ -34,6 +34,8 @@ pub use runner::run_projection;
 use std::future::Future;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::error::BoxError;
 
 /// An event and its position in the stream (positions strictly increase).
@@ -130,6 +132,14 @@ pub trait ProjectorCoordinator: Send + Sync {
         &self,
         projector: &str,
     ) -> impl Future<Output = Result<Option<Self::Guard>, BoxError>> + Send;
+
+    /// A token that fires when the leadership `guard` stands for is lost
+    /// (its session ended), so the runner stops applying at once; `None`
+    /// (the default) when the guard cannot tell.
+    fn lost(guard: &Self::Guard) -> Option<CancellationToken> {
+        let _ = guard;
+        None
+    }
 }
 
 /// A read model built from events.
@@ -219,6 +229,13 @@ pub enum ProjectionError {
         /// The projector's name.
         name: String,
     },
+    /// Leadership was lost while leading (the session ended): the runner
+    /// stopped applying at once; the next leader resumes from the checkpoint.
+    #[error("projector {name:?} lost its leadership")]
+    LeadershipLost {
+        /// The projector's name.
+        name: String,
+    },
     /// A newer leader claimed the subscription; this runner stopped without
     /// moving the checkpoint.
     #[error("projector {name:?} was fenced off by a newer leader")]
@@ -301,6 +318,10 @@ impl<T: CheckpointStore> CheckpointStore for &T {
 impl<T: ProjectorCoordinator> ProjectorCoordinator for &T {
     type Guard = T::Guard;
 
+    fn lost(guard: &Self::Guard) -> Option<CancellationToken> {
+        T::lost(guard)
+    }
+
     fn try_lead(
         &self,
         projector: &str,
@@ -364,6 +385,10 @@ impl<R: Send + Sync, C: Send + Sync, L: ProjectorCoordinator> ProjectorCoordinat
     for ProjectionBackend<R, C, L>
 {
     type Guard = L::Guard;
+
+    fn lost(guard: &Self::Guard) -> Option<CancellationToken> {
+        L::lost(guard)
+    }
 
     fn try_lead(
         &self,

@@ -154,8 +154,30 @@ where
             .await
             .map_err(|e| self.store_error("leadership", e))?
             .ok_or_else(|| ProjectionError::LeadershipError { name: name.clone() })?;
-        let result = self.lead(&name, cancel).await;
+        let lost = B::lost(&guard).unwrap_or_default();
+        // `stop` fires on the caller's cancel or on the loss of leadership;
+        // `lead` checks it before every event.
+        let stop = CancellationToken::new();
+        let lead = async {
+            let result = self.lead(&name, &stop).await;
+            stop.cancel();
+            result
+        };
+        let forward = async {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = lost.cancelled() => {}
+                _ = stop.cancelled() => {}
+            }
+            stop.cancel();
+        };
+        let (result, ()) = tokio::join!(lead, forward);
         drop(guard);
+        if lost.is_cancelled() && !cancel.is_cancelled() {
+            tracing::warn!(projector = %name, "leadership lost: projection stopped");
+            result?;
+            return Err(ProjectionError::LeadershipLost { name });
+        }
         result
     }
 
