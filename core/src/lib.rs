@@ -26,6 +26,7 @@ mod ids;
 mod key;
 mod leadership;
 mod lock_set;
+mod mapping;
 mod projection;
 mod signals;
 
@@ -41,6 +42,7 @@ pub use ids::{DatabaseId, NodeId, ShardId};
 pub use key::{LockKey, KEY_SCHEME, MAX_NAME_LEN};
 pub use leadership::{acquire_leadership, wait_for_leadership, DriverLeadership, LeadershipGuard};
 pub use lock_set::{Guard, LockSet};
+pub use mapping::DatabaseMapping;
 pub use projection::{
     run_projection, Checkpoint, CheckpointError, CheckpointStore, CoordinatorLed, DeadLetter,
     EventReader, NoDeadLetter, Positioned, ProjectionAgent, ProjectionBackend, ProjectionError,
