@@ -74,8 +74,11 @@ pub(super) struct Runner<D: Driver, S, A> {
     /// Woken by any session's loss signal.
     lost: Arc<Notify>,
     tx: watch::Sender<Assignment>,
-    conns: HashMap<DatabaseId, Conn<D::Session>>,
+    /// Declared before `conns`: fields drop in order, so if the task is
+    /// aborted the agents are aborted before the sessions (and their locks)
+    /// go.
     owned: BTreeMap<LockKey, Owned>,
+    conns: HashMap<DatabaseId, Conn<D::Session>>,
     epochs: HashMap<LockKey, u64>,
     /// Sentinel keys found held by another node, so the error is logged once.
     sentinel_conflicts: HashSet<LockKey>,
@@ -104,8 +107,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             wake,
             lost: Arc::new(Notify::new()),
             tx,
-            conns: HashMap::new(),
             owned: BTreeMap::new(),
+            conns: HashMap::new(),
             epochs: HashMap::new(),
             sentinel_conflicts: HashSet::new(),
             denied: 0,
