@@ -1,68 +1,149 @@
 //! One function per clause of the driver contract (see
-//! `shardlock_core::Driver`). Each panics with the actual values on failure.
+//! `shardlock_core::Driver`). Each panics with the actual values on failure,
+//! and every await is under a hang guard ([`within`]) so a broken driver
+//! fails a clause with a message instead of hanging it.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use shardlock_core::{
-    acquire_leadership, wait_for_leadership, CancellationToken, Driver, Error, LockKey, NodeId,
-    Session,
+    acquire_leadership, wait_for_leadership, CancellationToken, Driver, Error, ErrorKind,
+    InvalidName, LockKey, NodeId, Session, MAX_NAME_LEN,
 };
 use tokio::sync::Barrier;
+use tokio::task::JoinHandle;
 
-use crate::harness::{unique_keys, unique_name, Harness};
+use crate::harness::{unique_keys, unique_name, within, Harness, SessionOf};
 
-/// How long an eventually-true condition (a dropped session's locks freed in
-/// the background, a waiter woken) may take before the suite calls it broken.
-pub const SETTLE: Duration = Duration::from_secs(10);
-
-type SessionOf<H> = <<H as Harness>::Driver as Driver>::Session;
+/// The hang guard of [`take_all`], which has no harness to ask.
+const TAKE_ALL_GUARD: Duration = Duration::from_secs(60);
 
 async fn open<H: Harness>(h: &H, node: &str) -> SessionOf<H> {
     let driver = h.driver();
-    match driver.connect(&h.database(), &NodeId::new(node)).await {
+    let db = h.database();
+    let what = format!("connect to {db} as {node}");
+    match within(h.settle(), what, driver.connect(&db, &NodeId::new(node))).await {
         Ok(s) => s,
-        Err(e) => panic!("connect to {} failed: {e:?}", h.database()),
+        Err(e) => panic!("connect to {db} failed: {e:?}"),
     }
 }
 
-async fn try_one<S: Session>(s: &mut S, key: &LockKey) -> bool {
-    match s.try_acquire(std::slice::from_ref(key)).await {
+async fn close<H: Harness>(h: &H, session: SessionOf<H>, who: &str) {
+    let what = format!("close of session {who}");
+    if let Err(e) = within(h.settle(), &what, session.close()).await {
+        panic!("{what} failed: {e:?}");
+    }
+}
+
+async fn try_one<H: Harness>(h: &H, s: &mut SessionOf<H>, key: &LockKey) -> bool {
+    let what = format!("try_acquire({key})");
+    match within(h.settle(), &what, s.try_acquire(std::slice::from_ref(key))).await {
         Ok(v) => {
             assert_eq!(v.len(), 1, "one answer per key, got {v:?}");
             v[0]
         }
-        Err(e) => panic!("try_acquire({key}) failed: {e:?}"),
+        Err(e) => panic!("{what} failed: {e:?}"),
+    }
+}
+
+async fn release<H: Harness>(h: &H, s: &mut SessionOf<H>, key: &LockKey) -> bool {
+    let what = format!("release({key})");
+    match within(h.settle(), &what, s.release(key)).await {
+        Ok(v) => v,
+        Err(e) => panic!("{what} failed: {e:?}"),
+    }
+}
+
+async fn batch<H: Harness>(h: &H, s: &mut SessionOf<H>, keys: &[LockKey]) -> Vec<bool> {
+    let what = format!("try_acquire of {} keys", keys.len());
+    match within(h.settle(), &what, s.try_acquire(keys)).await {
+        Ok(v) => {
+            assert_eq!(v.len(), keys.len(), "one answer per key, got {v:?}");
+            v
+        }
+        Err(e) => panic!("{what} failed: {e:?}"),
     }
 }
 
 /// Takes every key of `keys` in one batch, or panics with the answers.
 pub async fn take_all<S: Session>(session: &mut S, keys: &[LockKey]) {
-    match session.try_acquire(keys).await {
+    let what = format!("try_acquire of {} keys", keys.len());
+    match within(TAKE_ALL_GUARD, &what, session.try_acquire(keys)).await {
         Ok(granted) => assert!(
             granted.iter().all(|g| *g),
             "every key must be granted: {granted:?}"
         ),
-        Err(e) => panic!("try_acquire of {} keys failed: {e:?}", keys.len()),
+        Err(e) => panic!("{what} failed: {e:?}"),
     }
 }
 
 /// Waits until a fresh session can take `key` (then releases it), or panics
-/// after [`SETTLE`]. Returns how long it took.
+/// after [`Harness::settle`]. Returns how long it took.
 async fn until_free<H: Harness>(h: &H, key: &LockKey, why: &str) -> Duration {
     let started = Instant::now();
+    let settle = h.settle();
     let mut probe = open(h, "probe").await;
     loop {
-        if try_one(&mut probe, key).await {
-            let _ = probe.release(key).await;
-            let _ = probe.close().await;
+        if try_one(h, &mut probe, key).await {
+            let _ = within(settle, "probe release", probe.release(key)).await;
+            let _ = within(settle, "probe close", probe.close()).await;
             return started.elapsed();
         }
         assert!(
-            started.elapsed() < SETTLE,
-            "{why}: {key} still held after {SETTLE:?}"
+            started.elapsed() < settle,
+            "{why}: {key} still held after {settle:?}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The change of a round-trip counter between two readings.
+fn trips(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    let (before, after) = (before?, after?);
+    assert!(
+        after >= before,
+        "the round-trip counter went backwards: {before} then {after}"
+    );
+    Some(after - before)
+}
+
+/// Waits until the harness sees `waiter` waiting in the server for `key`
+/// (or, for a harness that cannot look, a short grace period, said loudly).
+/// Panics when the waiter returns before: it was supposed to wait.
+async fn until_waiting<H: Harness, T: std::fmt::Debug>(
+    h: &H,
+    key: &LockKey,
+    waiter: &mut JoinHandle<(SessionOf<H>, T)>,
+    what: &str,
+) {
+    let seen = within(
+        h.settle() + h.slack(),
+        format!("{what}: seeing the waiter"),
+        async {
+            tokio::select! {
+                seen = h.wait_until_waiting(key) => seen,
+                done = &mut *waiter => panic!(
+                    "{what}: acquire({key}) returned instead of waiting: {:?}",
+                    done.map(|(_, answer)| answer)
+                ),
+            }
+        },
+    )
+    .await;
+    report_unseen(h, seen, what);
+}
+
+fn report_unseen<H: Harness>(h: &H, seen: bool, what: &str) {
+    if !seen {
+        eprintln!(
+            "NOT SEEN: {what}: the {} harness cannot see waiters in the server, so the wait is \
+             assumed to have started after {:?}; implement Harness::wait_until_waiting",
+            h.driver().name(),
+            crate::harness::UNOBSERVED_WAIT
+        );
     }
 }
 
@@ -71,16 +152,19 @@ pub async fn clause_1_exclusive<H: Harness>(h: &H) {
     let key = &unique_keys("c1", 1)[0];
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
-    assert!(try_one(&mut a, key).await, "a free key is granted");
+    assert!(try_one(h, &mut a, key).await, "a free key is granted");
     assert!(
-        !try_one(&mut b, key).await,
+        !try_one(h, &mut b, key).await,
         "a held key is denied to another session"
     );
-    assert!(!try_one(&mut b, key).await, "denied again, no state change");
+    assert!(
+        !try_one(h, &mut b, key).await,
+        "denied again, no state change"
+    );
     assert_eq!(a.held(), vec![key.clone()], "a knows it holds the key");
     assert!(b.held().is_empty(), "b holds nothing: {:?}", b.held());
-    a.close().await.expect("close a");
-    b.close().await.expect("close b");
+    close(h, a, "a").await;
+    close(h, b, "b").await;
 }
 
 /// Clause 1 under contention: many sessions race for the same keys; no key
@@ -90,6 +174,7 @@ pub async fn clause_1_concurrent_race<H: Harness>(h: &H) {
     const ROUNDS: usize = 5;
     let keys = Arc::new(unique_keys("c1race", 16));
     let barrier = Arc::new(Barrier::new(SESSIONS));
+    let settle = h.settle();
     let mut tasks = Vec::new();
     for i in 0..SESSIONS {
         let mut s = open(h, &format!("racer-{i}")).await;
@@ -97,20 +182,40 @@ pub async fn clause_1_concurrent_race<H: Harness>(h: &H) {
         let barrier = Arc::clone(&barrier);
         tasks.push(tokio::spawn(async move {
             let mut wins = vec![Vec::new(); ROUNDS];
-            for win in wins.iter_mut() {
-                barrier.wait().await;
-                let granted = s.try_acquire(&keys).await.expect("try_acquire");
+            for (round, win) in wins.iter_mut().enumerate() {
+                within(
+                    settle,
+                    format!("racer {i}: barrier of round {round}"),
+                    barrier.wait(),
+                )
+                .await;
+                let granted = within(settle, "racer try_acquire", s.try_acquire(&keys))
+                    .await
+                    .expect("try_acquire");
                 *win = granted;
-                barrier.wait().await;
-                s.release_all().await.expect("release_all");
+                within(
+                    settle,
+                    format!("racer {i}: second barrier of round {round}"),
+                    barrier.wait(),
+                )
+                .await;
+                within(settle, "racer release_all", s.release_all())
+                    .await
+                    .expect("release_all");
             }
-            s.close().await.expect("close");
+            within(settle, "racer close", s.close())
+                .await
+                .expect("close");
             wins
         }));
     }
     let mut results = Vec::new();
     for t in tasks {
-        results.push(t.await.expect("racer task"));
+        results.push(
+            within(settle * 2, "a racer task", t)
+                .await
+                .expect("racer task"),
+        );
     }
     for round in 0..ROUNDS {
         for (k, key) in keys.iter().enumerate() {
@@ -129,59 +234,197 @@ pub async fn clause_2_try_acquire_idempotent<H: Harness>(h: &H) {
     let key = &unique_keys("c2", 1)[0];
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
-    assert!(try_one(&mut a, key).await);
+    assert!(try_one(h, &mut a, key).await);
     assert!(
-        try_one(&mut a, key).await,
+        try_one(h, &mut a, key).await,
         "re-acquiring a held key answers true"
     );
-    let granted = a
-        .try_acquire(&[key.clone(), key.clone()])
-        .await
-        .expect("dup batch");
+    let granted = batch(h, &mut a, &[key.clone(), key.clone()]).await;
     assert_eq!(
         granted,
         vec![true, true],
         "duplicates in a batch answer alike"
     );
     assert_eq!(a.held().len(), 1, "held once: {:?}", a.held());
+    assert!(release(h, &mut a, key).await, "first release frees");
     assert!(
-        a.release(key).await.expect("release"),
-        "first release frees"
-    );
-    assert!(
-        try_one(&mut b, key).await,
+        try_one(h, &mut b, key).await,
         "one release was enough: no stacked hold"
     );
-    assert!(
-        !a.release(key).await.expect("second release"),
-        "nothing left to release"
-    );
-    a.close().await.expect("close");
-    b.close().await.expect("close");
+    assert!(!release(h, &mut a, key).await, "nothing left to release");
+    close(h, a, "a").await;
+    close(h, b, "b").await;
 }
 
-/// Clause 3: a batch answers each key in order, mixing granted and denied.
+/// Clause 2 (and the cancel-safety note of `try_acquire`): a `try_acquire`
+/// future dropped while its round trip is in flight poisons the session:
+/// `verify` then fails session-fatally and the loss signal has fired; the
+/// session's keys are freed once it is dropped.
+pub async fn clause_2_dropped_try_acquire_poisons<H: Harness>(h: &H) {
+    let keys = unique_keys("c2drop", 3);
+    let mut a = open(h, "a").await;
+    let signals = a.signals();
+    let first_poll = {
+        let mut call = pin!(a.try_acquire(&keys));
+        call.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+        // The future is dropped here, mid-flight when it was pending.
+    };
+    match first_poll {
+        Poll::Pending => {
+            let verified =
+                within(h.settle(), "verify after a dropped try_acquire", a.verify()).await;
+            match verified {
+                Ok(()) => panic!(
+                    "verify passed after a try_acquire was dropped mid-round-trip: the session \
+                     must be poisoned, its locks are unknown (held: {:?})",
+                    a.held()
+                ),
+                Err(e) => assert!(
+                    e.is_session_fatal(),
+                    "a poisoned session fails session-fatally: {e:?}"
+                ),
+            }
+            assert!(
+                signals.is_lost(),
+                "a poisoned session fires its loss signal: {signals:?}"
+            );
+            let again = within(
+                h.settle(),
+                "try_acquire on a poisoned session",
+                a.try_acquire(&keys),
+            )
+            .await;
+            assert!(
+                again.as_ref().is_err_and(Error::is_session_fatal),
+                "poisoning is final: {again:?}"
+            );
+            eprintln!(
+                "clause 2: dropped try_acquire poisoned the session: {:?}",
+                signals.reason()
+            );
+            // Whatever the server granted is freed with the session.
+            drop(a);
+            for key in &keys {
+                until_free(h, key, "after dropping a poisoned session").await;
+            }
+        }
+        Poll::Ready(answer) => {
+            eprintln!(
+                "clause 2: the {} driver answered try_acquire on its first poll (no round trip \
+                 in flight to interrupt); checking the held keys instead",
+                h.driver().name()
+            );
+            let granted = match answer {
+                Ok(granted) => granted,
+                Err(e) => panic!("try_acquire of fresh keys failed: {e:?}"),
+            };
+            assert_eq!(granted, vec![true; keys.len()], "fresh keys are granted");
+            let mut held: Vec<i64> = a.held().iter().map(LockKey::id).collect();
+            let mut want: Vec<i64> = keys.iter().map(LockKey::id).collect();
+            held.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(held, want, "held() is exactly the granted keys");
+            within(h.settle(), "verify", a.verify())
+                .await
+                .expect("verify after a completed try_acquire");
+            assert!(
+                !signals.is_lost(),
+                "a healthy session is not lost: {signals:?}"
+            );
+            let mut b = open(h, "b").await;
+            let denied = batch(h, &mut b, &keys).await;
+            assert!(
+                denied.iter().all(|g| !*g),
+                "the server shows a's keys: {denied:?}"
+            );
+            close(h, a, "a").await;
+            close(h, b, "b").await;
+        }
+    }
+}
+
+/// Clause 3: a batch answers each key in order, mixing granted and denied,
+/// in **one** round trip; a batch of keys the session already holds costs
+/// none. Counted with [`Harness::round_trips`].
 pub async fn clause_3_batch<H: Harness>(h: &H) {
     let keys = unique_keys("c3", 200);
+    let fresh = unique_keys("c3fresh", 50);
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
     let odd: Vec<LockKey> = keys.iter().skip(1).step_by(2).cloned().collect();
-    let granted = b.try_acquire(&odd).await.expect("b batch");
+    let even: Vec<LockKey> = keys.iter().step_by(2).cloned().collect();
+    let granted = batch(h, &mut b, &odd).await;
     assert!(granted.iter().all(|g| *g), "b gets the odd keys");
+    let counted = h.round_trips(&a).is_some();
+    if !counted {
+        eprintln!(
+            "NOT COUNTED: clause 3: the {} harness cannot count round trips, so \"one round trip \
+             per batch\" is not proven here; checking the answers only (implement \
+             Harness::round_trips)",
+            h.driver().name()
+        );
+    }
+
+    // 200 keys, 100 free and 100 held by b: one round trip.
+    let before = h.round_trips(&a);
     let started = Instant::now();
-    let granted = a.try_acquire(&keys).await.expect("a batch");
+    let granted = batch(h, &mut a, &keys).await;
     let took = started.elapsed();
-    assert_eq!(granted.len(), keys.len(), "one answer per key");
+    let mixed_trips = trips(before, h.round_trips(&a));
     for (i, g) in granted.iter().enumerate() {
         assert_eq!(*g, i % 2 == 0, "key {i} ({}) answered {g}", keys[i]);
     }
     assert_eq!(a.held().len(), 100, "a holds exactly the even keys");
-    eprintln!(
-        "clause 3: batch of {} keys answered in {took:?}",
-        keys.len()
+    if let Some(n) = mixed_trips {
+        assert_eq!(
+            n, 1,
+            "a batch of 200 keys (100 free, 100 held elsewhere) must cost one round trip, cost {n}"
+        );
+    }
+
+    // Only keys a holds (each twice): no round trip, all true.
+    let held_twice: Vec<LockKey> = even.iter().chain(even.iter()).cloned().collect();
+    let before = h.round_trips(&a);
+    let granted = batch(h, &mut a, &held_twice).await;
+    let held_trips = trips(before, h.round_trips(&a));
+    assert!(
+        granted.iter().all(|g| *g),
+        "held keys answer true: {granted:?}"
     );
-    a.close().await.expect("close");
-    b.close().await.expect("close");
+    if let Some(n) = held_trips {
+        assert_eq!(
+            n, 0,
+            "a batch of keys the session already holds needs no round trip, cost {n}"
+        );
+    }
+
+    // Held and fresh keys together: one round trip, for the fresh ones.
+    let mixed: Vec<LockKey> = even[..10].iter().chain(fresh.iter()).cloned().collect();
+    let before = h.round_trips(&a);
+    let granted = batch(h, &mut a, &mixed).await;
+    let fresh_trips = trips(before, h.round_trips(&a));
+    assert!(granted.iter().all(|g| *g), "all granted: {granted:?}");
+    assert_eq!(a.held().len(), 150, "no key held twice: {}", a.held().len());
+    if let Some(n) = fresh_trips {
+        assert_eq!(
+            n, 1,
+            "10 held + 50 fresh keys must cost one round trip, cost {n}"
+        );
+    }
+    eprintln!(
+        "clause 3: batch of {} keys answered in {took:?}; round trips: mixed batch {}, held-only \
+         batch {}, held+fresh batch {}",
+        keys.len(),
+        shown(mixed_trips),
+        shown(held_trips),
+        shown(fresh_trips),
+    );
+    close(h, a, "a").await;
+    close(h, b, "b").await;
+}
+
+fn shown(n: Option<u64>) -> String {
+    n.map_or_else(|| "not counted".to_string(), |n| n.to_string())
 }
 
 /// Runs `session.acquire(key)` in a task that hands the session back with
@@ -190,7 +433,7 @@ fn spawn_waiter<S: Session>(
     mut session: S,
     key: &LockKey,
     cancel: &CancellationToken,
-) -> tokio::task::JoinHandle<(S, shardlock_core::Result<bool>)> {
+) -> JoinHandle<(S, shardlock_core::Result<bool>)> {
     let (key, cancel) = (key.clone(), cancel.clone());
     tokio::spawn(async move {
         let got = session.acquire(&key, &cancel).await;
@@ -203,19 +446,18 @@ pub async fn clause_4_acquire_waits<H: Harness>(h: &H) {
     let key = unique_keys("c4", 1).remove(0);
     let mut a = open(h, "a").await;
     let b = open(h, "b").await;
-    assert!(try_one(&mut a, &key).await);
+    assert!(try_one(h, &mut a, &key).await);
     let cancel = CancellationToken::new();
-    let waiter = spawn_waiter(b, &key, &cancel);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut waiter = spawn_waiter(b, &key, &cancel);
+    until_waiting(h, &key, &mut waiter, "clause 4 (waits)").await;
     assert!(
         !waiter.is_finished(),
         "acquire must wait while the key is held"
     );
     let released_at = Instant::now();
-    assert!(a.release(&key).await.expect("release"));
-    let (b, got) = tokio::time::timeout(SETTLE, waiter)
+    assert!(release(h, &mut a, &key).await);
+    let (b, got) = within(h.settle(), "the waiter after release", waiter)
         .await
-        .expect("waiter woke after release")
         .expect("waiter task");
     let handoff = released_at.elapsed();
     assert!(
@@ -223,26 +465,25 @@ pub async fn clause_4_acquire_waits<H: Harness>(h: &H) {
         "acquire answers true once granted"
     );
     assert_eq!(b.held(), vec![key.clone()]);
-    assert!(!try_one(&mut a, &key).await, "b holds it now");
+    assert!(!try_one(h, &mut a, &key).await, "b holds it now");
     eprintln!("clause 4: handoff from release to waiter took {handoff:?}");
-    b.close().await.expect("close");
-    a.close().await.expect("close");
+    close(h, b, "b").await;
+    close(h, a, "a").await;
 }
 
-/// Clause 4: cancelling a waiting `acquire` answers false and leaves the key
-/// not held by the waiter.
+/// Clause 4: cancelling an `acquire` that waits in the server answers false
+/// and leaves the key not held by the waiter.
 pub async fn clause_4_acquire_cancel_safe<H: Harness>(h: &H) {
     let key = unique_keys("c4cancel", 1).remove(0);
     let mut a = open(h, "a").await;
     let b = open(h, "b").await;
-    assert!(try_one(&mut a, &key).await);
+    assert!(try_one(h, &mut a, &key).await);
     let cancel = CancellationToken::new();
-    let waiter = spawn_waiter(b, &key, &cancel);
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut waiter = spawn_waiter(b, &key, &cancel);
+    until_waiting(h, &key, &mut waiter, "clause 4 (cancel)").await;
     cancel.cancel();
-    let (mut b, got) = tokio::time::timeout(SETTLE, waiter)
+    let (mut b, got) = within(h.settle(), "the cancelled waiter", waiter)
         .await
-        .expect("cancel ends the wait promptly")
         .expect("waiter task");
     assert!(
         !got.expect("cancelled acquire is not an error"),
@@ -253,33 +494,54 @@ pub async fn clause_4_acquire_cancel_safe<H: Harness>(h: &H) {
         "nothing held after cancel: {:?}",
         b.held()
     );
-    assert!(a.release(&key).await.expect("release"));
+    assert!(release(h, &mut a, &key).await);
     until_free(h, &key, "after a cancelled wait and a release").await;
     // The waiter's session is still usable.
     assert!(
-        try_one(&mut b, &key).await,
+        try_one(h, &mut b, &key).await,
         "the session works after a cancelled wait"
     );
-    b.close().await.expect("close");
-    a.close().await.expect("close");
+    close(h, b, "b").await;
+    close(h, a, "a").await;
 }
 
-/// Clause 4: dropping a waiting `acquire` future leaves the key not held.
+/// Clause 4: dropping an `acquire` future that waits in the server leaves
+/// the key not held.
 pub async fn clause_4_acquire_drop_safe<H: Harness>(h: &H) {
     let key = unique_keys("c4drop", 1).remove(0);
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
-    assert!(try_one(&mut a, &key).await);
+    assert!(try_one(h, &mut a, &key).await);
     let never = CancellationToken::new();
-    let dropped = tokio::time::timeout(Duration::from_millis(150), b.acquire(&key, &never)).await;
+    let (answered, seen) = {
+        let mut acquire = pin!(b.acquire(&key, &never));
+        within(
+            h.settle() + h.slack(),
+            "clause 4 (drop): seeing the waiter",
+            async {
+                tokio::select! {
+                    got = &mut acquire => (Some(got), false),
+                    seen = h.wait_until_waiting(&key) => (None, seen),
+                }
+            },
+        )
+        .await
+        // The waiting future is dropped here.
+    };
     assert!(
-        dropped.is_err(),
-        "acquire must still be waiting: {dropped:?}"
+        answered.is_none(),
+        "acquire must still be waiting: {answered:?}"
     );
-    assert!(a.release(&key).await.expect("release"));
+    report_unseen(h, seen, "clause 4 (drop)");
+    assert!(
+        !b.held().contains(&key),
+        "a dropped wait holds nothing: {:?}",
+        b.held()
+    );
+    assert!(release(h, &mut a, &key).await);
     until_free(h, &key, "after a dropped wait and a release").await;
     drop(b);
-    a.close().await.expect("close");
+    close(h, a, "a").await;
 }
 
 /// Clause 5: release frees at once; releasing a key not held answers false.
@@ -289,24 +551,24 @@ pub async fn clause_5_release<H: Harness>(h: &H) {
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
     assert!(
-        !a.release(k).await.expect("release unheld"),
+        !release(h, &mut a, k).await,
         "release of an unheld key is false"
     );
-    assert!(try_one(&mut b, other).await);
+    assert!(try_one(h, &mut b, other).await);
     assert!(
-        !a.release(other).await.expect("release other's"),
+        !release(h, &mut a, other).await,
         "cannot release another's key"
     );
-    assert!(!try_one(&mut a, other).await, "b still holds its key");
-    assert!(try_one(&mut a, k).await);
-    assert!(a.release(k).await.expect("release held"));
+    assert!(!try_one(h, &mut a, other).await, "b still holds its key");
+    assert!(try_one(h, &mut a, k).await);
+    assert!(release(h, &mut a, k).await);
     assert!(
-        try_one(&mut b, k).await,
+        try_one(h, &mut b, k).await,
         "released key is free for others at once"
     );
     assert!(a.held().is_empty());
-    a.close().await.expect("close");
-    b.close().await.expect("close");
+    close(h, a, "a").await;
+    close(h, b, "b").await;
 }
 
 /// Clause 5, batched: `release_many` answers per key (held → true, not held
@@ -316,22 +578,24 @@ pub async fn clause_5_release_many<H: Harness>(h: &H) {
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
     take_all(&mut a, &keys[..2]).await;
-    assert!(try_one(&mut b, &keys[2]).await);
-    let answers = a.release_many(&keys).await.expect("release_many");
+    assert!(try_one(h, &mut b, &keys[2]).await);
+    let answers = within(h.settle(), "release_many", a.release_many(&keys))
+        .await
+        .expect("release_many");
     assert_eq!(
         answers,
         vec![true, true, false, false],
         "one answer per key"
     );
     assert!(a.held().is_empty(), "nothing left: {:?}", a.held());
-    let granted = b.try_acquire(&keys).await.expect("batch");
+    let granted = batch(h, &mut b, &keys).await;
     assert_eq!(
         granted,
         vec![true, true, true, true],
         "released keys are free; b keeps its own"
     );
-    a.close().await.expect("close");
-    b.close().await.expect("close");
+    close(h, a, "a").await;
+    close(h, b, "b").await;
 }
 
 /// Clause 6: `close` releases every key.
@@ -339,14 +603,14 @@ pub async fn clause_6_close_releases<H: Harness>(h: &H) {
     let keys = unique_keys("c6close", 5);
     let mut a = open(h, "a").await;
     take_all(&mut a, &keys).await;
-    a.close().await.expect("close");
+    close(h, a, "a").await;
     let mut b = open(h, "b").await;
-    let granted = b.try_acquire(&keys).await.expect("batch");
+    let granted = batch(h, &mut b, &keys).await;
     assert!(
         granted.iter().all(|g| *g),
         "closed session's keys are free: {granted:?}"
     );
-    b.close().await.expect("close");
+    close(h, b, "b").await;
 }
 
 /// Clause 6: dropping a session releases every key, without blocking.
@@ -373,14 +637,14 @@ pub async fn clause_6_drop_on_current_thread_runtime<H: Harness>(h: &H) {
     let driver = h.driver();
     let db = h.database();
     let held = keys.clone();
+    let settle = h.settle();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let mut s = driver
-                .connect(&db, &NodeId::new("ct"))
+            let mut s = within(settle, "connect", driver.connect(&db, &NodeId::new("ct")))
                 .await
                 .expect("connect");
             take_all(&mut s, &held).await;
@@ -389,9 +653,13 @@ pub async fn clause_6_drop_on_current_thread_runtime<H: Harness>(h: &H) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         });
     });
-    let joined = tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .expect("join");
+    let joined = within(
+        settle * 2,
+        "the current-thread runtime's thread",
+        tokio::task::spawn_blocking(move || thread.join()),
+    )
+    .await
+    .expect("join");
     assert!(
         joined.is_ok(),
         "dropping a session on a current-thread runtime panicked"
@@ -406,29 +674,37 @@ pub async fn clause_7_independent_keys<H: Harness>(h: &H) {
     let keys = unique_keys("c7", 2);
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
-    assert!(try_one(&mut a, &keys[0]).await);
-    assert!(try_one(&mut b, &keys[1]).await, "a different key is free");
-    assert!(a.release(&keys[0]).await.expect("release"));
+    assert!(try_one(h, &mut a, &keys[0]).await);
     assert!(
-        !try_one(&mut a, &keys[1]).await,
+        try_one(h, &mut b, &keys[1]).await,
+        "a different key is free"
+    );
+    assert!(release(h, &mut a, &keys[0]).await);
+    assert!(
+        !try_one(h, &mut a, &keys[1]).await,
         "releasing one key does not free another"
     );
-    a.close().await.expect("close");
-    b.close().await.expect("close");
+    close(h, a, "a").await;
+    close(h, b, "b").await;
 }
 
 /// Clause 8: `verify` passes while locks are held and fails once the server
 /// ended the session; its keys are then free for others.
 pub async fn clause_8_verify_detects_loss<H: Harness>(h: &H) {
     let keys = unique_keys("c8", 3);
+    let settle = h.settle();
     let mut a = open(h, "a").await;
-    a.verify().await.expect("verify with no locks");
+    within(settle, "verify", a.verify())
+        .await
+        .expect("verify with no locks");
     take_all(&mut a, &keys).await;
-    a.verify().await.expect("verify while holding");
-    h.terminate(&a).await;
-    let deadline = Instant::now() + SETTLE;
+    within(settle, "verify", a.verify())
+        .await
+        .expect("verify while holding");
+    within(settle, "terminate", h.terminate(&a)).await;
+    let deadline = Instant::now() + settle;
     loop {
-        match a.verify().await {
+        match within(settle, "verify after terminate", a.verify()).await {
             Err(e) => {
                 assert!(
                     e.is_session_fatal(),
@@ -438,7 +714,7 @@ pub async fn clause_8_verify_detects_loss<H: Harness>(h: &H) {
             }
             Ok(()) => assert!(
                 Instant::now() < deadline,
-                "verify still passes {SETTLE:?} after termination"
+                "verify still passes {settle:?} after termination"
             ),
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -448,16 +724,85 @@ pub async fn clause_8_verify_detects_loss<H: Harness>(h: &H) {
     }
 }
 
+/// Clause 8, the signal: when the server ends a session, its
+/// `signals().lost()` token fires by itself (no statement sent) within the
+/// driver's stated `capabilities().loss_detection_bound` (times
+/// [`Harness::loss_bound_factor`]); then `verify` fails and another session
+/// takes the key. Prints the measured time and the bound.
+pub async fn clause_8_loss_signalled<H: Harness>(h: &H) {
+    let driver = h.driver();
+    let caps = driver.capabilities();
+    let Some(bound) = caps.loss_detection_bound else {
+        panic!(
+            "the {} driver states no loss signal (capabilities: {caps:?}); clause 8 requires one \
+             with a loss_detection_bound",
+            driver.name()
+        );
+    };
+    assert!(
+        caps.loss_signal.is_supported(),
+        "a loss_detection_bound without a loss signal: {caps:?}"
+    );
+    let key = unique_keys("c8signal", 1).remove(0);
+    let settle = h.settle();
+    let mut a = open(h, "a").await;
+    assert!(try_one(h, &mut a, &key).await);
+    let signals = a.signals();
+    assert!(
+        !signals.is_lost(),
+        "a healthy session is not lost: {signals:?}"
+    );
+    let limit = bound.mul_f64(h.loss_bound_factor());
+    let guard = limit + settle;
+    let asked = Instant::now();
+    within(settle, "terminate", h.terminate(&a)).await;
+    let terminated = Instant::now();
+    // No call on `a` until the signal fired: it must come by itself.
+    let fired = tokio::time::timeout(guard, signals.lost().cancelled()).await;
+    let took = terminated.elapsed();
+    assert!(
+        fired.is_ok(),
+        "the {} driver's loss signal did not fire within {guard:?} after the server ended the \
+         session (stated bound {bound:?}); it must fire without waiting for a statement",
+        driver.name()
+    );
+    eprintln!(
+        "clause 8: loss signalled {took:?} after the server ended the session (terminate took \
+         {:?}); stated bound {bound:?}, allowed {limit:?}; reason: {:?}",
+        terminated - asked,
+        signals.reason()
+    );
+    assert!(
+        took <= limit,
+        "the loss signal took {took:?}, over the stated bound {bound:?} × {} = {limit:?}",
+        h.loss_bound_factor()
+    );
+    let verified = within(settle, "verify after the loss signal", a.verify()).await;
+    assert!(
+        verified.as_ref().is_err_and(Error::is_session_fatal),
+        "verify of a signalled-lost session fails session-fatally: {verified:?}"
+    );
+    until_free(h, &key, "after the loss signal").await;
+    drop(a);
+}
+
 /// Clause 9: a process killed hard loses its keys; prints how long until
 /// another session got them.
 pub async fn clause_9_crash_releases<H: Harness>(h: &H) {
     let keys = unique_keys("c9", 3);
-    let holder = match h.spawn_holder(keys.clone()).await {
+    let settle = h.settle();
+    let holder = match within(
+        settle * 3,
+        "starting a holder",
+        h.spawn_holder(keys.clone()),
+    )
+    .await
+    {
         Ok(holder) => holder,
         Err(e) => panic!("could not start a holder process: {e}"),
     };
     let mut b = open(h, "b").await;
-    let granted = b.try_acquire(&keys).await.expect("batch");
+    let granted = batch(h, &mut b, &keys).await;
     assert!(
         granted.iter().all(|g| !*g),
         "the holder holds every key: {granted:?}"
@@ -465,33 +810,39 @@ pub async fn clause_9_crash_releases<H: Harness>(h: &H) {
     let cancel = CancellationToken::new();
     let killed_at = Instant::now();
     holder.kill();
-    let got = tokio::time::timeout(SETTLE, b.acquire(&keys[0], &cancel))
-        .await
-        .expect("takeover after a crash within the settle time")
-        .expect("acquire");
+    let got = within(
+        settle,
+        "takeover after a crash",
+        b.acquire(&keys[0], &cancel),
+    )
+    .await
+    .expect("acquire");
     assert!(got);
     let takeover = killed_at.elapsed();
-    let rest = b.try_acquire(&keys).await.expect("batch");
+    let rest = batch(h, &mut b, &keys).await;
     assert!(
         rest.iter().all(|g| *g),
         "all keys free after the crash: {rest:?}"
     );
     eprintln!("clause 9: crash takeover took {takeover:?}");
-    b.close().await.expect("close");
+    close(h, b, "b").await;
 }
 
 /// Clause 10: failures are typed errors; "not granted" is a value; a dead
-/// session reports a session-fatal error rather than `false`.
+/// session reports a session-fatal error rather than `false`; invalid names
+/// are typed errors.
 pub async fn clause_10_typed_errors<H: Harness>(h: &H) {
     let key = &unique_keys("c10", 1)[0];
+    let settle = h.settle();
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
-    assert!(try_one(&mut a, key).await);
-    assert!(!try_one(&mut b, key).await, "not granted is Ok(false)");
-    h.terminate(&b).await;
-    let deadline = Instant::now() + SETTLE;
+    assert!(try_one(h, &mut a, key).await);
+    assert!(!try_one(h, &mut b, key).await, "not granted is Ok(false)");
+    within(settle, "terminate", h.terminate(&b)).await;
+    let deadline = Instant::now() + settle;
     let err = loop {
-        match b.try_acquire(std::slice::from_ref(key)).await {
+        let what = "try_acquire on a terminated session";
+        match within(settle, what, b.try_acquire(std::slice::from_ref(key))).await {
             Err(e) => break e,
             Ok(v) => {
                 assert!(
@@ -506,11 +857,78 @@ pub async fn clause_10_typed_errors<H: Harness>(h: &H) {
         err.is_session_fatal(),
         "a dead connection is session-fatal: {err:?}"
     );
+    let too_long = "k".repeat(MAX_NAME_LEN + 1);
+    for (name, want) in [
+        ("", InvalidName::Empty),
+        ("nul\0inside", InvalidName::Nul),
+        (
+            too_long.as_str(),
+            InvalidName::TooLong {
+                len: MAX_NAME_LEN + 1,
+                max: MAX_NAME_LEN,
+            },
+        ),
+    ] {
+        match LockKey::new(name) {
+            Err(Error::InvalidLockName { reason, .. }) => {
+                assert_eq!(reason, want, "why {name:?} is invalid")
+            }
+            other => panic!("{name:?} must be Error::InvalidLockName, got {other:?}"),
+        }
+    }
+    close(h, a, "a").await;
+}
+
+/// Clause 10 through the driver: `connect` to a server that cannot be
+/// reached ([`Harness::unreachable_driver`]) fails with [`Error::Connect`]
+/// within [`Harness::settle`], classified (not [`ErrorKind::Other`]), naming
+/// the database, with the driver's error as source.
+pub async fn clause_10_connect_error_typed<H: Harness>(h: &H) {
+    let Some(driver) = h.unreachable_driver() else {
+        eprintln!(
+            "NOT CHECKED: clause 10: the {} harness offers no unreachable driver, so connect \
+             failures are not checked (implement Harness::unreachable_driver)",
+            h.driver().name()
+        );
+        return;
+    };
+    let db = h.database();
+    let settle = h.settle();
+    let started = Instant::now();
+    let connected = within(
+        settle,
+        format!("connect to an unreachable server for {db}"),
+        driver.connect(&db, &NodeId::new("unreachable")),
+    )
+    .await;
+    let took = started.elapsed();
+    let err = match connected {
+        Ok(_) => panic!("connect to an unreachable server succeeded"),
+        Err(err) => err,
+    };
+    match &err {
+        Error::Connect { database, kind, .. } => {
+            assert_eq!(database, &db, "the error carries the database: {err:?}");
+            assert_ne!(
+                *kind,
+                ErrorKind::Other,
+                "an unreachable server is classified (session-fatal or config): {err:?}"
+            );
+        }
+        other => panic!("an unreachable server must be Error::Connect, got {other:?}"),
+    }
     assert!(
-        matches!(LockKey::new(""), Err(Error::InvalidLockName { .. })),
-        "empty names are typed errors"
+        err.to_string().contains(db.as_str()),
+        "the message names the database {db}: {err}"
     );
-    a.close().await.expect("close");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the driver's error is the source: {err:?}"
+    );
+    eprintln!(
+        "clause 10: unreachable server refused in {took:?}: {}",
+        err.report()
+    );
 }
 
 /// Unicode, quotes, SQL-looking and maximum-length names lock like any other.
@@ -530,19 +948,21 @@ pub async fn hostile_names<H: Harness>(h: &H) {
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
     take_all(&mut a, &keys).await;
-    let denied = b.try_acquire(&keys).await.expect("batch");
+    let denied = batch(h, &mut b, &keys).await;
     assert!(
         denied.iter().all(|g| !*g),
         "hostile names exclude like others: {denied:?}"
     );
-    a.verify().await.expect("verify");
+    within(h.settle(), "verify", a.verify())
+        .await
+        .expect("verify");
     for key in &keys {
-        assert!(a.release(key).await.expect("release"), "release {key:?}");
+        assert!(release(h, &mut a, key).await, "release {key:?}");
     }
-    let granted = b.try_acquire(&keys).await.expect("batch");
+    let granted = batch(h, &mut b, &keys).await;
     assert!(granted.iter().all(|g| *g));
-    a.close().await.expect("close");
-    b.close().await.expect("close");
+    close(h, a, "a").await;
+    close(h, b, "b").await;
 }
 
 /// Leader election: the non-blocking form reports `LockNotAcquired`; a
@@ -550,32 +970,58 @@ pub async fn hostile_names<H: Harness>(h: &H) {
 pub async fn leadership_handoff<H: Harness>(h: &H) {
     let key = unique_keys("leader", 1).remove(0);
     let db = h.database();
+    let settle = h.settle();
     let (da, db_b) = (h.driver(), h.driver());
-    let leader = acquire_leadership(&da, &db, &NodeId::new("a"), key.clone())
-        .await
-        .expect("first leader");
-    match acquire_leadership(&db_b, &db, &NodeId::new("b"), key.clone()).await {
+    let leader = within(
+        settle,
+        "first leader",
+        acquire_leadership(&da, &db, &NodeId::new("a"), key.clone()),
+    )
+    .await
+    .expect("first leader");
+    match within(
+        settle,
+        "second leader",
+        acquire_leadership(&db_b, &db, &NodeId::new("b"), key.clone()),
+    )
+    .await
+    {
         Err(Error::LockNotAcquired { name }) => assert_eq!(name, key.name()),
         other => panic!("second leader must get LockNotAcquired, got {other:?}"),
     }
     let cancel = CancellationToken::new();
-    let standby = {
+    let mut standby = {
         let (driver, db, key, cancel) = (db_b.clone(), db.clone(), key.clone(), cancel.clone());
         tokio::spawn(async move {
             let guard = wait_for_leadership(&driver, &db, &NodeId::new("b"), key, &cancel).await;
             (guard, Instant::now())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = within(
+        settle + h.slack(),
+        "leadership: seeing the standby wait",
+        async {
+            tokio::select! {
+                seen = h.wait_until_waiting(&key) => seen,
+                done = &mut standby => panic!(
+                    "the standby returned instead of waiting: {:?}",
+                    done.map(|(guard, _)| guard.map(|g| g.is_some()))
+                ),
+            }
+        },
+    )
+    .await;
+    report_unseen(h, seen, "leadership");
     assert!(
         !standby.is_finished(),
         "the standby waits while a leader holds the key"
     );
     let released = Instant::now();
-    leader.release().await.expect("release leadership");
-    let (guard, took_over) = tokio::time::timeout(SETTLE, standby)
+    within(settle, "leader release", leader.release())
         .await
-        .expect("standby took over")
+        .expect("release leadership");
+    let (guard, took_over) = within(settle, "the standby's takeover", standby)
+        .await
         .expect("task");
     let guard = guard.expect("wait ok").expect("granted");
     eprintln!(
@@ -585,10 +1031,16 @@ pub async fn leadership_handoff<H: Harness>(h: &H) {
     // A cancelled standby leaves nothing held.
     let cancel2 = CancellationToken::new();
     cancel2.cancel();
-    let none = wait_for_leadership(&da, &db, &NodeId::new("c"), key.clone(), &cancel2)
-        .await
-        .expect("cancelled wait");
+    let none = within(
+        settle,
+        "cancelled standby",
+        wait_for_leadership(&da, &db, &NodeId::new("c"), key.clone(), &cancel2),
+    )
+    .await
+    .expect("cancelled wait");
     assert!(none.is_none(), "a cancelled standby gets no guard");
-    guard.release().await.expect("release");
+    within(settle, "release", guard.release())
+        .await
+        .expect("release");
     cancel.cancel();
 }

@@ -24,7 +24,10 @@ mod recorder;
 mod scenarios;
 
 pub use clauses::*;
-pub use harness::{skip, spawn_holder_process, unique_keys, unique_name, Harness, Holder};
+pub use harness::{
+    skip, spawn_holder_process, unique_keys, unique_name, within, Harness, Holder, SessionOf,
+    Timings, UNOBSERVED_WAIT,
+};
 pub use projection::*;
 pub use recorder::{Recorder, RecordingAgent, ShardRun};
 pub use scenarios::*;
@@ -33,7 +36,9 @@ pub use scenarios::*;
 /// `#[tokio::test]` for a driver.
 ///
 /// `$harness` is an expression (it may use `.await`) of type `Option<H>`
-/// where `H: Harness`. The tests run on a multi-thread runtime.
+/// where `H: Harness`. The tests run on a multi-thread runtime, each under
+/// an outer hang guard of twelve times [`Harness::settle`] (every await
+/// inside has its own, shorter one).
 #[macro_export]
 macro_rules! driver_contract_tests {
     ($harness:expr) => {
@@ -41,6 +46,7 @@ macro_rules! driver_contract_tests {
             clause_1_exclusive,
             clause_1_concurrent_race,
             clause_2_try_acquire_idempotent,
+            clause_2_dropped_try_acquire_poisons,
             clause_3_batch,
             clause_4_acquire_waits,
             clause_4_acquire_cancel_safe,
@@ -52,8 +58,10 @@ macro_rules! driver_contract_tests {
             clause_6_drop_on_current_thread_runtime,
             clause_7_independent_keys,
             clause_8_verify_detects_loss,
+            clause_8_loss_signalled,
             clause_9_crash_releases,
             clause_10_typed_errors,
+            clause_10_connect_error_typed,
             hostile_names,
             leadership_handoff,
             scenario_spread_and_graceful_stop,
@@ -66,7 +74,8 @@ macro_rules! driver_contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let Some(harness) = $harness else { return; };
-                $crate::$name(&harness).await;
+                let limit = $crate::Harness::settle(&harness) * 12;
+                $crate::within(limit, stringify!($name), $crate::$name(&harness)).await;
             }
         )*
     };

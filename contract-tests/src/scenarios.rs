@@ -4,17 +4,33 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use shardlock_core::{Coordinator, CoordinatorHandle, Error, NodeId, ShardId};
+use shardlock_core::{Coordinator, CoordinatorHandle, Driver, Error, NodeId, ShardId};
 use shardlock_distributors::SingleTenant;
 
-use crate::harness::{unique_name, Harness};
+use crate::harness::{unique_name, within, Harness};
 use crate::recorder::{Recorder, RecordingAgent};
 
 /// Poll interval of the scenario coordinators.
 pub const SCENARIO_POLL: Duration = Duration::from_millis(250);
 
-/// Slack on top of "within two poll intervals", for a loaded CI machine.
-pub const SCENARIO_SLACK: Duration = Duration::from_secs(3);
+/// Lock-loss timeout of the scenario coordinators.
+pub const SCENARIO_LOCK_LOSS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the scenario coordinators wait after taking a set before its
+/// agents start: the driver's loss detection bound, or, without a loss
+/// signal, the next verify (as the coordinator's builder computes it).
+pub fn scenario_takeover_delay<H: Harness>(h: &H) -> Duration {
+    h.driver()
+        .capabilities()
+        .loss_detection_bound
+        .unwrap_or(SCENARIO_POLL + SCENARIO_LOCK_LOSS_TIMEOUT)
+}
+
+/// "Every shard owned" must hold within two poll intervals, plus the
+/// takeover delay, plus the harness's [`slack`](Harness::slack).
+pub fn scenario_within<H: Harness>(h: &H) -> Duration {
+    SCENARIO_POLL * 2 + scenario_takeover_delay(h) + h.slack()
+}
 
 /// Starts one coordinator for `shards` of `schema` with test-friendly timings.
 pub fn start_node<H: Harness>(
@@ -34,7 +50,7 @@ pub fn start_node<H: Harness>(
     .poll_interval(SCENARIO_POLL)
     .pause_interval(Duration::from_millis(100))
     .start_jitter(Duration::from_millis(50))
-    .lock_loss_timeout(Duration::from_secs(2))
+    .lock_loss_timeout(SCENARIO_LOCK_LOSS_TIMEOUT)
     .stop_timeout(Duration::from_secs(2))
     .restart_backoff(Duration::from_millis(50), Duration::from_secs(1))
     .build()
@@ -74,12 +90,13 @@ pub async fn scenario_spread_and_graceful_stop<H: Harness>(h: &H) {
         .iter()
         .map(|n| start_node(h, n, &schema, &shards, &recorder))
         .collect();
-    let within = SCENARIO_POLL * 2 + SCENARIO_SLACK;
+    let limit = scenario_within(h);
+    let settle = h.settle();
     assert!(
         recorder
-            .wait_for(within, |r| all_owned_once(r, &shards))
+            .wait_for(limit, |r| all_owned_once(r, &shards))
             .await,
-        "not every shard owned within {within:?}: {:?}",
+        "not every shard owned within {limit:?}: {:?}",
         recorder.running()
     );
     let owners: HashSet<NodeId> = recorder.running().into_values().flatten().collect();
@@ -97,7 +114,13 @@ pub async fn scenario_spread_and_graceful_stop<H: Harness>(h: &H) {
     let stopped_id = stopped.node_id().clone();
     let handed_over = recorder.running_on(&stopped_id);
     assert!(handed_over > 0, "the busiest node runs something");
-    stopped.stop().await.expect("graceful stop");
+    within(
+        settle,
+        format!("graceful stop of {stopped_id}"),
+        stopped.stop(),
+    )
+    .await
+    .expect("graceful stop");
     assert_eq!(
         recorder.running_on(&stopped_id),
         0,
@@ -105,15 +128,18 @@ pub async fn scenario_spread_and_graceful_stop<H: Harness>(h: &H) {
     );
     assert!(
         recorder
-            .wait_for(within, |r| all_owned_once(r, &shards))
+            .wait_for(limit, |r| all_owned_once(r, &shards))
             .await,
-        "the stopped node's shards were not taken over within {within:?}: {:?}",
+        "the stopped node's shards were not taken over within {limit:?}: {:?}",
         recorder.running()
     );
     assert_eq!(recorder.overlaps(), 0, "two nodes ran one shard at once");
     eprintln!("scenario: {handed_over} shards handed over from {stopped_id}");
     for node in nodes {
-        node.stop().await.expect("stop");
+        let id = node.node_id().clone();
+        within(settle, format!("stop of {id}"), node.stop())
+            .await
+            .expect("stop");
     }
     assert!(
         recorder.running().is_empty(),
@@ -131,8 +157,9 @@ pub async fn scenario_failing_agent_restarted<H: Harness>(h: &H) {
     recorder.fail_next(&shards[0], 2);
     let node = start_node(h, "node-f", &schema, &shards, &recorder);
     let mut assignment = node.assignment();
+    let settle = h.settle();
     let restarted = recorder
-        .wait_for(Duration::from_secs(10), |r| {
+        .wait_for(settle + scenario_takeover_delay(h), |r| {
             let runs = r.runs();
             let of_failing: Vec<_> = runs.iter().filter(|run| run.shard == shards[0]).collect();
             of_failing.len() >= 3 && of_failing.last().is_some_and(|run| run.stopped.is_none())
@@ -143,8 +170,16 @@ pub async fn scenario_failing_agent_restarted<H: Harness>(h: &H) {
         "failing agent not restarted to a healthy run: {:?}",
         recorder.runs()
     );
-    let _ = assignment.changed().await;
-    let current = assignment.borrow().clone();
+    let mut current = assignment.borrow_and_update().clone();
+    let deadline = tokio::time::Instant::now() + settle;
+    while current.owned.len() < 2 {
+        let changed = tokio::time::timeout_at(deadline, assignment.changed()).await;
+        assert!(
+            matches!(changed, Ok(Ok(()))),
+            "the assignment did not show both sets within {settle:?} ({changed:?}): {current:?}"
+        );
+        current = assignment.borrow_and_update().clone();
+    }
     assert_eq!(current.owned.len(), 2, "both sets still owned: {current:?}");
     assert!(
         current.owned.iter().all(|s| s.epoch == 1),
@@ -160,7 +195,7 @@ pub async fn scenario_failing_agent_restarted<H: Harness>(h: &H) {
         !node.is_finished(),
         "a panicking agent never takes the coordinator down"
     );
-    node.stop().await.expect("stop");
+    within(settle, "stop", node.stop()).await.expect("stop");
     assert!(recorder.running().is_empty());
 }
 
@@ -175,7 +210,9 @@ pub async fn scenario_double_start_is_error<H: Harness>(h: &H) {
         .expect("config");
     let handle = coordinator.start().expect("first start");
     assert!(matches!(coordinator.start(), Err(Error::AlreadyStarted)));
-    handle.stop().await.expect("stop");
+    within(h.settle(), "stop", handle.stop())
+        .await
+        .expect("stop");
     assert!(
         matches!(coordinator.start(), Err(Error::AlreadyStarted)),
         "not even after stop"

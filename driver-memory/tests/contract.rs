@@ -1,5 +1,7 @@
 //! The shared driver contract suite, run against the memory driver.
 
+use std::time::{Duration, Instant};
+
 use shardlock_contract_tests::{Harness, Holder};
 use shardlock_core::{BoxError, DatabaseId, Driver, LockKey, NodeId, Session};
 use shardlock_memory::{MemoryDriver, MemoryServer, MemorySession};
@@ -39,6 +41,32 @@ impl Harness for MemoryHarness {
             // The "process" is gone: its session object never runs again.
             std::mem::forget(session);
         }))
+    }
+
+    fn round_trips(&self, _session: &MemorySession) -> Option<u64> {
+        // The server's total: each test has a server of its own, and the
+        // clauses count around one call while nothing else runs.
+        Some(self.server.round_trips())
+    }
+
+    async fn wait_until_waiting(&self, key: &LockKey) -> bool {
+        let (db, limit) = (self.database(), self.settle());
+        let started = Instant::now();
+        while self.server.waiting(&db, key) == 0 {
+            assert!(
+                started.elapsed() < limit,
+                "no session waits for {key} on the memory server after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+
+    fn unreachable_driver(&self) -> Option<MemoryDriver> {
+        // A node whose network is severed: its connects are refused.
+        let driver = self.server.driver();
+        driver.sever();
+        Some(driver)
     }
 }
 
