@@ -18,6 +18,11 @@ use tokio::task::JoinHandle;
 
 use crate::harness::{unique_keys, unique_name, within, Harness, SessionOf};
 
+/// How long clause 4 waits after the holder's release before probing: a
+/// wait that was cancelled or dropped but is still queued in the server
+/// would be granted at the release, and must get the time to show.
+const ABANDONED_GRACE: Duration = Duration::from_millis(100);
+
 /// The hang guard of [`take_all`], which has no harness to ask.
 const TAKE_ALL_GUARD: Duration = Duration::from_secs(60);
 
@@ -495,6 +500,7 @@ pub async fn clause_4_acquire_cancel_safe<H: Harness>(h: &H) {
         b.held()
     );
     assert!(release(h, &mut a, &key).await);
+    tokio::time::sleep(ABANDONED_GRACE).await;
     until_free(h, &key, "after a cancelled wait and a release").await;
     // The waiter's session is still usable.
     assert!(
@@ -539,6 +545,7 @@ pub async fn clause_4_acquire_drop_safe<H: Harness>(h: &H) {
         b.held()
     );
     assert!(release(h, &mut a, &key).await);
+    tokio::time::sleep(ABANDONED_GRACE).await;
     until_free(h, &key, "after a dropped wait and a release").await;
     drop(b);
     close(h, a, "a").await;
