@@ -306,10 +306,21 @@ pub async fn projection_stale_leader_fenced_off<H: ProjectionHarness>(h: &H) {
         .await
         .expect("the stale leader stops")
         .expect("task");
-    assert!(
-        matches!(stale_result, Err(ProjectionError::FencedOff { .. })),
-        "stale leader must be fenced off, got {stale_result:?}"
-    );
+    // A driver with a loss signal stops the runner as the session dies
+    // (`LeadershipLost`); without one, the runner keeps going until its next
+    // checkpoint write is refused (`FencedOff`). Either way it stopped
+    // without moving the checkpoint past the new leader.
+    match &stale_result {
+        Err(ProjectionError::FencedOff { .. }) => {
+            eprintln!("projection: the stale leader was fenced off at its next checkpoint write")
+        }
+        Err(ProjectionError::LeadershipLost { .. }) => {
+            eprintln!("projection: the stale leader stopped on its loss signal")
+        }
+        other => {
+            panic!("stale leader must be fenced off or stop on its loss signal, got {other:?}")
+        }
+    }
     assert!(
         wait_until(Duration::from_secs(20), || applied.positions().len() as i64
             >= TOTAL)

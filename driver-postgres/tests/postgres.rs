@@ -485,7 +485,9 @@ async fn lock_table_full_is_typed_and_undone() {
     );
     let mut raw = sqlx::PgConnection::connect(&own.url).await.expect("raw");
     let left: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+        // Keys only (`objsubid = 1`): the session's own two-int liveness
+        // lock, which its watcher waits on, stays.
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND objsubid = 1",
     )
     .bind(a.backend_pid())
     .fetch_one(&mut raw)
@@ -586,4 +588,78 @@ async fn killed_waiter_leaves_the_queue() {
     free_within(&h, &key, Duration::from_secs(2)).await;
     a.close().await.expect("close");
     raw.close().await.expect("close");
+}
+
+/// The contract harness's view of a waiter (`common::waiters`) matches how
+/// `pg_locks` shows a `bigint` advisory key, for negative and positive ids:
+/// a raw `pg_advisory_lock` blocked behind a holder is counted, and only
+/// for its own key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_match_pg_locks() {
+    let Some(h) = harness().await else { return };
+    let (mut negative, mut positive) = (None, None);
+    while negative.is_none() || positive.is_none() {
+        let key = unique_keys("waiters", 1).remove(0);
+        if key.id() < 0 {
+            negative.get_or_insert(key);
+        } else {
+            positive.get_or_insert(key);
+        }
+    }
+    let mut side = h.raw().await;
+    for key in [
+        negative.expect("negative key"),
+        positive.expect("positive key"),
+    ] {
+        let mut holder = h.raw().await;
+        let _ = sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(key.id())
+            .execute(&mut holder)
+            .await
+            .expect("holder takes the key");
+        assert_eq!(
+            common::waiters(&mut side, &key).await.expect("pg_locks"),
+            0,
+            "nobody waits yet for {key} ({})",
+            key.id()
+        );
+        let mut waiter = h.raw().await;
+        let id = key.id();
+        let blocked = tokio::spawn(async move {
+            let _ = sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(id)
+                .execute(&mut waiter)
+                .await
+                .expect("waiter gets the key in the end");
+            waiter
+        });
+        let started = Instant::now();
+        while common::waiters(&mut side, &key).await.expect("pg_locks") == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the blocked pg_advisory_lock({}) never showed in pg_locks as {:?}",
+                key.id(),
+                common::split_key(key.id())
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let other = unique_keys("waiters-other", 1).remove(0);
+        assert_eq!(
+            common::waiters(&mut side, &other).await.expect("pg_locks"),
+            0,
+            "another key shows no waiter"
+        );
+        let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+            .bind(key.id())
+            .fetch_one(&mut holder)
+            .await
+            .expect("unlock");
+        let waiter = tokio::time::timeout(Duration::from_secs(10), blocked)
+            .await
+            .expect("the waiter is granted after the unlock")
+            .expect("waiter task");
+        let _ = waiter.close().await;
+        let _ = holder.close().await;
+    }
+    let _ = side.close().await;
 }

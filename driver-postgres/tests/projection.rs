@@ -33,6 +33,14 @@ impl Harness for PgProjectionHarness {
     async fn spawn_holder(&self, keys: Vec<LockKey>) -> Result<Holder, BoxError> {
         self.inner.spawn_holder(keys).await
     }
+
+    fn settle(&self) -> std::time::Duration {
+        self.inner.settle()
+    }
+
+    fn slack(&self) -> std::time::Duration {
+        self.inner.slack()
+    }
 }
 
 impl ProjectionHarness for PgProjectionHarness {

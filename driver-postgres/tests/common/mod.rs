@@ -38,7 +38,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use shardlock_contract_tests::{skip, Harness, Holder};
+use shardlock_contract_tests::{skip, Harness, Holder, Timings};
 use shardlock_core::{BoxError, DatabaseId, LockKey};
 use shardlock_postgres::sqlx::postgres::PgConnection;
 use shardlock_postgres::sqlx::{self, Connection};
@@ -60,6 +60,7 @@ pub struct PgHarness {
     url: String,
     options: PgOptions,
     database: DatabaseId,
+    timings: Timings,
 }
 
 /// The harness, or `None` (after a loud skip line) without a server.
@@ -83,16 +84,18 @@ pub async fn harness() -> Option<PgHarness> {
         .get_database()
         .unwrap_or_else(|| options.get_connect_options().get_username())
         .to_string();
-    if let Err(why) = wait_ready(&url, Duration::from_secs(90)).await {
-        panic!(
+    let round_trip = match wait_ready(&url, Duration::from_secs(90)).await {
+        Ok(round_trip) => round_trip,
+        Err(why) => panic!(
             "PostgreSQL at {} is not reachable: {why}",
             options_target(&options)
-        );
-    }
+        ),
+    };
     Some(PgHarness {
         url,
         options,
         database: DatabaseId::new(database),
+        timings: Timings::from_round_trip(round_trip),
     })
 }
 
@@ -164,6 +167,88 @@ impl Harness for PgHarness {
                 .await?
         }
     }
+
+    fn round_trips(&self, session: &PgSession) -> Option<u64> {
+        Some(session.round_trips())
+    }
+
+    fn wait_until_waiting(&self, key: &LockKey) -> impl std::future::Future<Output = bool> + Send {
+        let (url, limit, key) = (self.url.clone(), self.settle(), key.clone());
+        async move {
+            let mut conn = match PgConnection::connect(&url).await {
+                Ok(conn) => conn,
+                Err(e) => panic!("side connection failed: {e}"),
+            };
+            let started = Instant::now();
+            loop {
+                let waiting = match waiters(&mut conn, &key).await {
+                    Ok(n) => n,
+                    Err(e) => panic!("reading pg_locks failed: {e}"),
+                };
+                if waiting > 0 {
+                    let _ = conn.close().await;
+                    return true;
+                }
+                assert!(
+                    started.elapsed() < limit,
+                    "no backend waits for {key} (id {}) in pg_locks after {limit:?}",
+                    key.id()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    fn unreachable_driver(&self) -> Option<PgDriver> {
+        let port = closed_port()?;
+        let options = self
+            .options
+            .clone()
+            .host("127.0.0.1")
+            .port(port)
+            .connect_timeout(Duration::from_secs(5));
+        Some(PgDriver::new(options))
+    }
+
+    fn settle(&self) -> Duration {
+        self.timings.settle
+    }
+
+    fn slack(&self) -> Duration {
+        self.timings.slack
+    }
+}
+
+/// How many backends wait, not granted, for the advisory lock of `key`.
+///
+/// `pg_advisory_lock(bigint)` shows its key in `pg_locks` as `classid` (the
+/// high 32 bits) and `objid` (the low 32 bits), both `oid`, with
+/// `objsubid = 1` (see the driver's `sql` module; checked against a real
+/// server by `waiters_match_pg_locks` in `tests/postgres.rs`).
+pub async fn waiters(conn: &mut PgConnection, key: &LockKey) -> Result<i64, sqlx::Error> {
+    let (classid, objid) = split_key(key.id());
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
+    )
+    .bind(classid)
+    .bind(objid)
+    .fetch_one(conn)
+    .await
+}
+
+/// `(classid, objid)` of a `bigint` advisory key, as `pg_locks` shows them
+/// (widened to `bigint`, since both are unsigned 32-bit `oid`s).
+pub fn split_key(id: i64) -> (i64, i64) {
+    let bits = id as u64;
+    ((bits >> 32) as i64, (bits & 0xffff_ffff) as i64)
+}
+
+/// A loopback port nobody listens on (bound, then closed), or `None` when
+/// no port can be bound.
+pub fn closed_port() -> Option<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+    listener.local_addr().ok().map(|a| a.port())
 }
 
 /// Starts `shardlock-pg-holder` (this crate's binary) and waits for its
@@ -183,18 +268,25 @@ fn spawn_holder_process(
 }
 
 /// Waits until a real query succeeds (a reused container may still be
-/// starting, or restarting after initdb).
-async fn wait_ready(url: &str, limit: Duration) -> Result<(), String> {
+/// starting, or restarting after initdb), then answers the median of five
+/// `SELECT 1` round trips, from which the suite's patience is derived.
+async fn wait_ready(url: &str, limit: Duration) -> Result<Duration, String> {
     let started = Instant::now();
     loop {
         let attempt = async {
             let mut conn = PgConnection::connect(url).await?;
-            let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await?;
+            let mut times = Vec::with_capacity(5);
+            for _ in 0..5 {
+                let sent = Instant::now();
+                let _: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await?;
+                times.push(sent.elapsed());
+            }
             let _ = conn.close().await;
-            Ok::<i32, sqlx::Error>(one)
+            times.sort_unstable();
+            Ok::<Duration, sqlx::Error>(times[2])
         };
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(round_trip)) => return Ok(round_trip),
             Ok(Err(e)) if started.elapsed() > limit => return Err(e.to_string()),
             Err(_) if started.elapsed() > limit => return Err("timed out".into()),
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -261,7 +353,7 @@ impl OwnContainer {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|_| "the container thread ended".to_string())??;
-        wait_ready(&url, Duration::from_secs(90)).await?;
+        let _ = wait_ready(&url, Duration::from_secs(90)).await?;
         Ok(Self {
             url,
             done: Some(done_tx),
