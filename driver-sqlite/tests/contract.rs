@@ -80,6 +80,16 @@ impl Harness for SqliteHarness {
             let _ = child.wait();
         }))
     }
+
+    fn unreachable_driver(&self) -> Option<SqliteDriver> {
+        // The embedded "server" is the lock directory: a driver whose
+        // directory was replaced by a plain file after it was opened.
+        let dir = lock_dir("unreachable");
+        let driver = SqliteDriver::open(&dir).ok()?;
+        std::fs::remove_dir_all(&dir).ok()?;
+        std::fs::write(&dir, "not a lock directory").ok()?;
+        Some(driver)
+    }
 }
 
 async fn harness() -> Option<SqliteHarness> {
