@@ -13,8 +13,24 @@
 //!   server does through TCP keepalives.
 //! - [`MemoryDriver::partition`]: the network is cut; the node's calls hang,
 //!   and the server frees its locks after the release window.
-//! - [`MemoryServer::terminate`]: an operator ends one session; its locks are
-//!   freed at once.
+//! - [`MemoryServer::terminate`] (and [`MemoryServer::terminate_node`]): an
+//!   operator ends one session; its locks are freed at once.
+//!
+//! **Loss signal** ([`Session::signals`](shardlock_core::Session::signals)):
+//! native, within [`LOSS_DETECTION_BOUND`] (10 ms, scheduling only). The
+//! server keeps each session's signals and fires `lost` synchronously on
+//! `terminate`, `terminate_node`, `kill` and `sever` (and on `heal` for
+//! sessions a partition cut); never on `partition` itself, which is silent
+//! like a real network cut.
+//!
+//! **Round trips** are simulated: the server applies a request when it
+//! arrives and the answer comes back after one task yield, so a
+//! `try_acquire` future dropped mid-flight really leaves keys held on the
+//! server that the session does not know; the session is then poisoned
+//! (core's [`Holds`](shardlock_core::Holds)) and its next `verify` fails.
+//! [`MemoryServer::round_trips`] counts them (one per batch), and
+//! [`MemoryServer::waiting`] tells how many sessions block in `acquire` on a
+//! key.
 //!
 //! ```
 //! use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
@@ -43,7 +59,7 @@ mod session;
 
 pub use projection::{MemoryCheckpoints, MemoryEventLog};
 pub use server::{
-    HolderInfo, LockEvent, LockEventKind, MemoryDriver, MemoryServer, SessionId,
-    DEFAULT_RELEASE_WINDOW,
+    HolderInfo, LockEvent, LockEventKind, MemoryDriver, MemoryError, MemoryServer, SessionId,
+    DEFAULT_RELEASE_WINDOW, LOSS_DETECTION_BOUND,
 };
 pub use session::MemorySession;

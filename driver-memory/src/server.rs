@@ -1,4 +1,11 @@
 //! The in-process "database server": lock tables, sessions, fault injection.
+//!
+//! The server keeps each session's [`SessionSignals`] (registered when the
+//! session opens) and fires its `lost` token the moment it ends that session
+//! in a way the node can see: [`MemoryServer::terminate`],
+//! [`MemoryServer::terminate_node`], [`MemoryDriver::kill`] and
+//! [`MemoryDriver::sever`] fire it at once; [`MemoryDriver::partition`] does
+//! not (a cut network is silent, the coordinator's deadline handles it).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -6,7 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use shardlock_core::{DatabaseId, Driver, Error, LockKey, NodeId, Result};
+use shardlock_core::{
+    Capabilities, DatabaseId, Driver, DriverError, Error, ErrorKind, LockKey, NodeId, Result,
+    SessionSignals, Support,
+};
 use tokio::sync::{watch, Notify};
 use tracing::debug;
 
@@ -17,6 +27,32 @@ const EVENT_HISTORY: usize = 100_000;
 
 /// Default time the server keeps a severed or partitioned session's locks.
 pub const DEFAULT_RELEASE_WINDOW: Duration = Duration::from_secs(20);
+
+/// The loss-detection bound the memory driver states in
+/// [`Driver::capabilities`]: the server fires a session's loss signal
+/// synchronously when it ends the session, so this only covers scheduling.
+pub const LOSS_DETECTION_BOUND: Duration = Duration::from_millis(10);
+
+/// Errors of the memory driver (the source of [`Error::Connect`] and
+/// [`Error::Driver`] values it returns).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// The node's network is severed ([`MemoryDriver::sever`]): new
+    /// connections are refused until [`MemoryDriver::heal`].
+    #[error("connection refused: the node's network is severed")]
+    Refused,
+}
+
+impl DriverError for MemoryError {
+    fn driver(&self) -> &'static str {
+        "memory"
+    }
+
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::SessionFatal
+    }
+}
 
 /// Identifies one session on a [`MemoryServer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -86,6 +122,8 @@ pub(crate) struct SessionRecord {
     pub(crate) node: NodeId,
     pub(crate) driver: u64,
     pub(crate) health: Health,
+    /// The session's signals, fired when the server ends it visibly.
+    signals: SessionSignals,
 }
 
 struct Held {
@@ -98,6 +136,8 @@ struct Held {
 pub(crate) struct State {
     locks: HashMap<(DatabaseId, i64), Held>,
     pub(crate) sessions: HashMap<SessionId, SessionRecord>,
+    /// Sessions blocked in `acquire`, per key.
+    waiters: HashMap<(DatabaseId, i64), usize>,
     events: VecDeque<LockEvent>,
     next_session: u64,
 }
@@ -198,13 +238,31 @@ impl MemoryServer {
         self.inner.lock().events.iter().cloned().collect()
     }
 
-    /// Lock operations served (one per session call), to check batching.
+    /// Lock round trips served, to check batching: one per request that
+    /// reaches the server (a batched `try_acquire`, a `release_many`, a
+    /// `verify`, each attempt of a blocking `acquire`). Calls the session
+    /// answers from its own bookkeeping (keys it already holds, releases of
+    /// keys it does not hold) send nothing and count nothing.
     pub fn round_trips(&self) -> u64 {
         self.inner.round_trips.load(Ordering::Relaxed)
     }
 
+    /// How many sessions are blocked in [`acquire`](shardlock_core::Session::acquire)
+    /// on `key` in `database` right now: a waiter counts from the moment its
+    /// first attempt was denied (and it is registered for the wake-up) until
+    /// its `acquire` returns or its future is dropped. Tests use it to wait
+    /// until a waiter really waits instead of sleeping.
+    pub fn waiting(&self, database: &DatabaseId, key: &LockKey) -> usize {
+        self.inner
+            .lock()
+            .waiters
+            .get(&(database.clone(), key.id()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Ends every session of `node` as if its process died: their locks are
-    /// freed at once and their next calls fail.
+    /// freed at once, their loss signals fire and their next calls fail.
     pub fn terminate_node(&self, node: &NodeId) {
         let ids: Vec<SessionId> = {
             let state = self.inner.lock();
@@ -221,14 +279,23 @@ impl MemoryServer {
     }
 
     /// Ends `session` as an operator would (`pg_terminate_backend`): its locks
-    /// are freed at once and its next call fails.
+    /// are freed at once, its loss signal fires at once, and its next call
+    /// fails.
     pub fn terminate(&self, session: SessionId) {
-        let mut state = self.inner.lock();
-        if let Some(record) = state.sessions.get_mut(&session) {
-            record.health = Health::Dead;
+        let signals = {
+            let mut state = self.inner.lock();
+            let signals = state.sessions.get_mut(&session).map(|record| {
+                record.health = Health::Dead;
+                record.signals.clone()
+            });
+            self.inner
+                .free_session(&mut state, session, LockEventKind::Freed);
+            signals
+        };
+        // Fired outside the table's mutex: woken tasks may call the server.
+        if let Some(signals) = signals {
+            signals.fire_lost("session terminated by the server");
         }
-        self.inner
-            .free_session(&mut state, session, LockEventKind::Freed);
     }
 }
 
@@ -268,7 +335,12 @@ impl Inner {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn open_session(&self, node: &NodeId, driver: u64) -> SessionId {
+    pub(crate) fn open_session(
+        &self,
+        node: &NodeId,
+        driver: u64,
+        signals: SessionSignals,
+    ) -> SessionId {
         let mut state = self.lock();
         state.next_session += 1;
         let id = SessionId(state.next_session);
@@ -278,9 +350,26 @@ impl Inner {
                 node: node.clone(),
                 driver,
                 health: Health::Up,
+                signals,
             },
         );
         id
+    }
+
+    /// Counts one more session blocked in `acquire` on `slot`.
+    pub(crate) fn add_waiter(&self, state: &mut State, slot: (DatabaseId, i64)) {
+        *state.waiters.entry(slot).or_insert(0) += 1;
+    }
+
+    /// Counts one session fewer blocked in `acquire` on `slot`.
+    pub(crate) fn remove_waiter(&self, slot: &(DatabaseId, i64)) {
+        let mut state = self.lock();
+        if let Some(n) = state.waiters.get_mut(slot) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                let _ = state.waiters.remove(slot);
+            }
+        }
     }
 
     pub(crate) fn try_take(
@@ -412,46 +501,66 @@ impl MemoryDriver {
         &self.server
     }
 
-    /// The process died: every session of this driver is dead and the server
-    /// frees its locks at once.
+    /// The process died: every session of this driver is dead, the server
+    /// frees its locks at once, and their loss signals fire.
     pub fn kill(&self) {
         let inner = &self.server.inner;
-        let mut state = inner.lock();
-        for id in self.session_ids(&state) {
-            if let Some(r) = state.sessions.get_mut(&id) {
-                r.health = Health::Dead;
+        let signals: Vec<SessionSignals> = {
+            let mut state = inner.lock();
+            let mut signals = Vec::new();
+            for id in self.session_ids(&state) {
+                if let Some(r) = state.sessions.get_mut(&id) {
+                    r.health = Health::Dead;
+                    signals.push(r.signals.clone());
+                }
+                inner.free_session(&mut state, id, LockEventKind::Freed);
             }
-            inner.free_session(&mut state, id, LockEventKind::Freed);
+            signals
+        };
+        for s in signals {
+            s.fire_lost("the node's process was killed");
         }
     }
 
-    /// The node's network breaks: calls fail at once on this node and new
+    /// The node's network breaks (connection reset): calls fail at once on
+    /// this node, the sessions' loss signals fire at once, and new
     /// connections are refused until [`heal`](Self::heal), while the server
     /// keeps the locks for its release window, then frees them.
     pub fn sever(&self) {
-        self.cut(Health::Severed);
+        for s in self.cut(Health::Severed) {
+            s.fire_lost("connection reset: the node's network is severed");
+        }
     }
 
     /// The network is cut: calls on this node's sessions, and new
     /// connections, hang until [`heal`](Self::heal); the server frees the
-    /// locks after its release window.
+    /// locks after its release window. The loss signals do **not** fire: a
+    /// cut network is silent, and the coordinator's deadlines must notice.
     pub fn partition(&self) {
-        self.cut(Health::Partitioned);
+        let _ = self.cut(Health::Partitioned);
     }
 
     /// Restores the network: hanging calls resume and fail (the server has,
-    /// or soon will have, ended those sessions); new sessions work normally.
+    /// or soon will have, ended those sessions) and the partitioned
+    /// sessions' loss signals fire (the node now sees the connections reset);
+    /// new sessions work normally.
     pub fn heal(&self) {
         *self.network.lock().unwrap_or_else(|p| p.into_inner()) = Health::Up;
-        {
+        let signals: Vec<SessionSignals> = {
             let mut state = self.server.inner.lock();
+            let mut signals = Vec::new();
             for id in self.session_ids(&state) {
                 if let Some(r) = state.sessions.get_mut(&id) {
                     if r.health == Health::Partitioned {
                         r.health = Health::Severed;
+                        signals.push(r.signals.clone());
                     }
                 }
             }
+            signals
+        };
+        for s in signals {
+            s.fire_lost("connection reset after the network partition healed");
         }
         self.server.inner.health.send_modify(|v| *v += 1);
     }
@@ -465,17 +574,20 @@ impl MemoryDriver {
             .collect()
     }
 
-    fn cut(&self, health: Health) {
+    /// Cuts the node's sessions; answers their signals (not fired).
+    fn cut(&self, health: Health) -> Vec<SessionSignals> {
         *self.network.lock().unwrap_or_else(|p| p.into_inner()) = health;
-        let ids = {
+        let (ids, signals) = {
             let mut state = self.server.inner.lock();
             let ids = self.session_ids(&state);
+            let mut signals = Vec::with_capacity(ids.len());
             for id in &ids {
                 if let Some(r) = state.sessions.get_mut(id) {
                     r.health = health;
+                    signals.push(r.signals.clone());
                 }
             }
-            ids
+            (ids, signals)
         };
         let server = self.server.clone();
         let window = server.inner.release_window;
@@ -500,14 +612,12 @@ impl MemoryDriver {
             }
             Err(_) => expire(),
         }
+        signals
     }
 }
 
 fn refused(database: &DatabaseId) -> Error {
-    Error::Connect {
-        database: database.to_string(),
-        source: "connection refused: the node's network is severed".into(),
-    }
+    Error::connect(database, MemoryError::Refused)
 }
 
 impl fmt::Debug for MemoryDriver {
@@ -539,15 +649,26 @@ impl Driver for MemoryDriver {
                 Health::Severed | Health::Dead => return Err(refused(database)),
             }
         }
-        let id = self.server.inner.open_session(node, self.id);
+        let signals = SessionSignals::new();
+        let id = self
+            .server
+            .inner
+            .open_session(node, self.id, signals.clone());
         Ok(MemorySession::new(
             self.server.clone(),
             id,
             database.clone(),
+            signals,
         ))
     }
 
     fn lock_release_window(&self) -> Option<Duration> {
         Some(self.server.inner.release_window)
+    }
+
+    /// A native loss signal (the server fires it when it ends a session),
+    /// within [`LOSS_DETECTION_BOUND`]; no release hint.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none().with_loss_signal(Support::Native, LOSS_DETECTION_BOUND)
     }
 }

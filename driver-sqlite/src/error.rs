@@ -1,8 +1,14 @@
-//! Errors of the SQLite driver.
+//! Errors of the SQLite driver, and what each means for a session
+//! ([`DriverError`]): they reach users as the source of a
+//! [`shardlock_core::Error`], mapped once by [`Error::from_driver`] (session
+//! calls) or [`Error::connect`] (opening a session).
+//!
+//! [`Error::from_driver`]: shardlock_core::Error::from_driver
+//! [`Error::connect`]: shardlock_core::Error::connect
 
 use std::path::PathBuf;
 
-use shardlock_core::Error;
+use shardlock_core::{DriverError, ErrorKind};
 
 /// What went wrong in the SQLite driver.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,31 @@ pub enum SqliteError {
     /// The session's worker thread is gone (it panicked or was never started).
     #[error("the session's worker thread is gone")]
     WorkerGone,
+    /// The session was ended: its liveness file was removed or replaced (an
+    /// operator ended it), or its lock files are no longer held. Its locks
+    /// are freed.
+    #[error("the session was ended: {reason}")]
+    SessionEnded {
+        /// What showed it.
+        reason: String,
+    },
+    /// The process ran out of file descriptors while locking a key: each
+    /// held key keeps one file open, so the open-file limit bounds how many
+    /// keys one process can hold. The batch that hit it was rolled back.
+    #[error(
+        "too many open files while locking {path} (this session held {held} keys; each held key \
+         keeps one file open): raise the process's open-file limit (`ulimit -n`, or \
+         `LimitNOFILE=` for a systemd service) above the number of keys a node may hold, plus a margin"
+    )]
+    TooManyOpenFiles {
+        /// The lock file that could not be opened.
+        path: PathBuf,
+        /// How many keys the session held at that moment.
+        held: usize,
+        /// The operating system's error (`EMFILE` / `ENFILE`).
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl SqliteError {
@@ -80,15 +111,68 @@ impl SqliteError {
     }
 }
 
-impl From<SqliteError> for Error {
-    fn from(e: SqliteError) -> Self {
-        match e {
-            SqliteError::WorkerGone => Error::SessionLost {
-                database: String::new(),
-                reason: "the session's worker thread is gone".into(),
-                source: Some(Box::new(e)),
-            },
-            other => Error::driver("sqlite", other),
+impl DriverError for SqliteError {
+    fn driver(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            // The session's locks are gone or unknown.
+            Self::WorkerGone | Self::SessionEnded { .. } => ErrorKind::SessionFatal,
+            // Retrying fails the same way until someone changes something:
+            // a path, a file, a limit.
+            Self::Unwritable { .. }
+            | Self::NotALockDirectory { .. }
+            | Self::Corrupt { .. }
+            | Self::TooManyOpenFiles { .. } => ErrorKind::Config,
+            Self::Sqlite { .. } | Self::Io { .. } => ErrorKind::Other,
         }
+    }
+}
+
+/// Whether an I/O error says the process (`EMFILE`) or the system
+/// (`ENFILE`) ran out of file descriptors.
+pub(crate) fn is_too_many_open_files(e: &std::io::Error) -> bool {
+    // Not in `std::io::ErrorKind` (stable), so by raw code, per platform.
+    #[cfg(unix)]
+    const CODES: &[i32] = &[23 /* ENFILE */, 24 /* EMFILE */];
+    #[cfg(windows)]
+    const CODES: &[i32] = &[4 /* ERROR_TOO_MANY_OPEN_FILES */];
+    #[cfg(not(any(unix, windows)))]
+    const CODES: &[i32] = &[];
+    e.raw_os_error().is_some_and(|code| CODES.contains(&code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_many_open_files_names_the_limit_and_is_not_session_fatal() {
+        let err = SqliteError::TooManyOpenFiles {
+            path: PathBuf::from("/locks/main/keys/00.lock"),
+            held: 1021,
+            source: std::io::Error::from_raw_os_error(24),
+        };
+        assert!(err.to_string().contains("ulimit -n"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Config);
+        let mapped = shardlock_core::Error::from_driver(&shardlock_core::DatabaseId::new("m"), err);
+        assert!(!mapped.is_session_fatal());
+        #[cfg(unix)]
+        assert!(is_too_many_open_files(&std::io::Error::from_raw_os_error(
+            24
+        )));
+        assert!(!is_too_many_open_files(&std::io::Error::other("x")));
+    }
+
+    #[test]
+    fn a_dead_worker_is_session_fatal() {
+        let db = shardlock_core::DatabaseId::new("m");
+        let err = shardlock_core::Error::from_driver(&db, SqliteError::WorkerGone);
+        assert!(err.is_session_fatal());
+        assert!(
+            matches!(err, shardlock_core::Error::SessionLost { database, .. } if database == db)
+        );
     }
 }

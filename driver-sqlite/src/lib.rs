@@ -13,18 +13,35 @@
 //! |---|---|
 //! | scope | processes sharing a local file system (not NFS) |
 //! | try-acquire batch | one call to the session's worker for any number of keys |
-//! | blocking acquire | SQLite's busy handler, retrying every 5 ms; cancel checked every 100 ms |
+//! | blocking acquire | SQLite's busy handler, retrying every 5 ms; cancel, a dropped waiter and the liveness file checked every 50 ms |
 //! | crash release | immediate (the kernel drops the file locks) |
 //! | files | one per key ever used, one per live session; each held key keeps one file open (no journal), so the open-file limit (`ulimit -n`) bounds the keys one process can hold |
 //! | status | `registry.db` records holder node, pid and since; `status()` checks liveness |
-//! | ending a session from outside | delete its liveness file `<database>/sessions/<name>.lock`: within 250 ms its worker frees every lock and later calls fail with `SessionLost` |
+//! | ending a session from outside | delete its liveness file `<database>/sessions/<name>.lock` (Unix): within 50 ms its worker fires the session's loss signal and frees every lock; later calls fail with `SessionLost` |
+//! | loss signal | emulated: the worker `stat`s its liveness file every 50 ms, idle or waiting in `acquire`; bound stated in [`capabilities`]: [`LOSS_DETECTION_BOUND`] (100 ms); also fires if the worker thread dies |
+//! | too many keys | [`SqliteError::TooManyOpenFiles`] names `ulimit -n`; the batch that hit the limit is rolled back |
 //! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs; [`SqliteCheckpoints::save_in`] writes inside your own transaction |
 //!
 //! A process that hangs without dying (stopped, swapped out) keeps its
 //! locks: there is no server to notice, so [`lock_release_window`] is
 //! `None`.
 //!
+//! # Platforms
+//!
+//! The locks themselves are SQLite's and work wherever SQLite does (Unix
+//! `fcntl` locks, Windows `LockFileEx`); the operating system frees them
+//! when a process dies on every platform. Two checks are **Unix-only**:
+//!
+//! - *File identity*: on Unix a held file is checked to be the very file
+//!   that was locked (device and inode), so a liveness or lock file deleted
+//!   and created again is noticed. Elsewhere only the file's existence and
+//!   the open transaction are checked, a weaker test.
+//! - *Ending a session by deleting its liveness file*: Unix allows deleting
+//!   an open file; Windows refuses while the session holds it, so there a
+//!   session is ended by ending its process.
+//!
 //! [`lock_release_window`]: shardlock_core::Driver::lock_release_window
+//! [`capabilities`]: shardlock_core::Driver::capabilities
 //!
 //! ```
 //! use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
@@ -60,8 +77,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use shardlock_core::{DatabaseId, Driver, Error, NodeId, Result};
+use shardlock_core::{
+    Capabilities, DatabaseId, Driver, Error, NodeId, Result, SessionSignals, Support,
+};
 use tokio::sync::oneshot;
 
 pub use checkpoints::SqliteCheckpoints;
@@ -71,6 +91,25 @@ pub use status::{status, Holder};
 
 /// Re-exported so users name the same rusqlite version.
 pub use rusqlite;
+
+/// The longest time from a session being ended from outside (its liveness
+/// file removed or replaced) or its worker thread dying to its loss signal
+/// firing: the worker's check interval (50 ms) plus a margin for one lock
+/// attempt and scheduling.
+pub const LOSS_DETECTION_BOUND: Duration = Duration::from_millis(100);
+
+/// Fires the session's loss signal if the worker thread ends without
+/// finishing normally (a panic): its connections close as it unwinds, so
+/// its locks are gone.
+struct FireIfUnwinding(Option<SessionSignals>);
+
+impl Drop for FireIfUnwinding {
+    fn drop(&mut self) {
+        if let Some(signals) = self.0.take() {
+            signals.fire_lost("the session's worker thread stopped unexpectedly");
+        }
+    }
+}
 
 /// Opens sessions on a lock directory. Clones share the configuration.
 #[derive(Clone)]
@@ -133,16 +172,19 @@ impl Driver for SqliteDriver {
         );
         let (tx, rx) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (root, db, node_id, session_name) = (
+        let signals = SessionSignals::new();
+        let (root, db, node_id, session_name, worker_signals) = (
             self.inner.dir.clone(),
             database.clone(),
             node.clone(),
             name.clone(),
+            signals.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name(format!("shardlock-sqlite-{n}"))
-            .spawn(
-                move || match worker::Worker::open(&root, &db, &node_id, session_name) {
+            .spawn(move || {
+                let mut guard = FireIfUnwinding(Some(worker_signals.clone()));
+                match worker::Worker::open(&root, &db, &node_id, session_name, worker_signals) {
                     Ok(worker) => {
                         let _ = ready_tx.send(Ok(()));
                         worker.run(rx);
@@ -150,22 +192,31 @@ impl Driver for SqliteDriver {
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                     }
-                },
-            );
-        let connect_err = |source: SqliteError| Error::Connect {
-            database: database.to_string(),
-            source: Box::new(source),
-        };
-        spawned.map_err(|e| connect_err(SqliteError::io(&self.inner.dir, e)))?;
+                }
+                guard.0 = None;
+            });
+        spawned.map_err(|e| Error::connect(database, SqliteError::io(&self.inner.dir, e)))?;
         match ready_rx.await {
             Ok(Ok(())) => {
                 let liveness =
                     layout::session_file(&layout::database_dir(&self.inner.dir, database), &name);
-                Ok(SqliteSession::new(tx, database.clone(), name, liveness))
+                Ok(SqliteSession::new(
+                    tx,
+                    database.clone(),
+                    name,
+                    liveness,
+                    signals,
+                ))
             }
-            Ok(Err(e)) => Err(connect_err(e)),
-            Err(_) => Err(connect_err(SqliteError::WorkerGone)),
+            Ok(Err(e)) => Err(Error::connect(database, e)),
+            Err(_) => Err(Error::connect(database, SqliteError::WorkerGone)),
         }
+    }
+
+    /// An emulated loss signal (the worker polls its liveness file), within
+    /// [`LOSS_DETECTION_BOUND`]; no release hint.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none().with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
     }
 }
 

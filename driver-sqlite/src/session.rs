@@ -1,12 +1,12 @@
 //! The async face of a session: commands to its worker thread.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-
-use shardlock_core::{CancellationToken, DatabaseId, Error, LockKey, Result, Session};
 use std::sync::mpsc;
 
+use shardlock_core::{
+    CancellationToken, DatabaseId, Holds, LockKey, Result, Session, SessionSignals,
+};
 use tokio::sync::oneshot;
 
 use crate::error::SqliteError;
@@ -15,15 +15,19 @@ use crate::worker::{Command, Reply};
 /// A session on a lock directory: a worker thread holding one SQLite write
 /// transaction per key.
 ///
+/// Its bookkeeping (held keys, trust, loss signal) is core's [`Holds`]; the
+/// worker thread keeps the open lock files and fires the same loss signal
+/// when the session's liveness file disappears (see the crate docs for the
+/// detection bound).
+///
 /// Dropping it never blocks: the worker sees its channel close, rolls every
 /// transaction back (freeing the locks) and exits. If the process dies, the
 /// operating system frees the file locks.
 pub struct SqliteSession {
     commands: mpsc::Sender<Command>,
-    database: DatabaseId,
     name: String,
     liveness: PathBuf,
-    held: BTreeMap<i64, LockKey>,
+    holds: Holds,
 }
 
 impl SqliteSession {
@@ -32,18 +36,20 @@ impl SqliteSession {
         database: DatabaseId,
         name: String,
         liveness: PathBuf,
+        signals: SessionSignals,
     ) -> Self {
         Self {
             commands,
-            database,
             name,
             liveness,
-            held: BTreeMap::new(),
+            holds: Holds::with_signals(database, signals),
         }
     }
 
     /// The session's liveness file. Deleting it ends the session as an
-    /// operator would: its next call fails and its locks are freed.
+    /// operator would: its loss signal fires and its locks are freed within
+    /// the detection bound, and its next call fails (Unix only: see the
+    /// crate docs).
     pub fn liveness_file(&self) -> &Path {
         &self.liveness
     }
@@ -54,59 +60,88 @@ impl SqliteSession {
         &self.name
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+    /// Sends one command to the worker and waits for its answer. Errors are
+    /// mapped once, through [`Holds::fail`] (a session-fatal one poisons the
+    /// session).
+    async fn call<T>(&mut self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(make(tx)).is_err() {
-            return Err(self.gone());
+            return Err(self.holds.fail(SqliteError::WorkerGone));
         }
-        rx.await.map_err(|_| self.gone())?
-    }
-
-    fn gone(&self) -> Error {
-        Error::SessionLost {
-            database: self.database.to_string(),
-            reason: "the session's worker thread stopped".into(),
-            source: Some(Box::new(SqliteError::WorkerGone)),
+        match rx.await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(self.holds.fail(e)),
+            Err(_) => Err(self.holds.fail(SqliteError::WorkerGone)),
         }
     }
 
-    fn forget_on_loss<T>(&mut self, result: Result<T>) -> Result<T> {
-        if let Err(e) = &result {
-            if e.is_session_fatal() {
-                self.held.clear();
-            }
-        }
+    /// One round trip named `op` through [`Holds::begin`]/[`Holds::end`]: a
+    /// future dropped in between poisons the session at its next call.
+    async fn round_trip<T>(
+        &mut self,
+        op: &'static str,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T> {
+        self.holds.begin(op)?;
+        let result = self.call(make).await;
+        self.holds.end();
         result
+    }
+}
+
+/// Tells the worker to give a key back if the `acquire` waiting for it is
+/// dropped before it read its answer (the grant may be on its way).
+struct AbandonOnDrop<'a> {
+    commands: &'a mpsc::Sender<Command>,
+    key: Option<LockKey>,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            // Never blocks: an unbounded channel. Commands are served in
+            // order, so this follows the acquire it abandons.
+            let _ = self.commands.send(Command::Abandon(key));
+        }
     }
 }
 
 impl Session for SqliteSession {
     fn database(&self) -> &DatabaseId {
-        &self.database
+        self.holds.database()
     }
 
     fn held(&self) -> Vec<LockKey> {
-        self.held.values().cloned().collect()
+        self.holds.held()
     }
 
-    /// Takes each free key's file lock; one worker call for the whole batch.
+    fn signals(&self) -> SessionSignals {
+        self.holds.signals()
+    }
+
+    /// Takes each free key's file lock; one worker call for the keys not
+    /// held yet (none when all are held). A failure part-way (e.g.
+    /// [`SqliteError::TooManyOpenFiles`]) gives back what the batch took.
     ///
     /// # Cancel safety
     ///
-    /// If the future is dropped, the worker still finishes the batch and the
-    /// keys it took stay held by the session without it knowing; the next
-    /// `verify` still passes, so prefer not to drop it. `release_all` and
-    /// `close` free them.
+    /// Not cancel-safe: if the future is dropped, the worker still finishes
+    /// the batch, so keys may be held without the session knowing. The
+    /// session is then poisoned: its next call (e.g. `verify`) fails with
+    /// `SessionLost` and its loss signal fires. Dropping or closing it frees
+    /// every key.
     async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
-        let batch = keys.to_vec();
-        let result = self.call(|r| Command::TryAcquire(batch, r)).await;
-        let granted = self.forget_on_loss(result)?;
-        for (key, ok) in keys.iter().zip(&granted) {
-            if *ok {
-                self.held.insert(key.id(), key.clone());
-            }
+        self.holds.ready()?;
+        let ask = self.holds.to_acquire(keys);
+        if ask.is_empty() {
+            return Ok(self.holds.answer(keys));
         }
-        Ok(granted)
+        let batch = ask.clone();
+        let granted = self
+            .round_trip("try_acquire", |r| Command::TryAcquire(batch, r))
+            .await?;
+        self.holds.record_acquired(&ask, &granted)?;
+        Ok(self.holds.answer(keys))
     }
 
     /// Waits (SQLite's busy handler, retrying every 5 ms in the worker) until
@@ -114,48 +149,301 @@ impl Session for SqliteSession {
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: between short slices the worker checks both `cancel` and
-    /// whether this future still exists; a lock granted to a waiter that is
-    /// gone is released at once.
+    /// Cancel-safe, through `cancel` and by dropping the future, and a
+    /// dropped wait does not poison the session: between short slices the
+    /// worker checks both `cancel` and whether this future still exists; a
+    /// lock granted to a waiter that is gone is released at once, and a
+    /// grant whose answer was on its way when the future was dropped is
+    /// given back by the next command the worker serves.
     async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
-        let (k, c) = (key.clone(), cancel.clone());
-        let result = self.call(|r| Command::Acquire(k, c, r)).await;
-        let got = self.forget_on_loss(result)?;
-        if got {
-            self.held.insert(key.id(), key.clone());
+        self.holds.ready()?;
+        if self.holds.contains(key) {
+            return Ok(true);
         }
-        Ok(got)
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Acquire(key.clone(), cancel.clone(), tx))
+            .is_err()
+        {
+            return Err(self.holds.fail(SqliteError::WorkerGone));
+        }
+        let mut abandon = AbandonOnDrop {
+            commands: &self.commands,
+            key: Some(key.clone()),
+        };
+        let answer = rx.await;
+        abandon.key = None;
+        drop(abandon);
+        match answer {
+            Ok(Ok(true)) => {
+                self.holds.insert(key.clone());
+                Ok(true)
+            }
+            Ok(Ok(false)) => Ok(false),
+            Ok(Err(e)) => Err(self.holds.fail(e)),
+            Err(_) => Err(self.holds.fail(SqliteError::WorkerGone)),
+        }
     }
 
     async fn release(&mut self, key: &LockKey) -> Result<bool> {
-        let k = key.clone();
-        let result = self.call(|r| Command::Release(k, r)).await;
-        self.held.remove(&key.id());
-        self.forget_on_loss(result)
+        Ok(self
+            .release_many(std::slice::from_ref(key))
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// One worker call for the held keys among `keys` (none when none is
+    /// held).
+    async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        self.holds.ready()?;
+        let ask = self.holds.to_release(keys);
+        if ask.is_empty() {
+            return Ok(vec![false; keys.len()]);
+        }
+        let batch = ask.clone();
+        let released = self
+            .round_trip("release", |r| Command::Release(batch, r))
+            .await?;
+        Ok(self.holds.record_released(keys, &ask, &released))
     }
 
     async fn release_all(&mut self) -> Result<()> {
-        let result = self.call(Command::ReleaseAll).await;
-        self.held.clear();
-        result
+        self.holds.ready()?;
+        if self.holds.is_empty() {
+            return Ok(());
+        }
+        self.round_trip("release_all", Command::ReleaseAll).await?;
+        self.holds.clear();
+        Ok(())
     }
 
+    /// Checks the liveness file, every held lock file and that the worker
+    /// holds exactly the keys the session knows of.
     async fn verify(&mut self) -> Result<()> {
-        let result = self.call(Command::Verify).await;
-        self.forget_on_loss(result)
+        let expected = self.holds.len();
+        self.round_trip("verify", |r| Command::Verify(expected, r))
+            .await
     }
 
-    async fn close(self) -> Result<()> {
-        self.call(Command::Close).await
+    /// Frees every key and ends the worker (even for a session that was
+    /// lost or poisoned: closing frees what it holds); the error says when
+    /// the session was lost.
+    async fn close(mut self) -> Result<()> {
+        let lost = self.holds.ready();
+        let closed: Result<()> = self.call(Command::Close).await;
+        lost.and(closed)
     }
 }
 
 impl fmt::Debug for SqliteSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteSession")
-            .field("database", &self.database)
             .field("name", &self.name)
-            .field("held", &self.held.len())
+            .field("holds", &self.holds)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shardlock_core::{Driver, NodeId};
+
+    use super::*;
+    use crate::SqliteDriver;
+
+    fn lock_dir(what: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        std::env::temp_dir().join(format!(
+            "shardlock-unit-{what}-{}-{nanos:x}",
+            std::process::id()
+        ))
+    }
+
+    fn keys(what: &str, n: usize) -> Vec<LockKey> {
+        (0..n)
+            .map(|i| LockKey::new(format!("unit-{what}-{i}")).unwrap())
+            .collect()
+    }
+
+    async fn open(what: &str) -> (PathBuf, SqliteDriver, SqliteSession, SqliteSession) {
+        let dir = lock_dir(what);
+        let driver = SqliteDriver::open(&dir).unwrap();
+        let db = DatabaseId::new("unit");
+        let a = driver.connect(&db, &NodeId::new("a")).await.unwrap();
+        let b = driver.connect(&db, &NodeId::new("b")).await.unwrap();
+        (dir, driver, a, b)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_try_acquire_dropped_mid_flight_poisons_the_session() {
+        let (dir, _driver, mut a, mut b) = open("dropped").await;
+        let k = keys("dropped", 3);
+        let signals = a.signals();
+        {
+            let fut = a.try_acquire(&k);
+            tokio::pin!(fut);
+            tokio::select! {
+                biased;
+                _ = &mut fut => panic!("the worker cannot answer before the first poll returns"),
+                () = std::future::ready(()) => {}
+            }
+        }
+        assert!(a.held().is_empty());
+        let err = a.verify().await.unwrap_err();
+        assert!(err.is_session_fatal(), "{err}");
+        assert!(err.to_string().contains("interrupted"), "{err}");
+        assert!(signals.is_lost());
+        // The worker still takes the keys (served after the batch, so it
+        // sees them held); closing the poisoned session frees them.
+        assert!(a.close().await.is_err(), "close says the session was lost");
+        assert_eq!(b.try_acquire(&k).await.unwrap(), vec![true; 3]);
+        b.close().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test(flavor = "current_thread")]
+    async fn removing_the_liveness_file_fires_the_signal_within_the_bound() {
+        use std::time::Instant;
+
+        let (dir, driver, mut a, mut b) = open("liveness").await;
+        let k = keys("liveness", 2);
+        assert_eq!(a.try_acquire(&k).await.unwrap(), vec![true; 2]);
+        let lost = a.signals();
+        let removed = Instant::now();
+        std::fs::remove_file(a.liveness_file()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), lost.lost().cancelled())
+            .await
+            .expect("the loss signal fires without a call");
+        let took = removed.elapsed();
+        let bound = driver.capabilities().loss_detection_bound.unwrap();
+        assert!(took <= bound * 3, "fired after {took:?}, bound {bound:?}");
+        assert!(lost.reason().unwrap().contains("ended from outside"));
+        // Its locks are free (the worker freed them with the signal, or
+        // within a check interval after).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while b.try_acquire(&k).await.unwrap() != vec![true; 2] {
+            assert!(Instant::now() < deadline, "locks freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let err = a.verify().await.unwrap_err();
+        assert!(err.is_session_fatal(), "{err}");
+        b.close().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_dropped_acquire_leaves_nothing_held_and_does_not_poison() {
+        let (dir, _driver, mut a, mut b) = open("acquire").await;
+        let k = keys("acquire", 1);
+        assert_eq!(a.try_acquire(&k).await.unwrap(), vec![true]);
+        let cancel = CancellationToken::new();
+        let waited =
+            tokio::time::timeout(Duration::from_millis(120), b.acquire(&k[0], &cancel)).await;
+        assert!(waited.is_err(), "still waiting");
+        assert!(a.release(&k[0]).await.unwrap());
+        b.verify().await.expect("a dropped acquire does not poison");
+        assert!(b.held().is_empty());
+        assert_eq!(
+            a.try_acquire(&k).await.unwrap(),
+            vec![true],
+            "b holds nothing"
+        );
+        a.close().await.unwrap();
+        b.close().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn batches_are_deduplicated_and_releases_answer_once() {
+        let (dir, _driver, mut a, _b) = open("dedupe").await;
+        let k = keys("dedupe", 2);
+        let batch = vec![k[0].clone(), k[1].clone(), k[0].clone()];
+        assert_eq!(a.try_acquire(&batch).await.unwrap(), vec![true; 3]);
+        assert_eq!(a.held().len(), 2);
+        a.verify().await.unwrap();
+        assert_eq!(
+            a.release_many(&batch).await.unwrap(),
+            vec![true, true, false]
+        );
+        assert!(!a.release(&k[0]).await.unwrap());
+        a.verify().await.unwrap();
+        a.close().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Runs in a child process whose open-file limit is lowered with the shell's
+/// `ulimit -n` (no `unsafe` needed here).
+#[cfg(all(test, unix))]
+mod open_file_limit {
+    use shardlock_core::{Driver, Error, LockKey, NodeId, Session};
+
+    use crate::{SqliteDriver, SqliteError};
+
+    const CHILD: &str = "SHARDLOCK_SQLITE_EMFILE_CHILD";
+
+    #[test]
+    fn running_out_of_file_descriptors_is_a_typed_error_naming_ulimit() {
+        if let Some(dir) = std::env::var_os(CHILD) {
+            return child(dir.into());
+        }
+        let dir =
+            std::env::temp_dir().join(format!("shardlock-unit-emfile-{}", std::process::id()));
+        let exe = std::env::current_exe().unwrap();
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
+            .arg(exe)
+            .args([
+                "--exact",
+                "session::open_file_limit::running_out_of_file_descriptors_is_a_typed_error_naming_ulimit",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &dir)
+            .status()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(status.success(), "child: {status:?}");
+    }
+
+    fn child(dir: std::path::PathBuf) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let driver = SqliteDriver::open(&dir).unwrap();
+            let db = shardlock_core::DatabaseId::new("emfile");
+            let mut s = driver.connect(&db, &NodeId::new("n")).await.unwrap();
+            let keys: Vec<LockKey> = (0..200)
+                .map(|i| LockKey::new(format!("emfile-{i}")).unwrap())
+                .collect();
+            let err = s.try_acquire(&keys).await.unwrap_err();
+            assert!(!err.is_session_fatal(), "{err}");
+            let Error::Driver { source, .. } = &err else {
+                panic!("{err:?}")
+            };
+            let sqlite = source.downcast_ref::<SqliteError>().unwrap();
+            assert!(
+                matches!(sqlite, SqliteError::TooManyOpenFiles { .. }),
+                "{sqlite:?}"
+            );
+            assert!(err.report().contains("ulimit -n"), "{}", err.report());
+            assert!(s.held().is_empty(), "the batch was rolled back");
+            s.verify().await.expect("the session is still sound");
+            let few = s.try_acquire(&keys[..10]).await.unwrap();
+            assert_eq!(few, vec![true; 10]);
+            s.close().await.unwrap();
+        });
     }
 }

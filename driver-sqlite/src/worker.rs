@@ -1,37 +1,54 @@
 //! The session's dedicated thread: it owns every SQLite connection of the
 //! session, so blocking SQLite calls never run on the async executor.
+//!
+//! The worker keeps the open lock files (they *are* the locks); what the
+//! session holds and whether it can be trusted is core's `Holds`, on the
+//! async side. The worker only reports what the file system shows: when the
+//! session's liveness file is removed or replaced it fires the session's
+//! loss signal (a clone of the `Holds`' signals) and frees every lock, as a
+//! server does when it ends a session.
 
 use std::collections::BTreeMap;
 use std::fs;
+#[cfg(unix)]
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags};
-use shardlock_core::{CancellationToken, DatabaseId, Error, LockKey, NodeId, Result};
-use std::sync::mpsc;
-
+use shardlock_core::{CancellationToken, DatabaseId, LockKey, NodeId, SessionSignals};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use crate::error::SqliteError;
+use crate::error::{is_too_many_open_files, SqliteError};
 use crate::layout;
 
-/// How long one blocking-acquire slice waits before checking cancellation.
-const SLICE_RETRIES: i32 = 20;
-/// How often an idle session checks that its liveness file is still there.
-const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+/// How many busy-handler retries one blocking-acquire slice makes (about
+/// 50 ms) before checking cancellation and the liveness file.
+const SLICE_RETRIES: i32 = 10;
+/// How often the worker checks that its liveness file is still there (one
+/// `stat`), idle or busy.
+pub(crate) const LIVENESS_CHECK: Duration = Duration::from_millis(50);
 /// Sleep between lock attempts while waiting (SQLite's busy handler).
 const RETRY_SLEEP: Duration = Duration::from_millis(5);
 
-pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, SqliteError>>;
 
 pub(crate) enum Command {
+    /// Lock each key not held yet; one answer per key.
     TryAcquire(Vec<LockKey>, Reply<Vec<bool>>),
+    /// Wait for one key.
     Acquire(LockKey, CancellationToken, Reply<bool>),
-    Release(LockKey, Reply<bool>),
+    /// The `acquire` of this key was dropped before it read its answer:
+    /// give the key back if it was granted.
+    Abandon(LockKey),
+    /// Release each key; one answer per key.
+    Release(Vec<LockKey>, Reply<Vec<bool>>),
     ReleaseAll(Reply<()>),
-    Verify(Reply<()>),
+    /// Check the session and its lock files; the number is how many keys
+    /// the session believes it holds.
+    Verify(usize, Reply<()>),
     Close(Reply<()>),
 }
 
@@ -39,7 +56,26 @@ pub(crate) enum Command {
 struct HeldFile {
     path: PathBuf,
     conn: Connection,
-    ino: u64,
+    id: Option<FileId>,
+}
+
+/// What tells a file apart from another one later created at the same path.
+///
+/// Unix: device and inode. Elsewhere no such number is read, so a file is
+/// only checked to still exist (a weaker check: a file deleted and created
+/// again is not noticed; on Windows a held file cannot be deleted anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(unix), allow(dead_code))] // only built on Unix
+struct FileId(u64, u64);
+
+#[cfg(unix)]
+fn file_id(meta: &fs::Metadata) -> Option<FileId> {
+    Some(FileId(meta.dev(), meta.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(_meta: &fs::Metadata) -> Option<FileId> {
+    None
 }
 
 pub(crate) struct Worker {
@@ -49,9 +85,10 @@ pub(crate) struct Worker {
     node: NodeId,
     name: String,
     session: HeldFile,
-    held: BTreeMap<i64, (LockKey, HeldFile)>,
+    /// The lock files held, by key id: the locks themselves.
+    files: BTreeMap<i64, (LockKey, HeldFile)>,
     registry: Option<Connection>,
-    dead: Option<String>,
+    signals: SessionSignals,
 }
 
 /// Busy handler for blocking acquires: sleep a little, give up after a
@@ -64,30 +101,45 @@ fn wait_a_little(attempts: i32) -> bool {
     true
 }
 
+/// Maps a failure to open or lock `path`, telling a full file-descriptor
+/// table apart (SQLite only says "unable to open").
+fn open_failed(path: &Path, source: rusqlite::Error, held: usize) -> SqliteError {
+    if source.sqlite_error_code() == Some(ErrorCode::CannotOpen) {
+        // Ask the operating system the same question to learn why.
+        if let Err(io) = fs::File::open(path) {
+            if is_too_many_open_files(&io) {
+                return SqliteError::TooManyOpenFiles {
+                    path: path.to_path_buf(),
+                    held,
+                    source: io,
+                };
+            }
+        }
+    }
+    SqliteError::sqlite(path, source)
+}
+
 /// Tries to take the write lock of `path`; `None` when another connection
-/// holds it.
-fn lock_file(path: &Path, blocking: bool) -> Result<Option<HeldFile>, SqliteError> {
+/// holds it. `held` (keys held now) only feeds the error message.
+fn lock_file(path: &Path, blocking: bool, held: usize) -> Result<Option<HeldFile>, SqliteError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn =
-        Connection::open_with_flags(path, flags).map_err(|e| SqliteError::sqlite(path, e))?;
+    let failed = |e| open_failed(path, e, held);
+    let mut conn = Connection::open_with_flags(path, flags).map_err(failed)?;
     let handler: Option<fn(i32) -> bool> = if blocking { Some(wait_a_little) } else { None };
-    conn.busy_handler(handler)
-        .map_err(|e| SqliteError::sqlite(path, e))?;
+    conn.busy_handler(handler).map_err(failed)?;
     // Lock files are never written: no rollback journal (and so one open
     // file per held key, not two).
     conn.query_row("PRAGMA journal_mode = OFF", [], |_| Ok(()))
-        .map_err(|e| SqliteError::sqlite(path, e))?;
+        .map_err(failed)?;
     match conn.execute_batch("BEGIN IMMEDIATE") {
         Ok(()) => {
-            let ino = fs::metadata(path)
-                .map_err(|e| SqliteError::io(path, e))?
-                .ino();
+            let meta = fs::metadata(path).map_err(|e| SqliteError::io(path, e))?;
             Ok(Some(HeldFile {
                 path: path.to_path_buf(),
                 conn,
-                ino,
+                id: file_id(&meta),
             }))
         }
         Err(e)
@@ -98,7 +150,7 @@ fn lock_file(path: &Path, blocking: bool) -> Result<Option<HeldFile>, SqliteErro
         {
             Ok(None)
         }
-        Err(e) => Err(SqliteError::sqlite(path, e)),
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -107,7 +159,7 @@ impl HeldFile {
     fn intact(&self) -> bool {
         !self.conn.is_autocommit()
             && fs::metadata(&self.path)
-                .map(|m| m.ino() == self.ino)
+                .map(|m| file_id(&m) == self.id)
                 .unwrap_or(false)
     }
 }
@@ -126,6 +178,7 @@ impl Worker {
         database: &DatabaseId,
         node: &NodeId,
         name: String,
+        signals: SessionSignals,
     ) -> Result<Self, SqliteError> {
         let db_dir = layout::database_dir(root, database);
         for sub in ["keys", "sessions"] {
@@ -134,7 +187,7 @@ impl Worker {
                 .map_err(|source| SqliteError::Unwritable { path: dir, source })?;
         }
         let path = layout::session_file(&db_dir, &name);
-        let session = lock_file(&path, false)?.ok_or_else(|| {
+        let session = lock_file(&path, false, 0)?.ok_or_else(|| {
             SqliteError::io(
                 &path,
                 std::io::Error::other("session file is locked by someone else"),
@@ -147,89 +200,113 @@ impl Worker {
             node: node.clone(),
             name,
             session,
-            held: BTreeMap::new(),
+            files: BTreeMap::new(),
             registry: None,
-            dead: None,
+            signals,
         };
         worker.register_session();
         Ok(worker)
     }
 
     pub(crate) fn run(mut self, commands: mpsc::Receiver<Command>) {
+        let mut next_check = Instant::now() + LIVENESS_CHECK;
         loop {
-            let command = match commands.recv_timeout(LIVENESS_CHECK) {
-                Ok(command) => command,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    // Like a server ending a session: once the liveness file
-                    // is gone, free the locks without waiting for a call.
-                    let _ = self.alive();
-                    continue;
+            let wait = next_check.saturating_duration_since(Instant::now());
+            match commands.recv_timeout(wait) {
+                Ok(command) => {
+                    if let Some(reply) = self.handle(command) {
+                        self.shutdown();
+                        let _ = reply.send(Ok(()));
+                        return;
+                    }
                 }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // The session was dropped: free everything.
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            match command {
-                Command::TryAcquire(keys, reply) => {
-                    let _ = reply.send(self.try_acquire(&keys));
-                }
-                Command::Acquire(key, cancel, reply) => self.acquire(key, &cancel, reply),
-                Command::Release(key, reply) => {
-                    let _ = reply.send(self.release(&key));
-                }
-                Command::ReleaseAll(reply) => {
-                    let _ = reply.send(self.release_all());
-                }
-                Command::Verify(reply) => {
-                    let _ = reply.send(self.verify());
-                }
-                Command::Close(reply) => {
-                    self.shutdown();
-                    let _ = reply.send(Ok(()));
-                    return;
-                }
+            }
+            if Instant::now() >= next_check {
+                // Like a server ending a session: once the liveness file is
+                // gone, fire the loss signal and free the locks without
+                // waiting for a call.
+                let _ = self.alive();
+                next_check = Instant::now() + LIVENESS_CHECK;
             }
         }
-        // The session was dropped: free everything.
         self.shutdown();
     }
 
-    fn lost(&self, reason: &str) -> Error {
-        Error::session_lost(&self.database, reason.to_string())
+    /// Serves one command; answers the reply of a `Close`, which the caller
+    /// sends once the session is shut down.
+    fn handle(&mut self, command: Command) -> Option<Reply<()>> {
+        match command {
+            Command::TryAcquire(keys, reply) => {
+                let _ = reply.send(self.try_acquire(&keys));
+            }
+            Command::Acquire(key, cancel, reply) => self.acquire(key, &cancel, reply),
+            Command::Abandon(key) => {
+                if self.give_back(std::slice::from_ref(&key)).contains(&true) {
+                    debug!(%key, "acquire dropped after the grant; released");
+                }
+            }
+            Command::Release(keys, reply) => {
+                let _ = reply.send(self.alive().map(|()| self.give_back(&keys)));
+            }
+            Command::ReleaseAll(reply) => {
+                let _ = reply.send(self.alive().map(|()| self.free_all()));
+            }
+            Command::Verify(expected, reply) => {
+                let _ = reply.send(self.verify(expected));
+            }
+            Command::Close(reply) => return Some(reply),
+        }
+        None
     }
 
-    /// Fails (and frees everything) once the session's liveness file was
-    /// removed or replaced: an operator ended the session.
-    fn alive(&mut self) -> Result<()> {
-        if let Some(reason) = &self.dead {
-            return Err(self.lost(reason));
+    /// Fails once the session's liveness file was removed or replaced (an
+    /// operator ended the session): then fires the loss signal and frees
+    /// every lock. Answers from the file system each time, so there is no
+    /// "dead" flag to keep.
+    fn alive(&mut self) -> Result<(), SqliteError> {
+        if self.session.intact() {
+            return Ok(());
         }
-        if !self.session.intact() {
-            let reason =
-                "the session's file was removed: the session was ended from outside".to_string();
-            warn!(database = %self.database, session = %self.name, "{reason}");
-            self.held.clear();
-            self.dead = Some(reason.clone());
-            return Err(self.lost(&reason));
+        let reason =
+            "the session's file was removed or replaced: the session was ended from outside";
+        if !self.signals.is_lost() || !self.files.is_empty() {
+            warn!(database = %self.database, session = %self.name, held = self.files.len(), "{reason}");
         }
-        Ok(())
+        self.signals.fire_lost(reason);
+        self.free_all();
+        Err(SqliteError::SessionEnded {
+            reason: reason.to_string(),
+        })
     }
 
-    fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+    fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>, SqliteError> {
         self.alive()?;
         let mut out = Vec::with_capacity(keys.len());
         let mut fresh = Vec::new();
         for key in keys {
-            if self.held.contains_key(&key.id()) {
+            if self.files.contains_key(&key.id()) {
                 out.push(true);
                 continue;
             }
             let path = layout::key_file(&self.db_dir, key);
-            match lock_file(&path, false)? {
-                Some(file) => {
-                    self.held.insert(key.id(), (key.clone(), file));
+            match lock_file(&path, false, self.files.len()) {
+                Ok(Some(file)) => {
+                    self.files.insert(key.id(), (key.clone(), file));
                     fresh.push(key.clone());
                     out.push(true);
                 }
-                None => out.push(false),
+                Ok(None) => out.push(false),
+                Err(e) => {
+                    // All or nothing: give back what this batch took, so the
+                    // session's bookkeeping stays exact.
+                    for key in &fresh {
+                        let _ = self.files.remove(&key.id());
+                    }
+                    return Err(e);
+                }
             }
         }
         self.register(&fresh);
@@ -237,89 +314,113 @@ impl Worker {
     }
 
     fn acquire(&mut self, key: LockKey, cancel: &CancellationToken, reply: Reply<bool>) {
-        if let Err(e) = self.alive() {
-            let _ = reply.send(Err(e));
-            return;
-        }
-        if self.held.contains_key(&key.id()) {
-            let _ = reply.send(Ok(true));
+        if self.files.contains_key(&key.id()) {
+            let _ = reply.send(self.alive().map(|()| true));
             return;
         }
         let path = layout::key_file(&self.db_dir, &key);
         loop {
+            // One slice (about 50 ms) at a time: between slices, check the
+            // liveness file (so a session ended while waiting fails within
+            // the detection bound), cancellation and the waiter.
+            if let Err(e) = self.alive() {
+                let _ = reply.send(Err(e));
+                return;
+            }
             if cancel.is_cancelled() || reply.is_closed() {
                 let _ = reply.send(Ok(false));
                 return;
             }
-            match lock_file(&path, true) {
+            match lock_file(&path, true, self.files.len()) {
                 Ok(Some(file)) => {
-                    self.held.insert(key.id(), (key.clone(), file));
+                    self.files.insert(key.id(), (key.clone(), file));
                     self.register(std::slice::from_ref(&key));
-                    // The waiter may have gone (future dropped) or been
-                    // cancelled while we took the lock: then give it back.
-                    if cancel.is_cancelled() || reply.send(Ok(true)).is_err() {
+                    // The waiter may have been cancelled or gone (future
+                    // dropped) while we took the lock: then give it back.
+                    if cancel.is_cancelled() {
+                        debug!(%key, "acquire cancelled after the grant; releasing");
+                        let _ = self.give_back(std::slice::from_ref(&key));
+                        let _ = reply.send(Ok(false));
+                    } else if reply.send(Ok(true)).is_err() {
                         debug!(%key, "acquire abandoned after the grant; releasing");
-                        let _ = self.release(&key);
+                        let _ = self.give_back(std::slice::from_ref(&key));
                     }
                     return;
                 }
                 Ok(None) => continue,
                 Err(e) => {
-                    let _ = reply.send(Err(e.into()));
+                    let _ = reply.send(Err(e));
                     return;
                 }
             }
         }
     }
 
-    fn release(&mut self, key: &LockKey) -> Result<bool> {
-        self.alive()?;
-        match self.held.remove(&key.id()) {
-            Some((key, file)) => {
-                drop(file.conn); // closing rolls back and frees the lock
-                self.unregister(std::slice::from_ref(&key));
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+    /// Releases each key held; one answer per key.
+    fn give_back(&mut self, keys: &[LockKey]) -> Vec<bool> {
+        let mut released = Vec::new();
+        let out = keys
+            .iter()
+            .map(|key| match self.files.remove(&key.id()) {
+                Some((key, file)) => {
+                    drop(file.conn); // closing rolls back and frees the lock
+                    released.push(key);
+                    true
+                }
+                None => false,
+            })
+            .collect();
+        self.unregister(&released);
+        out
     }
 
-    fn release_all(&mut self) -> Result<()> {
-        self.alive()?;
-        let keys: Vec<LockKey> = std::mem::take(&mut self.held)
+    /// Releases every key.
+    fn free_all(&mut self) {
+        if self.files.is_empty() {
+            return;
+        }
+        let keys: Vec<LockKey> = std::mem::take(&mut self.files)
             .into_values()
             .map(|(k, _)| k)
             .collect();
         self.unregister(&keys);
-        Ok(())
     }
 
-    fn verify(&mut self) -> Result<()> {
+    fn verify(&mut self, expected: usize) -> Result<(), SqliteError> {
         self.alive()?;
         let broken: Vec<String> = self
-            .held
+            .files
             .values()
             .filter(|(_, file)| !file.intact())
             .map(|(key, _)| key.name().to_string())
             .collect();
-        if broken.is_empty() {
-            Ok(())
-        } else {
+        if !broken.is_empty() {
+            // Another process may lock a new file at the same path: these
+            // locks mean nothing any more.
             let reason = format!("lock files no longer held: {broken:?}");
-            self.held.clear();
-            self.dead = Some(reason.clone());
-            Err(self.lost(&reason))
+            self.signals.fire_lost(reason.clone());
+            self.free_all();
+            return Err(SqliteError::SessionEnded { reason });
         }
+        if self.files.len() != expected {
+            return Err(SqliteError::SessionEnded {
+                reason: format!(
+                    "the session holds {} lock files but believes it holds {expected} keys",
+                    self.files.len()
+                ),
+            });
+        }
+        Ok(())
     }
 
-    fn shutdown(&mut self) {
-        let keys: Vec<LockKey> = std::mem::take(&mut self.held)
-            .into_values()
-            .map(|(k, _)| k)
-            .collect();
-        self.unregister(&keys);
+    /// Frees everything and removes the liveness file.
+    fn shutdown(mut self) {
+        self.free_all();
         self.unregister_session();
-        let _ = fs::remove_file(&self.session.path);
+        let HeldFile { path, conn, .. } = self.session;
+        // Closed first: some systems (Windows) refuse to delete an open file.
+        drop(conn);
+        let _ = fs::remove_file(&path);
     }
 
     // ===== registry (best effort: it feeds `status`, never decides locks) =====
@@ -440,5 +541,5 @@ pub(crate) fn session_alive(root: &Path, database: &DatabaseId, session: &str) -
     }
     // Taking it succeeds only if its holder is gone; dropping the connection
     // gives it straight back.
-    !matches!(lock_file(&path, false), Ok(Some(_)))
+    !matches!(lock_file(&path, false, 0), Ok(Some(_)))
 }
