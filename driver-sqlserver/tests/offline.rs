@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use shardlock_core::{DatabaseId, Driver, Error, NodeId};
+use shardlock_core::{DatabaseId, Driver, Error, ErrorKind, NodeId};
 use shardlock_sqlserver::{MssqlDriver, MssqlError, MssqlOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -42,7 +42,9 @@ async fn a_closed_port_is_unreachable() {
         Err(err @ Error::Connect { .. }) => {
             let source = std::error::Error::source(&err).expect("source");
             assert!(source.downcast_ref::<MssqlError>().is_some());
-            assert!(!err.is_session_fatal());
+            // A refused connection: retry with backoff, nothing to fix in
+            // the configuration.
+            assert_eq!(err.kind(), ErrorKind::SessionFatal, "{err:?}");
         }
         other => panic!("expected Error::Connect, got {other:?}"),
     }

@@ -194,7 +194,14 @@ async fn login_failures_are_typed() {
         .expect_err("missing database");
     assert!(matches!(e, MssqlError::DatabaseUnavailable { .. }), "{e:?}");
     match h.driver().connect(&missing, &NodeId::new("x")).await {
-        Err(Error::Connect { database, .. }) => assert_eq!(database, missing.as_str()),
+        Err(Error::Connect { database, kind, .. }) => {
+            assert_eq!(database, missing);
+            assert_ne!(
+                kind,
+                shardlock_core::ErrorKind::Other,
+                "a missing database is classified"
+            );
+        }
         other => panic!("expected Error::Connect, got {other:?}"),
     }
 }

@@ -42,7 +42,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use shardlock_contract_tests::{skip, Harness, Holder};
+use shardlock_contract_tests::{skip, Harness, Holder, Timings};
 use shardlock_core::{BoxError, DatabaseId, LockKey};
 use shardlock_sqlserver::{DatabaseMapping, MssqlDriver, MssqlOptions, MssqlSession, TdsClient};
 use testcontainers::runners::SyncRunner;
@@ -67,6 +67,7 @@ pub struct MssqlHarness {
     url: String,
     options: MssqlOptions,
     database: DatabaseId,
+    timings: Timings,
 }
 
 /// The harness, or `None` (after a loud skip line) without a server.
@@ -93,13 +94,15 @@ pub async fn harness() -> Option<MssqlHarness> {
         .ok()
         .filter(|d| !d.trim().is_empty())
         .unwrap_or_else(|| DEFAULT_DATABASE.to_string());
-    if let Err(why) = prepare(&options, &database, Duration::from_secs(120)).await {
-        panic!("SQL Server at {} is not usable: {why}", options.addr());
-    }
+    let round_trip = match prepare(&options, &database, Duration::from_secs(120)).await {
+        Ok(round_trip) => round_trip,
+        Err(why) => panic!("SQL Server at {} is not usable: {why}", options.addr()),
+    };
     Some(MssqlHarness {
         url,
         options,
         database: DatabaseId::new(database),
+        timings: Timings::from_round_trip(round_trip),
     })
 }
 
@@ -166,6 +169,36 @@ impl Harness for MssqlHarness {
                 .await?
         }
     }
+
+    fn round_trips(&self, session: &MssqlSession) -> Option<u64> {
+        Some(session.round_trips())
+    }
+
+    fn unreachable_driver(&self) -> Option<MssqlDriver> {
+        let port = closed_port()?;
+        let options = MssqlOptions::parse(&format!(
+            "Server=tcp:127.0.0.1,{port};User Id=sa;Password=unused;TrustServerCertificate=true"
+        ))
+        .ok()?
+        .database_mapping(DatabaseMapping::SameServer)
+        .connect_timeout(Duration::from_secs(5));
+        Some(MssqlDriver::new(options))
+    }
+
+    fn settle(&self) -> Duration {
+        self.timings.settle
+    }
+
+    fn slack(&self) -> Duration {
+        self.timings.slack
+    }
+}
+
+/// A loopback port nobody listens on (bound, then closed), or `None` when
+/// no port can be bound.
+pub fn closed_port() -> Option<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+    listener.local_addr().ok().map(|a| a.port())
 }
 
 /// Starts `shardlock-mssql-holder` (this crate's binary) and waits for its
@@ -188,8 +221,13 @@ fn spawn_holder_process(
 }
 
 /// Waits until the server accepts logins (a reused container may still be
-/// starting), then makes sure `database` exists.
-async fn prepare(options: &MssqlOptions, database: &str, limit: Duration) -> Result<(), String> {
+/// starting), makes sure `database` exists, and answers the median of five
+/// `SELECT 1` round trips, from which the suite's patience is derived.
+async fn prepare(
+    options: &MssqlOptions,
+    database: &str,
+    limit: Duration,
+) -> Result<Duration, String> {
     let driver = MssqlDriver::new(
         options
             .clone()
@@ -220,8 +258,21 @@ END;";
             return Err(format!("cannot create database {database:?}: {e}"));
         }
     }
+    let mut times = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let sent = Instant::now();
+        let answered = match client.simple_query("SELECT 1").await {
+            Ok(stream) => stream.into_results().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = answered {
+            return Err(format!("SELECT 1 failed: {e}"));
+        }
+        times.push(sent.elapsed());
+    }
+    times.sort_unstable();
     let _ = client.close().await;
-    Ok(())
+    Ok(times[2])
 }
 
 static CONTAINER_URL: OnceLock<Result<Option<String>, String>> = OnceLock::new();
