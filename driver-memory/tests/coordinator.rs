@@ -439,3 +439,331 @@ async fn failing_distributor_keeps_assignment() {
     assert_eq!(recorder.runs().len(), 3, "and is not restarted");
     node.stop().await.expect("stop");
 }
+
+// ===== server-side loss: loss signal, lock-delay, panicking driver calls =====
+
+fn start_with_poll<D: Distributor>(
+    driver: impl shardlock_core::Driver,
+    distributor: D,
+    node: &str,
+    recorder: &Recorder,
+    poll: Duration,
+) -> CoordinatorHandle {
+    Coordinator::builder(driver, distributor, RecordingAgent::new(recorder.clone()))
+        .node_id(NodeId::new(node))
+        .poll_interval(poll)
+        .pause_interval(Duration::from_millis(100))
+        .start_jitter(Duration::from_millis(20))
+        .lock_loss_timeout(Duration::from_millis(300))
+        .stop_timeout(Duration::from_millis(300))
+        .restart_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .build()
+        .expect("valid config")
+        .start()
+        .expect("start")
+}
+
+/// The server ends a holder's session while the holder sleeps through a
+/// long poll: its agents must stop on the loss signal, not at its next
+/// verify, and the node that takes over must not start before they stopped.
+/// (Without the signal, `a` would run for 30 s beside `b`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_ended_session_stops_agents_at_once() {
+    // A 30 s poll needs a release window beyond poll + deadlines.
+    let server = MemoryServer::with_release_window(Duration::from_secs(60));
+    let recorder = Recorder::new();
+    let a_id = NodeId::new("a");
+    let a = start_with_poll(
+        server.driver(),
+        single("db", 6),
+        "a",
+        &recorder,
+        Duration::from_secs(30),
+    );
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&a_id) == 6)
+            .await,
+        "a runs all 6 sets"
+    );
+    let b = start_with_poll(
+        server.driver(),
+        single("db", 6),
+        "b",
+        &recorder,
+        Duration::from_millis(100),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(recorder.running_on(&NodeId::new("b")), 0, "b is a standby");
+
+    let terminated = Instant::now();
+    server.terminate_node(&a_id);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&a_id) == 0)
+            .await,
+        "a's agents still run {:?} after the server ended its session",
+        terminated.elapsed()
+    );
+    let stopped_after = terminated.elapsed();
+    assert!(
+        stopped_after < Duration::from_secs(5),
+        "a stopped on the signal ({stopped_after:?}), not at its 30 s poll"
+    );
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| all_owned_once(r, &shards(6)))
+            .await,
+        "b took every set over"
+    );
+    assert_eq!(recorder.overlaps(), 0, "runs: {:?}", recorder.runs());
+    assert_handovers_ordered(&recorder);
+    b.stop().await.expect("stop b");
+    a.stop().await.expect("stop a");
+}
+
+/// A set taken with `try_acquire` starts its agents only after the takeover
+/// delay, measured from the grant in the server's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_start_after_the_takeover_delay() {
+    let server = MemoryServer::new();
+    let recorder = Recorder::new();
+    let delay = Duration::from_millis(300);
+    let a = Coordinator::builder(
+        server.driver(),
+        single("db", 3),
+        RecordingAgent::new(recorder.clone()),
+    )
+    .node_id(NodeId::new("a"))
+    .poll_interval(POLL)
+    .start_jitter(Duration::ZERO)
+    .takeover_delay(delay)
+    .build()
+    .expect("valid config")
+    .start()
+    .expect("start");
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&NodeId::new("a"))
+                == 3)
+            .await
+    );
+    let grants: Vec<Instant> = server
+        .events()
+        .iter()
+        .filter(|e| e.kind == LockEventKind::Acquired)
+        .map(|e| e.at)
+        .collect();
+    let first_grant = grants.iter().min().copied().expect("granted");
+    for run in recorder.runs() {
+        let waited = run.started.duration_since(first_grant);
+        assert!(
+            waited >= delay,
+            "{run:?} started {waited:?} after its grant, before the {delay:?} takeover delay"
+        );
+    }
+    a.stop().await.expect("stop");
+}
+
+/// A takeover delay below the driver's loss detection bound is refused:
+/// the old holder might still be running the work.
+#[tokio::test]
+async fn takeover_delay_below_detection_bound_is_refused() {
+    let server = MemoryServer::new();
+    let driver = server.driver();
+    let bound = shardlock_core::Driver::capabilities(&driver)
+        .loss_detection_bound
+        .expect("the memory driver signals loss");
+    assert!(!bound.is_zero());
+    let refused = Coordinator::builder(
+        driver.clone(),
+        single("db", 1),
+        RecordingAgent::new(Recorder::new()),
+    )
+    .takeover_delay(bound / 2)
+    .build();
+    match refused {
+        Err(Error::Config(message)) => {
+            assert!(message.contains("takeover_delay"), "{message}")
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    let allowed = Coordinator::builder(
+        driver,
+        single("db", 1),
+        RecordingAgent::new(Recorder::new()),
+    )
+    .takeover_delay(bound / 2)
+    .allow_unsafe_timing()
+    .build();
+    assert!(allowed.is_ok());
+}
+
+/// The leadership guard carries the session's loss signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_guard_signals_loss() {
+    let server = MemoryServer::new();
+    let node = NodeId::new("leader");
+    let key = shardlock_core::LockKey::new("leadership-loss").expect("valid");
+    let guard =
+        shardlock_core::acquire_leadership(&server.driver(), &DatabaseId::new("db"), &node, key)
+            .await
+            .expect("leader");
+    let lost = guard.lost();
+    assert!(!lost.is_cancelled());
+    server.terminate_node(&node);
+    tokio::time::timeout(Duration::from_secs(5), lost.cancelled())
+        .await
+        .expect("the guard's loss signal fires when the server ends the session");
+    drop(guard);
+}
+
+mod panicking {
+    //! A driver wrapper whose `verify` panics on demand.
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use shardlock_core::{
+        CancellationToken, Capabilities, DatabaseId, Driver, LockKey, NodeId, Result, Session,
+        SessionSignals,
+    };
+    use shardlock_memory::{MemoryDriver, MemorySession};
+
+    #[derive(Debug, Clone)]
+    pub(super) struct PanickyDriver {
+        pub(super) inner: MemoryDriver,
+        pub(super) panic: Arc<AtomicBool>,
+    }
+
+    #[derive(Debug)]
+    pub(super) struct PanickySession {
+        inner: MemorySession,
+        panic: Arc<AtomicBool>,
+    }
+
+    impl Driver for PanickyDriver {
+        type Session = PanickySession;
+
+        fn name(&self) -> &'static str {
+            "panicky"
+        }
+
+        async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<PanickySession> {
+            Ok(PanickySession {
+                inner: self.inner.connect(database, node).await?,
+                panic: Arc::clone(&self.panic),
+            })
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+    }
+
+    impl Session for PanickySession {
+        fn database(&self) -> &DatabaseId {
+            self.inner.database()
+        }
+
+        fn held(&self) -> Vec<LockKey> {
+            self.inner.held()
+        }
+
+        fn signals(&self) -> SessionSignals {
+            self.inner.signals()
+        }
+
+        async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+            self.inner.try_acquire(keys).await
+        }
+
+        async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
+            self.inner.acquire(key, cancel).await
+        }
+
+        async fn release(&mut self, key: &LockKey) -> Result<bool> {
+            self.inner.release(key).await
+        }
+
+        async fn verify(&mut self) -> Result<()> {
+            if self.panic.load(Ordering::SeqCst) {
+                panic!("injected panic in verify");
+            }
+            self.inner.verify().await
+        }
+
+        async fn close(self) -> Result<()> {
+            self.inner.close().await
+        }
+    }
+}
+
+/// A driver call that panics is a lost session: the agents stop first, then
+/// the session (and so its locks) goes, then the node reconnects. Never
+/// "nothing happened" with agents running on a dropped session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicking_driver_call_stops_agents_before_the_session_goes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let server = MemoryServer::new();
+    let recorder = Recorder::new();
+    let a_id = NodeId::new("a");
+    let panic = Arc::new(AtomicBool::new(false));
+    let driver = panicking::PanickyDriver {
+        inner: server.driver(),
+        panic: Arc::clone(&panic),
+    };
+    let a = start_with_poll(driver, single("db", 3), "a", &recorder, POLL);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&a_id) == 3)
+            .await
+    );
+    panic.store(true, Ordering::SeqCst);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&a_id) == 0)
+            .await,
+        "agents still run after their session's verify panicked"
+    );
+    let last_stop = recorder
+        .runs()
+        .iter()
+        .filter_map(|r| r.stopped)
+        .max()
+        .expect("a's runs stopped");
+    // The session was dropped after the agents stopped: its locks were
+    // given back no earlier than that.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let released: Vec<Instant> = server
+            .events()
+            .iter()
+            .filter(|e| e.node == a_id && e.kind != LockEventKind::Acquired)
+            .map(|e| e.at)
+            .collect();
+        if released.len() >= 3 {
+            assert!(
+                released.iter().all(|at| *at >= last_stop),
+                "a lock was freed before the agents stopped"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the panicked session kept its locks"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic.store(false, Ordering::SeqCst);
+    assert!(
+        recorder
+            .wait_for(Duration::from_secs(5), |r| r.running_on(&a_id) == 3)
+            .await,
+        "a reconnects and runs its sets again"
+    );
+    assert_eq!(recorder.overlaps(), 0);
+    a.stop().await.expect("stop");
+}
