@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use shardlock_core::{CancellationToken, DatabaseId, Driver, LockKey, NodeId, Result, Session};
+use shardlock_core::{
+    CancellationToken, Capabilities, DatabaseId, Driver, LockKey, NodeId, Result, Session,
+    SessionSignals,
+};
 
 /// Defines `AnyDriver`/`AnySession` with one variant per enabled driver and
 /// forwards every trait method to it.
@@ -45,6 +48,10 @@ macro_rules! any_driver {
             fn lock_release_window(&self) -> Option<Duration> {
                 match self { $( $(#[$meta])* Self::$variant(d) => d.lock_release_window(), )* }
             }
+
+            fn capabilities(&self) -> Capabilities {
+                match self { $( $(#[$meta])* Self::$variant(d) => d.capabilities(), )* }
+            }
         }
 
         impl Session for AnySession {
@@ -54,6 +61,10 @@ macro_rules! any_driver {
 
             fn held(&self) -> Vec<LockKey> {
                 match self { $( $(#[$meta])* Self::$variant(s) => s.held(), )* }
+            }
+
+            fn signals(&self) -> SessionSignals {
+                match self { $( $(#[$meta])* Self::$variant(s) => s.signals(), )* }
             }
 
             async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {

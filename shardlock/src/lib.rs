@@ -11,6 +11,13 @@
     feature = "sqlserver"
 ))]
 mod any;
+#[cfg(any(
+    feature = "memory",
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "sqlserver"
+))]
+mod url;
 
 #[cfg(any(
     feature = "memory",
@@ -23,6 +30,13 @@ pub use shardlock_core::*;
 pub use shardlock_distributors::{
     MultiTenanted, SingleTenant, Solo, SOLO_SENTINEL_SHARD, TENANT_LOCK_SHARD,
 };
+#[cfg(any(
+    feature = "memory",
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "sqlserver"
+))]
+pub use url::UrlError;
 
 /// The in-process driver (feature `memory`).
 #[cfg(feature = "memory")]
