@@ -22,12 +22,25 @@
 //!    every application lock it owned.
 //! 4. After an error that leaves the lock state unknown or the connection
 //!    broken, the task drops the connection (freeing the locks on the
-//!    server) and ends; the session reports itself lost.
+//!    server), fires the session's loss signal, and ends; the session
+//!    reports itself lost.
+//! 5. The task ending for any reason but the session's own close or drop
+//!    (e.g. its runtime shutting down) fires the loss signal.
+//! 6. Every batch sent counts one round trip
+//!    ([`MssqlSession::round_trips`](crate::MssqlSession::round_trips)).
+//!
+//! The socket beneath tiberius is a [`WatchedStream`]: it fires the loss
+//! signal the moment the server ends the connection, between requests too
+//! (see [`crate::watch`]).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use shardlock_core::{DriverError, ErrorKind, SessionSignals};
 use tiberius::{Client, Query, Row, SqlBrowser};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
@@ -39,9 +52,16 @@ use crate::error::{
 };
 use crate::options::MssqlOptions;
 use crate::sql::{self, Batch, KeyList, Param};
+use crate::watch::WatchedStream;
 
-/// A tiberius client on a tokio TCP stream, as the driver opens it.
+/// A tiberius client on a plain tokio TCP stream, as
+/// [`MssqlDriver::connect_client`](crate::MssqlDriver::connect_client) opens
+/// it for administrative queries. Lock sessions use a watched stream
+/// instead (see the crate docs, "Loss signal").
 pub type TdsClient = Client<Compat<TcpStream>>;
+
+/// A lock session's tiberius client: on a [`WatchedStream`].
+pub(crate) type SessionClient = Client<Compat<WatchedStream>>;
 
 /// The longest application name the login packet carries (`program_name` is
 /// `nvarchar(128)`).
@@ -66,7 +86,10 @@ pub(crate) trait Wire: Send + 'static {
     fn close(self) -> impl Future<Output = Result<(), tiberius::error::Error>> + Send;
 }
 
-impl Wire for TdsClient {
+impl<S> Wire for Client<Compat<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     async fn run(&mut self, batch: &Batch) -> Result<Vec<Row>, tiberius::error::Error> {
         let mut query = Query::new(batch.sql.as_str());
         for param in &batch.params {
@@ -104,14 +127,41 @@ pub(crate) fn application_name(node: &str) -> String {
         .collect()
 }
 
-/// Opens a plain tiberius connection to the server of `options`, in
-/// `database` (or the connection string's), labelled `application_name`.
-/// Follows one routing redirect (Azure SQL's redirect connection policy).
-pub(crate) async fn open_client(
+/// Opens a lock session's connection: as [`open_client`], on a
+/// [`WatchedStream`]; answers the signals of the stream tiberius kept (after
+/// a routing redirect, the second one's).
+pub(crate) async fn open_session_client(
     options: &MssqlOptions,
     database: Option<&str>,
     application_name: &str,
-) -> Result<TdsClient, MssqlError> {
+) -> Result<(SessionClient, SessionSignals), MssqlError> {
+    let mut signals = None;
+    let client = open_client(options, database, application_name, |tcp| {
+        let stream = WatchedStream::tcp(tcp);
+        signals = Some(stream.signals());
+        stream
+    })
+    .await?;
+    // `wrap` ran for the stream tiberius kept; the default is unreachable.
+    Ok((client, signals.unwrap_or_default()))
+}
+
+/// Opens a tiberius connection to the server of `options`, in `database`
+/// (or the connection string's), labelled `application_name`, on the TCP
+/// stream as `wrap` turns it (the identity for administrative clients, a
+/// [`WatchedStream`] for sessions). Both the direct path and the SQL Server
+/// Browser path (`connect_named`) go through `wrap`. Follows one routing
+/// redirect (Azure SQL's redirect connection policy).
+pub(crate) async fn open_client<S, F>(
+    options: &MssqlOptions,
+    database: Option<&str>,
+    application_name: &str,
+    mut wrap: F,
+) -> Result<Client<Compat<S>>, MssqlError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    F: FnMut(TcpStream) -> S,
+{
     let mut config = options.config().clone();
     if let Some(database) = database {
         config.database(database);
@@ -136,7 +186,7 @@ pub(crate) async fn open_client(
                 addr: addr.clone(),
                 source,
             })?;
-    match Client::connect(config.clone(), tcp.compat_write()).await {
+    match Client::connect(config.clone(), wrap(tcp).compat_write()).await {
         Ok(client) => Ok(client),
         Err(tiberius::error::Error::Routing { host, port }) => {
             debug!(from = %addr, to = %format!("{host}:{port}"), "SQL Server routed the login");
@@ -153,7 +203,7 @@ pub(crate) async fn open_client(
                 addr: addr.clone(),
                 source: e.into(),
             })?;
-            Client::connect(config, tcp.compat_write())
+            Client::connect(config, wrap(tcp).compat_write())
                 .await
                 .map_err(|e| classify_login_error(&addr, database, e))
         }
@@ -163,7 +213,10 @@ pub(crate) async fn open_client(
 
 /// Sets the session options and checks the server (see
 /// [`sql::CONNECT_PROBE`]).
-pub(crate) async fn probe(client: &mut TdsClient) -> Result<ServerInfo, MssqlError> {
+pub(crate) async fn probe<S>(client: &mut Client<Compat<S>>) -> Result<ServerInfo, MssqlError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     const OP: &str = "the connect-time check";
     let failed = |source: tiberius::error::Error| {
         if tiberius_connection_lost(&source) {
@@ -357,25 +410,51 @@ pub(crate) struct Connection {
     tx: mpsc::UnboundedSender<Request>,
     shutdown: CancellationToken,
     info: ServerInfo,
+    signals: SessionSignals,
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Connection {
-    /// Starts the task owning `client` on the current tokio runtime.
-    pub(crate) fn spawn(client: impl Wire, info: ServerInfo) -> Self {
+    /// Starts the task owning `client` on the current tokio runtime;
+    /// `signals` are the ones the client's stream fires, and the task fires
+    /// them too when it drops the connection.
+    pub(crate) fn spawn(client: impl Wire, info: ServerInfo, signals: SessionSignals) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
+        let round_trips = Arc::new(AtomicU64::new(0));
         let task = Task {
             key_list: info.key_list,
             spid: info.spid,
             undo: tx.downgrade(),
+            round_trips: Arc::clone(&round_trips),
         };
-        tokio::spawn(task.run(client, rx, shutdown.clone()));
-        Self { tx, shutdown, info }
+        let watchdog = Watchdog {
+            signals: signals.clone(),
+            armed: true,
+        };
+        tokio::spawn(task.run(client, rx, shutdown.clone(), watchdog));
+        Self {
+            tx,
+            shutdown,
+            info,
+            signals,
+            round_trips,
+        }
     }
 
     /// What the driver learnt at connect.
     pub(crate) fn info(&self) -> &ServerInfo {
         &self.info
+    }
+
+    /// The connection's loss signals.
+    pub(crate) fn signals(&self) -> SessionSignals {
+        self.signals.clone()
+    }
+
+    /// Batches sent so far (one round trip each).
+    pub(crate) fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
     }
 
     /// Sends `op` and waits for its answer.
@@ -409,7 +488,37 @@ impl Drop for Connection {
 enum Flow {
     Continue,
     Close,
-    Broken,
+    /// The connection is gone or its locks unknown: drop it, for this reason.
+    Broken(String),
+}
+
+/// Fires the loss signal if the task ends without the session asking (e.g.
+/// its runtime shut down and dropped it).
+struct Watchdog {
+    signals: SessionSignals,
+    armed: bool,
+}
+
+impl Watchdog {
+    /// The session closed or dropped its connection: not a loss.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// The task drops the connection on its own: a loss.
+    fn fire(&mut self, reason: String) {
+        self.armed = false;
+        self.signals.fire_lost(reason);
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if self.armed {
+            self.signals
+                .fire_lost("the connection task stopped (its tokio runtime shut down)");
+        }
+    }
 }
 
 /// The connection task's state besides the client.
@@ -417,6 +526,7 @@ struct Task {
     key_list: KeyList,
     spid: i32,
     undo: mpsc::WeakUnboundedSender<Request>,
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Task {
@@ -425,6 +535,7 @@ impl Task {
         mut client: W,
         mut rx: mpsc::UnboundedReceiver<Request>,
         shutdown: CancellationToken,
+        mut watchdog: Watchdog,
     ) {
         loop {
             let request = tokio::select! {
@@ -441,6 +552,7 @@ impl Task {
                     debug!(spid = self.spid, "session dropped during a request: closing its connection");
                     // Dropping the client closes the socket; the server ends
                     // the session and frees its locks.
+                    watchdog.disarm();
                     return;
                 }
                 flow = self.serve(&mut client, request) => flow,
@@ -448,15 +560,19 @@ impl Task {
             match flow {
                 Flow::Continue => {}
                 Flow::Close => break,
-                Flow::Broken => {
+                Flow::Broken(reason) => {
                     debug!(
                         spid = self.spid,
+                        %reason,
                         "connection broken or lock state unknown: dropping it"
                     );
+                    drop(client);
+                    watchdog.fire(reason);
                     return;
                 }
             }
         }
+        watchdog.disarm();
         // The session was closed or dropped: close the connection; the
         // server ends the session and frees its locks.
         match tokio::time::timeout(CLOSE_TIMEOUT, Wire::close(client)).await {
@@ -475,7 +591,10 @@ impl Task {
             Request::Op(op, reply) => {
                 let closing = matches!(op, Op::Close(_));
                 let answer = self.run_op(client, op).await;
-                let broken = matches!(&answer, Err(e) if e.is_session_fatal());
+                let broken = match &answer {
+                    Err(e) if e.kind() == ErrorKind::SessionFatal => Some(e.to_string()),
+                    _ => None,
+                };
                 if let Err(Ok(Reply::Acquired { grants, .. })) = reply.send(answer) {
                     // Nobody waits for this answer any more: undo its grants
                     // now, before the next request.
@@ -489,8 +608,8 @@ impl Task {
                         return self.compensate(client, resources).await;
                     }
                 }
-                if broken {
-                    Flow::Broken
+                if let Some(reason) = broken {
+                    Flow::Broken(reason)
                 } else if closing {
                     Flow::Close
                 } else {
@@ -509,7 +628,9 @@ impl Task {
             Err(e) => {
                 warn!(spid = self.spid, error = %e, "releasing abandoned grants failed: dropping the connection");
                 // Unknown state: dropping the connection frees every lock.
-                Flow::Broken
+                Flow::Broken(format!(
+                    "releasing the grants of an abandoned request failed ({e}); the connection was dropped"
+                ))
             }
         }
     }
@@ -523,7 +644,7 @@ impl Task {
                     let start = codes.len();
                     // A failure is session-fatal: the connection is dropped,
                     // which frees what earlier chunks granted.
-                    let rows = run_batch(client, &batch, "try_acquire", true).await?;
+                    let rows = self.run_batch(client, &batch, "try_acquire", true).await?;
                     let chunk = indexed_ints(&rows, "r", batch.names, "try_acquire")?;
                     for (offset, code) in chunk.iter().enumerate() {
                         if map_get_code(*code) == Ok(true) {
@@ -542,7 +663,7 @@ impl Task {
                 timeout_ms,
             } => {
                 let batch = sql::acquire_slice(&resource, timeout_ms);
-                let rows = run_batch(client, &batch, "acquire", true).await?;
+                let rows = self.run_batch(client, &batch, "acquire", true).await?;
                 let code = single_int(&rows, "r", "acquire")?;
                 let granted = if map_get_code(code) == Ok(true) {
                     vec![resource]
@@ -571,6 +692,24 @@ impl Task {
         }
     }
 
+    /// Runs one batch (one round trip) and classifies its failure.
+    async fn run_batch<W: Wire>(
+        &self,
+        client: &mut W,
+        batch: &Batch,
+        operation: &'static str,
+        changes_locks: bool,
+    ) -> Result<Vec<Row>, MssqlError> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        client.run(batch).await.map_err(|e| {
+            if changes_locks {
+                MssqlError::from_lock_batch(operation, e)
+            } else {
+                MssqlError::from_query(operation, e)
+            }
+        })
+    }
+
     fn grants(&self, resources: Vec<String>) -> Grants {
         Grants {
             resources,
@@ -586,7 +725,7 @@ impl Task {
     ) -> Result<Vec<i32>, MssqlError> {
         let mut codes = Vec::with_capacity(resources.len());
         for batch in sql::release(self.key_list, resources) {
-            let rows = run_batch(client, &batch, operation, true).await?;
+            let rows = self.run_batch(client, &batch, operation, true).await?;
             codes.extend(indexed_ints(&rows, "r", batch.names, operation)?);
         }
         Ok(codes)
@@ -595,7 +734,7 @@ impl Task {
     async fn verify<W: Wire>(&self, client: &mut W, resources: &[String]) -> Answer {
         const OP: &str = "verify";
         if resources.is_empty() {
-            let rows = run_batch(client, &plain(sql::PING), OP, false).await?;
+            let rows = self.run_batch(client, &plain(sql::PING), OP, false).await?;
             let spid = single_int(&rows, "spid", OP)?;
             return Ok(Reply::Verified {
                 spid,
@@ -605,7 +744,7 @@ impl Task {
         let mut spid = self.spid;
         let mut modes = Vec::with_capacity(resources.len());
         for batch in sql::verify(self.key_list, resources) {
-            let rows = run_batch(client, &batch, OP, false).await?;
+            let rows = self.run_batch(client, &batch, OP, false).await?;
             if rows.len() != batch.names {
                 return Err(unexpected(
                     OP,
@@ -631,22 +770,6 @@ fn plain(sql: &str) -> Batch {
         params: Vec::new(),
         names: 0,
     }
-}
-
-/// Runs one batch and classifies its failure.
-async fn run_batch<W: Wire>(
-    client: &mut W,
-    batch: &Batch,
-    operation: &'static str,
-    changes_locks: bool,
-) -> Result<Vec<Row>, MssqlError> {
-    client.run(batch).await.map_err(|e| {
-        if changes_locks {
-            MssqlError::from_lock_batch(operation, e)
-        } else {
-            MssqlError::from_query(operation, e)
-        }
-    })
 }
 
 fn unexpected(operation: &'static str, detail: String) -> MssqlError {

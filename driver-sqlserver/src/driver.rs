@@ -4,10 +4,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardlock_core::{DatabaseId, Driver, NodeId, Result};
+use shardlock_core::{Capabilities, DatabaseId, Driver, Error, NodeId, Result, Support};
 use tracing::debug;
 
-use crate::connection::{application_name, open_client, probe, Connection, TdsClient};
+use crate::connection::{
+    application_name, open_client, open_session_client, probe, Connection, TdsClient,
+};
 use crate::error::{MssqlError, DRIVER};
 use crate::options::MssqlOptions;
 use crate::session::MssqlSession;
@@ -79,12 +81,13 @@ impl MssqlDriver {
         let app = application_name(node.as_str());
         let timeout = self.options.get_connect_timeout();
         let opened = tokio::time::timeout(timeout, async {
-            let mut client = open_client(&self.options, target.as_deref(), &app).await?;
+            let (mut client, signals) =
+                open_session_client(&self.options, target.as_deref(), &app).await?;
             let info = probe(&mut client).await?;
-            Ok::<_, MssqlError>((client, info))
+            Ok::<_, MssqlError>((client, signals, info))
         })
         .await;
-        let (client, info) = match opened {
+        let (client, signals, info) = match opened {
             Ok(result) => result?,
             Err(_) => {
                 return Err(MssqlError::ConnectTimeout {
@@ -104,7 +107,7 @@ impl MssqlDriver {
         let slice_ms =
             i32::try_from(self.options.get_acquire_slice().as_millis()).unwrap_or(i32::MAX);
         Ok(MssqlSession::new(
-            Connection::spawn(client, info),
+            Connection::spawn(client, info, signals),
             database.clone(),
             slice_ms,
         ))
@@ -131,7 +134,12 @@ impl MssqlDriver {
         let timeout = self.options.get_connect_timeout();
         tokio::time::timeout(
             timeout,
-            open_client(&self.options, target.as_deref(), application_name),
+            open_client(
+                &self.options,
+                target.as_deref(),
+                application_name,
+                std::convert::identity,
+            ),
         )
         .await
         .map_err(|_| MssqlError::ConnectTimeout {
@@ -151,7 +159,16 @@ impl Driver for MssqlDriver {
     async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<MssqlSession> {
         self.open_session(database, node)
             .await
-            .map_err(|e| e.into_connect_error(database))
+            .map_err(|e| Error::connect(database, e))
+    }
+
+    /// An emulated loss signal: every session's socket is read continuously
+    /// beneath tiberius, and the signal fires when the server's FIN or RST
+    /// arrives, within [`MssqlOptions::loss_signal_bound`] (default 50 ms, by
+    /// construction; see the crate docs, "Loss signal"). No release hint.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .with_loss_signal(Support::Emulated, self.options.get_loss_signal_bound())
     }
 
     /// The server's TCP keepalive time, by default SQL Server's 30 s
@@ -167,5 +184,30 @@ impl fmt::Debug for MssqlDriver {
         f.debug_struct("MssqlDriver")
             .field("options", &self.options)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shardlock_core::{Driver, Support};
+
+    use super::*;
+    use crate::options::DEFAULT_LOSS_SIGNAL_BOUND;
+
+    fn options() -> MssqlOptions {
+        MssqlOptions::parse("Server=tcp:127.0.0.1,1433;User Id=sa;Password=x").expect("valid")
+    }
+
+    #[test]
+    fn the_loss_signal_is_emulated_with_the_stated_bound() {
+        let caps = MssqlDriver::new(options()).capabilities();
+        assert_eq!(caps.loss_signal, Support::Emulated);
+        assert_eq!(caps.loss_detection_bound, Some(DEFAULT_LOSS_SIGNAL_BOUND));
+        assert_eq!(caps.release_hint, Support::Unsupported);
+        let far = options().loss_signal_bound(Duration::from_millis(250));
+        assert_eq!(
+            MssqlDriver::new(far).capabilities().loss_detection_bound,
+            Some(Duration::from_millis(250))
+        );
     }
 }

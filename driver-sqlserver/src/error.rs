@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use shardlock_core::{DatabaseId, Error};
+use shardlock_core::{DriverError, ErrorKind};
+
+#[cfg(doc)]
+use shardlock_core::Error;
 
 /// The driver name used in errors and logs.
 pub(crate) const DRIVER: &str = "sqlserver";
@@ -133,11 +136,12 @@ pub(crate) fn map_release_code(code: i32) -> ReleaseOutcome {
 
 /// Everything that can go wrong in the SQL Server driver.
 ///
-/// Converted into shardlock's [`Error`] by
-/// [`into_session_error`](Self::into_session_error) (session-fatal failures
-/// become [`Error::SessionLost`]) and
-/// [`into_connect_error`](Self::into_connect_error) ([`Error::Connect`]); the
-/// `MssqlError` stays reachable as the source.
+/// Classified once through [`DriverError::kind`] (see the table on that
+/// impl) and converted into shardlock's [`Error`] by the one core mapping:
+/// [`Error::from_driver`] for a session (session-fatal failures become
+/// [`Error::SessionLost`], others [`Error::Driver`]) and [`Error::connect`]
+/// for a failed connect ([`Error::Connect`]). The `MssqlError` always stays
+/// reachable as the source, and its message never repeats its own source's.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MssqlError {
@@ -335,21 +339,6 @@ impl MssqlError {
         matches!(self, Self::ConnectionLost { .. })
     }
 
-    /// True when the session that produced this error can no longer be
-    /// trusted: the connection is lost, or its lock state is unknown (a lock
-    /// batch failed, a result had the wrong shape, or `sp_releaseapplock`
-    /// failed, so the lock may still be held by a session that no longer
-    /// tracks it). It maps to [`Error::SessionLost`].
-    pub fn is_session_fatal(&self) -> bool {
-        matches!(
-            self,
-            Self::ConnectionLost { .. }
-                | Self::LockStateUnknown { .. }
-                | Self::UnexpectedResult { .. }
-                | Self::Release { .. }
-        )
-    }
-
     /// True for a deadlock-victim answer of `sp_getapplock` (return code -3):
     /// the session waited for a key while another waited for one of its keys.
     pub fn is_deadlock(&self) -> bool {
@@ -361,36 +350,46 @@ impl MssqlError {
             }
         )
     }
-
-    /// Converts into shardlock's error for a session on `database`:
-    /// session-fatal errors become [`Error::SessionLost`], others
-    /// [`Error::Driver`].
-    pub fn into_session_error(self, database: &DatabaseId) -> Error {
-        if self.is_session_fatal() {
-            Error::SessionLost {
-                database: database.to_string(),
-                reason: self.to_string(),
-                source: Some(Box::new(self)),
-            }
-        } else {
-            Error::driver(DRIVER, self)
-        }
-    }
-
-    /// Converts a failure to open a session on `database` into
-    /// [`Error::Connect`], whatever the cause (a bad connection string too:
-    /// [`Error::Config`] would drop this error as the source).
-    pub fn into_connect_error(self, database: &DatabaseId) -> Error {
-        Error::Connect {
-            database: database.to_string(),
-            source: Box::new(self),
-        }
-    }
 }
 
-impl From<MssqlError> for Error {
-    fn from(e: MssqlError) -> Self {
-        Error::driver(DRIVER, e)
+/// How each failure maps onto shardlock's [`Error`] (through
+/// [`Error::from_driver`] for sessions and [`Error::connect`] for connects):
+///
+/// | error | kind | why |
+/// |---|---|---|
+/// | [`ConnectionLost`](MssqlError::ConnectionLost) | session-fatal | the socket failed, hit EOF, or the server ended the session (fatal class ≥ 20, 596 killed, 6005 shutdown): its locks are freed |
+/// | [`Unreachable`](MssqlError::Unreachable), [`ConnectTimeout`](MssqlError::ConnectTimeout) | session-fatal | the connection could not be had (refused, unresolvable, silent): a connection-level failure a later attempt may overcome, as core classifies a refused connection |
+/// | [`LockStateUnknown`](MssqlError::LockStateUnknown), [`Release`](MssqlError::Release), [`UnexpectedResult`](MssqlError::UnexpectedResult) | session-fatal | which locks the session holds is unknown; the driver drops the connection |
+/// | [`InvalidConnectionString`](MssqlError::InvalidConnectionString), [`LoginFailed`](MssqlError::LoginFailed) (18456, 18452), [`DatabaseUnavailable`](MssqlError::DatabaseUnavailable) (4060, 911), [`NotSqlServer`](MssqlError::NotSqlServer) | configuration | retrying fails the same way until someone changes a setting |
+/// | [`Handshake`](MssqlError::Handshake) | configuration, or session-fatal when the socket failed during it | TLS settings or a peer that is not SQL Server are configuration; a reset is a connection failure |
+/// | [`LockRequest`](MssqlError::LockRequest) (-2 cancelled, -3 deadlock victim, -999) | other | the key was not granted and nothing else changed: a session-owned application lock taken outside a transaction has no transaction to roll back, so the session keeps every lock it held |
+/// | [`Query`](MssqlError::Query) | other | a read-only query failed; `verify` reports it as a loss itself |
+impl DriverError for MssqlError {
+    fn driver(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::ConnectionLost { .. }
+            | Self::Unreachable { .. }
+            | Self::ConnectTimeout { .. }
+            | Self::LockStateUnknown { .. }
+            | Self::UnexpectedResult { .. }
+            | Self::Release { .. } => ErrorKind::SessionFatal,
+            Self::InvalidConnectionString { .. }
+            | Self::LoginFailed { .. }
+            | Self::DatabaseUnavailable { .. }
+            | Self::NotSqlServer { .. } => ErrorKind::Config,
+            Self::Handshake { source, .. } => {
+                if matches!(source, tiberius::error::Error::Io { .. }) {
+                    ErrorKind::SessionFatal
+                } else {
+                    ErrorKind::Config
+                }
+            }
+            Self::LockRequest { .. } | Self::Query { .. } => ErrorKind::Other,
+        }
     }
 }
 
@@ -436,6 +435,8 @@ pub(crate) fn classify_login_error(
 
 #[cfg(test)]
 mod tests {
+    use shardlock_core::{DatabaseId, Error};
+
     use super::*;
 
     #[test]
@@ -500,24 +501,35 @@ mod tests {
     fn session_fatal_errors_become_session_lost() {
         let db = DatabaseId::new("main");
         let lost = MssqlError::from_query("verify", io_error());
-        assert!(lost.is_connection_lost() && lost.is_session_fatal());
-        let err = lost.into_session_error(&db);
+        assert!(lost.is_connection_lost());
+        assert_eq!(lost.kind(), ErrorKind::SessionFatal);
+        let err = Error::from_driver(&db, lost);
         assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
         assert!(err.is_session_fatal());
-        // The driver error stays reachable as the source.
+        // The driver error stays reachable as the source, and the printed
+        // chain says each thing once.
         let source = std::error::Error::source(&err).expect("source");
         assert!(source.downcast_ref::<MssqlError>().is_some());
+        let report = err.report();
+        assert!(
+            report.starts_with(
+                "session to database \"main\" lost its locks: connection lost during verify: "
+            ) && report.ends_with("reset")
+                && report.matches("connection lost").count() == 1,
+            "{report}"
+        );
 
         let unknown = MssqlError::from_lock_batch(
             "try_acquire",
             tiberius::error::Error::Conversion("x".into()),
         );
         assert!(!unknown.is_connection_lost());
-        assert!(unknown.is_session_fatal());
-        assert!(unknown.into_session_error(&db).is_session_fatal());
+        assert_eq!(unknown.kind(), ErrorKind::SessionFatal);
+        assert!(Error::from_driver(&db, unknown).is_session_fatal());
 
         let query = MssqlError::from_query("verify", tiberius::error::Error::Utf8);
         assert!(matches!(query, MssqlError::Query { .. }));
+        assert_eq!(query.kind(), ErrorKind::Other);
     }
 
     #[test]
@@ -528,13 +540,16 @@ mod tests {
             failure: AppLockFailure::DeadlockVictim,
         };
         assert!(e.is_deadlock());
-        assert!(!e.is_session_fatal());
-        let err = e.into_session_error(&db);
+        // A deadlock victim was not granted the key; the session-owned locks
+        // it holds are untouched (no transaction to roll back).
+        assert_eq!(e.kind(), ErrorKind::Other);
+        let err = Error::from_driver(&db, e);
         assert!(
             matches!(
                 err,
                 Error::Driver {
                     driver: "sqlserver",
+                    kind: ErrorKind::Other,
                     ..
                 }
             ),
@@ -546,20 +561,58 @@ mod tests {
             resource: "shardlock:v1:x".into(),
             failure: AppLockFailure::CallError,
         };
-        assert!(e.into_session_error(&db).is_session_fatal());
+        assert!(Error::from_driver(&db, e).is_session_fatal());
     }
 
     #[test]
-    fn connect_errors_keep_their_source() {
+    fn connect_errors_keep_their_source_and_kind() {
         let db = DatabaseId::new("tenant_7");
         let e = MssqlError::ConnectTimeout {
             addr: "db:1433".into(),
             after: Duration::from_secs(3),
         };
-        let err = e.into_connect_error(&db);
-        assert!(matches!(&err, Error::Connect { database, .. } if database == "tenant_7"));
+        let err = Error::connect(&db, e);
+        assert!(
+            matches!(&err, Error::Connect { database, kind: ErrorKind::SessionFatal, .. } if database.as_str() == "tenant_7")
+        );
         let source = std::error::Error::source(&err).expect("source");
         assert!(source.to_string().contains("db:1433"));
+
+        let login = MssqlError::LoginFailed {
+            source: tiberius::error::Error::Conversion("login failed".into()),
+        };
+        assert_eq!(Error::connect(&db, login).kind(), ErrorKind::Config);
+        let bad = MssqlError::InvalidConnectionString {
+            reason: "the connection string is empty".into(),
+            source: None,
+        };
+        assert_eq!(bad.kind(), ErrorKind::Config);
+        let not = MssqlError::NotSqlServer {
+            detail: "Babelfish".into(),
+            source: None,
+        };
+        assert_eq!(not.kind(), ErrorKind::Config);
+        let unreachable = MssqlError::Unreachable {
+            addr: "db:1433".into(),
+            source: io_error(),
+        };
+        assert_eq!(unreachable.kind(), ErrorKind::SessionFatal);
+        let reset = classify_login_error("db:1433", None, io_error());
+        assert_eq!(
+            reset.kind(),
+            ErrorKind::SessionFatal,
+            "a reset handshake is a connection failure"
+        );
+        let tls = classify_login_error(
+            "db:1433",
+            None,
+            tiberius::error::Error::Tls("bad certificate".into()),
+        );
+        assert_eq!(
+            tls.kind(),
+            ErrorKind::Config,
+            "TLS settings are configuration"
+        );
     }
 
     #[test]

@@ -10,23 +10,41 @@
 //! array parameter, or one parameter per name, checked against the SQL
 //! text), and builds tiberius rows with the columns the driver reads.
 //!
+//! Each simulated connection also has a socket: an in-memory duplex pipe
+//! whose client end is the driver's real [`WatchedStream`] (the pump and the
+//! loss signal of production) and whose server end a small task of the fake
+//! server owns. [`FakeServer::kill`] ends a session as `KILL` does: the
+//! locks are freed, the server end writes its goodbye message and closes,
+//! and the pump sees the end and fires the session's loss signal, with no
+//! request running. A request that runs on a killed connection reads the
+//! goodbye message from the stream (as tiberius reads the server's error)
+//! and fails with it.
+//!
 //! It proves the session logic, the connection task (ordering, abandoned
-//! requests, drop) and the batch/row plumbing, and runs the whole contract
-//! suite. It cannot prove the T-SQL against a real server.
+//! requests, drop), the loss signal and the batch/row plumbing, and runs the
+//! whole contract suite. It cannot prove the T-SQL against a real server.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use shardlock_contract_tests::{Harness, Holder};
-use shardlock_core::{BoxError, DatabaseId, Driver, LockKey, NodeId, Result, Session};
+use shardlock_core::{
+    BoxError, Capabilities, DatabaseId, Driver, LockKey, NodeId, Result, Session, Support,
+};
 use tiberius::{ColumnData, ColumnType, Row};
-use tokio::sync::Notify;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, WriteHalf};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::connection::{Connection, ServerInfo, Wire};
+use crate::options::DEFAULT_LOSS_SIGNAL_BOUND;
 use crate::session::MssqlSession;
 use crate::sql::{self, Batch, KeyList, Param, NOT_HELD};
+use crate::watch::WatchedStream;
+
+/// What a killed session's server end sends before it closes.
+pub(crate) const KILL_MESSAGE: &str = "Session was killed by an administrator (fake server)";
 
 /// The simulated server.
 #[derive(Clone, Default)]
@@ -57,6 +75,10 @@ struct State {
     spid_override: Option<i32>,
     /// Batches run per kind, for round-trip counts.
     batches: HashMap<&'static str, usize>,
+    /// Per connection: ends it from the server side with a goodbye message.
+    hang_up: HashMap<i32, oneshot::Sender<Vec<u8>>>,
+    /// Requests waiting server-side, per resource.
+    waiting: HashMap<String, usize>,
 }
 
 impl FakeServer {
@@ -64,22 +86,46 @@ impl FakeServer {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A new connection: its socket (a duplex pipe; the client end watched
+    /// like a TCP socket) and the task serving the server end. Needs a tokio
+    /// runtime.
     fn wire(&self, database: &DatabaseId) -> FakeWire {
-        let mut state = self.lock();
-        state.next_spid += 1;
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (hang_up, hung_up) = oneshot::channel();
+        let spid = {
+            let mut state = self.lock();
+            state.next_spid += 1;
+            let spid = 50 + state.next_spid;
+            state.hang_up.insert(spid, hang_up);
+            spid
+        };
+        tokio::spawn(serve_socket(server, hung_up));
+        let (read, write) = tokio::io::split(client);
         FakeWire {
             server: self.clone(),
-            spid: 50 + state.next_spid,
+            spid,
             database: database.to_string(),
+            stream: WatchedStream::new(read, write),
         }
     }
 
-    /// Ends a session as `KILL` does: its locks are freed at once.
+    /// Ends a session as `KILL` does: its locks are freed at once, and its
+    /// connection is closed from the server side after a goodbye message
+    /// ([`KILL_MESSAGE`]), whether or not a request is running.
     pub(crate) fn kill(&self, spid: i32) {
+        self.kill_with(spid, KILL_MESSAGE);
+    }
+
+    /// As [`kill`](Self::kill), with this goodbye message.
+    pub(crate) fn kill_with(&self, spid: i32, message: &str) {
         let mut state = self.lock();
         state.dead.insert(spid);
         state.locks.retain(|_, (owner, _)| *owner != spid);
+        let hang_up = state.hang_up.remove(&spid);
         drop(state);
+        if let Some(hang_up) = hang_up {
+            let _ = hang_up.send(message.as_bytes().to_vec());
+        }
         self.inner.freed.notify_waiters();
     }
 
@@ -114,6 +160,11 @@ impl FakeServer {
         self.lock().spid_override = spid;
     }
 
+    /// How many requests wait server-side for `resource`.
+    pub(crate) fn waiters(&self, resource: &str) -> usize {
+        self.lock().waiting.get(resource).copied().unwrap_or(0)
+    }
+
     pub(crate) fn batches(&self, kind: &str) -> usize {
         self.lock().batches.get(kind).copied().unwrap_or(0)
     }
@@ -124,11 +175,66 @@ impl FakeServer {
     }
 }
 
+/// The server end of one connection: reads (and ignores) what the client
+/// sends; closes when the client closes, or after the goodbye message when
+/// the server hangs up.
+async fn serve_socket(mut socket: DuplexStream, mut hung_up: oneshot::Receiver<Vec<u8>>) {
+    let mut sink = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            message = &mut hung_up => {
+                if let Ok(message) = message {
+                    let _ = socket.write_all(&message).await;
+                }
+                return; // dropping the end closes the connection
+            }
+            read = socket.read(&mut sink) => match read {
+                Ok(0) | Err(_) => return, // the client closed: so does the server
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// Counts a request as waiting for a resource while it lives.
+struct Waiting<'a> {
+    server: &'a FakeServer,
+    resource: String,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(server: &'a FakeServer, resource: &str) -> Self {
+        *server
+            .lock()
+            .waiting
+            .entry(resource.to_string())
+            .or_default() += 1;
+        Self {
+            server,
+            resource: resource.to_string(),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut state = self.server.lock();
+        if let Some(n) = state.waiting.get_mut(&self.resource) {
+            *n -= 1;
+            if *n == 0 {
+                state.waiting.remove(&self.resource);
+            }
+        }
+    }
+}
+
 /// One simulated connection.
 pub(crate) struct FakeWire {
     server: FakeServer,
     spid: i32,
     database: String,
+    /// The socket, as tiberius would hold it.
+    stream: WatchedStream<WriteHalf<DuplexStream>>,
 }
 
 fn int_row(columns: &[(&str, i32)]) -> Row {
@@ -184,12 +290,30 @@ fn names(batch: &Batch) -> Vec<String> {
 }
 
 impl FakeWire {
-    fn check_alive(&self, state: &State) -> Result<(), tiberius::error::Error> {
-        if state.dead.contains(&self.spid) {
-            Err(reset())
-        } else {
-            Ok(())
+    fn is_dead(&self, state: &State) -> bool {
+        state.dead.contains(&self.spid)
+    }
+
+    /// The error a request on a killed connection gets: what the server sent
+    /// before it closed, read from the socket as tiberius would.
+    async fn killed(&mut self) -> tiberius::error::Error {
+        let mut goodbye = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.stream.read_to_end(&mut goodbye),
+        )
+        .await;
+        if !matches!(read, Ok(Ok(_))) || goodbye.is_empty() {
+            return reset();
         }
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            format!(
+                "the server closed the connection: {}",
+                String::from_utf8_lossy(&goodbye)
+            ),
+        )
+        .into()
     }
 
     fn take(&self, state: &mut State, resource: &str) -> bool {
@@ -226,21 +350,31 @@ impl FakeWire {
         let deadline =
             Instant::now() + Duration::from_millis(u64::try_from(*timeout_ms).unwrap_or(0));
         let mut waited = false;
+        let server = self.server.clone();
         loop {
-            let freed = self.server.inner.freed.notified();
+            let freed = server.inner.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            {
+            let dead = {
                 let mut state = self.server.lock();
-                self.check_alive(&state)?;
-                if let Some(code) = state.codes.get(resource) {
+                if self.is_dead(&state) {
+                    true
+                } else if let Some(code) = state.codes.get(resource) {
                     return Ok(vec![int_row(&[("r", *code)])]);
-                }
-                if self.take(&mut state, resource) {
+                } else if self.take(&mut state, resource) {
                     return Ok(vec![int_row(&[("r", i32::from(waited))])]);
+                } else {
+                    false
                 }
+            };
+            if dead {
+                return Err(self.killed().await);
             }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            let timed_out = {
+                let _waiting = Waiting::new(&server, resource);
+                tokio::time::timeout_at(deadline, freed).await.is_err()
+            };
+            if timed_out {
                 return Ok(vec![int_row(&[("r", -1)])]);
             }
             waited = true;
@@ -250,7 +384,10 @@ impl FakeWire {
 
 impl Wire for FakeWire {
     async fn run(&mut self, batch: &Batch) -> Result<Vec<Row>, tiberius::error::Error> {
-        self.check_alive(&self.server.lock())?;
+        let dead = self.is_dead(&self.server.lock());
+        if dead {
+            return Err(self.killed().await);
+        }
         let sql = batch.sql.as_str();
         if sql == sql::PING {
             self.count("ping");
@@ -278,8 +415,10 @@ impl Wire for FakeWire {
         if kind != "verify" && !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        if self.is_dead(&self.server.lock()) {
+            return Err(self.killed().await);
+        }
         let mut state = self.server.lock();
-        self.check_alive(&state)?;
         if kind != "verify" && names.iter().any(|n| state.failing.contains(n)) {
             return Err(tiberius::error::Error::Conversion(
                 "injected failure".into(),
@@ -340,8 +479,13 @@ impl Wire for FakeWire {
         Ok(rows)
     }
 
-    async fn close(self) -> Result<(), tiberius::error::Error> {
-        Ok(()) // Drop frees the session.
+    async fn close(mut self) -> Result<(), tiberius::error::Error> {
+        // As tiberius does: shut the socket's write side down; the server
+        // closes its end in turn. Drop frees the session.
+        self.stream
+            .shutdown()
+            .await
+            .map_err(tiberius::error::Error::from)
     }
 }
 
@@ -358,6 +502,8 @@ pub(crate) struct FakeDriver {
     pub(crate) server: FakeServer,
     key_list: KeyList,
     slice_ms: i32,
+    /// Connects fail as with a closed port.
+    unreachable: bool,
 }
 
 impl FakeDriver {
@@ -366,6 +512,15 @@ impl FakeDriver {
             server,
             key_list,
             slice_ms: 1000,
+            unreachable: false,
+        }
+    }
+
+    /// A driver whose server refuses connections.
+    pub(crate) fn unreachable(&self) -> Self {
+        Self {
+            unreachable: true,
+            ..self.clone()
         }
     }
 
@@ -377,8 +532,9 @@ impl FakeDriver {
             database: database.to_string(),
             key_list: self.key_list,
         };
+        let signals = wire.stream.signals();
         MssqlSession::new(
-            Connection::spawn(wire, info),
+            Connection::spawn(wire, info, signals),
             database.clone(),
             self.slice_ms,
         )
@@ -393,7 +549,25 @@ impl Driver for FakeDriver {
     }
 
     async fn connect(&self, database: &DatabaseId, _node: &NodeId) -> Result<MssqlSession> {
+        if self.unreachable {
+            let refused = std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "connection refused (fake server)",
+            );
+            return Err(shardlock_core::Error::connect(
+                database,
+                crate::MssqlError::Unreachable {
+                    addr: "127.0.0.1:1".to_string(),
+                    source: refused.into(),
+                },
+            ));
+        }
         Ok(self.open(database))
+    }
+
+    /// The production driver's: the same watched stream.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none().with_loss_signal(Support::Emulated, DEFAULT_LOSS_SIGNAL_BOUND)
     }
 }
 
@@ -423,6 +597,29 @@ impl Harness for FakeHarness {
 
     async fn terminate(&self, session: &MssqlSession) {
         self.driver.server.kill(session.spid());
+    }
+
+    fn round_trips(&self, session: &MssqlSession) -> Option<u64> {
+        Some(session.round_trips())
+    }
+
+    async fn wait_until_waiting(&self, key: &LockKey) -> bool {
+        let resource = sql::resource_name(key);
+        let deadline = Instant::now() + self.settle();
+        // The fake's own view; polling is fine in a test harness.
+        while self.driver.server.waiters(&resource) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no session waits for {key} on the fake server within {:?}",
+                self.settle()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    fn unreachable_driver(&self) -> Option<FakeDriver> {
+        Some(self.driver.unreachable())
     }
 
     async fn spawn_holder(&self, keys: Vec<LockKey>) -> Result<Holder, BoxError> {
@@ -528,9 +725,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dropped_try_acquire_leaves_nothing_held() {
+    async fn a_dropped_try_acquire_poisons_but_leaves_nothing_held() {
         let (driver, db) = setup(KeyList::Json);
         let mut a = driver.open(&db);
+        let signals = a.signals();
         let k = key("dropped");
         driver.server.set_delay(Duration::from_millis(200));
         // The request is sent; the future is dropped while the server works.
@@ -542,17 +740,17 @@ mod tests {
         assert!(dropped.is_err(), "still running: {dropped:?}");
         driver.server.set_delay(Duration::ZERO);
         assert!(a.held().is_empty());
-        // The task finished the batch and released its grant before this.
-        a.verify().await.unwrap();
+        // The contract: a round trip interrupted mid-flight poisons.
+        let e = a.verify().await.unwrap_err();
+        assert!(e.is_session_fatal(), "{e:?}");
+        assert!(e.to_string().contains("interrupted"), "{e}");
+        assert!(signals.is_lost());
+        // Yet the task finished the batch and released its grant: the
+        // server holds nothing, even before the session is dropped.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(driver.server.holder(&resource(&k)), None);
-        // Taking it again holds it once: one release frees it.
-        assert_eq!(
-            a.try_acquire(std::slice::from_ref(&k)).await.unwrap(),
-            vec![true]
-        );
-        assert_eq!(driver.server.holder(&resource(&k)).map(|h| h.1), Some(1));
-        assert!(a.release(&k).await.unwrap());
-        assert_eq!(driver.server.holder(&resource(&k)), None);
+        let mut b = driver.open(&db);
+        assert_eq!(b.try_acquire(&[k]).await.unwrap(), vec![true]);
     }
 
     #[tokio::test]
@@ -664,12 +862,154 @@ mod tests {
         driver.server.kill(a.spid());
         let e = a.verify().await.unwrap_err();
         assert!(e.is_session_fatal(), "{e:?}");
+        // Either the loss signal already refused the round trip, or the
+        // request ran and read the server's goodbye.
+        let report = e.report();
         assert!(
-            matches!(driver_error(&e), Some(MssqlError::ConnectionLost { .. })),
-            "{e:?}"
+            matches!(driver_error(&e), Some(MssqlError::ConnectionLost { .. }))
+                || report.contains("server closed the connection"),
+            "{report}"
         );
         // Closing a lost session is fine: the server freed its locks.
         a.close().await.unwrap();
+    }
+
+    const SIGNAL_WITHIN: Duration = Duration::from_secs(2);
+
+    #[tokio::test]
+    async fn a_kill_while_idle_fires_the_loss_signal_without_a_request() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let keys = [key("idle1"), key("idle2")];
+        assert!(a.try_acquire(&keys).await.unwrap().iter().all(|g| *g));
+        let signals = a.signals();
+        let trips = a.round_trips();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!signals.is_lost(), "an idle, healthy session is not lost");
+        let killed_at = std::time::Instant::now();
+        driver.server.kill(a.spid());
+        tokio::time::timeout(SIGNAL_WITHIN, signals.lost().cancelled())
+            .await
+            .expect("the loss signal fires while the session is idle");
+        let took = killed_at.elapsed();
+        eprintln!("fake server: loss signalled {took:?} after KILL");
+        assert_eq!(a.round_trips(), trips, "no request was needed to notice");
+        let reason = signals.reason().unwrap_or_default();
+        assert!(reason.contains("server closed the connection"), "{reason}");
+        // Every later call is refused with that reason; held keys are lost.
+        let e = a.verify().await.unwrap_err();
+        assert!(matches!(e, Error::SessionLost { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("server closed the connection"),
+            "{e}"
+        );
+        assert!(a
+            .try_acquire(&[key("after")])
+            .await
+            .unwrap_err()
+            .is_session_fatal());
+        assert_eq!(a.round_trips(), trips, "refused without a round trip");
+        for k in &keys {
+            assert_eq!(driver.server.holder(&resource(k)), None);
+        }
+        a.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_running_when_killed_reads_the_servers_goodbye() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let mut b = driver.open(&db);
+        let k = key("goodbye");
+        assert!(a.try_acquire(std::slice::from_ref(&k)).await.unwrap()[0]);
+        let b_signals = b.signals();
+        let b_spid = b.spid();
+        let never = CancellationToken::new();
+        let (waited, ()) = tokio::join!(b.acquire(&k, &never), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            driver
+                .server
+                .kill_with(b_spid, "Msg 596: session 52 was killed by KILL");
+        });
+        let e = waited.unwrap_err();
+        assert!(e.is_session_fatal(), "{e:?}");
+        // The bytes the server sent before closing reached the reader.
+        assert!(
+            e.report()
+                .contains("Msg 596: session 52 was killed by KILL"),
+            "{}",
+            e.report()
+        );
+        tokio::time::timeout(SIGNAL_WITHIN, b_signals.lost().cancelled())
+            .await
+            .expect("signalled too");
+        // a is untouched.
+        a.verify().await.unwrap();
+        assert!(!a.signals().is_lost());
+    }
+
+    #[tokio::test]
+    async fn closing_or_dropping_a_session_is_not_a_loss() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let k = key("graceful");
+        assert!(a.try_acquire(std::slice::from_ref(&k)).await.unwrap()[0]);
+        let a_signals = a.signals();
+        a.close().await.unwrap();
+        let b = driver.open(&db);
+        let b_signals = b.signals();
+        drop(b);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!a_signals.is_lost(), "{:?}", a_signals.reason());
+        assert!(!b_signals.is_lost(), "{:?}", b_signals.reason());
+        assert_eq!(driver.server.holder(&resource(&k)), None);
+    }
+
+    #[test]
+    fn a_runtime_that_shuts_down_signals_the_loss() {
+        let (signals, _server) = std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (driver, db) = setup(KeyList::Json);
+            let (session, signals) = runtime.block_on(async {
+                let mut a = driver.open(&db);
+                assert!(a.try_acquire(&[key("rt")]).await.unwrap()[0]);
+                let signals = a.signals();
+                (a, signals)
+            });
+            assert!(!signals.is_lost());
+            drop(runtime); // the connection task dies with it
+            assert!(signals.is_lost(), "the connection task's end is a loss");
+            drop(session);
+            (signals, driver.server)
+        })
+        .join()
+        .unwrap();
+        assert!(signals.reason().unwrap_or_default().contains("runtime"));
+    }
+
+    #[tokio::test]
+    async fn round_trips_count_batches() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        assert_eq!(a.round_trips(), 0);
+        let keys = [key("rt1"), key("rt2"), key("rt3")];
+        assert!(a.try_acquire(&keys).await.unwrap().iter().all(|g| *g));
+        assert_eq!(a.round_trips(), 1, "a batch is one round trip");
+        assert!(a.try_acquire(&keys).await.unwrap().iter().all(|g| *g));
+        assert_eq!(a.round_trips(), 1, "nothing to ask: no round trip");
+        a.verify().await.unwrap();
+        assert_eq!(a.round_trips(), 2);
+        let batch = [keys[0].clone(), keys[1].clone(), key("no")];
+        let released = a.release_many(&batch).await.unwrap();
+        assert_eq!(released, vec![true, true, false]);
+        assert_eq!(a.round_trips(), 3, "release_many is one batch");
+        assert!(!a.release(&keys[0]).await.unwrap());
+        assert_eq!(a.round_trips(), 3, "not held: no round trip");
+        assert_eq!(driver.server.holder(&resource(&keys[0])), None);
+        assert!(driver.server.holder(&resource(&keys[2])).is_some());
     }
 
     #[tokio::test]
@@ -726,6 +1066,7 @@ mod tests {
         let mut a = driver.open(&db);
         let (held, poison) = (key("held"), key("poison"));
         assert!(a.try_acquire(std::slice::from_ref(&held)).await.unwrap()[0]);
+        let signals = a.signals();
         driver.server.fail_batches_with(&resource(&poison));
         let e = a.try_acquire(&[poison]).await.unwrap_err();
         assert!(e.is_session_fatal(), "{e:?}");
@@ -738,6 +1079,10 @@ mod tests {
             driver.server.holder(&resource(&held)),
             None,
             "the connection was dropped"
+        );
+        assert!(
+            signals.is_lost(),
+            "dropping a broken connection is signalled"
         );
         assert!(a.verify().await.unwrap_err().is_session_fatal());
     }

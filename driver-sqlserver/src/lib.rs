@@ -60,7 +60,8 @@
 //! | [`database_mapping`](MssqlOptions::database_mapping) | [`DatabaseMapping::SameServer`] | the `DatabaseId` is the database name (overrides the string's `Database`) |
 //! | [`acquire_slice`](MssqlOptions::acquire_slice) | 1 s | one server-side wait of a blocking `acquire` |
 //! | [`server_keepalive`](MssqlOptions::server_keepalive) | 30 s | the server's TCP `KeepAlive`; the [`lock_release_window`](shardlock_core::Driver::lock_release_window) |
-//! | [`connect_timeout`](MssqlOptions::connect_timeout) | 15 s | TCP, TLS, login and checks |
+//! | [`connect_timeout`](MssqlOptions::connect_timeout) | 8 s | TCP, TLS, login and checks; below the coordinator's 10 s connect deadline so the typed [`MssqlError::ConnectTimeout`] is the one reported |
+//! | [`loss_signal_bound`](MssqlOptions::loss_signal_bound) | 50 ms | the loss detection bound stated in [`capabilities`](shardlock_core::Driver::capabilities) (see "Loss signal") |
 //!
 //! TLS uses the platform library (`native-tls`: OpenSSL on Linux, which must
 //! be installed to build: `pkg-config` and `libssl-dev` on Debian).
@@ -99,6 +100,7 @@
 //! | release not held | returns false | raises error 1223: the driver answers `false` without calling it |
 //! | verify | `pg_locks` | `APPLOCK_MODE('public', name, 'Session')` = `Exclusive` for every held key, plus `@@SPID` unchanged |
 //! | vanished node | server keepalives set per session | only the server's endpoint `KeepAlive` (default 30 s, set by the DBA) |
+//! | loss signal | see that driver | the socket, read continuously beneath tiberius (see "Loss signal") |
 //!
 //! # When a node vanishes
 //!
@@ -117,13 +119,42 @@
 //! timeout, 15 s by default) that would let a cut-off node run past it. If
 //! your DBA lowered `KeepAlive`, set the option to match.
 //!
+//! # Loss signal
+//!
+//! A server that ends a session (`KILL`, a restart, an availability-group
+//! failover, an idle timeout) frees its application locks at once, and
+//! another node may take them at its next poll. tiberius reads the socket
+//! only during a request, so the driver slips its own stream beneath it:
+//! a pump task reads the socket continuously into a bounded in-memory pipe
+//! that tiberius reads, and fires the session's
+//! [`signals`](shardlock_core::Session::signals)' `lost` token the moment
+//! the socket reports end-of-file or an error, with no statement and no
+//! polling. Bytes that arrive while the session is idle (the server's
+//! message before it closes) stay in the pipe for tiberius; TLS runs inside
+//! tiberius, above the pump. Named instances resolved through SQL Server
+//! Browser and routed (Azure redirect) connections are watched the same way.
+//!
+//! | | |
+//! |---|---|
+//! | support | [`Support::Emulated`](shardlock_core::Support::Emulated) (the driver watches; the server sends nothing special) |
+//! | bound | the time for the server's FIN or RST to arrive, stated as [`DEFAULT_LOSS_SIGNAL_BOUND`] (50 ms, by construction; configurable) |
+//! | not a loss | [`close`](shardlock_core::Session::close) and dropping the session (the driver's own close) |
+//! | not covered | a silent end: a network cut or a host that vanishes without a FIN sends nothing to read; the coordinator's verify deadline fences the node, within the server's `KeepAlive` window (below) |
+//!
+//! Also signalled: a request that fails in a way that leaves the connection
+//! or its locks unknown (the connection task then drops the connection), and
+//! the connection task stopping because its runtime shut down.
+//!
 //! # Dropped futures and the connection task
 //!
 //! Each session's connection is owned by a task that finishes every request
 //! it started (a half-read TDS response cannot be resumed). A dropped
 //! `try_acquire` or `acquire` future therefore never leaves a lock behind:
 //! the task releases whatever the abandoned request was granted before it
-//! runs the session's next request. A dropped session closes its connection
+//! runs the session's next request. A `try_acquire` dropped mid-flight
+//! still poisons the session (its next call answers `SessionLost` and the
+//! loss signal fires), as the driver contract wants of every driver; a
+//! dropped `acquire`, `release` or `verify` leaves it usable. A dropped session closes its connection
 //! from the task, without blocking, on any runtime. The task runs on the
 //! tokio runtime that opened the session: keep that runtime running while the
 //! session is in use (if it shuts down, the connection closes and the session
@@ -139,15 +170,19 @@ mod fake;
 mod options;
 mod session;
 mod sql;
+mod watch;
 
 pub use connection::TdsClient;
 pub use driver::MssqlDriver;
 pub use error::{AppLockFailure, MssqlError};
 pub use options::{
-    DatabaseMapping, MssqlOptions, DEFAULT_ACQUIRE_SLICE, DEFAULT_CONNECT_TIMEOUT,
+    MssqlOptions, DEFAULT_ACQUIRE_SLICE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LOSS_SIGNAL_BOUND,
     DEFAULT_SERVER_KEEPALIVE,
 };
 pub use session::MssqlSession;
+/// Which database a [`DatabaseId`](shardlock_core::DatabaseId) locks in: the
+/// one rule every driver shares, re-exported from `shardlock-core`.
+pub use shardlock_core::DatabaseMapping;
 
 /// The TDS client this driver is built on, re-exported so users name the same
 /// version (e.g. for [`MssqlOptions::map_config`]).

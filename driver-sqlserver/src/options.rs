@@ -4,10 +4,9 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use shardlock_core::DatabaseId;
+use shardlock_core::{DatabaseId, DatabaseMapping};
 use tiberius::{AuthMethod, Config, EncryptionLevel};
 
 use crate::error::MssqlError;
@@ -21,61 +20,28 @@ pub const DEFAULT_ACQUIRE_SLICE: Duration = Duration::from_secs(1);
 /// locks, lives at least this long after its last packet.
 pub const DEFAULT_SERVER_KEEPALIVE: Duration = Duration::from_secs(30);
 
-/// Default timeout for opening a session (TCP, TLS, login and checks).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Which SQL Server database a shardlock [`DatabaseId`] lives in.
+/// Default timeout for opening a session (TCP, TLS, login and checks): 8 s.
 ///
-/// Application locks are scoped to the database: two sessions exclude each
-/// other only when they are connected to the same database.
-#[derive(Clone, Default)]
-#[non_exhaustive]
-pub enum DatabaseMapping {
-    /// The id is the database name on the server of the options (the
-    /// default). Multi-tenant services with one database per tenant use this.
-    /// A database named in the connection string is overridden.
-    #[default]
-    SameServer,
-    /// Every id maps to this one database: single-tenant use where the
-    /// `DatabaseId` is a logical name (e.g. `main`). Keys of different ids
-    /// then share one lock space, which is safe because lock names include
-    /// the database id.
-    Fixed(String),
-    /// The database named in the connection string (`Database=` /
-    /// `Initial Catalog=`, the URL path), or the login's default database when
-    /// it names none, for every id.
-    ConnectionString,
-    /// A function of the id.
-    Custom(Arc<dyn Fn(&DatabaseId) -> String + Send + Sync>),
-}
+/// Shorter than the coordinator's connect deadline (10 s by default) on
+/// purpose: the driver's own timeout then fires first, so a slow or silent
+/// server is reported as the typed [`MssqlError::ConnectTimeout`] naming the
+/// address, not as the coordinator's generic timeout. (ADO.NET's default of
+/// 15 s would never be seen.) Raise both together if a server needs longer.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 
-impl DatabaseMapping {
-    /// A mapping computed by `f`.
-    pub fn custom(f: impl Fn(&DatabaseId) -> String + Send + Sync + 'static) -> Self {
-        Self::Custom(Arc::new(f))
-    }
-
-    /// The database name for `id`, or `None` to keep the connection string's.
-    pub fn database_for(&self, id: &DatabaseId) -> Option<String> {
-        match self {
-            Self::SameServer => Some(id.as_str().to_string()),
-            Self::Fixed(name) => Some(name.clone()),
-            Self::ConnectionString => None,
-            Self::Custom(f) => Some(f(id)),
-        }
-    }
-}
-
-impl fmt::Debug for DatabaseMapping {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::SameServer => f.write_str("SameServer"),
-            Self::Fixed(name) => f.debug_tuple("Fixed").field(name).finish(),
-            Self::ConnectionString => f.write_str("ConnectionString"),
-            Self::Custom(_) => f.write_str("Custom(..)"),
-        }
-    }
-}
+/// Default [loss detection bound](shardlock_core::Capabilities::loss_detection_bound):
+/// 50 ms.
+///
+/// The driver watches each session's socket continuously (see
+/// [`MssqlOptions::loss_signal_bound`]), so the loss signal fires as soon as
+/// the server's FIN or RST arrives: one network delay plus a task wake-up,
+/// far below 50 ms between hosts of one data centre. This is a bound by
+/// construction, not a measurement (no SQL Server runs where the driver is
+/// developed; the contract suite measures it against a real one). It does
+/// not cover a silent end (a network cut, a host that vanishes without a
+/// FIN): the coordinator's verify deadline and the server's `KeepAlive`
+/// window handle that.
+pub const DEFAULT_LOSS_SIGNAL_BOUND: Duration = Duration::from_millis(50);
 
 /// Options of a [`MssqlDriver`](crate::MssqlDriver): the server (a tiberius
 /// [`Config`]), the database mapping, and the driver's timings.
@@ -109,6 +75,7 @@ pub struct MssqlOptions {
     acquire_slice: Duration,
     server_keepalive: Option<Duration>,
     connect_timeout: Duration,
+    loss_signal_bound: Duration,
 }
 
 impl MssqlOptions {
@@ -123,6 +90,7 @@ impl MssqlOptions {
             acquire_slice: DEFAULT_ACQUIRE_SLICE,
             server_keepalive: Some(DEFAULT_SERVER_KEEPALIVE),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            loss_signal_bound: DEFAULT_LOSS_SIGNAL_BOUND,
         }
     }
 
@@ -204,9 +172,30 @@ impl MssqlOptions {
     }
 
     /// Timeout for opening a session: TCP connect, TLS, login and the
-    /// connect-time checks (default [`DEFAULT_CONNECT_TIMEOUT`]).
+    /// connect-time checks (default [`DEFAULT_CONNECT_TIMEOUT`], 8 s). Keep
+    /// it below the coordinator's connect deadline (10 s by default), or
+    /// the coordinator's timeout hides the driver's typed
+    /// [`MssqlError::ConnectTimeout`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// The longest time from the server ending a session (`KILL`, a restart,
+    /// a failover) to the session's loss signal firing, that the driver
+    /// states in [`Driver::capabilities`](shardlock_core::Driver::capabilities)
+    /// (default [`DEFAULT_LOSS_SIGNAL_BOUND`], 50 ms). The coordinator's
+    /// default takeover delay is this bound.
+    ///
+    /// The driver reads every session's socket all the time (a pump task
+    /// beneath tiberius), so it sees the server's FIN or RST the moment it
+    /// arrives, without a statement and without polling. The bound is thus
+    /// the network's one-way delay plus a wake-up: raise it where the client
+    /// is far from the server (another region) or its runtime is heavily
+    /// loaded. A silent end (network cut) is not covered: see the crate
+    /// docs, "When a node vanishes".
+    pub fn loss_signal_bound(mut self, bound: Duration) -> Self {
+        self.loss_signal_bound = bound;
         self
     }
 
@@ -255,6 +244,12 @@ impl MssqlOptions {
         self.connect_timeout
     }
 
+    /// The loss detection bound stated (see
+    /// [`loss_signal_bound`](Self::loss_signal_bound)).
+    pub fn get_loss_signal_bound(&self) -> Duration {
+        self.loss_signal_bound
+    }
+
     /// How long the server may keep a vanished node's locks, at least: the
     /// server keepalive time. See the crate docs, "When a node vanishes".
     pub fn lock_release_window(&self) -> Option<Duration> {
@@ -279,6 +274,7 @@ impl fmt::Debug for MssqlOptions {
             .field("acquire_slice", &self.acquire_slice)
             .field("server_keepalive", &self.server_keepalive)
             .field("connect_timeout", &self.connect_timeout)
+            .field("loss_signal_bound", &self.loss_signal_bound)
             .finish()
     }
 }
@@ -555,6 +551,10 @@ mod tests {
         let o = MssqlOptions::parse("Server=db;User Id=sa;Password=x").unwrap();
         assert_eq!(o.get_acquire_slice(), DEFAULT_ACQUIRE_SLICE);
         assert_eq!(o.lock_release_window(), Some(Duration::from_secs(30)));
+        // Below the coordinator's default connect deadline of 10 s, so the
+        // typed ConnectTimeout is the one reported.
+        assert!(o.get_connect_timeout() < Duration::from_secs(10));
+        assert_eq!(o.get_loss_signal_bound(), DEFAULT_LOSS_SIGNAL_BOUND);
         let o = o
             .acquire_slice(Duration::ZERO)
             .server_keepalive(Some(Duration::from_secs(10)))

@@ -1,12 +1,14 @@
 //! A lock session: one dedicated TDS connection to one database, holding
 //! session-owned application locks.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::pin::pin;
 
-use shardlock_core::{CancellationToken, DatabaseId, Error, LockKey, Result, Session};
-use tracing::{debug, warn};
+use shardlock_core::{
+    CancellationToken, DatabaseId, Error, Holds, LockKey, Result, Session, SessionSignals,
+};
+use tracing::debug;
 
 use crate::connection::{Connection, Op, Reply};
 use crate::error::{map_get_code, map_release_code, MssqlError, ReleaseOutcome};
@@ -19,7 +21,25 @@ use crate::sql::resource_name;
 /// Opened by [`MssqlDriver`](crate::MssqlDriver) (through
 /// [`Driver::connect`](shardlock_core::Driver::connect)). SQL Server stacks
 /// application locks (a lock taken twice needs two releases), so the session
-/// tracks what it holds and never asks the server for a key it already holds.
+/// tracks what it holds (in core's [`Holds`]) and never asks the server for a
+/// key it already holds.
+///
+/// Its [`signals`](Session::signals) fire as soon as the connection ends,
+/// between requests too (see the crate docs, "Loss signal"); from then on
+/// every call answers [`Error::SessionLost`].
+///
+/// # Cancel safety and poisoning
+///
+/// Every request is finished by the connection's task even when the
+/// session's future is dropped, and the grants of an abandoned request are
+/// released before the next request runs (see the crate docs, "Dropped
+/// futures and the connection task"), so no lock is ever left behind.
+/// `try_acquire` still follows the contract of
+/// [`Session::try_acquire`]: a future dropped mid-round-trip poisons the
+/// session ([`Holds::begin`]/[`Holds::end`]), which fires its loss signal;
+/// the coordinator then replaces it. `acquire`, `release` and `verify` are
+/// cancel-safe and leave the session usable ([`Holds::ready`] only refuses
+/// a lost or poisoned session).
 ///
 /// # Drop
 ///
@@ -29,24 +49,20 @@ use crate::sql::resource_name;
 /// connection closes. If the runtime that opened the session is gone, the
 /// connection was already closed with it. The locks are free once the server
 /// has processed the disconnect, not at the moment `drop` returns; use
-/// [`close`](Session::close) for an acknowledged release.
+/// [`close`](Session::close) for an acknowledged release. Neither a drop nor
+/// a `close` fires the loss signal.
 pub struct MssqlSession {
     conn: Connection,
-    database: DatabaseId,
-    /// Resource name → key, for every lock this session holds.
-    held: BTreeMap<String, LockKey>,
-    /// Why the session can no longer be used, once it cannot.
-    lost: Option<String>,
+    holds: Holds,
     slice_ms: i32,
 }
 
 impl MssqlSession {
     pub(crate) fn new(conn: Connection, database: DatabaseId, slice_ms: i32) -> Self {
+        let holds = Holds::with_signals(database, conn.signals());
         Self {
             conn,
-            database,
-            held: BTreeMap::new(),
-            lost: None,
+            holds,
             slice_ms,
         }
     }
@@ -74,31 +90,30 @@ impl MssqlSession {
         resource_name(key)
     }
 
-    fn check(&self) -> Result<()> {
-        match &self.lost {
-            Some(reason) => Err(Error::session_lost(&self.database, reason.clone())),
-            None => Ok(()),
-        }
+    /// How many batches this session has sent to the server since it opened
+    /// (the connect-time checks not included), for tests and metrics: each
+    /// batch is one round trip, so a `try_acquire` of any number of keys adds
+    /// one on SQL Server 2016+ (see the crate docs for the
+    /// parameter-per-name fallback). Releases of abandoned grants count too.
+    /// The count includes a request once its answer has arrived.
+    pub fn round_trips(&self) -> u64 {
+        self.conn.round_trips()
     }
 
-    /// Converts a driver error, marking the session lost when it is fatal.
+    /// Maps a driver error; a session-fatal one poisons the session.
     fn fail(&mut self, e: MssqlError) -> Error {
-        if e.is_session_fatal() {
-            self.mark_lost(e.to_string());
-        }
-        e.into_session_error(&self.database)
+        self.holds.fail(e)
     }
 
-    fn mark_lost(&mut self, reason: String) {
-        if self.lost.is_none() {
-            warn!(database = %self.database, spid = self.spid(), %reason, held = self.held.len(), "SQL Server session lost");
-            self.lost = Some(reason);
+    /// Poisons the session because of `e`, whatever its kind, and answers
+    /// [`Error::SessionLost`] with `e` as the source.
+    fn lost_because(&mut self, e: MssqlError) -> Error {
+        let _ = self.holds.poison(e.to_string());
+        Error::SessionLost {
+            database: self.holds.database().clone(),
+            reason: String::new(),
+            source: Some(Box::new(e)),
         }
-    }
-
-    fn lost_error(&mut self, reason: String) -> Error {
-        self.mark_lost(reason.clone());
-        Error::session_lost(&self.database, reason)
     }
 
     fn unexpected(&mut self, operation: &'static str, reply: &Reply) -> Error {
@@ -108,8 +123,8 @@ impl MssqlSession {
         })
     }
 
-    /// Releases `resources` (held by the server, not tracked) and checks the
-    /// answer.
+    /// Releases `resources` (already forgotten by the session) and checks
+    /// the answer.
     async fn release_untracked(&mut self, resources: Vec<String>) -> Result<()> {
         match self.conn.call(Op::Release(resources.clone())).await {
             Ok(Reply::Released(codes)) => self.check_released(&resources, &codes),
@@ -145,18 +160,26 @@ impl MssqlSession {
                 "the server no longer showed {} of the session's locks when releasing: {not_held:?}",
                 not_held.len()
             );
-            Err(self.lost_error(reason))
+            Err(self.holds.poison(reason))
         }
     }
 }
 
 impl Session for MssqlSession {
     fn database(&self) -> &DatabaseId {
-        &self.database
+        self.holds.database()
     }
 
     fn held(&self) -> Vec<LockKey> {
-        self.held.values().cloned().collect()
+        self.holds.held()
+    }
+
+    /// The connection's signals: `lost` fires when the server ends the
+    /// connection (within [`MssqlOptions::loss_signal_bound`](crate::MssqlOptions::loss_signal_bound)
+    /// of its FIN or RST arriving), when a request leaves the connection or
+    /// its locks unknown, or when the session is poisoned. No release hint.
+    fn signals(&self) -> SessionSignals {
+        self.holds.signals()
     }
 
     /// Takes every key that is free, in one round trip (one batch of
@@ -167,9 +190,11 @@ impl Session for MssqlSession {
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: if the future is dropped, the connection's task still
-    /// finishes the batch and releases whatever it granted before running
-    /// anything else, so the keys end up not held.
+    /// No lock is left behind: if the future is dropped, the connection's
+    /// task still finishes the batch and releases whatever it granted before
+    /// running anything else. But, as the contract wants, a future dropped
+    /// while its batch is in flight poisons the session: the next call
+    /// answers [`Error::SessionLost`] and the loss signal fires.
     ///
     /// # Errors
     ///
@@ -179,43 +204,35 @@ impl Session for MssqlSession {
     /// `sp_getapplock` answered a failure code for a key; the keys granted in
     /// the same batch stay held and are tracked.
     async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
-        self.check()?;
-        let names: Vec<String> = keys.iter().map(resource_name).collect();
-        let mut seen = HashSet::new();
-        let mut ask: Vec<(String, LockKey)> = Vec::new();
-        for (name, key) in names.iter().zip(keys) {
-            if !self.held.contains_key(name) && seen.insert(name.as_str()) {
-                ask.push((name.clone(), key.clone()));
-            }
-        }
+        self.holds.ready()?;
+        let ask = self.holds.to_acquire(keys);
         if !ask.is_empty() {
-            let resources: Vec<String> = ask.iter().map(|(name, _)| name.clone()).collect();
-            let (codes, grants) = match self.conn.call(Op::TryAcquire(resources)).await {
+            let resources: Vec<String> = ask.iter().map(resource_name).collect();
+            self.holds.begin("try_acquire")?;
+            let answer = self.conn.call(Op::TryAcquire(resources.clone())).await;
+            self.holds.end();
+            let (codes, grants) = match answer {
                 Ok(Reply::Acquired { codes, grants }) => (codes, grants),
                 Ok(other) => return Err(self.unexpected("try_acquire", &other)),
                 Err(e) => return Err(self.fail(e)),
             };
             // From here on no await: the grants are recorded or undone.
             let granted: HashSet<String> = grants.accept().into_iter().collect();
-            let mut failure = None;
-            for ((name, key), code) in ask.into_iter().zip(codes) {
-                if granted.contains(&name) {
-                    self.held.insert(name, key);
-                } else if let Err(f) = map_get_code(code) {
-                    failure.get_or_insert(MssqlError::LockRequest {
-                        resource: name,
-                        failure: f,
-                    });
-                }
-            }
+            let answers: Vec<bool> = resources.iter().map(|r| granted.contains(r)).collect();
+            self.holds.record_acquired(&ask, &answers)?;
+            let failure = resources
+                .into_iter()
+                .zip(codes)
+                .find_map(|(resource, code)| {
+                    map_get_code(code)
+                        .err()
+                        .map(|failure| MssqlError::LockRequest { resource, failure })
+                });
             if let Some(e) = failure {
                 return Err(self.fail(e));
             }
         }
-        Ok(names
-            .iter()
-            .map(|name| self.held.contains_key(name))
-            .collect())
+        Ok(self.holds.answer(keys))
     }
 
     /// Waits for `key` server-side: `sp_getapplock` with `@LockTimeout` set
@@ -239,15 +256,16 @@ impl Session for MssqlSession {
     /// [`MssqlError::LockRequest`] with
     /// [`AppLockFailure::DeadlockVictim`](crate::AppLockFailure::DeadlockVictim).
     async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
-        self.check()?;
-        let resource = resource_name(key);
-        if self.held.contains_key(&resource) {
+        self.holds.ready()?;
+        if self.holds.contains(key) {
             return Ok(true);
         }
+        let resource = resource_name(key);
         loop {
             if cancel.is_cancelled() {
                 return Ok(false);
             }
+            self.holds.ready()?;
             let (answer, cancelled) = {
                 let mut call = pin!(self.conn.call(Op::AcquireSlice {
                     resource: resource.clone(),
@@ -283,7 +301,7 @@ impl Session for MssqlSession {
                     return Ok(false);
                 }
                 Ok(true) => {
-                    self.held.insert(resource, key.clone());
+                    self.holds.insert(key.clone());
                     return Ok(true);
                 }
                 Ok(false) if cancelled => return Ok(false),
@@ -310,13 +328,37 @@ impl Session for MssqlSession {
     /// [`Error::SessionLost`] when the connection is gone, or when the server
     /// no longer showed the lock as held by this session.
     async fn release(&mut self, key: &LockKey) -> Result<bool> {
-        self.check()?;
-        let resource = resource_name(key);
-        if self.held.remove(&resource).is_none() {
+        self.holds.ready()?;
+        if !self.holds.remove(key) {
             return Ok(false);
         }
-        self.release_untracked(vec![resource]).await?;
+        self.release_untracked(vec![resource_name(key)]).await?;
         Ok(true)
+    }
+
+    /// Releases the held keys among `keys` in one batch (keys not held, and
+    /// repeats, answer `false` without being sent).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, as [`release`](Self::release).
+    ///
+    /// # Errors
+    ///
+    /// As [`release`](Self::release).
+    async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        self.holds.ready()?;
+        let asked = self.holds.to_release(keys);
+        // Forgotten before the request is sent (cancel safety); a key the
+        // server turns out not to hold makes the whole call an error.
+        let answers = self
+            .holds
+            .record_released(keys, &asked, &vec![true; asked.len()]);
+        if !asked.is_empty() {
+            self.release_untracked(asked.iter().map(resource_name).collect())
+                .await?;
+        }
+        Ok(answers)
     }
 
     /// Releases every held key in one batch.
@@ -325,11 +367,12 @@ impl Session for MssqlSession {
     ///
     /// Cancel-safe, as [`release`](Self::release).
     async fn release_all(&mut self) -> Result<()> {
-        self.check()?;
-        if self.held.is_empty() {
+        self.holds.ready()?;
+        if self.holds.is_empty() {
             return Ok(());
         }
-        let resources: Vec<String> = std::mem::take(&mut self.held).into_keys().collect();
+        let resources: Vec<String> = self.holds.keys().map(resource_name).collect();
+        self.holds.clear();
         self.release_untracked(resources).await
     }
 
@@ -345,62 +388,56 @@ impl Session for MssqlSession {
     ///
     /// # Errors
     ///
-    /// [`Error::SessionLost`] for any failure: the connection is gone, the
-    /// query failed, a key is no longer held, or the server session changed.
+    /// [`Error::SessionLost`] for any failure: the loss was signalled, the
+    /// connection is gone, the query failed, a key is no longer held, or the
+    /// server session changed.
     async fn verify(&mut self) -> Result<()> {
-        self.check()?;
-        let resources: Vec<String> = self.held.keys().cloned().collect();
+        self.holds.ready()?;
+        let keys = self.holds.held();
+        let resources: Vec<String> = keys.iter().map(resource_name).collect();
         let (spid, modes) = match self.conn.call(Op::Verify(resources)).await {
             Ok(Reply::Verified { spid, modes }) => (spid, modes),
             Ok(other) => return Err(self.unexpected("verify", &other)),
-            Err(e) => {
-                let reason = e.to_string();
-                self.mark_lost(reason.clone());
-                return Err(Error::SessionLost {
-                    database: self.database.to_string(),
-                    reason,
-                    source: Some(Box::new(e)),
-                });
-            }
+            Err(e) => return Err(self.lost_because(e)),
         };
         if spid != self.spid() {
             let reason = format!(
                 "the server session changed from spid {} to {spid}: is a proxy or pooler between the driver and SQL Server?",
                 self.spid()
             );
-            return Err(self.lost_error(reason));
+            return Err(self.holds.poison(reason));
         }
-        let missing: Vec<&str> = self
-            .held
-            .values()
+        let missing: Vec<&str> = keys
+            .iter()
             .zip(&modes)
             .filter(|(_, mode)| mode.as_str() != "Exclusive")
             .map(|(key, _)| key.name())
             .collect();
-        if modes.len() != self.held.len() || !missing.is_empty() {
+        if modes.len() != keys.len() || !missing.is_empty() {
             let reason = format!(
                 "the server no longer shows {} of the session's {} locks: {missing:?}",
-                missing.len().max(self.held.len().abs_diff(modes.len())),
-                self.held.len()
+                missing.len().max(keys.len().abs_diff(modes.len())),
+                keys.len()
             );
-            return Err(self.lost_error(reason));
+            return Err(self.holds.poison(reason));
         }
         Ok(())
     }
 
     /// Releases every held key (one batch), then closes the connection. A
     /// session already lost closes without error: the server has freed, or
-    /// will free, its locks.
+    /// will free, its locks. Closing does not fire the loss signal.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future drops the session: the connection closes and the
     /// server frees its locks (see [Drop](MssqlSession#drop)).
     async fn close(mut self) -> Result<()> {
-        if self.lost.is_some() {
+        if self.holds.ready().is_err() {
             return Ok(());
         }
-        let resources: Vec<String> = std::mem::take(&mut self.held).into_keys().collect();
+        let resources: Vec<String> = self.holds.keys().map(resource_name).collect();
+        self.holds.clear();
         match self.conn.call(Op::Close(resources)).await {
             Ok(Reply::Closed) => Ok(()),
             Ok(other) => Err(self.unexpected("close", &other)),
@@ -414,10 +451,9 @@ impl Session for MssqlSession {
 impl fmt::Debug for MssqlSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MssqlSession")
-            .field("database", &self.database)
             .field("spid", &self.spid())
-            .field("held", &self.held.len())
-            .field("lost", &self.lost)
+            .field("holds", &self.holds)
+            .field("round_trips", &self.round_trips())
             .finish()
     }
 }
