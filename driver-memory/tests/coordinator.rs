@@ -767,3 +767,64 @@ async fn panicking_driver_call_stops_agents_before_the_session_goes() {
     assert_eq!(recorder.overlaps(), 0);
     a.stop().await.expect("stop");
 }
+
+/// A projection leader whose session the server ends stops applying at once
+/// with `LeadershipLost` (through the guard's loss signal), instead of
+/// applying on until its next checkpoint write is fenced off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_stops_on_leadership_loss() {
+    use shardlock_contract_tests::{Applied, TestProjector};
+    use shardlock_core::{
+        CancellationToken, DriverLeadership, ProjectionBackend, ProjectionError, ProjectionRunner,
+    };
+    use shardlock_memory::{MemoryCheckpoints, MemoryEventLog};
+
+    let server = MemoryServer::new();
+    let events = MemoryEventLog::new();
+    for i in 1..=10_000 {
+        assert_eq!(events.append(i), i);
+    }
+    let node = NodeId::new("projector-node");
+    let backend = ProjectionBackend {
+        events,
+        checkpoints: MemoryCheckpoints::new(),
+        leadership: DriverLeadership::new(server.driver(), DatabaseId::new("db"), node.clone()),
+    };
+    let applied = Applied::default();
+    let projector = TestProjector::new("loss", "leader", &applied).slow(Duration::from_millis(2));
+    let cancel = CancellationToken::new();
+    let run = {
+        let (backend, projector, cancel) = (backend.clone(), projector.clone(), cancel.clone());
+        tokio::spawn(async move {
+            ProjectionRunner::new(&projector, &backend)
+                .run(&cancel)
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while applied.all().len() < 20 {
+        assert!(Instant::now() < deadline, "the projection does not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.terminate_node(&node);
+    let terminated = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("the runner stops after its leadership is lost")
+        .expect("task");
+    let applied_at_stop = applied.all().len();
+    assert!(
+        matches!(result, Err(ProjectionError::LeadershipLost { .. })),
+        "{result:?}"
+    );
+    eprintln!(
+        "projection stopped {:?} after the server ended its session, {applied_at_stop} events applied",
+        terminated.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        applied.all().len(),
+        applied_at_stop,
+        "nothing applied after the stop"
+    );
+}
