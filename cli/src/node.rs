@@ -1,5 +1,6 @@
 //! `shardlock node`: one coordinator process with a sample agent.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,7 +10,6 @@ use shardlock::{
     Agent, AgentContext, AgentError, AnyDriver, Coordinator, DatabaseId, Distributor, LockSet,
     MultiTenanted, NodeId, ShardId, SingleTenant, Solo,
 };
-use tokio::io::AsyncReadExt;
 use tracing::info;
 
 use crate::records::RecordWriter;
@@ -141,6 +141,11 @@ pub(crate) struct NodeArgs {
     /// How long agents get to stop, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub(crate) stop_timeout_ms: u64,
+    /// How long a set taken over waits before its agents start, in
+    /// milliseconds (default: the driver's loss detection bound; shorter is
+    /// refused).
+    #[arg(long)]
+    pub(crate) takeover_delay_ms: Option<u64>,
     /// Write agent start/stop records here (one file per node).
     #[arg(long)]
     pub(crate) records: Option<PathBuf>,
@@ -180,7 +185,7 @@ impl TickAgent {
 impl Agent for TickAgent {
     async fn run(&self, shard: &ShardId, ctx: AgentContext) -> Result<(), AgentError> {
         if let Some(r) = &self.records {
-            r.write("start", shard.as_str());
+            r.write_with("start", shard.as_str(), &format!("epoch={}", ctx.epoch));
         }
         let file = self.checkpoint(shard);
         let mut ticks: u64 = match &file {
@@ -195,7 +200,14 @@ impl Agent for TickAgent {
         let mut interval = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
-                _ = ctx.cancel.cancelled() => break,
+                _ = ctx.cancel.cancelled() => {
+                    // The moment this agent saw its cancel (before any
+                    // clean-up): what fault tests compare with the fault.
+                    if let Some(r) = &self.records {
+                        r.write("cancel", shard.as_str());
+                    }
+                    break;
+                }
                 _ = interval.tick() => {
                     ticks += 1;
                     if let Some(f) = &file {
@@ -273,14 +285,33 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
         records,
         checkpoints: args.checkpoints.clone(),
     };
-    let coordinator = Coordinator::builder(driver, distributor, agent)
+    let records = agent.records.clone();
+    let mut builder = Coordinator::builder(driver, distributor, agent)
         .node_id(node.clone())
         .poll_interval(Duration::from_millis(args.poll_ms))
         .pause_interval(Duration::from_millis(args.pause_ms))
         .lock_loss_timeout(Duration::from_millis(args.loss_timeout_ms))
-        .stop_timeout(Duration::from_millis(args.stop_timeout_ms))
-        .build()
-        .context("invalid node configuration")?;
+        .stop_timeout(Duration::from_millis(args.stop_timeout_ms));
+    if let Some(ms) = args.takeover_delay_ms {
+        builder = builder.takeover_delay(Duration::from_millis(ms));
+    }
+    let coordinator = builder.build().context("invalid node configuration")?;
+    if let Some(r) = &records {
+        // One line with the timings in force, for whoever reads the records.
+        let c = coordinator.config();
+        r.write_with(
+            "config",
+            "-",
+            &format!(
+                "pid={} poll_ms={} loss_timeout_ms={} stop_timeout_ms={} takeover_delay_ms={}",
+                std::process::id(),
+                c.poll_interval.as_millis(),
+                c.lock_loss_timeout.as_millis(),
+                c.stop_timeout.as_millis(),
+                c.takeover_delay.as_millis()
+            ),
+        );
+    }
     let handle = coordinator.start()?;
     info!(%node, "node running; ctrl-c or SIGTERM stops it gracefully");
     wait_for_shutdown(args.stop_on_stdin_eof).await;
@@ -293,9 +324,25 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
 async fn wait_for_shutdown(stdin_eof: bool) {
     let stdin = async {
         if stdin_eof {
-            let mut buf = [0u8; 64];
-            let mut input = tokio::io::stdin();
-            while matches!(input.read(&mut buf).await, Ok(n) if n > 0) {}
+            // A plain thread, not `tokio::io::stdin()`: tokio reads stdin on
+            // a blocking-pool thread that the runtime waits for at shutdown,
+            // so after ctrl-c or SIGTERM the process would hang until its
+            // input closed. A detached thread does not keep it alive.
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let spawned = std::thread::Builder::new()
+                .name("stdin-eof".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 64];
+                    let mut input = std::io::stdin().lock();
+                    while matches!(input.read(&mut buf), Ok(n) if n > 0) {}
+                    let _ = tx.send(());
+                });
+            match spawned {
+                Ok(_) => {
+                    let _ = rx.await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
         } else {
             std::future::pending::<()>().await;
         }

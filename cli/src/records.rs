@@ -1,9 +1,19 @@
 //! What each node process writes about its own agent runs, and the reader
 //! the demo uses to prove no shard ever ran on two nodes at once.
 //!
-//! One file per node, `<records>/<node>.log`, lines `start <shard> <ns>` and
-//! `stop <shard> <ns>` (nanoseconds since the Unix epoch, one host's clock).
+//! One file per node, `<records>/<node>.log`, lines `<event> <shard> <ns>`
+//! (nanoseconds since the Unix epoch, one host's clock), optionally followed
+//! by `key=value` fields:
+//!
+//! - `start <shard> <ns> epoch=<n>`: an agent run began;
+//! - `cancel <shard> <ns>`: the agent saw its cancellation (lock lost, set
+//!   moved, node stopping);
+//! - `stop <shard> <ns>`: the agent returned; the run is over;
+//! - `config - <ns> pid=.. poll_ms=.. loss_timeout_ms=.. stop_timeout_ms=..
+//!   takeover_delay_ms=..`: the node's timings, once at start.
+//!
 //! A node killed with SIGKILL writes no `stop`: its open runs end at the kill.
+//! Readers ignore events and fields they do not know.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -39,7 +49,16 @@ impl RecordWriter {
     }
 
     pub(crate) fn write(&self, event: &str, shard: &str) {
-        let line = format!("{event} {shard} {}\n", now_ns());
+        self.write_with(event, shard, "");
+    }
+
+    /// Writes one record with extra `key=value` fields after the time.
+    pub(crate) fn write_with(&self, event: &str, shard: &str, fields: &str) {
+        let line = if fields.is_empty() {
+            format!("{event} {shard} {}\n", now_ns())
+        } else {
+            format!("{event} {shard} {} {fields}\n", now_ns())
+        };
         let mut file = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = file.write_all(line.as_bytes()).and_then(|()| file.flush()) {
             tracing::warn!(error = %e, "cannot write a run record");
@@ -166,7 +185,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("shardlock-records-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let w = RecordWriter::create(&dir, "n1").unwrap();
-        w.write("start", "s1");
+        w.write_with("start", "s1", "epoch=1");
+        w.write("cancel", "s1");
         w.write("stop", "s1");
         w.write("start", "s2");
         std::fs::write(dir.join("n2.log"), "start s1 5\nstart s9").unwrap();
