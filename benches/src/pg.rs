@@ -121,6 +121,66 @@ impl PgEnv {
             .await
     }
 
+    /// Connections of node `node` (as `shardlock:<node>` names it): the
+    /// sessions (`application_name` exactly `shardlock:<node>`) and their
+    /// watchers (`shardlock:<node>:watch`), as `(sessions, watchers)`.
+    ///
+    /// # Errors
+    ///
+    /// sqlx's error.
+    pub async fn node_connections(&mut self, node: &str) -> sqlx::Result<(i64, i64)> {
+        let name = format!("shardlock:{node}");
+        sqlx::query_as(
+            "select count(*) filter (where application_name = $1), \
+                    count(*) filter (where application_name = $1 || ':watch') \
+             from pg_stat_activity",
+        )
+        .bind(name)
+        .fetch_one(&mut self.admin)
+        .await
+    }
+
+    /// The backend pids whose `application_name` is exactly
+    /// `application_name`.
+    ///
+    /// # Errors
+    ///
+    /// sqlx's error.
+    pub async fn backend_pids(&mut self, application_name: &str) -> sqlx::Result<Vec<i32>> {
+        sqlx::query_scalar("select pid from pg_stat_activity where application_name = $1")
+            .bind(application_name)
+            .fetch_all(&mut self.admin)
+            .await
+    }
+
+    /// `pg_terminate_backend(pid)` from the admin connection: ends that
+    /// session as an operator would; answers whether it was running.
+    ///
+    /// # Errors
+    ///
+    /// sqlx's error.
+    pub async fn terminate(&mut self, pid: i32) -> sqlx::Result<bool> {
+        sqlx::query_scalar("select pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&mut self.admin)
+            .await
+    }
+
+    /// The server's `max_connections`.
+    ///
+    /// # Errors
+    ///
+    /// sqlx's error, or an unparsable setting.
+    pub async fn max_connections(&mut self) -> Result<i64, String> {
+        let text: String = sqlx::query_scalar("select current_setting('max_connections')")
+            .fetch_one(&mut self.admin)
+            .await
+            .map_err(|e| e.to_string())?;
+        text.trim()
+            .parse()
+            .map_err(|e| format!("max_connections {text:?}: {e}"))
+    }
+
     /// Whether backend `pid` waits for an advisory lock (it is blocked in
     /// `pg_advisory_lock`).
     ///

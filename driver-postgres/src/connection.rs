@@ -1,22 +1,39 @@
-//! The driver, and opening its one dedicated connection per session: label,
-//! server checks, transaction-pooling detection, session settings.
+//! The driver, and opening a session: its dedicated connection (label,
+//! server checks, transaction-pooling detection, session settings, liveness
+//! lock) and the watcher connection behind its loss signal.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardlock_core::{DatabaseId, Driver, NodeId, Result};
+use shardlock_core::{
+    Capabilities, DatabaseId, Driver, Error, NodeId, Result, SessionSignals, Support,
+};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
 use sqlx::{Connection, Executor, Row};
+use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
 use crate::error::{connect_error, PgError, DRIVER};
 use crate::options::{application_name, PgOptions};
 use crate::session::PgSession;
 use crate::sql;
+use crate::watch::{Liveness, Watched, Watcher};
 
 /// The oldest supported server: PostgreSQL 12 (`server_version_num`).
 pub const MIN_SERVER_VERSION_NUM: u32 = 120_000;
+
+/// The longest time from the server ending a session to its
+/// [`SessionSignals::lost`] firing, on a healthy network:
+/// [`Driver::capabilities`] states it and the coordinator's default takeover
+/// delay equals it.
+///
+/// Measured on a 2-core machine with the server in a local container
+/// (`shardlock-bench --only 7`, 30 rounds of `pg_terminate_backend`): see
+/// the crate docs, "Failure and takeover". The bound leaves a wide margin
+/// over the measured maximum for a loaded machine and a server across a
+/// network link.
+pub const LOSS_DETECTION_BOUND: Duration = Duration::from_millis(100);
 
 /// Servers from this version on also get `client_connection_check_interval`
 /// and `idle_session_timeout = 0`.
@@ -24,19 +41,20 @@ const V14: u32 = 140_000;
 
 /// A [`Driver`] for PostgreSQL: each session is one dedicated
 /// [`PgConnection`] (never a pooled one) holding session-level advisory
-/// locks.
+/// locks, plus a watcher connection behind its loss signal.
 ///
 /// Cloning is cheap: the options are shared.
 ///
 /// ```no_run
-/// use shardlock_core::{DatabaseId, Driver, NodeId};
+/// use shardlock_core::{DatabaseId, Driver, NodeId, Session};
 /// use shardlock_postgres::{PgDriver, PgOptions};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> shardlock_core::Result<()> {
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let driver = PgDriver::new(PgOptions::parse("postgres://app:secret@db:5432/app")?);
 /// let session = driver.connect(&DatabaseId::new("app"), &NodeId::generate()).await?;
-/// println!("backend {}", session.backend_pid());
+/// println!("backend {}, watched by {}", session.backend_pid(), session.watcher_pid());
+/// assert!(!session.signals().is_lost());
 /// # Ok(())
 /// # }
 /// ```
@@ -74,38 +92,78 @@ impl Driver for PgDriver {
         DRIVER
     }
 
-    /// Opens one dedicated connection to the database `database` maps to
-    /// (see [`DatabaseMapping`](crate::DatabaseMapping)), labelled
-    /// `application_name = shardlock:<node>`.
+    /// Opens the session's dedicated connection to the database `database`
+    /// maps to (see [`PgOptions::database_for`]), labelled
+    /// `application_name = shardlock:<node>`, and its watcher connection
+    /// (`shardlock:<node>:watch`), both at once.
     ///
     /// Refuses servers that are not PostgreSQL or older than
     /// [`MIN_SERVER_VERSION_NUM`], and connections whose statements land in
-    /// different server processes (transaction pooling). Sets the session's
-    /// keepalives, `client_connection_check_interval`, and turns off
-    /// `statement_timeout`, `lock_timeout` and `idle_session_timeout`, which
-    /// would otherwise break a blocking wait or end an idle lock holder.
+    /// different server processes (transaction pooling). Sets the
+    /// keepalives and `client_connection_check_interval` of both
+    /// connections, and turns off `statement_timeout`, `lock_timeout` and
+    /// `idle_session_timeout`, which would otherwise break a blocking wait
+    /// or end an idle lock holder. Then the main connection takes its
+    /// liveness lock and the watcher starts waiting for it (see the crate
+    /// docs, "Failure and takeover").
     ///
     /// # Errors
     ///
-    /// [`Error::Connect`](shardlock_core::Error::Connect) with a [`PgError`]
-    /// source: unreachable, authentication, unknown database, not
-    /// PostgreSQL, too old, transaction pooling, timeout.
+    /// [`Error::Connect`] with a [`PgError`] source: unreachable,
+    /// authentication, unknown database, not PostgreSQL, too old,
+    /// transaction pooling, timeout; its kind says whether retrying can
+    /// help. [`Error::NotInRuntime`] outside a Tokio runtime (the watcher is
+    /// a task).
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: a dropped connect closes its half-open connection.
+    /// Cancel-safe: a dropped connect closes its half-open connections.
     async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<PgSession> {
+        let Ok(handle) = Handle::try_current() else {
+            return Err(Error::NotInRuntime {
+                what: "PgDriver::connect",
+            });
+        };
         let name = self.options.database_for(database);
         let established = establish(&self.options, &name, node)
             .await
-            .map_err(|e| e.into_connect_error(database))?;
+            .map_err(|e| Error::connect(database, e))?;
         debug!(
             database = %database,
             pid = established.pid,
+            watcher_pid = established.watch_pid,
             server_version_num = established.version_num,
             "postgres session opened"
         );
-        Ok(PgSession::new(database.clone(), established))
+        let signals = SessionSignals::new();
+        let watcher = Watcher::start(
+            &handle,
+            Watched {
+                conn: established.watch,
+                pid: established.watch_pid,
+                main_pid: established.pid,
+                liveness: established.liveness,
+                database: database.clone(),
+            },
+            signals.clone(),
+        );
+        Ok(PgSession::new(
+            database.clone(),
+            established.conn,
+            established.pid,
+            established.version_num,
+            established.side,
+            established.liveness,
+            watcher,
+            signals,
+        ))
+    }
+
+    /// A loss signal, emulated with a watcher connection (native to no
+    /// PostgreSQL version), firing within [`LOSS_DETECTION_BOUND`]; no
+    /// release hint yet.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none().with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
     }
 
     /// The keepalives' window, `idle + interval × count` (25 s by default),
@@ -149,15 +207,20 @@ impl SideConnect {
     }
 }
 
-/// A freshly opened, checked and configured connection.
+/// A freshly opened, checked and configured session: the main connection
+/// holding its liveness lock, and the watcher connection, configured but
+/// not waiting yet.
 pub(crate) struct Established {
     pub(crate) conn: PgConnection,
     pub(crate) pid: i32,
     pub(crate) version_num: u32,
     pub(crate) side: Arc<SideConnect>,
+    pub(crate) liveness: Liveness,
+    pub(crate) watch: PgConnection,
+    pub(crate) watch_pid: i32,
 }
 
-/// Opens and prepares the session's connection to database `name`.
+/// Opens and prepares the session's connections to database `name`.
 async fn establish(options: &PgOptions, name: &str, node: &NodeId) -> Result<Established, PgError> {
     // sqlx sends `extra_float_digits` at startup by default; this driver
     // reads no floats, and PgBouncer refuses that parameter unless its
@@ -170,6 +233,9 @@ async fn establish(options: &PgOptions, name: &str, node: &NodeId) -> Result<Est
     let connect = base
         .clone()
         .application_name(&application_name(node.as_str(), ""));
+    let watch = base
+        .clone()
+        .application_name(&application_name(node.as_str(), ":watch"));
     let side = Arc::new(SideConnect {
         options: base.application_name(&application_name(node.as_str(), ":cancel")),
         timeout: options.get_connect_timeout(),
@@ -177,25 +243,74 @@ async fn establish(options: &PgOptions, name: &str, node: &NodeId) -> Result<Est
     let target = options.target();
     let timeout = options.get_connect_timeout();
     let opening = async {
-        let mut conn = PgConnection::connect_with(&connect)
-            .await
-            .map_err(|e| connect_error(&target, connect.get_username(), name, e))?;
+        // Both connections at once: the handshakes overlap.
+        let (main, watcher) = tokio::join!(
+            PgConnection::connect_with(&connect),
+            PgConnection::connect_with(&watch)
+        );
+        let mut conn = main.map_err(|e| connect_error(&target, connect.get_username(), name, e))?;
+        let mut watcher =
+            watcher.map_err(|e| connect_error(&target, connect.get_username(), name, e))?;
         let (pid, version_num) = prepare(&mut conn, options).await?;
-        Ok::<_, PgError>((conn, pid, version_num))
+        let liveness = take_liveness(&mut conn, node).await?;
+        let watch_pid = configure(&mut watcher, options, version_num).await?;
+        Ok::<_, PgError>(Established {
+            conn,
+            pid,
+            version_num,
+            side,
+            liveness,
+            watch: watcher,
+            watch_pid,
+        })
     };
-    let (conn, pid, version_num) =
-        tokio::time::timeout(timeout, opening)
+    tokio::time::timeout(timeout, opening)
+        .await
+        .map_err(|_| PgError::ConnectTimeout {
+            target: target.clone(),
+            after: timeout,
+        })?
+}
+
+/// Takes a fresh random liveness lock on the main connection (a second draw
+/// in the astronomically unlikely case that the first is taken).
+async fn take_liveness(conn: &mut PgConnection, node: &NodeId) -> Result<Liveness, PgError> {
+    const DRAWS: usize = 3;
+    for _ in 0..DRAWS {
+        let liveness = Liveness::generate(node);
+        let taken: bool = sqlx::query_scalar(sql::TAKE_LIVENESS)
+            .bind(liveness.hi)
+            .bind(liveness.lo)
+            .fetch_one(&mut *conn)
             .await
-            .map_err(|_| PgError::ConnectTimeout {
-                target: target.clone(),
-                after: timeout,
-            })??;
-    Ok(Established {
-        conn,
-        pid,
-        version_num,
-        side,
+            .map_err(|e| PgError::from_query("take the session's liveness lock", e))?;
+        if taken {
+            return Ok(liveness);
+        }
+        warn!(%liveness, "a random liveness lock was held elsewhere: drawing another");
+    }
+    Err(PgError::Query {
+        operation: "take the session's liveness lock",
+        source: sqlx::Error::Protocol(format!(
+            "{DRAWS} random liveness locks in a row were held by other sessions"
+        ))
+        .into(),
     })
+}
+
+/// Applies the session settings on the watcher connection; answers its
+/// backend pid.
+async fn configure(
+    conn: &mut PgConnection,
+    options: &PgOptions,
+    version_num: u32,
+) -> Result<i32, PgError> {
+    let setup = sql::session_setup(&session_settings(options, version_num));
+    let row: PgRow = conn
+        .fetch_one(setup.as_str())
+        .await
+        .map_err(|e| PgError::from_query("apply the watcher's session settings", e))?;
+    get(&row, 0, "pg_backend_pid()")
 }
 
 /// Checks the server and applies the session settings, in two separate

@@ -1,13 +1,18 @@
-//! The driver's own error type, its SQLSTATE classification, and the mapping
-//! into shardlock's one [`Error`](shardlock_core::Error).
+//! The driver's own error type, its SQLSTATE classification, and its
+//! [`DriverError`] kind for the one mapping into shardlock's
+//! [`Error`](shardlock_core::Error) ([`Error::from_driver`] and
+//! [`Error::connect`], in core).
 //!
-//! Every variant that comes from the server or the client library keeps the
-//! [`sqlx::Error`] as its `source`, so callers can still downcast to
-//! [`sqlx::postgres::PgDatabaseError`] for the SQLSTATE, detail and hint.
+//! Messages never repeat their source: a [`PgError`] says what the driver was
+//! doing, and its source, a [`PgCause`], says what the server or the client
+//! library answered, in their own words and once (sqlx's own error repeats
+//! the server's text in its source, so the chain stops at the [`PgCause`]).
 
+use std::error::Error as StdError;
+use std::fmt;
 use std::time::Duration;
 
-use shardlock_core::{DatabaseId, Error};
+use shardlock_core::{DriverError, ErrorKind};
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
 
 /// Short name of this driver in errors and logs.
@@ -52,15 +57,77 @@ max_locks_per_transaction × (max_connections + max_prepared_transactions) locks
 advisory locks all nodes hold at once plus the server's ordinary locking; changing \
 max_locks_per_transaction needs a server restart";
 
+/// What the server or the client library answered, behind a [`PgError`]:
+/// the client library's [`sqlx::Error`], shown in the server's own words.
+///
+/// sqlx's error repeats its cause in its own text (`error returned from
+/// database: X`, whose source is `X` again), so this wrapper shows the
+/// innermost text once (the server's message for a server error, the I/O
+/// error for a broken socket) and ends the chain. The full sqlx error, and
+/// through it the [`PgDatabaseError`] with SQLSTATE, detail and hint, stays
+/// available through [`sqlx`](Self::sqlx).
+///
+/// ```
+/// use shardlock_postgres::PgCause;
+///
+/// let io = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
+/// let cause = PgCause::from(shardlock_postgres::sqlx::Error::Io(io));
+/// assert_eq!(cause.to_string(), "connection closed");
+/// assert!(std::error::Error::source(&cause).is_none());
+/// ```
+#[derive(Debug)]
+pub struct PgCause(sqlx::Error);
+
+impl PgCause {
+    /// The client library's error.
+    pub fn sqlx(&self) -> &sqlx::Error {
+        &self.0
+    }
+
+    /// The client library's error, by value.
+    pub fn into_sqlx(self) -> sqlx::Error {
+        self.0
+    }
+
+    /// The SQLSTATE, for an error the server sent.
+    pub fn sqlstate(&self) -> Option<&str> {
+        sqlstate_of(&self.0)
+    }
+}
+
+impl From<sqlx::Error> for PgCause {
+    fn from(err: sqlx::Error) -> Self {
+        Self(err)
+    }
+}
+
+impl fmt::Display for PgCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            sqlx::Error::Database(db) => f.write_str(db.message()),
+            sqlx::Error::Io(io) => fmt::Display::fmt(io, f),
+            other => fmt::Display::fmt(other, f),
+        }
+    }
+}
+
+impl StdError for PgCause {
+    /// None: the text above already says everything the chain below would.
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        None
+    }
+}
+
 /// What went wrong in the PostgreSQL driver.
 ///
-/// Converted into shardlock's [`Error`](shardlock_core::Error) at the
-/// [`Driver`](shardlock_core::Driver)/[`Session`](shardlock_core::Session)
-/// boundary: connection failures become
-/// [`Error::SessionLost`](shardlock_core::Error::SessionLost) (session-fatal),
-/// failures to open a session [`Error::Connect`](shardlock_core::Error::Connect),
-/// everything else [`Error::Driver`](shardlock_core::Error::Driver) with this
-/// error as the source.
+/// Mapped into shardlock's [`Error`](shardlock_core::Error) by core's one
+/// mapping, through this type's [`DriverError::kind`]: a lost connection is
+/// session-fatal ([`Error::SessionLost`](shardlock_core::Error::SessionLost)),
+/// a failure to open a session is
+/// [`Error::Connect`](shardlock_core::Error::Connect), anything else
+/// [`Error::Driver`](shardlock_core::Error::Driver); this error always stays
+/// the source. Each message says what the driver was doing; the server's
+/// words are in the [`PgCause`] source, never repeated.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PgError {
@@ -71,7 +138,7 @@ pub enum PgError {
         reason: String,
         /// The client library's parse error, when there is one.
         #[source]
-        source: Option<sqlx::Error>,
+        source: Option<PgCause>,
     },
 
     /// The server could not be reached: refused, unknown host, TLS failure.
@@ -81,7 +148,7 @@ pub enum PgError {
         target: String,
         /// The client library's error.
         #[source]
-        source: sqlx::Error,
+        source: PgCause,
     },
 
     /// Opening the connection took longer than the connect timeout.
@@ -95,8 +162,8 @@ pub enum PgError {
 
     /// The server refused the credentials (SQLSTATE `28P01`/`28000`).
     #[error(
-        "the PostgreSQL server at {target} refused user {user:?} (SQLSTATE {code}): \
-         check the user name, the password and the server's pg_hba.conf"
+        "the PostgreSQL server at {target} refused user {user:?} (SQLSTATE {code}; check the \
+         user name, the password and the server's pg_hba.conf)"
     )]
     Authentication {
         /// `host:port` (or socket path).
@@ -107,14 +174,14 @@ pub enum PgError {
         code: String,
         /// The server's error.
         #[source]
-        source: sqlx::Error,
+        source: PgCause,
     },
 
     /// The database does not exist on the server (SQLSTATE `3D000`).
     #[error(
         "database {database:?} does not exist on the PostgreSQL server at {target} \
-         (SQLSTATE 3D000): create it, or map shardlock's database ids to existing \
-         databases with PgOptions::database_mapping"
+         (SQLSTATE 3D000; create it, or map shardlock's database ids to existing \
+         databases with PgOptions::database_mapping)"
     )]
     UnknownDatabase {
         /// `host:port` (or socket path).
@@ -123,7 +190,7 @@ pub enum PgError {
         database: String,
         /// The server's error.
         #[source]
-        source: sqlx::Error,
+        source: PgCause,
     },
 
     /// The server speaks the PostgreSQL protocol but is not PostgreSQL (e.g.
@@ -176,7 +243,7 @@ pub enum PgError {
         operation: &'static str,
         /// The server's error.
         #[source]
-        source: sqlx::Error,
+        source: PgCause,
     },
 
     /// The connection broke or the server ended the session; every lock of
@@ -187,7 +254,7 @@ pub enum PgError {
         operation: &'static str,
         /// The client library's or server's error.
         #[source]
-        source: sqlx::Error,
+        source: PgCause,
     },
 
     /// A blocking wait was abandoned (cancelled or its future dropped) and
@@ -206,7 +273,7 @@ pub enum PgError {
         operation: &'static str,
         /// The client library's or server's error.
         #[source]
-        source: sqlx::Error,
+        source: PgCause,
     },
 }
 
@@ -214,11 +281,20 @@ impl PgError {
     /// Classifies a failure of a statement on an open session.
     pub(crate) fn from_query(operation: &'static str, source: sqlx::Error) -> Self {
         if is_connection_error(&source) {
-            return Self::ConnectionLost { operation, source };
+            return Self::ConnectionLost {
+                operation,
+                source: source.into(),
+            };
         }
         match sqlstate_of(&source).map(classify) {
-            Some(Class::LockTableFull) => Self::LockTableFull { operation, source },
-            _ => Self::Query { operation, source },
+            Some(Class::LockTableFull) => Self::LockTableFull {
+                operation,
+                source: source.into(),
+            },
+            _ => Self::Query {
+                operation,
+                source: source.into(),
+            },
         }
     }
 
@@ -227,16 +303,18 @@ impl PgError {
         self.sqlx_error().and_then(sqlstate_of)
     }
 
-    /// The client library's error behind this one, if any.
+    /// The client library's error behind this one, if any (downcast its
+    /// [`as_database_error`](sqlx::Error::as_database_error) to
+    /// [`PgDatabaseError`] for the server's detail and hint).
     pub fn sqlx_error(&self) -> Option<&sqlx::Error> {
         match self {
-            Self::Config { source, .. } => source.as_ref(),
+            Self::Config { source, .. } => source.as_ref().map(PgCause::sqlx),
             Self::Unreachable { source, .. }
             | Self::Authentication { source, .. }
             | Self::UnknownDatabase { source, .. }
             | Self::LockTableFull { source, .. }
             | Self::ConnectionLost { source, .. }
-            | Self::Query { source, .. } => Some(source),
+            | Self::Query { source, .. } => Some(source.sqlx()),
             Self::ConnectTimeout { .. }
             | Self::NotPostgres { .. }
             | Self::UnsupportedVersion { .. }
@@ -264,48 +342,35 @@ impl PgError {
     pub fn is_query_canceled(&self) -> bool {
         self.sqlstate().map(classify) == Some(Class::QueryCanceled)
     }
-
-    /// Converts a failure of an open session into shardlock's error: a lost
-    /// connection is [`Error::SessionLost`] (session-fatal), anything else
-    /// [`Error::Driver`].
-    pub fn into_session_error(self, database: &DatabaseId) -> Error {
-        if self.is_connection_lost() {
-            Error::SessionLost {
-                database: database.to_string(),
-                reason: self.to_string(),
-                source: Some(Box::new(self)),
-            }
-        } else {
-            Error::driver(DRIVER, self)
-        }
-    }
-
-    /// Converts a failure to open a session into [`Error::Connect`] (or
-    /// [`Error::Config`] for invalid options).
-    pub fn into_connect_error(self, database: &DatabaseId) -> Error {
-        match self {
-            Self::Config { .. } => Error::Config(self.to_string()),
-            other => Error::Connect {
-                database: database.to_string(),
-                source: Box::new(other),
-            },
-        }
-    }
 }
 
-impl From<PgError> for Error {
-    /// Without a database at hand: a lost connection is still
-    /// [`Error::SessionLost`], invalid options [`Error::Config`], the rest
-    /// [`Error::Driver`].
-    fn from(err: PgError) -> Self {
-        match err {
-            PgError::ConnectionLost { .. } | PgError::WaitAbandoned { .. } => Error::SessionLost {
-                database: String::new(),
-                reason: err.to_string(),
-                source: Some(Box::new(err)),
-            },
-            PgError::Config { .. } => Error::Config(err.to_string()),
-            other => Error::driver(DRIVER, other),
+impl DriverError for PgError {
+    fn driver(&self) -> &'static str {
+        DRIVER
+    }
+
+    /// - [`ErrorKind::SessionFatal`]: the connection is gone (reset, EOF,
+    ///   `pg_terminate_backend`, shutdown, `57P0x`, class `08`), an abandoned
+    ///   wait closed it, or the server could not be reached or answered too
+    ///   slowly at connect (worth retrying).
+    /// - [`ErrorKind::Config`]: credentials, unknown database, a server that
+    ///   is not PostgreSQL or too old, transaction pooling, invalid options:
+    ///   retrying fails the same way until someone changes something.
+    /// - [`ErrorKind::Other`]: the rest (e.g. a full lock table); the
+    ///   session is still usable.
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::ConnectionLost { .. }
+            | Self::WaitAbandoned { .. }
+            | Self::Unreachable { .. }
+            | Self::ConnectTimeout { .. } => ErrorKind::SessionFatal,
+            Self::Config { .. }
+            | Self::Authentication { .. }
+            | Self::UnknownDatabase { .. }
+            | Self::NotPostgres { .. }
+            | Self::UnsupportedVersion { .. }
+            | Self::TransactionPooling { .. } => ErrorKind::Config,
+            Self::LockTableFull { .. } | Self::Query { .. } => ErrorKind::Other,
         }
     }
 }
@@ -388,21 +453,21 @@ pub(crate) fn connect_error(target: &str, user: &str, database: &str, err: sqlx:
             target: target.to_string(),
             user: user.to_string(),
             code: code.unwrap_or_default(),
-            source: err,
+            source: err.into(),
         },
         Some(Class::UnknownDatabase) => PgError::UnknownDatabase {
             target: target.to_string(),
             database: database.to_string(),
-            source: err,
+            source: err.into(),
         },
         _ => match err {
             sqlx::Error::Configuration(_) => PgError::Config {
-                reason: err.to_string(),
-                source: Some(err),
+                reason: "the client library refused the connect options".to_string(),
+                source: Some(err.into()),
             },
             err => PgError::Unreachable {
                 target: target.to_string(),
-                source: err,
+                source: err.into(),
             },
         },
     }
@@ -410,10 +475,61 @@ pub(crate) fn connect_error(target: &str, user: &str, database: &str, err: sqlx:
 
 #[cfg(test)]
 mod tests {
+    use shardlock_core::{DatabaseId, Error};
+
     use super::*;
+    use crate::PgOptions;
 
     fn io(kind: std::io::ErrorKind) -> sqlx::Error {
         sqlx::Error::Io(std::io::Error::new(kind, "test"))
+    }
+
+    /// A server error as sqlx shows it: `error returned from database: X`
+    /// with `X` again as its source.
+    #[derive(Debug)]
+    struct ServerSaid(&'static str);
+
+    impl fmt::Display for ServerSaid {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl StdError for ServerSaid {}
+
+    impl sqlx::error::DatabaseError for ServerSaid {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn as_error(&self) -> &(dyn StdError + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn StdError + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn StdError + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn server(text: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(ServerSaid(text)))
+    }
+
+    /// Every text of a chain, `a: b: c`, without the dedupe of
+    /// [`Error::report`] (as `anyhow`'s `{:#}` prints it).
+    fn chain(err: &dyn StdError) -> String {
+        let mut out = err.to_string();
+        let mut source = err.source();
+        while let Some(e) = source {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            source = e.source();
+        }
+        out
     }
 
     #[test]
@@ -438,18 +554,24 @@ mod tests {
     fn io_errors_are_session_lost() {
         let err = PgError::from_query("verify", io(std::io::ErrorKind::UnexpectedEof));
         assert!(err.is_connection_lost());
-        let core = err.into_session_error(&DatabaseId::new("app"));
+        assert_eq!(err.kind(), ErrorKind::SessionFatal);
+        let core = Error::from_driver(&DatabaseId::new("app"), err);
         assert!(core.is_session_fatal(), "{core:?}");
-        match core {
+        match &core {
             Error::SessionLost {
                 database, source, ..
             } => {
-                assert_eq!(database, "app");
-                let source = source.expect("keeps the driver error");
+                assert_eq!(database.as_str(), "app");
+                let source = source.as_ref().expect("keeps the driver error");
                 assert!(source.downcast_ref::<PgError>().is_some());
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(
+            chain(&core),
+            "session to database \"app\" lost its locks: the connection to PostgreSQL was lost \
+             during verify: test"
+        );
         let proto = PgError::from_query("try_acquire", sqlx::Error::Protocol("eof".into()));
         assert!(proto.is_connection_lost());
     }
@@ -458,13 +580,15 @@ mod tests {
     fn other_errors_are_driver_errors() {
         let err = PgError::from_query("release", sqlx::Error::RowNotFound);
         assert!(!err.is_connection_lost());
-        let core = err.into_session_error(&DatabaseId::new("app"));
+        assert_eq!(err.kind(), ErrorKind::Other);
+        let core = Error::from_driver(&DatabaseId::new("app"), err);
         assert!(!core.is_session_fatal());
         assert!(
             matches!(
                 core,
                 Error::Driver {
                     driver: "postgres",
+                    kind: ErrorKind::Other,
                     ..
                 }
             ),
@@ -473,10 +597,118 @@ mod tests {
     }
 
     #[test]
+    fn kinds() {
+        let config = [
+            PgError::NotPostgres {
+                version: "CockroachDB".into(),
+            },
+            PgError::UnsupportedVersion {
+                version: "PostgreSQL 11".into(),
+                version_num: 110_000,
+                min: 120_000,
+            },
+            PgError::TransactionPooling {
+                first: 1,
+                second: 2,
+            },
+            PgError::Config {
+                reason: "x".into(),
+                source: None,
+            },
+            PgError::Authentication {
+                target: "db:5432".into(),
+                user: "nobody".into(),
+                code: "28P01".into(),
+                source: server("password authentication failed").into(),
+            },
+            PgError::UnknownDatabase {
+                target: "db:5432".into(),
+                database: "nope".into(),
+                source: server("database \"nope\" does not exist").into(),
+            },
+        ];
+        for err in config {
+            assert_eq!(err.kind(), ErrorKind::Config, "{err:?}");
+        }
+        let fatal = [
+            PgError::WaitAbandoned { reason: "x" },
+            PgError::ConnectTimeout {
+                target: "db:5432".into(),
+                after: Duration::from_secs(1),
+            },
+            PgError::Unreachable {
+                target: "db:5432".into(),
+                source: io(std::io::ErrorKind::ConnectionRefused).into(),
+            },
+            PgError::from_query("verify", server("terminating connection")),
+        ];
+        for err in &fatal[..3] {
+            assert_eq!(err.kind(), ErrorKind::SessionFatal, "{err:?}");
+        }
+        // Without a SQLSTATE a server error is not a lost connection.
+        assert_eq!(fatal[3].kind(), ErrorKind::Other);
+        assert_eq!(
+            PgError::from_query("try_acquire", io(std::io::ErrorKind::ConnectionReset)).kind(),
+            ErrorKind::SessionFatal
+        );
+    }
+
+    /// The complaint: `shardlock status` with a wrong password printed the
+    /// server's text twice. Every layer now says something new.
+    #[test]
+    fn chains_never_repeat_text() {
+        let db = DatabaseId::new("app");
+        let auth = PgError::Authentication {
+            target: "db:5432".into(),
+            user: "nobody".into(),
+            code: "28P01".into(),
+            source: server("password authentication failed for user \"nobody\"").into(),
+        };
+        let core = Error::connect(&db, auth);
+        let text = chain(&core);
+        assert_eq!(
+            text.matches("password authentication failed").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(text, core.report(), "nothing for report to dedupe");
+        assert!(
+            text.starts_with("cannot connect to database \"app\": "),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(": password authentication failed for user \"nobody\""),
+            "{text}"
+        );
+
+        let query = PgError::from_query("verify", server("relation \"x\" does not exist"));
+        let text = chain(&Error::from_driver(&db, query));
+        assert_eq!(text.matches("does not exist").count(), 1, "{text}");
+        assert!(!text.contains("error returned from database"), "{text}");
+
+        let reset = Error::from_driver(
+            &db,
+            PgError::from_query("release", io(std::io::ErrorKind::ConnectionReset)),
+        );
+        let text = chain(&reset);
+        assert!(!text.contains("error communicating"), "{text}");
+        assert_eq!(text.matches("test").count(), 1, "{text}");
+
+        let bad = PgOptions::parse("postgres://app@db:notaport/x").unwrap_err();
+        let text = chain(&bad);
+        let parts: Vec<&str> = text.split(": ").collect();
+        for (i, part) in parts.iter().enumerate() {
+            for later in &parts[i + 1..] {
+                assert!(later.is_empty() || !part.contains(later), "{text}");
+            }
+        }
+    }
+
+    #[test]
     fn lock_table_full_message_names_the_setting() {
         let err = PgError::LockTableFull {
             operation: "try_acquire",
-            source: sqlx::Error::RowNotFound,
+            source: sqlx::Error::RowNotFound.into(),
         };
         let text = err.to_string();
         assert!(text.contains("max_locks_per_transaction"), "{text}");
@@ -486,6 +718,7 @@ mod tests {
         );
         assert!(text.contains("53200"), "{text}");
         assert!(err.is_lock_table_full());
+        assert_eq!(err.kind(), ErrorKind::Other);
     }
 
     #[test]
@@ -501,8 +734,17 @@ mod tests {
             "{refused:?}"
         );
         assert!(refused.to_string().contains("db:5432"));
-        let core = refused.into_connect_error(&DatabaseId::new("main"));
-        assert!(matches!(core, Error::Connect { .. }), "{core:?}");
+        let core = Error::connect(&DatabaseId::new("main"), refused);
+        assert!(
+            matches!(
+                core,
+                Error::Connect {
+                    kind: ErrorKind::SessionFatal,
+                    ..
+                }
+            ),
+            "{core:?}"
+        );
 
         let config = connect_error(
             "db:5432",
@@ -510,10 +752,9 @@ mod tests {
             "main",
             sqlx::Error::Configuration("x".into()),
         );
-        assert!(matches!(
-            config.into_connect_error(&DatabaseId::new("main")),
-            Error::Config(_)
-        ));
+        assert!(matches!(config, PgError::Config { .. }), "{config:?}");
+        let core = Error::connect(&DatabaseId::new("main"), config);
+        assert_eq!(core.kind(), ErrorKind::Config, "{core:?}");
     }
 
     #[test]

@@ -4,10 +4,9 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use shardlock_core::DatabaseId;
+use shardlock_core::{DatabaseId, DatabaseMapping};
 use sqlx::postgres::PgConnectOptions;
 
 use crate::error::PgError;
@@ -96,52 +95,6 @@ impl Default for Keepalives {
 fn whole_seconds(d: Duration) -> u64 {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     secs.max(1)
-}
-
-/// Which PostgreSQL database a shardlock [`DatabaseId`] lives in.
-///
-/// Advisory locks are per database: two sessions exclude each other only
-/// when they are connected to the same database.
-#[derive(Clone, Default)]
-#[non_exhaustive]
-pub enum DatabaseMapping {
-    /// The id is the database name on the server of the options (the
-    /// default). Multi-tenant services with one database per tenant use this.
-    #[default]
-    SameServer,
-    /// Every id maps to this one database: single-tenant use where the
-    /// `DatabaseId` is a logical name (e.g. `main`) and the real database is
-    /// named in the URL. Keys of different ids then share one lock space,
-    /// which is safe because lock names include the database id.
-    Fixed(String),
-    /// A function of the id.
-    Custom(Arc<dyn Fn(&DatabaseId) -> String + Send + Sync>),
-}
-
-impl DatabaseMapping {
-    /// A mapping computed by `f`.
-    pub fn custom(f: impl Fn(&DatabaseId) -> String + Send + Sync + 'static) -> Self {
-        Self::Custom(Arc::new(f))
-    }
-
-    /// The database name for `id`.
-    pub fn database_for(&self, id: &DatabaseId) -> String {
-        match self {
-            Self::SameServer => id.as_str().to_string(),
-            Self::Fixed(name) => name.clone(),
-            Self::Custom(f) => f(id),
-        }
-    }
-}
-
-impl fmt::Debug for DatabaseMapping {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::SameServer => f.write_str("SameServer"),
-            Self::Fixed(name) => f.debug_tuple("Fixed").field(name).finish(),
-            Self::Custom(_) => f.write_str("Custom(..)"),
-        }
-    }
 }
 
 /// Options of a [`PgDriver`](crate::PgDriver): the server, the database
@@ -241,7 +194,21 @@ impl PgOptions {
     }
 
     /// Sets how database ids map to databases; default
-    /// [`DatabaseMapping::SameServer`].
+    /// [`DatabaseMapping::SameServer`]: the database named like the id, on
+    /// this server, **whatever database the URL names**. For one database
+    /// (the URL's), use [`DatabaseMapping::ConnectionString`].
+    ///
+    /// ```
+    /// use shardlock_core::DatabaseId;
+    /// use shardlock_postgres::{DatabaseMapping, PgOptions};
+    ///
+    /// let id = DatabaseId::new("main");
+    /// let options = PgOptions::parse("postgres://app@db/orders")?;
+    /// assert_eq!(options.database_for(&id), "main", "SameServer: the id, not the URL's");
+    /// let options = options.database_mapping(DatabaseMapping::ConnectionString);
+    /// assert_eq!(options.database_for(&id), "orders", "the URL's database");
+    /// # Ok::<(), shardlock_postgres::PgError>(())
+    /// ```
     pub fn database_mapping(mut self, mapping: DatabaseMapping) -> Self {
         self.mapping = mapping;
         self
@@ -304,9 +271,16 @@ impl PgOptions {
         self.keepalives.map(|k| k.release_window())
     }
 
-    /// The database name `id` maps to.
+    /// The database name `id` maps to: the mapping's answer, or for
+    /// [`DatabaseMapping::ConnectionString`] the URL's database (PostgreSQL's
+    /// default when the URL names none: the user name).
     pub fn database_for(&self, id: &DatabaseId) -> String {
-        self.mapping.database_for(id)
+        self.mapping.database_for(id).unwrap_or_else(|| {
+            self.connect
+                .get_database()
+                .unwrap_or_else(|| self.connect.get_username())
+                .to_string()
+        })
     }
 
     /// `host:port` or the socket path, without credentials, for messages.
@@ -347,7 +321,7 @@ impl FromStr for PgOptions {
         }
         let connect = PgConnectOptions::from_str(url).map_err(|source| PgError::Config {
             reason: "cannot parse the URL".to_string(),
-            source: Some(source),
+            source: Some(source.into()),
         })?;
         Ok(Self::from_connect_options(connect))
     }
@@ -426,8 +400,8 @@ mod tests {
         }
         let err = PgOptions::parse("mysql://app@db/x").unwrap_err();
         assert!(err.to_string().contains("mysql"), "{err}");
-        let core: shardlock_core::Error = err.into();
-        assert!(matches!(core, shardlock_core::Error::Config(_)), "{core:?}");
+        let core = shardlock_core::Error::connect(&DatabaseId::new("x"), err);
+        assert_eq!(core.kind(), shardlock_core::ErrorKind::Config, "{core:?}");
     }
 
     #[test]
@@ -453,14 +427,23 @@ mod tests {
     #[test]
     fn database_mapping() {
         let id = DatabaseId::new("tenant_7");
-        assert_eq!(DatabaseMapping::SameServer.database_for(&id), "tenant_7");
-        assert_eq!(
-            DatabaseMapping::Fixed("app".into()).database_for(&id),
-            "app"
-        );
-        let custom = DatabaseMapping::custom(|id| format!("t_{id}"));
+        let o = PgOptions::parse("postgres://app@db/orders").unwrap();
+        assert_eq!(o.database_for(&id), "tenant_7", "SameServer by default");
+        let fixed = o
+            .clone()
+            .database_mapping(DatabaseMapping::Fixed("app".into()));
+        assert_eq!(fixed.database_for(&id), "app");
+        let url = o
+            .clone()
+            .database_mapping(DatabaseMapping::ConnectionString);
+        assert_eq!(url.database_for(&id), "orders");
+        let bare = PgOptions::parse("postgres://app@db")
+            .unwrap()
+            .database_mapping(DatabaseMapping::ConnectionString);
+        assert_eq!(bare.database_for(&id), "app", "no database: the user's");
+        let custom = o.database_mapping(DatabaseMapping::custom(|id| format!("t_{id}")));
         assert_eq!(custom.database_for(&id), "t_tenant_7");
-        assert_eq!(format!("{custom:?}"), "Custom(..)");
+        assert_eq!(format!("{:?}", custom.get_database_mapping()), "Custom(..)");
     }
 
     #[test]

@@ -1,75 +1,95 @@
 //! A PostgreSQL session: one dedicated connection holding session-level
 //! advisory locks
-//! (<https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS>).
+//! (<https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS>),
+//! plus the watcher connection behind its loss signal (see `watch.rs`).
 //!
 //! # Invariants
 //!
-//! 1. `held` is exactly the keys this backend holds, each **once**:
-//!    PostgreSQL stacks session locks (two `pg_try_advisory_lock` calls need
-//!    two unlocks), so the session never asks for a key it holds.
-//! 2. When that cannot be known (a round trip whose future was dropped
-//!    mid-flight, a lost connection, a failed verify) the session is
-//!    *broken*: every later call fails with `Error::SessionLost`, and the
-//!    coordinator replaces it.
-//! 3. A blocking `acquire` lends the connection to a task (see `wait.rs`);
+//! 1. The session's bookkeeping is core's [`Holds`]: the held keys (exactly
+//!    those this backend holds, each **once**: PostgreSQL stacks session
+//!    locks, so the session never asks for a key it holds), poisoning (a
+//!    round trip whose future was dropped between `begin` and `end`, a lost
+//!    connection, a failed verify) and the loss signal it shares with the
+//!    watcher. A poisoned or lost session fails every later call with
+//!    `Error::SessionLost`, and the coordinator replaces it.
+//! 2. A blocking `acquire` lends the connection to a task (see `wait.rs`);
 //!    the next call takes it back first.
+//! 3. No statement of a live session frees the liveness lock: releases name
+//!    the held keys (`bigint` form); `pg_advisory_unlock_all()` runs only in
+//!    `close` and drop, after the watcher was stopped.
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardlock_core::{CancellationToken, DatabaseId, Error, LockKey, Result, Session};
+use shardlock_core::{
+    CancellationToken, DatabaseId, Error, Holds, LockKey, Result, Session, SessionSignals,
+};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-use crate::connection::{Established, SideConnect};
+use crate::connection::SideConnect;
 use crate::error::PgError;
 use crate::sql;
 use crate::wait::{Outcome, Returned, Wait};
+use crate::watch::{Liveness, Watcher};
 
 /// How long a dropped session's background close may take before the
 /// connection is simply dropped.
 const DROP_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One dedicated connection to one database, holding session-level advisory
-/// locks keyed by [`LockKey::id`].
+/// locks keyed by [`LockKey::id`], and a watcher connection that fires the
+/// session's loss signal ([`Session::signals`]) the moment the server ends
+/// the main connection's backend.
 ///
 /// # Drop
 ///
-/// Dropping never blocks and works on any Tokio runtime flavour: if a
-/// runtime is at hand, a task runs `pg_advisory_unlock_all()` and closes the
-/// connection gracefully; otherwise the connection is dropped, its socket
-/// closes, and the server ends the session and frees its locks at once.
-/// Either way the locks are gone within milliseconds. After an abandoned
+/// Dropping never blocks and works on any Tokio runtime flavour: the
+/// watcher is stopped; then, if a runtime is at hand, a task runs
+/// `pg_advisory_unlock_all()` and closes the connection gracefully;
+/// otherwise the connection is dropped, its socket closes, and the server
+/// ends the session and frees its locks at once. Either way the locks are
+/// gone within milliseconds. After an abandoned
 /// [`acquire`](Session::acquire) the wait's task owns the connection and
 /// closes it when done.
 pub struct PgSession {
-    database: DatabaseId,
     conn: Option<PgConnection>,
     waiting: Option<Arc<Wait>>,
     side: Arc<SideConnect>,
     pid: i32,
     version_num: u32,
-    held: HashMap<i64, LockKey>,
-    broken: Option<String>,
-    in_flight: Option<&'static str>,
+    holds: Holds,
+    liveness: Liveness,
+    watcher: Watcher,
+    round_trips: Arc<AtomicU64>,
 }
 
 impl PgSession {
-    pub(crate) fn new(database: DatabaseId, established: Established) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        database: DatabaseId,
+        conn: PgConnection,
+        pid: i32,
+        version_num: u32,
+        side: Arc<SideConnect>,
+        liveness: Liveness,
+        watcher: Watcher,
+        signals: SessionSignals,
+    ) -> Self {
         Self {
-            database,
-            conn: Some(established.conn),
+            conn: Some(conn),
             waiting: None,
-            side: established.side,
-            pid: established.pid,
-            version_num: established.version_num,
-            held: HashMap::new(),
-            broken: None,
-            in_flight: None,
+            side,
+            pid,
+            version_num,
+            holds: Holds::with_signals(database, signals),
+            liveness,
+            watcher,
+            round_trips: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -80,24 +100,48 @@ impl PgSession {
         self.pid
     }
 
+    /// The server process of the session's watcher connection
+    /// (`application_name` `shardlock:<node>:watch`), which waits in
+    /// `pg_advisory_lock` for the session's liveness lock.
+    pub fn watcher_pid(&self) -> i32 {
+        self.watcher.pid()
+    }
+
+    /// The session's liveness lock, `(classid, objid)` of the two-`int4`
+    /// advisory lock (`pg_locks.objsubid = 2`) its backend holds for as
+    /// long as it lives; never a shardlock key. For operators and tests that
+    /// count a backend's advisory locks.
+    pub fn liveness_lock(&self) -> (i32, i32) {
+        (self.liveness.hi, self.liveness.lo)
+    }
+
     /// The server's `server_version_num`, e.g. `150008`.
     pub fn server_version_num(&self) -> u32 {
         self.version_num
     }
 
-    /// Why the session can no longer be used, if it cannot.
-    pub fn broken_reason(&self) -> Option<&str> {
-        self.broken.as_deref()
+    /// Statements sent on the main connection since
+    /// [`connect`](shardlock_core::Driver::connect) returned (its own setup
+    /// statements are not counted), one per round trip; statements of the
+    /// watcher and of side connections are not counted. For tests and
+    /// metrics: e.g. a batched [`try_acquire`](Session::try_acquire) adds
+    /// exactly one, a batch of keys all held already none.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
     }
 
-    fn lost(&self, reason: &str) -> Error {
-        Error::session_lost(&self.database, reason)
+    /// Why the session can no longer be used, if it cannot: poisoned, or its
+    /// loss signalled (e.g. the server ended it).
+    pub fn broken_reason(&self) -> Option<String> {
+        self.holds
+            .broken_reason()
+            .map(str::to_string)
+            .or_else(|| self.holds.signals().reason())
     }
 
-    fn mark_broken(&mut self, reason: impl Into<String>) {
-        let reason = reason.into();
-        warn!(database = %self.database, pid = self.pid, %reason, "postgres session broken");
-        self.broken.get_or_insert(reason);
+    /// Counts one round trip on the main connection.
+    fn sent(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes the connection back from a finished or abandoned wait.
@@ -118,83 +162,106 @@ impl PgSession {
         self.conn = returned.conn;
         match returned.outcome {
             Outcome::Granted => {
-                let _ = self.held.insert(key.id(), key.clone());
+                self.holds.insert(key.clone());
                 Ok(true)
             }
             Outcome::NotGranted => Ok(false),
             Outcome::Failed(err) => {
-                if self.conn.is_none() || err.is_connection_lost() {
-                    self.conn = None;
-                    self.mark_broken(err.to_string());
+                if self.conn.is_none() && !err.is_connection_lost() {
+                    let reason = format!("the wait's connection was closed: {err}");
+                    return Err(self.holds.poison(reason));
                 }
-                Err(err.into_session_error(&self.database))
+                Err(self.fail(err))
             }
         }
+    }
+
+    /// Maps a driver error through core; a lost connection is dropped and
+    /// poisons the session.
+    fn fail(&mut self, err: PgError) -> Error {
+        if err.is_connection_lost() {
+            self.conn = None;
+        }
+        self.holds.fail(err)
     }
 
     /// Makes the connection ready for a round trip, or says why it cannot be.
     async fn ready(&mut self) -> Result<()> {
         self.reclaim().await;
-        if let Some(op) = self.in_flight.take() {
-            self.mark_broken(format!(
-                "an earlier {op} was interrupted mid-round-trip (its future was dropped), so \
-                 the locks this session holds are unknown"
-            ));
+        if self.conn.is_none() {
+            return Err(self.holds.poison("the connection is closed"));
         }
-        if self.conn.is_none() && self.broken.is_none() {
-            self.mark_broken("the connection is closed");
-        }
-        match &self.broken {
-            Some(reason) => Err(self.lost(reason)),
-            None => Ok(()),
-        }
+        self.holds.ready()
     }
 
     /// The connection; only after [`ready`](Self::ready) succeeded.
     fn conn(&mut self) -> Result<&mut PgConnection> {
-        let database = &self.database;
-        self.conn
-            .as_mut()
-            .ok_or_else(|| Error::session_lost(database, "the connection is closed"))
-    }
-
-    /// Maps a failed statement; a lost connection breaks the session.
-    fn fail(&mut self, operation: &'static str, err: sqlx::Error) -> Error {
-        let err = PgError::from_query(operation, err);
-        if err.is_connection_lost() {
-            self.conn = None;
-            self.mark_broken(err.to_string());
+        match self.conn.as_mut() {
+            Some(conn) => Ok(conn),
+            None => Err(self.holds.poison("the connection is closed")),
         }
-        err.into_session_error(&self.database)
     }
 
     /// After a failed try-acquire: a batch stops at its failing key but the
     /// keys before it stay locked, so release those of `attempted` the
-    /// backend holds. Breaks the session if that is not possible.
+    /// backend holds. Poisons the session if that is not possible.
     async fn undo_partial(&mut self, attempted: &[i64]) {
-        let Some(conn) = self.conn.as_mut() else {
+        if self.conn.is_none() || self.holds.begin("undo a failed try_acquire").is_err() {
             return;
+        }
+        self.sent();
+        let undo = match self.conn.as_mut() {
+            Some(conn) => {
+                sqlx::query_scalar::<_, i64>(sql::UNLOCK_HELD_OF)
+                    .bind(attempted)
+                    .fetch_one(conn)
+                    .await
+            }
+            None => return,
         };
-        let undo = sqlx::query_scalar::<_, i64>(sql::UNLOCK_HELD_OF)
-            .bind(attempted)
-            .fetch_one(conn)
-            .await;
+        self.holds.end();
         match undo {
             Ok(released) => debug!(released, "released the keys a failed batch had taken"),
-            Err(err) => self.mark_broken(format!(
-                "a failed try-acquire may have left keys locked and releasing them failed: {err}"
-            )),
+            Err(err) => {
+                let _ = self.holds.poison(format!(
+                    "a failed try-acquire may have left keys locked and releasing them failed: \
+                     {}",
+                    crate::error::PgCause::from(err)
+                ));
+            }
         }
+    }
+
+    /// Stops the watcher (so the session's own unlock cannot look like a
+    /// loss) and takes the connection for a final statement, unless the
+    /// session is broken: then the connection is just dropped.
+    fn take_for_close(&mut self) -> Option<(PgConnection, bool)> {
+        self.watcher.stop();
+        let conn = self.conn.take()?;
+        if self.holds.is_broken() {
+            return None;
+        }
+        let unlock = !self.holds.is_empty() || self.holds.in_flight().is_some();
+        self.holds.clear();
+        Some((conn, unlock))
     }
 }
 
 impl Session for PgSession {
     fn database(&self) -> &DatabaseId {
-        &self.database
+        self.holds.database()
     }
 
     fn held(&self) -> Vec<LockKey> {
-        self.held.values().cloned().collect()
+        self.holds.held()
+    }
+
+    /// The session's signals: `lost` fires when the watcher sees the main
+    /// backend end (within [`LOSS_DETECTION_BOUND`](crate::LOSS_DETECTION_BOUND)
+    /// of `pg_terminate_backend` on a healthy network), when the watcher's
+    /// own connection fails, or when the session is poisoned.
+    fn signals(&self) -> SessionSignals {
+        self.holds.signals()
     }
 
     /// `pg_try_advisory_lock` for every key not held yet, deduplicated, in
@@ -211,70 +278,45 @@ impl Session for PgSession {
     /// # Cancel safety
     ///
     /// Not cancel-safe: dropped mid-round-trip, the session no longer knows
-    /// which keys it holds and is broken (the next call, e.g.
-    /// [`verify`](Session::verify), fails).
+    /// which keys it holds and is poisoned (the next call, e.g.
+    /// [`verify`](Session::verify), fails, and the loss signal fires).
     async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
         self.ready().await?;
-        let mut seen = HashSet::with_capacity(keys.len());
-        let wanted: Vec<i64> = keys
-            .iter()
-            .map(LockKey::id)
-            .filter(|id| !self.held.contains_key(id) && seen.insert(*id))
-            .collect();
-        if !wanted.is_empty() {
-            self.in_flight = Some("try_acquire");
-            let conn = self.conn()?;
-            let result = if let [id] = wanted[..] {
-                sqlx::query_scalar::<_, bool>(sql::TRY_ONE)
-                    .bind(id)
-                    .fetch_one(conn)
-                    .await
-                    .map(|granted| vec![(id, granted)])
-            } else {
-                sqlx::query_scalar::<_, Vec<bool>>(sql::TRY_MANY)
-                    .bind(&wanted)
-                    .fetch_one(conn)
-                    .await
-                    .map(|granted| wanted.iter().copied().zip(granted).collect::<Vec<_>>())
-            };
-            self.in_flight = None;
-            let rows = match result {
-                Ok(rows) => rows,
-                Err(err) => {
-                    let err = self.fail("try_acquire", err);
-                    self.undo_partial(&wanted).await;
-                    return Err(err);
-                }
-            };
-            if rows.len() != wanted.len() {
-                let reason = format!(
-                    "the server answered {} of {} keys of a batch",
-                    rows.len(),
-                    wanted.len()
-                );
-                self.mark_broken(reason.clone());
-                return Err(self.lost(&reason));
-            }
-            // `rows` follows `wanted`, which follows the first occurrence of
-            // each id in `keys`.
-            let mut first = HashSet::with_capacity(wanted.len());
-            let newly = keys
-                .iter()
-                .filter(|k| !self.held.contains_key(&k.id()) && first.insert(k.id()));
-            let granted: Vec<&LockKey> = newly
-                .zip(rows)
-                .filter(|(_, (_, granted))| *granted)
-                .map(|(key, _)| key)
-                .collect();
-            self.held.reserve(granted.len());
-            for key in granted {
-                let _ = self.held.insert(key.id(), key.clone());
-            }
+        let ask = self.holds.to_acquire(keys);
+        if ask.is_empty() {
+            return Ok(self.holds.answer(keys));
         }
-        Ok(keys
-            .iter()
-            .map(|k| self.held.contains_key(&k.id()))
-            .collect())
+        let ids: Vec<i64> = ask.iter().map(LockKey::id).collect();
+        self.holds.begin("try_acquire")?;
+        self.sent();
+        let conn = self.conn()?;
+        let result = if let [id] = ids[..] {
+            sqlx::query_scalar::<_, bool>(sql::TRY_ONE)
+                .bind(id)
+                .fetch_one(conn)
+                .await
+                .map(|granted| vec![granted])
+        } else {
+            sqlx::query_scalar::<_, Vec<bool>>(sql::TRY_MANY)
+                .bind(&ids)
+                .fetch_one(conn)
+                .await
+        };
+        self.holds.end();
+        let granted = match result {
+            Ok(granted) => granted,
+            Err(err) => {
+                let err = PgError::from_query("try_acquire", err);
+                let fatal = err.is_connection_lost();
+                let err = self.fail(err);
+                if !fatal {
+                    self.undo_partial(&ids).await;
+                }
+                return Err(err);
+            }
+        };
+        self.holds.record_acquired(&ask, &granted)?;
+        Ok(self.holds.answer(keys))
     }
 
     /// Waits in `pg_advisory_lock` (the server wakes the waiter on release:
@@ -297,23 +339,29 @@ impl Session for PgSession {
     /// Needs a Tokio runtime with timers.
     async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
         self.ready().await?;
-        if self.held.contains_key(&key.id()) {
+        if self.holds.contains(key) {
             return Ok(true);
         }
         if cancel.is_cancelled() {
             return Ok(false);
         }
         let Some(conn) = self.conn.take() else {
-            return Err(self.lost("the connection is closed"));
+            return Err(self.holds.poison("the connection is closed"));
         };
-        let wait = match Wait::start(conn, key.clone(), self.pid, Arc::clone(&self.side)) {
+        let started = Wait::start(
+            conn,
+            key.clone(),
+            self.pid,
+            Arc::clone(&self.side),
+            Arc::clone(&self.round_trips),
+        );
+        let wait = match started {
             Ok(wait) => wait,
             Err(conn) => {
                 self.conn = Some(conn);
-                return Err(Error::driver(
-                    crate::error::DRIVER,
-                    "a blocking acquire needs a Tokio runtime",
-                ));
+                return Err(Error::NotInRuntime {
+                    what: "PgSession::acquire",
+                });
             }
         };
         self.waiting = Some(Arc::clone(&wait));
@@ -332,26 +380,27 @@ impl Session for PgSession {
     }
 
     /// `pg_advisory_unlock` for a held key; a key not held answers `false`
-    /// without a round trip (never an error).
+    /// without a round trip (never an error, even on a lost session).
     ///
     /// # Cancel safety
     ///
-    /// Not cancel-safe: dropped mid-round-trip, the session is broken.
+    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
     async fn release(&mut self, key: &LockKey) -> Result<bool> {
         self.reclaim().await;
-        if !self.held.contains_key(&key.id()) {
+        if !self.holds.contains(key) {
             return Ok(false);
         }
         self.ready().await?;
-        self.in_flight = Some("release");
+        self.holds.begin("release")?;
+        self.sent();
         let conn = self.conn()?;
         let result = sqlx::query_scalar::<_, bool>(sql::UNLOCK)
             .bind(key.id())
             .fetch_one(conn)
             .await;
-        self.in_flight = None;
-        let released = result.map_err(|e| self.fail("release", e))?;
-        let _ = self.held.remove(&key.id());
+        self.holds.end();
+        let released = result.map_err(|e| self.fail(PgError::from_query("release", e)))?;
+        let _ = self.holds.remove(key);
         if !released {
             warn!(key = %key, pid = self.pid, "the server did not show a key this session held");
         }
@@ -363,110 +412,128 @@ impl Session for PgSession {
     ///
     /// # Cancel safety
     ///
-    /// Not cancel-safe: dropped mid-round-trip, the session is broken.
+    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
     async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
         self.reclaim().await;
-        let mut seen = HashSet::with_capacity(keys.len());
-        let held: Vec<i64> = keys
-            .iter()
-            .map(LockKey::id)
-            .filter(|id| self.held.contains_key(id) && seen.insert(*id))
-            .collect();
-        if held.is_empty() {
+        let ask = self.holds.to_release(keys);
+        if ask.is_empty() {
             return Ok(vec![false; keys.len()]);
         }
         self.ready().await?;
-        self.in_flight = Some("release_many");
+        let ids: Vec<i64> = ask.iter().map(LockKey::id).collect();
+        self.holds.begin("release_many")?;
+        self.sent();
         let conn = self.conn()?;
         let result = sqlx::query_scalar::<_, Vec<bool>>(sql::UNLOCK_MANY)
-            .bind(&held)
+            .bind(&ids)
             .fetch_one(conn)
             .await;
-        self.in_flight = None;
-        let answers = result.map_err(|e| self.fail("release_many", e))?;
-        let released: HashMap<i64, bool> = held.iter().copied().zip(answers).collect();
-        for id in &held {
-            let _ = self.held.remove(id);
-        }
-        let mut first = HashSet::with_capacity(keys.len());
-        Ok(keys
-            .iter()
-            .map(|k| first.insert(k.id()) && released.get(&k.id()).copied().unwrap_or(false))
-            .collect())
+        self.holds.end();
+        let released = result.map_err(|e| self.fail(PgError::from_query("release_many", e)))?;
+        Ok(self.holds.record_released(keys, &ask, &released))
     }
 
-    /// `pg_advisory_unlock_all()`, or nothing when no key is held.
+    /// Releases every held key in one statement (the `release_many`
+    /// statement), or sends nothing when no key is held. Never
+    /// `pg_advisory_unlock_all()`, which would also free the session's
+    /// liveness lock and make the watcher report a loss.
     ///
     /// # Cancel safety
     ///
-    /// Not cancel-safe: dropped mid-round-trip, the session is broken.
+    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
     async fn release_all(&mut self) -> Result<()> {
         self.reclaim().await;
-        if self.held.is_empty() && self.in_flight.is_none() {
+        if self.holds.is_empty() && self.holds.in_flight().is_none() {
             return Ok(());
         }
         self.ready().await?;
-        self.in_flight = Some("release_all");
+        let held = self.holds.held();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = held.iter().map(LockKey::id).collect();
+        self.holds.begin("release_all")?;
+        self.sent();
         let conn = self.conn()?;
-        let result = conn.execute(sql::UNLOCK_ALL).await;
-        self.in_flight = None;
-        result.map_err(|e| self.fail("release_all", e))?;
-        self.held.clear();
+        let result = sqlx::query_scalar::<_, Vec<bool>>(sql::UNLOCK_MANY)
+            .bind(&ids)
+            .fetch_one(conn)
+            .await;
+        self.holds.end();
+        let released = result.map_err(|e| self.fail(PgError::from_query("release_all", e)))?;
+        if released.iter().any(|r| !r) {
+            warn!(
+                pid = self.pid,
+                "the server did not show every key this session held"
+            );
+        }
+        self.holds.clear();
         Ok(())
     }
 
-    /// One statement: the backend pid (unchanged, or a proxy moved the
-    /// connection) and the held keys `pg_locks` no longer shows granted to
-    /// this backend.
+    /// One statement and one read of `pg_locks`: the backend pid (unchanged,
+    /// or a proxy moved the connection), the held keys `pg_locks` no longer
+    /// shows granted to this backend, and whether it still holds its
+    /// liveness lock.
     ///
     /// # Errors
     ///
-    /// [`Error::SessionLost`] when the connection is gone, the backend
-    /// changed, or a key is missing; the session is then broken.
+    /// [`Error::SessionLost`] when the loss signal fired, the connection is
+    /// gone, the backend changed, or a key or the liveness lock is missing;
+    /// the session is then poisoned.
     ///
     /// # Cancel safety
     ///
     /// Not cancel-safe: dropped mid-round-trip (e.g. by the coordinator's
-    /// deadline), the session is broken.
+    /// deadline), the session is poisoned.
     async fn verify(&mut self) -> Result<()> {
         self.ready().await?;
-        let ids: Vec<i64> = self.held.keys().copied().collect();
-        self.in_flight = Some("verify");
+        let ids: Vec<i64> = self.holds.keys().map(LockKey::id).collect();
+        let liveness = self.liveness;
+        self.holds.begin("verify")?;
+        self.sent();
         let conn = self.conn()?;
-        let result = sqlx::query_as::<_, (i32, Vec<i64>)>(sql::VERIFY)
+        let result = sqlx::query_as::<_, (i32, Vec<i64>, bool)>(sql::VERIFY)
             .bind(&ids)
+            .bind(liveness.hi)
+            .bind(liveness.lo)
             .fetch_one(conn)
             .await;
-        self.in_flight = None;
-        let (pid, missing) = result.map_err(|e| self.fail("verify", e))?;
+        self.holds.end();
+        let (pid, missing, alive) =
+            result.map_err(|e| self.fail(PgError::from_query("verify", e)))?;
         if pid != self.pid {
-            let reason = format!(
+            return Err(self.holds.poison(format!(
                 "the connection now reaches server process {pid} instead of {}: a proxy moved \
                  it (transaction pooling?), and session locks stay with the old process",
                 self.pid
-            );
-            self.mark_broken(reason.clone());
-            return Err(self.lost(&reason));
+            )));
+        }
+        if !alive {
+            return Err(self.holds.poison(format!(
+                "backend {pid} no longer holds the session's liveness lock {liveness} (someone \
+                 ran pg_advisory_unlock_all on it?), so its end could go unseen"
+            )));
         }
         if !missing.is_empty() {
             let names: Vec<&str> = missing
                 .iter()
-                .filter_map(|id| self.held.get(id).map(LockKey::name))
+                .filter_map(|id| self.holds.get(*id).map(LockKey::name))
                 .collect();
             let reason = format!(
                 "PostgreSQL no longer shows {} of the session's {} locks: {names:?}",
                 missing.len(),
-                self.held.len()
+                self.holds.len()
             );
-            self.mark_broken(reason.clone());
-            return Err(self.lost(&reason));
+            return Err(self.holds.poison(reason));
         }
         Ok(())
     }
 
-    /// `pg_advisory_unlock_all()` if anything is held, then a graceful
-    /// close. A broken session's connection is just dropped: the server
-    /// frees its locks when it notices.
+    /// Stops the watcher first (a graceful close never fires the loss
+    /// signal), then `pg_advisory_unlock_all()` if anything is held, then a
+    /// graceful close. A broken session's connection is just dropped: the
+    /// server frees its locks when it notices.
     ///
     /// # Cancel safety
     ///
@@ -474,17 +541,16 @@ impl Session for PgSession {
     /// ends the session, freeing its locks.
     async fn close(mut self) -> Result<()> {
         self.reclaim().await;
-        let Some(mut conn) = self.conn.take() else {
+        let Some((mut conn, unlock)) = self.take_for_close() else {
             return Ok(());
         };
-        if self.broken.is_some() {
-            return Ok(());
-        }
-        let unlock = !self.held.is_empty() || self.in_flight.is_some();
-        self.held.clear();
         if unlock {
+            self.sent();
             if let Err(err) = conn.execute(sql::UNLOCK_ALL).await {
-                return Err(PgError::from_query("close", err).into_session_error(&self.database));
+                return Err(Error::from_driver(
+                    self.holds.database(),
+                    PgError::from_query("close", err),
+                ));
             }
         }
         if let Err(err) = conn.close().await {
@@ -507,16 +573,12 @@ impl Drop for AbandonOnDrop {
 
 impl Drop for PgSession {
     fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else {
+        let Some((conn, unlock)) = self.take_for_close() else {
             return;
         };
-        if self.broken.is_some() {
-            return;
-        }
-        let unlock = !self.held.is_empty() || self.in_flight.is_some();
         match Handle::try_current() {
             Ok(handle) => {
-                let database = self.database.clone();
+                let database = self.holds.database().clone();
                 let _task = handle.spawn(close_in_background(conn, unlock, database));
             }
             // No runtime: dropping the connection closes its socket and the
@@ -542,11 +604,11 @@ async fn close_in_background(mut conn: PgConnection, unlock: bool, database: Dat
 impl fmt::Debug for PgSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgSession")
-            .field("database", &self.database)
             .field("backend_pid", &self.pid)
-            .field("held", &self.held.len())
+            .field("watcher", &self.watcher)
+            .field("holds", &self.holds)
             .field("waiting", &self.waiting.is_some())
-            .field("broken", &self.broken)
+            .field("round_trips", &self.round_trips())
             .finish()
     }
 }

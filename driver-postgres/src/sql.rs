@@ -56,11 +56,21 @@ pub(crate) const LOCK: &str = "SELECT pg_advisory_lock($1)";
 /// Release one key held once.
 pub(crate) const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
 
-/// Release every advisory lock of the session.
 /// Releases many keys in one statement, one answer per key in order.
-pub(crate) const UNLOCK_MANY: &str = "SELECT array_agg(pg_advisory_unlock(t.k) ORDER BY t.i) FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)";
+pub(crate) const UNLOCK_MANY: &str = "SELECT array_agg(pg_advisory_unlock(t.k) ORDER BY t.i) \
+     FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)";
 
+/// Release every advisory lock of the session, the liveness lock included:
+/// only once the session's watcher is stopped (`close`, drop).
 pub(crate) const UNLOCK_ALL: &str = "SELECT pg_advisory_unlock_all()";
+
+/// Connect, after the checks: the main connection takes its liveness lock
+/// (two-`int4` form, so it never meets a `bigint` key).
+pub(crate) const TAKE_LIVENESS: &str = "SELECT pg_try_advisory_lock($1, $2)";
+
+/// The watcher connection: wait until the main backend's liveness lock is
+/// freed, i.e. until that backend ends.
+pub(crate) const WATCH_LIVENESS: &str = "SELECT pg_advisory_lock($1, $2)";
 
 /// Release `$1` only if this backend holds it (no server WARNING when it
 /// does not): after an abandoned wait whose outcome is unsure.
@@ -82,14 +92,18 @@ pub(crate) const UNLOCK_HELD_OF: &str = concat!(
     ")"
 );
 
-/// Verify: this backend's pid and those of the keys `$1` it no longer
-/// holds, in one round trip.
+/// Verify, in one round trip and one read of `pg_locks`: this backend's
+/// pid, those of the keys `$1` it no longer holds, and whether it still holds
+/// its liveness lock `($2, $3)`.
 pub(crate) const VERIFY: &str = concat!(
-    "SELECT pg_backend_pid(), ARRAY(SELECT t.k FROM unnest($1::bigint[]) AS t(k) EXCEPT SELECT ",
+    "WITH own AS (SELECT l.classid, l.objid, l.objsubid FROM pg_locks l \
+     WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted) \
+     SELECT pg_backend_pid(), \
+     ARRAY(SELECT t.k FROM unnest($1::bigint[]) AS t(k) EXCEPT SELECT ",
     lock_key_of!(),
-    " FROM pg_locks l WHERE ",
-    own_advisory!(),
-    ")"
+    " FROM own l WHERE l.objsubid = 1), \
+     EXISTS (SELECT 1 FROM own l WHERE l.objsubid = 2 \
+     AND l.classid = $2::int4::oid AND l.objid = $3::int4::oid)"
 );
 
 /// The keys this backend holds (for tests).
@@ -196,8 +210,17 @@ mod tests {
             .await
             .expect("held keys");
         assert_eq!(shown, keys, "pg_locks rebuilt to the same keys");
-        let (_, missing): (i32, Vec<i64>) = sqlx::query_as(VERIFY)
+        let live: bool = sqlx::query_scalar(TAKE_LIVENESS)
+            .bind(7_i32)
+            .bind(i32::MAX)
+            .fetch_one(&mut conn)
+            .await
+            .expect("liveness");
+        assert!(live);
+        let (_, missing, alive): (i32, Vec<i64>, bool) = sqlx::query_as(VERIFY)
             .bind(&keys)
+            .bind(7_i32)
+            .bind(i32::MAX)
             .fetch_one(&mut conn)
             .await
             .expect("verify");
@@ -205,6 +228,12 @@ mod tests {
             missing.is_empty(),
             "verify sees every edge key: {missing:?}"
         );
+        assert!(alive, "verify sees the liveness lock");
+        let shown: Vec<i64> = sqlx::query_scalar(HELD_KEYS)
+            .fetch_all(&mut conn)
+            .await
+            .expect("held keys");
+        assert_eq!(shown, keys, "the liveness lock is not a key");
         let released: bool = sqlx::query_scalar(UNLOCK_IF_HELD)
             .bind(i64::MIN)
             .fetch_one(&mut conn)
@@ -217,12 +246,15 @@ mod tests {
             .await
             .expect("unlock if held");
         assert!(!again, "not held any more: false, no warning");
-        let (_, missing): (i32, Vec<i64>) = sqlx::query_as(VERIFY)
+        let (_, missing, alive): (i32, Vec<i64>, bool) = sqlx::query_as(VERIFY)
             .bind(&keys)
+            .bind(7_i32)
+            .bind(0_i32)
             .fetch_one(&mut conn)
             .await
             .expect("verify");
         assert_eq!(missing, vec![i64::MIN], "verify names the missing key");
+        assert!(!alive, "another liveness key is not held");
         let undone: i64 = sqlx::query_scalar(UNLOCK_HELD_OF)
             .bind(&keys)
             .fetch_one(&mut conn)
@@ -236,6 +268,16 @@ mod tests {
     fn statements_are_well_formed() {
         assert!(VERIFY.contains("EXCEPT"));
         assert!(VERIFY.contains("l.objsubid = 1"));
+        assert!(VERIFY.contains("l.objsubid = 2"));
+        assert!(
+            UNLOCK_HELD_OF.contains("l.objsubid = 1"),
+            "never the liveness lock"
+        );
+        assert_eq!(
+            VERIFY.matches("pg_locks").count(),
+            1,
+            "one read of pg_locks"
+        );
         assert!(UNLOCK_IF_HELD.contains("= $1"));
         assert_eq!(
             LOCK_KEY_OF.matches('(').count(),

@@ -20,6 +20,7 @@
 //! The state lives under one mutex; no lock is held across an `.await`.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,8 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Wait {
     key: LockKey,
+    /// The session's round-trip counter (statements on its connection).
+    round_trips: Arc<AtomicU64>,
     state: Mutex<State>,
     ready: Notify,
     abandon: CancellationToken,
@@ -84,12 +87,14 @@ impl Wait {
         key: LockKey,
         pid: i32,
         side: Arc<SideConnect>,
+        round_trips: Arc<AtomicU64>,
     ) -> Result<Arc<Self>, PgConnection> {
         let Ok(handle) = Handle::try_current() else {
             return Err(conn);
         };
         let wait = Arc::new(Self {
             key,
+            round_trips,
             state: Mutex::new(State::default()),
             ready: Notify::new(),
             abandon: CancellationToken::new(),
@@ -156,8 +161,10 @@ impl Wait {
                 let delivery = Delivery {
                     wait: Some(Arc::clone(self)),
                 };
+                let counter = Arc::clone(&self.round_trips);
                 let _task = handle.spawn(async move {
-                    let (conn, outcome) = give_back(unseen, delivery.key_id(), None).await;
+                    let (conn, outcome) =
+                        give_back(unseen, delivery.key_id(), None, &counter).await;
                     delivery.deliver(conn, outcome);
                 });
             }
@@ -245,6 +252,8 @@ async fn run(mut conn: PgConnection, pid: i32, side: Arc<SideConnect>, mut deliv
         return;
     };
     let key = wait.key.id();
+    let counter = Arc::clone(&wait.round_trips);
+    counter.fetch_add(1, Ordering::Relaxed);
     let result = {
         let lock = sqlx::query(sql::LOCK).bind(key).execute(&mut conn);
         tokio::pin!(lock);
@@ -260,7 +269,7 @@ async fn run(mut conn: PgConnection, pid: i32, side: Arc<SideConnect>, mut deliv
             Ok(()) => {}
             Err(conn) => {
                 // Abandoned after the grant: give it back.
-                let (conn, outcome) = give_back(conn, key, None).await;
+                let (conn, outcome) = give_back(conn, key, None, &counter).await;
                 delivery.deliver(conn, outcome);
             }
         },
@@ -280,7 +289,7 @@ async fn run(mut conn: PgConnection, pid: i32, side: Arc<SideConnect>, mut deliv
             } else {
                 Some(PgError::from_query("pg_advisory_lock", err))
             };
-            let (conn, outcome) = give_back(conn, key, failure).await;
+            let (conn, outcome) = give_back(conn, key, failure, &counter).await;
             delivery.deliver(conn, outcome);
         }
         None => {
@@ -346,10 +355,12 @@ async fn give_back(
     mut conn: PgConnection,
     key: i64,
     failure: Option<PgError>,
+    round_trips: &AtomicU64,
 ) -> (Option<PgConnection>, Outcome) {
     const ATTEMPTS: usize = 3;
     let mut last = None;
     for _ in 0..ATTEMPTS {
+        round_trips.fetch_add(1, Ordering::Relaxed);
         match sqlx::query_scalar::<_, bool>(sql::UNLOCK_IF_HELD)
             .bind(key)
             .fetch_one(&mut conn)

@@ -32,6 +32,11 @@ const M6S: &str = "6 steady cycle time (N sets held)";
 const M6T: &str = "6 steady cycle time, MultiTenanted (T tenant databases)";
 const M6C: &str = "6 connections per node";
 
+/// Connections a Postgres node keeps per database: the session and the
+/// watcher behind its loss signal (plus, only while cancelling a blocking
+/// wait, a transient side connection).
+const PG_CONNECTIONS_PER_DATABASE: usize = 2;
+
 /// An agent that does nothing until told to stop.
 struct Idle;
 
@@ -470,11 +475,10 @@ async fn sets_run<D: Driver, R: RawSide>(
             }
         }
         let conns = match connections {
-            Some(env) => Some(
-                env.connections(&format!("shardlock:{node}"))
-                    .await
-                    .map_err(err)?,
-            ),
+            Some(env) => {
+                let (sessions, watchers) = env.node_connections(node).await.map_err(err)?;
+                Some(sessions + watchers)
+            }
             None => None,
         };
         let steady = steady(&mut rx, raw, cycles, counter, limit).await?;
@@ -566,16 +570,17 @@ fn sets_rows(
         note: None,
     });
     if let Some(c) = conns {
-        let target = Target::Exactly(1.0);
+        let target = Target::Exactly(PG_CONNECTIONS_PER_DATABASE as f64);
         rows.push(Row {
             measure: M6C.to_string(),
             driver: driver.to_string(),
             setup: format!(
                 "N = {n} sets in one database; `pg_stat_activity` rows with application_name \
-                 `shardlock:<node>`"
+                 `shardlock:<node>` (the session) or `shardlock:<node>:watch` (its watcher, \
+                 behind the loss signal)"
             ),
             ours: c.to_string(),
-            raw: "1 database".to_string(),
+            raw: format!("1 database × {PG_CONNECTIONS_PER_DATABASE}"),
             ratio: None,
             target,
             verdict: target.judge_count(Some(c as f64)),
@@ -807,6 +812,7 @@ async fn tenants_run<D: Driver, R: RawSide>(
     Ok((s.last_cycle, s.cycles, raw_acq, steady, handle))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn tenant_rows(
     driver: &str,
     t: usize,
@@ -814,6 +820,7 @@ fn tenant_rows(
     raw_acq: &Samples,
     steady: &Steady,
     connections: i64,
+    per_database: usize,
     raw_text: &str,
 ) -> Vec<Row> {
     let r = match (steady.cycles.p50(), steady.raw.p50()) {
@@ -831,7 +838,7 @@ fn tenant_rows(
         fmt_duration(first.0),
         raw_acq.p50().map_or("—".into(), fmt_duration)
     );
-    let target = Target::Exactly(t as f64);
+    let target = Target::Exactly((t * per_database) as f64);
     vec![
         Row {
             measure: M6T.to_string(),
@@ -853,13 +860,14 @@ fn tenant_rows(
             setup: format!(
                 "MultiTenanted, T = {t} tenant databases; {}",
                 if driver == "postgres" {
-                    "`pg_stat_activity` rows with application_name `shardlock:<node>`"
+                    "`pg_stat_activity` rows with application_name `shardlock:<node>` (a \
+                     session per database) or `shardlock:<node>:watch` (its watcher)"
                 } else {
                     "distinct sessions of the node on the memory server"
                 }
             ),
             ours: connections.to_string(),
-            raw: format!("{t} databases"),
+            raw: format!("{t} databases × {per_database}"),
             ratio: None,
             target,
             verdict: target.judge_count(Some(connections as f64)),
@@ -902,6 +910,7 @@ async fn memory_tenants(ctx: &mut Ctx, t: usize) -> Result<Vec<Row>, String> {
         &raw_acq,
         &steady,
         sessions.len() as i64,
+        1,
         "`Mutex<HashMap>` lookups",
     ))
 }
@@ -909,6 +918,17 @@ async fn memory_tenants(ctx: &mut Ctx, t: usize) -> Result<Vec<Row>, String> {
 async fn postgres_tenants(ctx: &mut Ctx, t: usize) -> Result<Vec<Row>, String> {
     let cycles = ctx.config.pick(3, 10);
     let env = ctx.pg()?;
+    // The node's sessions and watchers, one raw connection per tenant, and
+    // the bench's own few.
+    let needed = (t * (PG_CONNECTIONS_PER_DATABASE + 1) + 10) as i64;
+    let max = env.max_connections().await?;
+    if max < needed {
+        return Err(format!(
+            "T = {t} needs max_connections ≥ {needed} ({PG_CONNECTIONS_PER_DATABASE} per tenant \
+             for the node, 1 per tenant for the raw side, a few for the bench); the server has \
+             {max}: raise it in scripts/bench.sh"
+        ));
+    }
     let names: Vec<String> = (0..t).map(|i| format!("shardlock_bench_t{i:03}")).collect();
     for name in &names {
         env.ensure_database(name).await.map_err(err)?;
@@ -931,10 +951,8 @@ async fn postgres_tenants(ctx: &mut Ctx, t: usize) -> Result<Vec<Row>, String> {
             return Err(why);
         }
     };
-    let connections = env
-        .connections(&format!("shardlock:{node}"))
-        .await
-        .map_err(err)?;
+    let (sessions, watchers) = env.node_connections(&node).await.map_err(err)?;
+    let connections = sessions + watchers;
     handle.stop().await.map_err(err)?;
     let _ = raw.release().await;
     for conn in raw.conns {
@@ -947,6 +965,7 @@ async fn postgres_tenants(ctx: &mut Ctx, t: usize) -> Result<Vec<Row>, String> {
         &raw_acq,
         &steady,
         connections,
+        PG_CONNECTIONS_PER_DATABASE,
         "one raw connection per tenant, `select count(*) from pg_locks …` on all at once",
     ))
 }

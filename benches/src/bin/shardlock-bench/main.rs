@@ -24,6 +24,7 @@ mod crash;
 mod criterion_summary;
 mod handoff;
 mod holders;
+mod loss;
 mod micro;
 
 use std::path::PathBuf;
@@ -147,7 +148,7 @@ fn main() -> Result<()> {
                     .split(',')
                     .map(|m| m.trim().parse::<u32>())
                     .collect::<Result<Vec<_>, _>>()
-                    .context("--only takes measure numbers 1-6")?;
+                    .context("--only takes measure numbers 1-7")?;
                 only = Some(measures);
             }
             "-h" | "--help" => {
@@ -242,6 +243,9 @@ async fn run(config: Config) -> Result<(String, Report)> {
     let (m5, m6) = (ctx.config.wants(5), ctx.config.wants(6));
     if m5 || m6 {
         coordinated::run(&mut ctx, m5, m6).await;
+    }
+    if ctx.config.wants(7) {
+        loss::run(&mut ctx).await;
     }
     let _ = std::fs::remove_dir_all(&ctx.sqlite_root);
     Ok((preamble, ctx.report))
