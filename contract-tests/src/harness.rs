@@ -160,40 +160,25 @@ impl fmt::Debug for Holder {
     }
 }
 
-/// Starts a holder process and waits for its first line on standard output,
-/// which must start with `ready` and say the process holds its keys (`check`
-/// judges the line). The returned [`Holder`] kills it with SIGKILL.
-///
-/// # Errors
-///
-/// The process cannot start, or its first line is missing or refused by
-/// `check` (the process is then killed).
-pub fn spawn_holder_process(
-    mut command: std::process::Command,
-    ready: &str,
-    check: impl FnOnce(&str) -> bool,
-) -> Result<Holder, BoxError> {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let mut line = String::new();
-    // The holder prints one line once it holds its keys, or exits.
-    let read = BufReader::new(stdout).read_line(&mut line);
-    if read.is_err() || !line.starts_with(ready) || !check(line.trim()) {
-        let _ = child.kill();
-        let status = child.wait();
-        return Err(format!("holder did not get ready: {line:?} {read:?} {status:?}").into());
+/// A [`Harness::wait_until_waiting`] for a driver that can count the
+/// waiters of a key itself (e.g. the memory server, or the SQLite driver
+/// for its own process): polls `count` every 2 ms until it is above zero and
+/// answers `true`, or panics naming `server` after `limit`.
+pub async fn until_waiting(
+    limit: Duration,
+    key: &LockKey,
+    server: &str,
+    mut count: impl FnMut() -> usize,
+) -> bool {
+    let started = std::time::Instant::now();
+    while count() == 0 {
+        assert!(
+            started.elapsed() < limit,
+            "no session waits for {key} on {server} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let label = format!("holder pid {} ({})", child.id(), line.trim());
-    Ok(Holder::new(label, move || {
-        // std's kill is SIGKILL on Unix: no clean-up in the holder.
-        let _ = child.kill();
-        let _ = child.wait();
-    }))
+    true
 }
 
 /// A fresh name, unique per call: `<what>-<random>`.

@@ -16,17 +16,51 @@
 //! where the expression evaluates to `Option<H>`: `None` means the server is
 //! not available, and every generated test prints a loud `SKIPPED` line
 //! (see [`skip`]) instead of passing silently.
+//!
+//! # Test support shared by the driver crates
+//!
+//! - [`holder`]: the one holder-process protocol (arguments, the
+//!   `GRANTED <bits>` line, `--wait`) and its test side, for clause 9 and
+//!   the cross-process tests.
+//! - `container` (feature `containers`): one reusable testcontainers
+//!   container per image, shared by every test process, for the Postgres
+//!   and SQL Server harnesses.
+//! - [`assert_fenced_off`]: the stale-epoch check of checkpoint stores.
+//!
+//! # Holders are example targets
+//!
+//! Each driver crate's holder process is an `[[example]]`
+//! (`examples/shardlock-<driver>-holder.rs`), not a `[[bin]]`:
+//!
+//! - `cargo install` and users of the library never build or get it;
+//! - an example may use dev-dependencies, so it calls [`holder::main`]
+//!   without making this crate a dependency of the driver;
+//! - `cargo test` and `cargo nextest run` (`--workspace` or `-p`) build
+//!   every example before running tests, into
+//!   `target/<profile>/examples/`, where [`holder::example`] finds it from
+//!   the test binary's path.
+//!
+//! The cost: cargo sets no `CARGO_BIN_EXE_*` for examples and does not
+//! build them when targets are picked (`--test contract`); the test then
+//! fails saying to run `cargo build -p <driver crate> --examples`. The
+//! alternative, a `[[bin]]` with `required-features = ["holder"]` enabled
+//! through a dev-dependency of the crate on itself, keeps `CARGO_BIN_EXE_*`
+//! but needs this crate as an optional normal dependency of every driver
+//! (a binary cannot use dev-dependencies) and a self-dependency hack.
 
 mod clauses;
+#[cfg(feature = "containers")]
+pub mod container;
 mod harness;
+pub mod holder;
 mod projection;
 mod recorder;
 mod scenarios;
 
 pub use clauses::*;
 pub use harness::{
-    skip, spawn_holder_process, unique_keys, unique_name, within, Harness, Holder, SessionOf,
-    Timings, UNOBSERVED_WAIT,
+    skip, unique_keys, unique_name, until_waiting, within, Harness, Holder, SessionOf, Timings,
+    UNOBSERVED_WAIT,
 };
 pub use projection::*;
 pub use recorder::{Recorder, RecordingAgent, ShardRun};

@@ -2,6 +2,7 @@
 //! backend.
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -508,12 +509,11 @@ pub async fn checkpoint_store_contract<C: CheckpointStore>(store: &C) {
         "claim bumps the epoch: {first:?} -> {second:?}"
     );
     assert_eq!(second.position, 10, "claim keeps the position");
-    match store.save(&name, first.epoch, 20).await {
-        Err(CheckpointError::FencedOff { ours, current, .. }) => {
-            assert_eq!((ours, current), (first.epoch, second.epoch));
-        }
-        other => panic!("a stale epoch must be fenced off, got {other:?}"),
-    }
+    assert_fenced_off(
+        &store.save(&name, first.epoch, 20).await,
+        first.epoch,
+        second.epoch,
+    );
     assert_eq!(
         store.load(&name).await.expect("load").map(|c| c.position),
         Some(10)
@@ -533,6 +533,33 @@ pub async fn checkpoint_store_contract<C: CheckpointStore>(store: &C) {
         store.load(&other).await.expect("load").map(|c| c.position),
         Some(3)
     );
+}
+
+/// Asserts that a checkpoint write with the stale epoch `ours` was refused
+/// because the store holds the newer epoch `current`
+/// ([`CheckpointError::FencedOff`]); for stores' own transactional writes
+/// (`save_in`) as well as [`CheckpointStore::save`].
+pub fn assert_fenced_off<T: fmt::Debug>(
+    result: &Result<T, CheckpointError>,
+    ours: i64,
+    current: i64,
+) {
+    match result {
+        Err(CheckpointError::FencedOff {
+            ours: o,
+            current: c,
+            ..
+        }) => assert_eq!(
+            (*o, *c),
+            (ours, current),
+            "fenced off with (ours, current) epochs {:?}, expected {:?}",
+            (o, c),
+            (ours, current)
+        ),
+        other => panic!(
+            "a write with stale epoch {ours} (current {current}) must be fenced off, got {other:?}"
+        ),
+    }
 }
 
 /// Instantiates the projection scenarios for a [`ProjectionHarness`]

@@ -1,8 +1,6 @@
 //! The shared driver contract suite, run against the memory driver.
 
-use std::time::{Duration, Instant};
-
-use shardlock_contract_tests::{Harness, Holder};
+use shardlock_contract_tests::{until_waiting, Harness, Holder};
 use shardlock_core::{BoxError, DatabaseId, Driver, LockKey, NodeId, Session};
 use shardlock_memory::{MemoryDriver, MemoryServer, MemorySession};
 
@@ -50,16 +48,11 @@ impl Harness for MemoryHarness {
     }
 
     async fn wait_until_waiting(&self, key: &LockKey) -> bool {
-        let (db, limit) = (self.database(), self.settle());
-        let started = Instant::now();
-        while self.server.waiting(&db, key) == 0 {
-            assert!(
-                started.elapsed() < limit,
-                "no session waits for {key} on the memory server after {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        true
+        let db = self.database();
+        until_waiting(self.settle(), key, "the memory server", || {
+            self.server.waiting(&db, key)
+        })
+        .await
     }
 
     fn unreachable_driver(&self) -> Option<MemoryDriver> {

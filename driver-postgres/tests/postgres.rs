@@ -10,7 +10,8 @@ use std::future::Future;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use common::{harness, OwnContainer, PgHarness, URL_ENV};
+use common::{harness, holder_program, waiting_pids, OwnContainer, PgHarness, URL_ENV};
+use shardlock_contract_tests::holder::HolderProcess;
 use shardlock_contract_tests::{unique_keys, unique_name, Harness};
 use shardlock_core::{CancellationToken, DatabaseId, Driver, Error, LockKey, NodeId, Session};
 use shardlock_postgres::sqlx::{self, Connection};
@@ -512,9 +513,6 @@ async fn lock_table_full_is_typed_and_undone() {
 /// of staying queued and taking the lock for nobody when it is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_waiter_leaves_the_queue() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-
     let Some(h) = harness().await else { return };
     let key = unique_keys("killed-waiter", 1).remove(0);
     let mut a = open(&h, "a").await;
@@ -523,47 +521,28 @@ async fn killed_waiter_leaves_the_queue() {
         return;
     }
     assert!(a.try_acquire(std::slice::from_ref(&key)).await.expect("a")[0]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardlock-pg-holder"))
-        .args(["--wait", h.database().as_str(), key.name()])
-        .env(URL_ENV, h.url())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("holder");
-    let stdout = child.stdout.take().expect("stdout");
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        line
+    let (url, database, keys) = (h.url().to_string(), h.database(), vec![key.clone()]);
+    let child = tokio::task::spawn_blocking(move || {
+        HolderProcess::start_waiting(&holder_program(), &url, &database, &keys)
     })
     .await
-    .expect("read");
-    let pid: i32 = line
-        .trim()
-        .strip_prefix("WAITING pid=")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected holder output {line:?}"));
+    .expect("join")
+    .expect("a waiting holder");
+    // The waiting backend, as pg_locks shows it.
     let mut raw = h.raw().await;
     let started = Instant::now();
-    loop {
-        let waiting: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)",
-        )
-        .bind(pid)
-        .fetch_one(&mut raw)
-        .await
-        .expect("pg_locks");
-        if waiting {
-            break;
+    let pid = loop {
+        let pids = waiting_pids(&mut raw, &key).await.expect("pg_locks");
+        if let Some(pid) = pids.first() {
+            break *pid;
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "holder never waited"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.kill().expect("kill");
-    let _ = child.wait();
+    };
+    child.kill();
     let killed = Instant::now();
     loop {
         let alive: bool =

@@ -71,6 +71,7 @@ mod error;
 mod layout;
 mod session;
 mod status;
+mod waiting;
 mod worker;
 
 use std::fmt;
@@ -80,7 +81,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardlock_core::{
-    Capabilities, DatabaseId, Driver, Error, NodeId, Result, SessionSignals, Support,
+    Capabilities, DatabaseId, Driver, Error, LockKey, NodeId, Result, SessionSignals, Support,
 };
 use tokio::sync::oneshot;
 
@@ -88,6 +89,8 @@ pub use checkpoints::SqliteCheckpoints;
 pub use error::SqliteError;
 pub use session::SqliteSession;
 pub use status::{status, Holder};
+
+use waiting::Waiters;
 
 /// Re-exported so users name the same rusqlite version.
 pub use rusqlite;
@@ -120,6 +123,7 @@ pub struct SqliteDriver {
 struct Inner {
     dir: PathBuf,
     sessions: AtomicU64,
+    waiters: Waiters,
 }
 
 impl SqliteDriver {
@@ -137,6 +141,7 @@ impl SqliteDriver {
             inner: Arc::new(Inner {
                 dir,
                 sessions: AtomicU64::new(0),
+                waiters: Waiters::default(),
             }),
         })
     }
@@ -144,6 +149,16 @@ impl SqliteDriver {
     /// The lock directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// How many sessions of this driver (and its clones) wait in
+    /// [`acquire`](shardlock_core::Session::acquire) for `key` in `database`
+    /// right now, counted from when the session's worker starts trying the
+    /// key until it answers. For tests and metrics: waiters in other
+    /// processes, or of a driver opened separately on the same directory,
+    /// are not seen (SQLite keeps no queue to ask).
+    pub fn waiting(&self, database: &DatabaseId, key: &LockKey) -> usize {
+        self.inner.waiters.count(database, key)
     }
 }
 
@@ -173,18 +188,26 @@ impl Driver for SqliteDriver {
         let (tx, rx) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let signals = SessionSignals::new();
-        let (root, db, node_id, session_name, worker_signals) = (
+        let (root, db, node_id, session_name, worker_signals, waiters) = (
             self.inner.dir.clone(),
             database.clone(),
             node.clone(),
             name.clone(),
             signals.clone(),
+            self.inner.waiters.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name(format!("shardlock-sqlite-{n}"))
             .spawn(move || {
                 let mut guard = FireIfUnwinding(Some(worker_signals.clone()));
-                match worker::Worker::open(&root, &db, &node_id, session_name, worker_signals) {
+                match worker::Worker::open(
+                    &root,
+                    &db,
+                    &node_id,
+                    session_name,
+                    worker_signals,
+                    waiters,
+                ) {
                     Ok(worker) => {
                         let _ = ready_tx.send(Ok(()));
                         worker.run(rx);

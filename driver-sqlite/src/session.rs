@@ -28,6 +28,8 @@ pub struct SqliteSession {
     name: String,
     liveness: PathBuf,
     holds: Holds,
+    /// Commands sent to the worker that expect an answer.
+    round_trips: u64,
 }
 
 impl SqliteSession {
@@ -43,6 +45,7 @@ impl SqliteSession {
             name,
             liveness,
             holds: Holds::with_signals(database, signals),
+            round_trips: 0,
         }
     }
 
@@ -60,6 +63,13 @@ impl SqliteSession {
         &self.name
     }
 
+    /// How many round trips this session made: calls that reached its
+    /// worker thread (one per batch, `acquire`, release, verify or close;
+    /// none for keys already known held). For tests and metrics.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips
+    }
+
     /// Sends one command to the worker and waits for its answer. Errors are
     /// mapped once, through [`Holds::fail`] (a session-fatal one poisons the
     /// session).
@@ -68,6 +78,7 @@ impl SqliteSession {
         if self.commands.send(make(tx)).is_err() {
             return Err(self.holds.fail(SqliteError::WorkerGone));
         }
+        self.round_trips += 1;
         match rx.await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => Err(self.holds.fail(e)),
@@ -168,6 +179,7 @@ impl Session for SqliteSession {
         {
             return Err(self.holds.fail(SqliteError::WorkerGone));
         }
+        self.round_trips += 1;
         let mut abandon = AbandonOnDrop {
             commands: &self.commands,
             key: Some(key.clone()),
@@ -287,15 +299,29 @@ mod tests {
         let (dir, _driver, mut a, mut b) = open("dropped").await;
         let k = keys("dropped", 3);
         let signals = a.signals();
-        {
-            let fut = a.try_acquire(&k);
-            tokio::pin!(fut);
-            tokio::select! {
-                biased;
-                _ = &mut fut => panic!("the worker cannot answer before the first poll returns"),
-                () = std::future::ready(()) => {}
+        // The worker answers on its own thread: if this thread is preempted
+        // between sending the batch and polling for the answer, the first
+        // poll already completes. Then give the keys back and try again.
+        let mut dropped = false;
+        for _ in 0..20 {
+            {
+                let fut = a.try_acquire(&k);
+                tokio::pin!(fut);
+                tokio::select! {
+                    biased;
+                    answered = &mut fut => assert_eq!(answered.unwrap(), vec![true; 3]),
+                    () = std::future::ready(()) => dropped = true,
+                }
             }
+            if dropped {
+                break;
+            }
+            assert_eq!(a.release_many(&k).await.unwrap(), vec![true; 3]);
         }
+        assert!(
+            dropped,
+            "the worker answered before the first poll returned, 20 times"
+        );
         assert!(a.held().is_empty());
         let err = a.verify().await.unwrap_err();
         assert!(err.is_session_fatal(), "{err}");
@@ -356,6 +382,47 @@ mod tests {
             a.try_acquire(&k).await.unwrap(),
             vec![true],
             "b holds nothing"
+        );
+        a.close().await.unwrap();
+        b.close().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn round_trips_and_waiters_are_counted() {
+        use std::time::Instant;
+
+        let (dir, driver, mut a, mut b) = open("counted").await;
+        let k = keys("counted", 2);
+        let db = DatabaseId::new("unit");
+        let before = a.round_trips();
+        assert_eq!(a.try_acquire(&k).await.unwrap(), vec![true; 2]);
+        assert_eq!(a.round_trips(), before + 1, "one batch, one round trip");
+        assert_eq!(a.try_acquire(&k).await.unwrap(), vec![true; 2]);
+        assert_eq!(a.round_trips(), before + 1, "held keys cost none");
+        assert_eq!(driver.waiting(&db, &k[0]), 0);
+        let cancel = CancellationToken::new();
+        let counted = |n: usize| {
+            let (driver, db, key) = (driver.clone(), db.clone(), k[0].clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while driver.waiting(&db, &key) != n {
+                    assert!(Instant::now() < deadline, "never {n} waiting");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        };
+        let b_before = b.round_trips();
+        tokio::select! {
+            got = b.acquire(&k[0], &cancel) => panic!("acquire returned: {got:?}"),
+            () = counted(1) => {}
+        }
+        assert_eq!(driver.waiting(&db, &k[1]), 0, "only the key waited for");
+        counted(0).await;
+        assert_eq!(
+            b.round_trips(),
+            b_before + 1,
+            "an acquire is one round trip"
         );
         a.close().await.unwrap();
         b.close().await.unwrap();

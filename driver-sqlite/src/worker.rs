@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 
 use crate::error::{is_too_many_open_files, SqliteError};
 use crate::layout;
+use crate::waiting::Waiters;
 
 /// How many busy-handler retries one blocking-acquire slice makes (about
 /// 50 ms) before checking cancellation and the liveness file.
@@ -89,6 +90,8 @@ pub(crate) struct Worker {
     files: BTreeMap<i64, (LockKey, HeldFile)>,
     registry: Option<Connection>,
     signals: SessionSignals,
+    /// The driver's count of sessions waiting in `acquire`.
+    waiters: Waiters,
 }
 
 /// Busy handler for blocking acquires: sleep a little, give up after a
@@ -179,6 +182,7 @@ impl Worker {
         node: &NodeId,
         name: String,
         signals: SessionSignals,
+        waiters: Waiters,
     ) -> Result<Self, SqliteError> {
         let db_dir = layout::database_dir(root, database);
         for sub in ["keys", "sessions"] {
@@ -203,6 +207,7 @@ impl Worker {
             files: BTreeMap::new(),
             registry: None,
             signals,
+            waiters,
         };
         worker.register_session();
         Ok(worker)
@@ -319,6 +324,8 @@ impl Worker {
             return;
         }
         let path = layout::key_file(&self.db_dir, &key);
+        // Seen by `SqliteDriver::waiting` until this returns.
+        let _waiting = self.waiters.enter(&self.database, &key);
         loop {
             // One slice (about 50 ms) at a time: between slices, check the
             // liveness file (so a session ended while waiting fails within

@@ -1,17 +1,21 @@
 //! The shared driver contract suite against the SQLite driver, plus
-//! cross-process tests with real child processes.
+//! cross-process tests with real child processes (the crate's holder
+//! example, `shardlock_contract_tests::holder`'s protocol).
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use shardlock_contract_tests::{unique_keys, Harness, Holder};
+use shardlock_contract_tests::holder::{self, HolderProcess};
+use shardlock_contract_tests::{unique_keys, until_waiting, Harness, Holder};
 use shardlock_core::{BoxError, CancellationToken, DatabaseId, Driver, LockKey, NodeId, Session};
 use shardlock_sqlite::{SqliteDriver, SqliteSession};
 
 struct SqliteHarness {
-    dir: PathBuf,
+    /// One driver for every "node": a separately opened driver on the same
+    /// directory behaves the same (faults are per session: its liveness
+    /// file), and sharing it lets the harness see waiters
+    /// (`SqliteDriver::waiting` counts its own and its clones' sessions).
+    driver: SqliteDriver,
 }
 
 fn lock_dir(what: &str) -> PathBuf {
@@ -25,35 +29,24 @@ fn lock_dir(what: &str) -> PathBuf {
     ))
 }
 
-/// Starts the holder process for `keys` and waits for its `GRANTED` line.
-fn spawn_holder_process(
-    dir: &PathBuf,
-    database: &str,
-    keys: &[LockKey],
-) -> Result<(Child, String), BoxError> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardlock-sqlite-holder"))
-        .arg(dir)
-        .arg(database)
-        .args(keys.iter().map(LockKey::name))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let bits = line
-        .trim()
-        .strip_prefix("GRANTED ")
-        .ok_or_else(|| format!("holder said {line:?}"))?
-        .to_string();
-    Ok((child, bits))
+/// The crate's holder example.
+fn holder_program() -> PathBuf {
+    holder::example("shardlock-sqlite-holder")
+}
+
+/// Starts a holder of `keys` in `database` of the lock directory `dir` and
+/// waits for its `GRANTED` line.
+fn start_holder(dir: &Path, database: &str, keys: &[LockKey]) -> HolderProcess {
+    let dir = dir.to_str().expect("a UTF-8 temp dir");
+    HolderProcess::start(&holder_program(), dir, &DatabaseId::new(database), keys)
+        .unwrap_or_else(|e| panic!("holder: {e}"))
 }
 
 impl Harness for SqliteHarness {
     type Driver = SqliteDriver;
 
     fn driver(&self) -> SqliteDriver {
-        SqliteDriver::open(&self.dir).expect("lock directory")
+        self.driver.clone()
     }
 
     fn database(&self) -> DatabaseId {
@@ -66,19 +59,20 @@ impl Harness for SqliteHarness {
     }
 
     async fn spawn_holder(&self, keys: Vec<LockKey>) -> Result<Holder, BoxError> {
-        let dir = self.dir.clone();
-        let (mut child, bits) =
-            tokio::task::spawn_blocking(move || spawn_holder_process(&dir, "contract", &keys))
-                .await??;
-        if bits.contains('0') {
-            let _ = child.kill();
-            return Err(format!("holder did not get every key: {bits}").into());
-        }
-        Ok(Holder::new(format!("pid {}", child.id()), move || {
-            // SIGKILL: the process gets no chance to clean up.
-            let _ = child.kill();
-            let _ = child.wait();
-        }))
+        let dir = self.driver.dir().to_str().ok_or("a UTF-8 lock directory")?;
+        holder::spawn(holder_program(), dir.to_string(), self.database(), keys).await
+    }
+
+    fn round_trips(&self, session: &SqliteSession) -> Option<u64> {
+        Some(session.round_trips())
+    }
+
+    async fn wait_until_waiting(&self, key: &LockKey) -> bool {
+        let db = self.database();
+        until_waiting(self.settle(), key, "the SQLite driver", || {
+            self.driver.waiting(&db, key)
+        })
+        .await
     }
 
     fn unreachable_driver(&self) -> Option<SqliteDriver> {
@@ -93,9 +87,8 @@ impl Harness for SqliteHarness {
 }
 
 async fn harness() -> Option<SqliteHarness> {
-    Some(SqliteHarness {
-        dir: lock_dir("contract"),
-    })
+    let driver = SqliteDriver::open(lock_dir("contract")).expect("lock directory");
+    Some(SqliteHarness { driver })
 }
 
 shardlock_contract_tests::driver_contract_tests!(harness().await);
@@ -108,26 +101,23 @@ async fn two_processes_never_share_a_key() {
     let keys = unique_keys("race", 200);
     let (d1, d2) = (dir.clone(), dir.clone());
     let (k1, k2) = (keys.clone(), keys.clone());
-    let a = tokio::task::spawn_blocking(move || spawn_holder_process(&d1, "race", &k1));
-    let b = tokio::task::spawn_blocking(move || spawn_holder_process(&d2, "race", &k2));
-    let (mut a, bits_a) = a.await.expect("join").expect("holder a");
-    let (mut b, bits_b) = b.await.expect("join").expect("holder b");
-    let (ba, bb): (Vec<char>, Vec<char>) = (bits_a.chars().collect(), bits_b.chars().collect());
-    assert_eq!(ba.len(), 200);
-    assert_eq!(bb.len(), 200);
+    let a = tokio::task::spawn_blocking(move || start_holder(&d1, "race", &k1));
+    let b = tokio::task::spawn_blocking(move || start_holder(&d2, "race", &k2));
+    let a = a.await.expect("holder a");
+    let b = b.await.expect("holder b");
+    let (ga, gb) = (a.granted(), b.granted());
+    assert_eq!((ga.len(), gb.len()), (200, 200));
     for i in 0..200 {
-        let winners = usize::from(ba[i] == '1') + usize::from(bb[i] == '1');
+        let winners = usize::from(ga[i]) + usize::from(gb[i]);
         assert_eq!(winners, 1, "key {i} granted to {winners} processes");
     }
     eprintln!(
         "race: process a got {}, process b got {}",
-        ba.iter().filter(|c| **c == '1').count(),
-        bb.iter().filter(|c| **c == '1').count()
+        ga.iter().filter(|g| **g).count(),
+        gb.iter().filter(|g| **g).count()
     );
-    let _ = a.kill();
-    let _ = b.kill();
-    let _ = a.wait();
-    let _ = b.wait();
+    a.kill();
+    b.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -138,8 +128,8 @@ async fn kill_minus_nine_hands_the_key_to_a_waiter() {
     let dir = lock_dir("kill9");
     let driver = SqliteDriver::open(&dir).expect("lock directory");
     let keys = unique_keys("kill9", 1);
-    let (mut child, bits) = spawn_holder_process(&dir, "kill9", &keys).expect("holder");
-    assert_eq!(bits, "1");
+    let child = start_holder(&dir, "kill9", &keys);
+    assert_eq!(child.granted(), [true]);
     let mut session = driver
         .connect(&DatabaseId::new("kill9"), &NodeId::new("waiter"))
         .await
@@ -147,17 +137,53 @@ async fn kill_minus_nine_hands_the_key_to_a_waiter() {
     assert_eq!(session.try_acquire(&keys).await.expect("try"), vec![false]);
     let cancel = CancellationToken::new();
     let killed = std::time::Instant::now();
-    child.kill().expect("SIGKILL");
+    child.kill();
     let got = tokio::time::timeout(Duration::from_secs(10), session.acquire(&keys[0], &cancel))
         .await
         .expect("takeover within 10 s")
         .expect("acquire");
     assert!(got);
     eprintln!("sqlite: kill -9 takeover took {:?}", killed.elapsed());
-    let _ = child.wait();
     session.close().await.expect("close");
     let status = shardlock_sqlite::status(&dir).expect("status");
     assert!(status.is_empty(), "nothing held after close: {status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `--wait` holder waits for a key another holder has, and gets it once
+/// that one is killed.
+#[tokio::test]
+async fn a_waiting_holder_gets_the_key_of_a_killed_one() {
+    let dir = lock_dir("wait");
+    let _driver = SqliteDriver::open(&dir).expect("lock directory");
+    let keys = unique_keys("wait", 1);
+    let first = start_holder(&dir, "wait", &keys);
+    assert_eq!(first.granted(), [true]);
+    let (d, k) = (dir.clone(), keys.clone());
+    let mut second = tokio::task::spawn_blocking(move || {
+        let d = d.to_str().expect("a UTF-8 temp dir").to_string();
+        HolderProcess::start_waiting(&holder_program(), &d, &DatabaseId::new("wait"), &k)
+    })
+    .await
+    .expect("join")
+    .expect("waiting holder");
+    assert!(second.granted().is_empty(), "no answer before the wait");
+    first.kill();
+    let granted = tokio::task::spawn_blocking(move || {
+        let granted = second.wait_granted().map(<[bool]>::to_vec);
+        (second, granted)
+    });
+    let (second, granted) = tokio::time::timeout(Duration::from_secs(10), granted)
+        .await
+        .expect("the waiter is granted within 10 s")
+        .expect("join");
+    assert_eq!(granted.expect("GRANTED line"), [true]);
+    let rows = shardlock_sqlite::status(&dir).expect("status");
+    assert!(
+        rows.iter().any(|r| r.pid == second.id()),
+        "the waiter holds the key: {rows:?}"
+    );
+    second.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -167,7 +193,7 @@ async fn status_lists_live_holders_only() {
     let dir = lock_dir("status");
     let driver = SqliteDriver::open(&dir).expect("lock directory");
     let keys = unique_keys("status", 2);
-    let (mut child, _) = spawn_holder_process(&dir, "main", &keys[..1]).expect("holder");
+    let child = start_holder(&dir, "main", &keys[..1]);
     let mut mine = driver
         .connect(&DatabaseId::new("main"), &NodeId::new("me"))
         .await
@@ -181,8 +207,7 @@ async fn status_lists_live_holders_only() {
     assert!(rows
         .iter()
         .any(|r| r.node == "me" && r.pid == std::process::id()));
-    child.kill().expect("kill");
-    let _ = child.wait();
+    child.kill();
     let rows = shardlock_sqlite::status(&dir).expect("status");
     assert_eq!(rows.len(), 1, "the dead holder's row is gone: {rows:?}");
     mine.close().await.expect("close");

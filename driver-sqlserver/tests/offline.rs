@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use shardlock_contract_tests::holder;
 use shardlock_core::{DatabaseId, Driver, Error, ErrorKind, NodeId};
 use shardlock_sqlserver::{MssqlDriver, MssqlError, MssqlOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,32 +114,35 @@ fn the_release_window_is_the_server_keepalive() {
     assert_eq!(driver.lock_release_window(), None);
 }
 
-/// The holder process reports a connect failure and exits non-zero (the
-/// crash test's helper, checked without a server).
+/// The holder process reports a connect failure and exits 1 (the crash
+/// test's helper, checked without a server); a usage error exits 2.
 #[tokio::test]
 async fn the_holder_process_fails_cleanly_without_a_server() {
     let port = closed_port().await;
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_shardlock-mssql-holder"))
+    let program = holder::example("shardlock-mssql-holder");
+    let run = move |url: Option<String>| {
+        let mut command = std::process::Command::new(&program);
+        command
             .args(["main", "some-key"])
-            .env(
-                "SHARDLOCK_MSSQL_HOLDER_URL",
-                format!("Server=tcp:127.0.0.1,{port};User Id=sa;Password=x"),
-            )
+            .env_remove(holder::URL_ENV);
+        if let Some(url) = url {
+            command.env(holder::URL_ENV, url);
+        }
+        command
             .output()
-    })
-    .await
-    .expect("join")
-    .expect("run the holder");
-    assert!(!output.status.success());
+            .expect("run the holder (built by cargo test as an example)")
+    };
+    let url = format!("Server=tcp:127.0.0.1,{port};User Id=sa;Password=x");
+    let (output, run) = tokio::task::spawn_blocking(move || (run(Some(url)), run))
+        .await
+        .expect("join");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(output.stdout.is_empty(), "no GRANTED line");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("holder failed"), "{stderr}");
     // Without the variable it explains itself.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shardlock-mssql-holder"))
-        .args(["main", "some-key"])
-        .env_remove("SHARDLOCK_MSSQL_HOLDER_URL")
-        .output()
-        .expect("run the holder");
+    let output = run(None);
     assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(holder::URL_ENV), "{stderr}");
 }

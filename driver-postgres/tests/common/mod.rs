@@ -12,39 +12,26 @@
 //!    `SHARDLOCK_PG_URL` (and fails instead when `SHARDLOCK_REQUIRE`
 //!    contains `postgres`, as in CI).
 //!
-//! # One container for all tests
-//!
-//! nextest runs every test in its own process, and every `#[tokio::test]`
-//! has its own runtime, so a container handle kept in a `static` would
-//! neither be shared across tests nor be dropped (removed) at the end. The
-//! harness therefore shares the container through Docker itself: it has a
-//! fixed name derived from the image (`shardlock-test-pg-<image>`), the
-//! label `shardlock.test=postgres`, and testcontainers'
-//! `ReuseDirective::Always`, so the first test process creates it and every
-//! later process (of this run and of later runs) finds it by name and
-//! reuses it; two processes racing to create it get a name conflict, and
-//! the loser's retry finds the winner's container. Reused containers are
-//! never removed by testcontainers, so there is no handle to keep alive and
-//! nothing tied to a runtime: the harness only keeps the URL (in a
-//! `OnceLock`, so a `cargo test` process asks Docker once). The container
-//! outlives the test run; remove it with
-//! `docker rm -f $(docker ps -aq --filter label=shardlock.test=postgres)`
-//! (needed after rebuilding the image, so the new image is used). Tests
-//! never wipe shared state: every test uses fresh key names.
+//! The container is shared by every test process, found by name and the
+//! label `shardlock.test=postgres`: see `shardlock_contract_tests::container`
+//! (remove it with
+//! `docker rm -f $(docker ps -aq --filter label=shardlock.test=postgres)`,
+//! needed after rebuilding the image so the new image is used). Tests never
+//! wipe shared state: every test uses fresh key names.
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shardlock_contract_tests::{skip, Harness, Holder, Timings};
+use shardlock_contract_tests::container::testcontainers::runners::SyncRunner;
+use shardlock_contract_tests::container::testcontainers::ImageExt;
+use shardlock_contract_tests::container::{self, split_image, SharedContainer, Spec};
+use shardlock_contract_tests::{holder, Harness, Holder, Timings};
 use shardlock_core::{BoxError, DatabaseId, LockKey};
 use shardlock_postgres::sqlx::postgres::PgConnection;
 use shardlock_postgres::sqlx::{self, Connection};
 use shardlock_postgres::{PgDriver, PgOptions, PgSession};
-use testcontainers::runners::SyncRunner;
-use testcontainers::{ImageExt, ReuseDirective};
 use testcontainers_modules::postgres::Postgres;
 
 /// Environment variable naming a server to use instead of a container.
@@ -53,6 +40,23 @@ pub const URL_ENV: &str = "SHARDLOCK_PG_URL";
 pub const IMAGE_ENV: &str = "SHARDLOCK_PG_IMAGE";
 /// The image the project builds locally.
 pub const DEFAULT_IMAGE: &str = "shardlock-test/postgres:15";
+
+/// The shared container, when no URL is given.
+static SERVER: SharedContainer = SharedContainer::new(Spec {
+    group: "postgres",
+    name: "pg",
+    url_env: URL_ENV,
+    image_env: IMAGE_ENV,
+    default_image: DEFAULT_IMAGE,
+    port: 5432,
+    local_only: false,
+    startup_timeout: Duration::from_secs(120),
+});
+
+/// The crate's holder example (`shardlock_contract_tests::holder`).
+pub fn holder_program() -> PathBuf {
+    holder::example("shardlock-pg-holder")
+}
 
 /// How the suite reaches PostgreSQL.
 #[derive(Debug, Clone)]
@@ -65,16 +69,10 @@ pub struct PgHarness {
 
 /// The harness, or `None` (after a loud skip line) without a server.
 pub async fn harness() -> Option<PgHarness> {
-    let url = match std::env::var(URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => match container_url().await {
-            Ok(url) => url,
-            Err(why) => {
-                skip("postgres", &why, URL_ENV);
-                return None;
-            }
-        },
-    };
+    let url = container::shared(&SERVER, Postgres::default(), |host, port| {
+        format!("postgres://postgres:postgres@{host}:{port}/postgres")
+    })
+    .await?;
     let options = match PgOptions::parse(&url) {
         Ok(options) => options,
         Err(e) => panic!("{URL_ENV} is not a usable URL: {e}"),
@@ -160,12 +158,12 @@ impl Harness for PgHarness {
         &self,
         keys: Vec<LockKey>,
     ) -> impl std::future::Future<Output = Result<Holder, BoxError>> + Send {
-        let url = self.url.clone();
-        let database = self.database.clone();
-        async move {
-            tokio::task::spawn_blocking(move || spawn_holder_process(&url, &database, &keys))
-                .await?
-        }
+        holder::spawn(
+            holder_program(),
+            self.url.clone(),
+            self.database.clone(),
+            keys,
+        )
     }
 
     fn round_trips(&self, session: &PgSession) -> Option<u64> {
@@ -226,14 +224,20 @@ impl Harness for PgHarness {
 /// `objsubid = 1` (see the driver's `sql` module; checked against a real
 /// server by `waiters_match_pg_locks` in `tests/postgres.rs`).
 pub async fn waiters(conn: &mut PgConnection, key: &LockKey) -> Result<i64, sqlx::Error> {
+    Ok(waiting_pids(conn, key).await?.len() as i64)
+}
+
+/// The backend pids waiting, not granted, for the advisory lock of `key`
+/// (see [`waiters`]).
+pub async fn waiting_pids(conn: &mut PgConnection, key: &LockKey) -> Result<Vec<i32>, sqlx::Error> {
     let (classid, objid) = split_key(key.id());
     sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
          AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
     )
     .bind(classid)
     .bind(objid)
-    .fetch_one(conn)
+    .fetch_all(conn)
     .await
 }
 
@@ -249,22 +253,6 @@ pub fn split_key(id: i64) -> (i64, i64) {
 pub fn closed_port() -> Option<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
     listener.local_addr().ok().map(|a| a.port())
-}
-
-/// Starts `shardlock-pg-holder` (this crate's binary) and waits for its
-/// `READY` line.
-fn spawn_holder_process(
-    url: &str,
-    database: &DatabaseId,
-    keys: &[LockKey],
-) -> Result<Holder, BoxError> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_shardlock-pg-holder"));
-    command
-        .arg(database.as_str())
-        .args(keys.iter().map(LockKey::name))
-        .env(URL_ENV, url)
-        .stdin(Stdio::piped());
-    shardlock_contract_tests::spawn_holder_process(command, "READY", |_| true)
 }
 
 /// Waits until a real query succeeds (a reused container may still be
@@ -321,7 +309,7 @@ impl OwnContainer {
         let (url_tx, url_rx) = std::sync::mpsc::channel::<Result<String, String>>();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let image = std::env::var(IMAGE_ENV).unwrap_or_else(|_| DEFAULT_IMAGE.to_string());
+            let image = SERVER.spec().image();
             let (name, tag) = split_image(&image);
             let mut cmd = vec!["-c".to_string(), "fsync=off".to_string()];
             cmd.extend(args);
@@ -360,74 +348,4 @@ impl OwnContainer {
             thread: Some(thread),
         })
     }
-}
-
-static CONTAINER_URL: OnceLock<Result<String, String>> = OnceLock::new();
-
-/// The URL of the shared container, starting it on first use.
-async fn container_url() -> Result<String, String> {
-    tokio::task::spawn_blocking(|| CONTAINER_URL.get_or_init(start_container).clone())
-        .await
-        .map_err(|e| format!("container start panicked: {e}"))?
-}
-
-/// `name:tag` split at the tag's colon (a registry port is not a tag).
-pub fn split_image(image: &str) -> (&str, &str) {
-    match image.rsplit_once(':') {
-        Some((name, tag)) if !tag.contains('/') => (name, tag),
-        _ => (image, "latest"),
-    }
-}
-
-fn start_container() -> Result<String, String> {
-    let image = std::env::var(IMAGE_ENV).unwrap_or_else(|_| DEFAULT_IMAGE.to_string());
-    let (name, tag) = split_image(&image);
-    let container_name: String = format!("shardlock-test-pg-{image}")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let mut last = String::new();
-    for attempt in 0..5 {
-        let request = Postgres::default()
-            .with_name(name)
-            .with_tag(tag)
-            .with_container_name(&container_name)
-            .with_label("shardlock.test", "postgres")
-            .with_reuse(ReuseDirective::Always)
-            .with_startup_timeout(Duration::from_secs(120));
-        match request.start() {
-            Ok(container) => {
-                let host = container.get_host().map_err(|e| e.to_string())?;
-                let port = container
-                    .get_host_port_ipv4(5432)
-                    .map_err(|e| e.to_string())?;
-                // Reused containers are not removed on drop.
-                drop(container);
-                return Ok(format!(
-                    "postgres://postgres:postgres@{host}:{port}/postgres"
-                ));
-            }
-            Err(e) => {
-                last = format!("cannot start container {container_name} from {image}: {e}");
-                // Another test process is creating the same container: the
-                // next attempt finds and reuses it. Anything else (no
-                // Docker, no image) fails at once.
-                let text = e.to_string();
-                let conflict = text.contains("409")
-                    || text.contains("Conflict")
-                    || text.contains("already in use");
-                if !conflict {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(500 * (attempt + 1)));
-            }
-        }
-    }
-    Err(last)
 }

@@ -14,39 +14,23 @@
 //!    through testcontainers' `MssqlServer` module (EULA accepted, the
 //!    module's `sa` password).
 //! 3. Otherwise every test prints
-//!    `SKIPPED: sqlserver: no SQL Server, set SHARDLOCK_MSSQL_URL to run`
+//!    `SKIPPED: sqlserver: no image <image> here (…), set SHARDLOCK_MSSQL_URL to run`
 //!    (and fails instead when `SHARDLOCK_REQUIRE` contains `sqlserver`).
 //!
-//! # One container for all tests
-//!
-//! nextest runs every test in its own process, and every `#[tokio::test]`
-//! has its own runtime, so a container handle kept in a `static` would
-//! neither be shared across tests nor be dropped (removed) at the end; SQL
-//! Server also takes 10–30 s to start. The harness therefore shares the
-//! container through Docker itself: it has a fixed name derived from the
-//! image (`shardlock-test-mssql-<image>`), the label
-//! `shardlock.test=sqlserver`, and testcontainers' `ReuseDirective::Always`,
-//! so the first test process creates it and every later process (of this run
-//! and of later runs) finds it by name and reuses it; two processes racing to
-//! create it get a name conflict, and the loser's retry finds the winner's
-//! container. Reused containers are never removed by testcontainers, so no
-//! handle needs to stay alive and nothing is tied to a runtime: the harness
-//! keeps only the connection string, in a `OnceLock` (one Docker round per
-//! `cargo test` process). The container outlives the test run; remove it
-//! with `docker rm -f $(docker ps -aq --filter label=shardlock.test=sqlserver)`.
-//! Tests never wipe shared state: every test uses fresh key names.
+//! The container is shared by every test process, found by name and the
+//! label `shardlock.test=sqlserver`: see `shardlock_contract_tests::container`
+//! (remove it with
+//! `docker rm -f $(docker ps -aq --filter label=shardlock.test=sqlserver)`).
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shardlock_contract_tests::{skip, Harness, Holder, Timings};
+use shardlock_contract_tests::container::{self, SharedContainer, Spec};
+use shardlock_contract_tests::{holder, Harness, Holder, Timings};
 use shardlock_core::{BoxError, DatabaseId, LockKey};
 use shardlock_sqlserver::{DatabaseMapping, MssqlDriver, MssqlOptions, MssqlSession, TdsClient};
-use testcontainers::runners::SyncRunner;
-use testcontainers::{ImageExt, ReuseDirective};
 use testcontainers_modules::mssql_server::MssqlServer;
 
 /// Environment variable naming a server to use instead of a container.
@@ -61,6 +45,25 @@ pub const DEFAULT_IMAGE: &str = "mcr.microsoft.com/mssql/server:2022-latest";
 /// otherwise.
 pub const DEFAULT_DATABASE: &str = "shardlock_contract";
 
+/// The shared container, when no URL is given.
+static SERVER: SharedContainer = SharedContainer::new(Spec {
+    group: "sqlserver",
+    name: "mssql",
+    url_env: URL_ENV,
+    image_env: IMAGE_ENV,
+    default_image: DEFAULT_IMAGE,
+    port: 1433,
+    // Microsoft's image is large and licensed: used when present, never
+    // pulled.
+    local_only: true,
+    startup_timeout: Duration::from_secs(180),
+});
+
+/// The crate's holder example (`shardlock_contract_tests::holder`).
+pub fn holder_program() -> PathBuf {
+    holder::example("shardlock-mssql-holder")
+}
+
 /// How the suite reaches SQL Server.
 #[derive(Debug, Clone)]
 pub struct MssqlHarness {
@@ -72,20 +75,14 @@ pub struct MssqlHarness {
 
 /// The harness, or `None` (after a loud skip line) without a server.
 pub async fn harness() -> Option<MssqlHarness> {
-    let url = match std::env::var(URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => match container_url().await {
-            Ok(Some(url)) => url,
-            Ok(None) => {
-                skip("sqlserver", "no SQL Server", URL_ENV);
-                return None;
-            }
-            Err(why) => {
-                skip("sqlserver", &why, URL_ENV);
-                return None;
-            }
-        },
-    };
+    let image = MssqlServer::default().with_accept_eula();
+    let url = container::shared(&SERVER, image, |host, port| {
+        format!(
+            "Server=tcp:{host},{port};User Id=sa;Password={};TrustServerCertificate=true",
+            MssqlServer::DEFAULT_SA_PASSWORD
+        )
+    })
+    .await?;
     let options = match MssqlOptions::parse(&url) {
         Ok(options) => options.database_mapping(DatabaseMapping::SameServer),
         Err(e) => panic!("{URL_ENV} is not a usable connection string: {e}"),
@@ -162,12 +159,12 @@ impl Harness for MssqlHarness {
         &self,
         keys: Vec<LockKey>,
     ) -> impl std::future::Future<Output = Result<Holder, BoxError>> + Send {
-        let url = self.url.clone();
-        let database = self.database.clone();
-        async move {
-            tokio::task::spawn_blocking(move || spawn_holder_process(&url, &database, &keys))
-                .await?
-        }
+        holder::spawn(
+            holder_program(),
+            self.url.clone(),
+            self.database.clone(),
+            keys,
+        )
     }
 
     fn round_trips(&self, session: &MssqlSession) -> Option<u64> {
@@ -199,25 +196,6 @@ impl Harness for MssqlHarness {
 pub fn closed_port() -> Option<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
     listener.local_addr().ok().map(|a| a.port())
-}
-
-/// Starts `shardlock-mssql-holder` (this crate's binary) and waits for its
-/// `GRANTED` line; fails unless it got every key.
-fn spawn_holder_process(
-    url: &str,
-    database: &DatabaseId,
-    keys: &[LockKey],
-) -> Result<Holder, BoxError> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_shardlock-mssql-holder"));
-    command
-        .arg(database.as_str())
-        .args(keys.iter().map(LockKey::name))
-        .env("SHARDLOCK_MSSQL_HOLDER_URL", url)
-        .stdin(Stdio::null());
-    shardlock_contract_tests::spawn_holder_process(command, "GRANTED ", |line| {
-        let bits = line.split_whitespace().nth(1).unwrap_or_default();
-        bits.len() == keys.len() && !bits.contains('0')
-    })
 }
 
 /// Waits until the server accepts logins (a reused container may still be
@@ -273,87 +251,4 @@ END;";
     times.sort_unstable();
     let _ = client.close().await;
     Ok(times[2])
-}
-
-static CONTAINER_URL: OnceLock<Result<Option<String>, String>> = OnceLock::new();
-
-/// The connection string of the shared container, starting it on first use;
-/// `Ok(None)` when the image is not present locally.
-async fn container_url() -> Result<Option<String>, String> {
-    tokio::task::spawn_blocking(|| CONTAINER_URL.get_or_init(start_container).clone())
-        .await
-        .map_err(|e| format!("container start panicked: {e}"))?
-}
-
-/// `name:tag` split at the tag's colon (a registry port is not a tag).
-pub fn split_image(image: &str) -> (&str, &str) {
-    match image.rsplit_once(':') {
-        Some((name, tag)) if !tag.contains('/') => (name, tag),
-        _ => (image, "latest"),
-    }
-}
-
-/// True when `docker image inspect` finds `image` locally.
-fn image_present(image: &str) -> bool {
-    Command::new("docker")
-        .args(["image", "inspect", image])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-fn start_container() -> Result<Option<String>, String> {
-    let image = std::env::var(IMAGE_ENV)
-        .ok()
-        .filter(|i| !i.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
-    if !image_present(&image) {
-        return Ok(None);
-    }
-    let (name, tag) = split_image(&image);
-    let container_name: String = format!("shardlock-test-mssql-{image}")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let mut last = String::new();
-    for attempt in 0..5 {
-        let request = MssqlServer::default()
-            .with_accept_eula()
-            .with_name(name)
-            .with_tag(tag)
-            .with_container_name(&container_name)
-            .with_label("shardlock.test", "sqlserver")
-            .with_reuse(ReuseDirective::Always)
-            .with_startup_timeout(Duration::from_secs(180));
-        match request.start() {
-            Ok(container) => {
-                let host = container.get_host().map_err(|e| e.to_string())?;
-                let port = container
-                    .get_host_port_ipv4(1433)
-                    .map_err(|e| e.to_string())?;
-                // Reused containers are not removed on drop.
-                drop(container);
-                return Ok(Some(format!(
-                    "Server=tcp:{host},{port};User Id=sa;Password={};TrustServerCertificate=true",
-                    MssqlServer::DEFAULT_SA_PASSWORD
-                )));
-            }
-            Err(e) => {
-                // Most likely another test process is creating the same
-                // container: the next attempt finds and reuses it.
-                last = format!("cannot start container {container_name} from {image}: {e}");
-                std::thread::sleep(Duration::from_millis(500 * (attempt + 1)));
-            }
-        }
-    }
-    Err(last)
 }
