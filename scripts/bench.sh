@@ -50,7 +50,8 @@ mkdir -p "$work"
 started=$(date +%s)
 
 log "building the harness, the benches and the holder binaries (release)"
-cargo build --release -p shardlock-benches -p shardlock-sqlite -p shardlock-postgres --bins
+cargo build --release -p shardlock-benches --bins
+cargo build --release -p shardlock-sqlite -p shardlock-postgres --examples
 cargo bench -p shardlock-benches --bench micro --no-run
 
 # ----- Postgres -----------------------------------------------------------
@@ -98,7 +99,7 @@ else
             pin_client=(taskset -c "0-$((last - 1))")
         fi
         pg_args=(-c fsync=off -c shared_preload_libraries=pg_stat_statements
-            -c max_locks_per_transaction=256 -c max_connections=300)
+            -c max_locks_per_transaction=256 -c max_connections=400)
         port=
         for candidate in $(seq 56432 56531); do
             if ! ss -Hltn "sport = :$candidate" 2>/dev/null | grep -q .; then

@@ -129,7 +129,9 @@ async fn sqlite(ctx: &mut Ctx, runs: usize) -> Result<Row, String> {
         for side in 0..2 {
             if (i + side) % 2 == 0 {
                 let mut cmd = Command::new(&holder_bin);
-                cmd.arg(&dir).arg(BENCH_DB).arg(key.name());
+                cmd.env("SHARDLOCK_HOLDER_URL", &dir)
+                    .arg(BENCH_DB)
+                    .arg(key.name());
                 let mut holder = HolderProcess::start(cmd, "GRANTED 1").await?;
                 let (k, cancel) = (key.clone(), CancellationToken::new());
                 let task = tokio::spawn(async move {
@@ -214,8 +216,8 @@ async fn postgres(ctx: &mut Ctx, runs: usize) -> Result<Row, String> {
                 let mut cmd = Command::new(&holder_bin);
                 cmd.arg(BENCH_DB)
                     .arg(key.name())
-                    .env(shardlock_benches::URL_ENV, &url);
-                let mut holder = HolderProcess::start(cmd, "READY").await?;
+                    .env("SHARDLOCK_HOLDER_URL", &url);
+                let mut holder = HolderProcess::start(cmd, "GRANTED 1").await?;
                 let (k, cancel) = (key.clone(), CancellationToken::new());
                 let task = tokio::spawn(async move {
                     let got = waiter.acquire(&k, &cancel).await;

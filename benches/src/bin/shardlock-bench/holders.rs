@@ -70,12 +70,13 @@ impl HolderProcess {
 pub(crate) fn sibling(name: &str, package: &str) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = exe.parent().ok_or("no target directory")?;
-    let path = dir.join(name);
+    // The drivers' holders are examples (test-only targets).
+    let path = dir.join("examples").join(name);
     if path.is_file() {
         Ok(path)
     } else {
         Err(format!(
-            "{name} not found next to {} (cargo build --release -p {package} --bins)",
+            "{name} not found in examples/ next to {} (cargo build --release -p {package} --examples)",
             exe.display()
         ))
     }

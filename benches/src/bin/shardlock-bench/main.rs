@@ -10,9 +10,9 @@
 //! `target/bench/harness.md`) and progress to stderr. PostgreSQL rows need
 //! `SHARDLOCK_PG_URL` (`scripts/bench.sh` starts a container and sets it);
 //! without it they say "not measured" and why. The crash measure needs the
-//! holder binaries `shardlock-sqlite-holder` and `shardlock-pg-holder` next
-//! to this one (`cargo build --release -p shardlock-sqlite -p
-//! shardlock-postgres --bins`).
+//! holder examples `shardlock-sqlite-holder` and `shardlock-pg-holder` in
+//! `examples/` next to this binary (`cargo build --release -p
+//! shardlock-sqlite -p shardlock-postgres --examples`).
 //!
 //! Hidden sub-commands used as child processes by the crash measure:
 //! `raw-pg-holder <key-id>` and `raw-sqlite-holder <file>`; and
