@@ -110,8 +110,11 @@ type PgLockRow = (String, i64, String, Option<String>, i32, Option<f64>);
 /// `pg_stat_activity`, one round trip.
 async fn postgres_rows(url: &str, names: &HashMap<i64, String>) -> Result<Vec<Row>> {
     use shardlock::postgres::sqlx::{self, Connection as _};
+    // sqlx's error prints the server's message and gives it again as its
+    // source; `PgCause` says it once.
     let mut conn = sqlx::PgConnection::connect(url)
         .await
+        .map_err(shardlock::postgres::PgCause::from)
         .with_context(|| format!("connecting to {}", redact(url)))?;
     let rows: Vec<PgLockRow> = sqlx::query_as(
         "SELECT a.datname::text,
@@ -121,11 +124,13 @@ async fn postgres_rows(url: &str, names: &HashMap<i64, String>) -> Result<Vec<Ro
                 l.pid,
                 extract(epoch FROM a.backend_start)::float8
            FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-          WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           ORDER BY 2",
     )
     .fetch_all(&mut conn)
     .await
+    .map_err(shardlock::postgres::PgCause::from)
     .context("reading pg_locks")?;
     let _ = conn.close().await;
     Ok(rows

@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
+use crate::holds::Holds;
 use crate::ids::{DatabaseId, NodeId};
 use crate::key::LockKey;
 use crate::signals::SessionSignals;
@@ -145,17 +146,28 @@ pub trait Driver: Clone + Send + Sync + 'static {
 /// Every method takes `&mut self`: a session is used by one task at a time,
 /// as its connection is.
 pub trait Session: Send + 'static {
+    /// The session's bookkeeping: held keys, trust, loss signal. Every
+    /// driver keeps exactly one [`Holds`] per session and goes through it for
+    /// every round trip; `database`, `held` and `signals` answer from it.
+    fn holds(&self) -> &Holds;
+
     /// The database this session is connected to.
-    fn database(&self) -> &DatabaseId;
+    fn database(&self) -> &DatabaseId {
+        self.holds().database()
+    }
 
     /// The keys this session holds, as far as it knows.
-    fn held(&self) -> Vec<LockKey>;
+    fn held(&self) -> Vec<LockKey> {
+        self.holds().held()
+    }
 
     /// The session's signals (clause 8): an owned handle, taken once when
     /// the session opens and watched apart from it, whose `lost` token fires
     /// as soon as the driver sees the connection end. Every call answers
     /// handles on the same signals.
-    fn signals(&self) -> SessionSignals;
+    fn signals(&self) -> SessionSignals {
+        self.holds().signals()
+    }
 
     /// Tries to take every key in `keys` without waiting, in **one round
     /// trip**; answers one `bool` per key, in order. Keys already held answer

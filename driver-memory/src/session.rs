@@ -117,16 +117,8 @@ impl Drop for Waiting {
 }
 
 impl Session for MemorySession {
-    fn database(&self) -> &DatabaseId {
-        self.holds.database()
-    }
-
-    fn held(&self) -> Vec<LockKey> {
-        self.holds.held()
-    }
-
-    fn signals(&self) -> SessionSignals {
-        self.holds.signals()
+    fn holds(&self) -> &Holds {
+        &self.holds
     }
 
     /// One round trip for the keys not held yet (none when all are held).

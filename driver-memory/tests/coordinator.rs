@@ -625,8 +625,8 @@ mod panicking {
     use std::sync::Arc;
 
     use shardlock_core::{
-        CancellationToken, Capabilities, DatabaseId, Driver, LockKey, NodeId, Result, Session,
-        SessionSignals,
+        CancellationToken, Capabilities, DatabaseId, Driver, Holds, LockKey, NodeId, Result,
+        Session,
     };
     use shardlock_memory::{MemoryDriver, MemorySession};
 
@@ -662,16 +662,8 @@ mod panicking {
     }
 
     impl Session for PanickySession {
-        fn database(&self) -> &DatabaseId {
-            self.inner.database()
-        }
-
-        fn held(&self) -> Vec<LockKey> {
-            self.inner.held()
-        }
-
-        fn signals(&self) -> SessionSignals {
-            self.inner.signals()
+        fn holds(&self) -> &Holds {
+            self.inner.holds()
         }
 
         async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {

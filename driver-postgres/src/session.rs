@@ -248,20 +248,12 @@ impl PgSession {
 }
 
 impl Session for PgSession {
-    fn database(&self) -> &DatabaseId {
-        self.holds.database()
-    }
-
-    fn held(&self) -> Vec<LockKey> {
-        self.holds.held()
-    }
-
-    /// The session's signals: `lost` fires when the watcher sees the main
+    /// Held keys, trust and the loss signal; `lost` fires when the watcher sees the main
     /// backend end (within [`LOSS_DETECTION_BOUND`](crate::LOSS_DETECTION_BOUND)
     /// of `pg_terminate_backend` on a healthy network), when the watcher's
     /// own connection fails, or when the session is poisoned.
-    fn signals(&self) -> SessionSignals {
-        self.holds.signals()
+    fn holds(&self) -> &Holds {
+        &self.holds
     }
 
     /// `pg_try_advisory_lock` for every key not held yet, deduplicated, in

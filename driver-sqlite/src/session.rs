@@ -118,16 +118,8 @@ impl Drop for AbandonOnDrop<'_> {
 }
 
 impl Session for SqliteSession {
-    fn database(&self) -> &DatabaseId {
-        self.holds.database()
-    }
-
-    fn held(&self) -> Vec<LockKey> {
-        self.holds.held()
-    }
-
-    fn signals(&self) -> SessionSignals {
-        self.holds.signals()
+    fn holds(&self) -> &Holds {
+        &self.holds
     }
 
     /// Takes each free key's file lock; one worker call for the keys not

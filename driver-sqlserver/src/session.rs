@@ -5,9 +5,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::pin::pin;
 
-use shardlock_core::{
-    CancellationToken, DatabaseId, Error, Holds, LockKey, Result, Session, SessionSignals,
-};
+use shardlock_core::{CancellationToken, DatabaseId, Error, Holds, LockKey, Result, Session};
 use tracing::debug;
 
 use crate::connection::{Connection, Op, Reply};
@@ -166,20 +164,12 @@ impl MssqlSession {
 }
 
 impl Session for MssqlSession {
-    fn database(&self) -> &DatabaseId {
-        self.holds.database()
-    }
-
-    fn held(&self) -> Vec<LockKey> {
-        self.holds.held()
-    }
-
-    /// The connection's signals: `lost` fires when the server ends the
+    /// Held keys, trust and the loss signal; `lost` fires when the server ends the
     /// connection (within [`MssqlOptions::loss_signal_bound`](crate::MssqlOptions::loss_signal_bound)
     /// of its FIN or RST arriving), when a request leaves the connection or
     /// its locks unknown, or when the session is poisoned. No release hint.
-    fn signals(&self) -> SessionSignals {
-        self.holds.signals()
+    fn holds(&self) -> &Holds {
+        &self.holds
     }
 
     /// Takes every key that is free, in one round trip (one batch of

@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use shardlock_core::{
-    CancellationToken, Capabilities, DatabaseId, Driver, LockKey, NodeId, Result, Session,
-    SessionSignals,
+    CancellationToken, Capabilities, DatabaseId, Driver, Holds, LockKey, NodeId, Result, Session,
 };
 
 /// Defines `AnyDriver`/`AnySession` with one variant per enabled driver and
@@ -55,16 +54,8 @@ macro_rules! any_driver {
         }
 
         impl Session for AnySession {
-            fn database(&self) -> &DatabaseId {
-                match self { $( $(#[$meta])* Self::$variant(s) => s.database(), )* }
-            }
-
-            fn held(&self) -> Vec<LockKey> {
-                match self { $( $(#[$meta])* Self::$variant(s) => s.held(), )* }
-            }
-
-            fn signals(&self) -> SessionSignals {
-                match self { $( $(#[$meta])* Self::$variant(s) => s.signals(), )* }
+            fn holds(&self) -> &Holds {
+                match self { $( $(#[$meta])* Self::$variant(s) => s.holds(), )* }
             }
 
             async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
