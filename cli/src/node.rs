@@ -347,6 +347,8 @@ async fn wait_for_shutdown(stdin_eof: bool) {
             std::future::pending::<()>().await;
         }
     };
+    // SIGTERM exists on Unix only; elsewhere ctrl-c and stdin stop the node.
+    #[cfg(unix)]
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -355,6 +357,8 @@ async fn wait_for_shutdown(stdin_eof: bool) {
             Err(_) => std::future::pending::<()>().await,
         }
     };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
