@@ -135,6 +135,13 @@ pub trait Driver: Clone + Send + Sync + 'static {
         None
     }
 
+    /// The driver's own limit for opening a session, when it has one. The
+    /// coordinator keeps its outer connect deadline above it, so the driver's
+    /// typed timeout error (naming the server) is the one reported.
+    fn connect_timeout(&self) -> Option<Duration> {
+        None
+    }
+
     /// What the driver offers beyond the required contract (default: nothing).
     fn capabilities(&self) -> Capabilities {
         Capabilities::none()

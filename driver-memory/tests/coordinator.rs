@@ -634,6 +634,8 @@ mod panicking {
     pub(super) struct PanickyDriver {
         pub(super) inner: MemoryDriver,
         pub(super) panic: Arc<AtomicBool>,
+        /// What it answers for `Driver::connect_timeout`.
+        pub(super) connect_timeout: Option<std::time::Duration>,
     }
 
     #[derive(Debug)]
@@ -658,6 +660,10 @@ mod panicking {
 
         fn capabilities(&self) -> Capabilities {
             self.inner.capabilities()
+        }
+
+        fn connect_timeout(&self) -> Option<std::time::Duration> {
+            self.connect_timeout
         }
     }
 
@@ -706,6 +712,7 @@ async fn panicking_driver_call_stops_agents_before_the_session_goes() {
     let driver = panicking::PanickyDriver {
         inner: server.driver(),
         panic: Arc::clone(&panic),
+        connect_timeout: None,
     };
     let a = start_with_poll(driver, single("db", 3), "a", &recorder, POLL);
     assert!(
@@ -818,5 +825,44 @@ async fn projection_stops_on_leadership_loss() {
         applied.all().len(),
         applied_at_stop,
         "nothing applied after the stop"
+    );
+}
+
+/// The coordinator's connect deadline stays above the driver's own connect
+/// timeout, so the driver's typed timeout (naming the server) is reported
+/// rather than a bare deadline.
+#[tokio::test]
+async fn connect_deadline_stays_above_the_drivers_own() {
+    let server = MemoryServer::new();
+    let driver = panicking::PanickyDriver {
+        inner: server.driver(),
+        panic: Default::default(),
+        connect_timeout: Some(Duration::from_secs(15)),
+    };
+    let coordinator = Coordinator::builder(
+        driver.clone(),
+        single("db", 1),
+        RecordingAgent::new(Recorder::new()),
+    )
+    .build()
+    .expect("valid config");
+    assert_eq!(
+        coordinator.config().connect_timeout,
+        Duration::from_secs(16)
+    );
+    let short = Coordinator::builder(
+        panicking::PanickyDriver {
+            connect_timeout: Some(Duration::from_secs(2)),
+            ..driver
+        },
+        single("db", 1),
+        RecordingAgent::new(Recorder::new()),
+    )
+    .build()
+    .expect("valid config");
+    assert_eq!(
+        short.config().connect_timeout,
+        Duration::from_secs(10),
+        "a driver timeout below the default leaves the default"
     );
 }

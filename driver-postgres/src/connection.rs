@@ -166,6 +166,13 @@ impl Driver for PgDriver {
         Capabilities::none().with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
     }
 
+    /// [`PgOptions::connect_timeout`] (10 s by default): the coordinator
+    /// keeps its own connect deadline above it, so a slow server is reported
+    /// as [`PgError::ConnectTimeout`] naming the server.
+    fn connect_timeout(&self) -> Option<Duration> {
+        Some(self.options.get_connect_timeout())
+    }
+
     /// The keepalives' window, `idle + interval × count` (25 s by default),
     /// or `None` when the driver leaves keepalives to the server.
     fn lock_release_window(&self) -> Option<Duration> {

@@ -171,6 +171,13 @@ impl Driver for MssqlDriver {
             .with_loss_signal(Support::Emulated, self.options.get_loss_signal_bound())
     }
 
+    /// [`MssqlOptions::connect_timeout`] (8 s by default): the coordinator
+    /// keeps its own connect deadline above it, so the typed
+    /// `ConnectTimeout` naming the server is what a slow server reports.
+    fn connect_timeout(&self) -> Option<Duration> {
+        Some(self.options.get_connect_timeout())
+    }
+
     /// The server's TCP keepalive time, by default SQL Server's 30 s
     /// ([`MssqlOptions::server_keepalive`]). See the crate docs, "When a node
     /// vanishes".

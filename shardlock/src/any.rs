@@ -48,6 +48,10 @@ macro_rules! any_driver {
                 match self { $( $(#[$meta])* Self::$variant(d) => d.lock_release_window(), )* }
             }
 
+            fn connect_timeout(&self) -> Option<Duration> {
+                match self { $( $(#[$meta])* Self::$variant(d) => d.connect_timeout(), )* }
+            }
+
             fn capabilities(&self) -> Capabilities {
                 match self { $( $(#[$meta])* Self::$variant(d) => d.capabilities(), )* }
             }

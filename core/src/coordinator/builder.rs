@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{Coordinator, Parts};
 use crate::agent::Agent;
@@ -29,7 +29,10 @@ pub struct CoordinatorConfig {
     /// Deadline of every verify, acquire and release round trip; a session
     /// that misses it is treated as lost (default 5 s).
     pub lock_loss_timeout: Duration,
-    /// Deadline for opening a session (default 10 s).
+    /// Deadline for opening a session (default 10 s). At build time it is
+    /// raised to one second above the driver's own
+    /// [`connect_timeout`](Driver::connect_timeout) when that is longer, so
+    /// the driver's typed timeout error is seen rather than a bare deadline.
     pub connect_timeout: Duration,
     /// How long stopping agents may take before they are aborted (default 5 s).
     pub stop_timeout: Duration,
@@ -193,6 +196,17 @@ impl<D: Driver, S: Distributor, A: Agent> CoordinatorBuilder<D, S, A> {
     /// the inequality); [`allow_unsafe_timing`](Self::allow_unsafe_timing)
     /// turns that into a warning too.
     pub fn build(mut self) -> Result<Coordinator<D, S, A>> {
+        if let Some(own) = self.driver.connect_timeout() {
+            let outer = own + Duration::from_secs(1);
+            if self.config.connect_timeout < outer {
+                debug!(
+                    driver = self.driver.name(),
+                    driver_timeout = ?own,
+                    "connect deadline raised above the driver's own connect timeout"
+                );
+                self.config.connect_timeout = outer;
+            }
+        }
         let bound = self.config.loss_detection_bound(&self.driver);
         self.config.takeover_delay = self.takeover_delay.unwrap_or(bound);
         if self.config.takeover_delay < bound {
