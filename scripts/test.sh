@@ -18,10 +18,11 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 # C libraries some crates build against (tiberius' native-tls: OpenSSL),
-# and PgBouncer, which the Postgres suite runs to prove transaction pooling
-# is refused.
+# PgBouncer, which the Postgres suite runs to prove transaction pooling
+# is refused, and iptables + iproute2 (ss), which the fault-injection run
+# uses to cut a node's connections on loopback.
 missing=""
-for pkg in pkg-config libssl-dev pgbouncer; do
+for pkg in pkg-config libssl-dev pgbouncer iptables iproute2; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
 done
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
