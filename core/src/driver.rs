@@ -204,21 +204,24 @@ pub trait Session: Send + 'static {
     ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Releases `key`. Answers `true` if it was held, `false` (not an error)
-    /// if it was not.
-    fn release(&mut self, key: &LockKey) -> impl Future<Output = Result<bool>> + Send;
-
-    /// Releases each key in `keys`, answering like [`release`](Session::release)
-    /// per key. Drivers that can should do it in one round trip (the default
-    /// calls `release` per key).
-    fn release_many(&mut self, keys: &[LockKey]) -> impl Future<Output = Result<Vec<bool>>> + Send {
+    /// if it was not. The default is a one-key
+    /// [`release_many`](Session::release_many).
+    fn release(&mut self, key: &LockKey) -> impl Future<Output = Result<bool>> + Send {
         async move {
-            let mut out = Vec::with_capacity(keys.len());
-            for key in keys {
-                out.push(self.release(key).await?);
-            }
-            Ok(out)
+            Ok(self
+                .release_many(std::slice::from_ref(key))
+                .await?
+                .first()
+                .copied()
+                .unwrap_or(false))
         }
     }
+
+    /// Releases each key in `keys`, in **one round trip** for the held ones
+    /// (none when none is held), answering like
+    /// [`release`](Session::release) per key (`true` only for the first
+    /// appearance of a key that was held).
+    fn release_many(&mut self, keys: &[LockKey]) -> impl Future<Output = Result<Vec<bool>>> + Send;
 
     /// Releases every key this session holds.
     fn release_all(&mut self) -> impl Future<Output = Result<()>> + Send {

@@ -203,6 +203,17 @@ impl Holds {
         }
     }
 
+    /// [`ready`](Self::ready), then [`to_acquire`](Self::to_acquire): the
+    /// keys of a batch to send, empty when every key is held already.
+    ///
+    /// # Errors
+    ///
+    /// As [`ready`](Self::ready).
+    pub fn pending(&mut self, keys: &[LockKey]) -> Result<Vec<LockKey>> {
+        self.ready()?;
+        Ok(self.to_acquire(keys))
+    }
+
     /// The keys of `keys` to send to the database: not held yet, each once,
     /// in order of first appearance.
     pub fn to_acquire(&self, keys: &[LockKey]) -> Vec<LockKey> {
@@ -237,6 +248,33 @@ impl Holds {
         Ok(())
     }
 
+    /// [`record_acquired`](Self::record_acquired), then the
+    /// [`answer`](Self::answer) for the whole batch `keys`.
+    ///
+    /// # Errors
+    ///
+    /// As [`record_acquired`](Self::record_acquired).
+    pub fn finish_acquire(
+        &mut self,
+        keys: &[LockKey],
+        asked: &[LockKey],
+        granted: &[bool],
+    ) -> Result<Vec<bool>> {
+        self.record_acquired(asked, granted)?;
+        Ok(self.answer(keys))
+    }
+
+    /// [`ready`](Self::ready), then whether `key` is held already (a
+    /// blocking acquire of a held key answers at once).
+    ///
+    /// # Errors
+    ///
+    /// As [`ready`](Self::ready).
+    pub fn holding(&mut self, key: &LockKey) -> Result<bool> {
+        self.ready()?;
+        Ok(self.contains(key))
+    }
+
     /// One answer per key of `keys`: whether it is held now.
     pub fn answer(&self, keys: &[LockKey]) -> Vec<bool> {
         keys.iter()
@@ -247,6 +285,17 @@ impl Holds {
     /// Records one granted key (a blocking acquire).
     pub fn insert(&mut self, key: LockKey) {
         let _ = self.held.insert(key.id(), key);
+    }
+
+    /// [`ready`](Self::ready), then [`to_release`](Self::to_release): the
+    /// held keys of a batch to release, empty when none is held.
+    ///
+    /// # Errors
+    ///
+    /// As [`ready`](Self::ready).
+    pub fn pending_release(&mut self, keys: &[LockKey]) -> Result<Vec<LockKey>> {
+        self.ready()?;
+        Ok(self.to_release(keys))
     }
 
     /// The keys of `keys` to release: held, each once, in order.

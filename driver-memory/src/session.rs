@@ -132,24 +132,18 @@ impl Session for MemorySession {
     /// with `SessionLost` and its loss signal fires. Dropping the session
     /// frees every key on the server.
     async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
-        self.holds.ready()?;
-        let ask = self.holds.to_acquire(keys);
-        if ask.is_empty() {
-            return Ok(self.holds.answer(keys));
+        let ask = self.holds.pending(keys)?;
+        if !ask.is_empty() {
+            let granted = self
+                .round_trip("try_acquire", |inner, state, id, holds| {
+                    let db = holds.database();
+                    ask.iter()
+                        .map(|key| matches!(inner.try_take(state, id, db, key), Grant::Granted))
+                        .collect::<Vec<bool>>()
+                })
+                .await?;
+            self.holds.record_acquired(&ask, &granted)?;
         }
-        let granted = self
-            .round_trip("try_acquire", |inner, state, id, holds| {
-                ask.iter()
-                    .map(|key| {
-                        matches!(
-                            inner.try_take(state, id, holds.database(), key),
-                            Grant::Granted
-                        )
-                    })
-                    .collect::<Vec<bool>>()
-            })
-            .await?;
-        self.holds.record_acquired(&ask, &granted)?;
         Ok(self.holds.answer(keys))
     }
 
@@ -163,8 +157,7 @@ impl Session for MemorySession {
     /// attempt takes the key and records it in one step, with no await in
     /// between, so a cancelled or dropped wait never leaves the key held.
     async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
-        self.holds.ready()?;
-        if self.holds.contains(key) {
+        if self.holds.holding(key)? {
             return Ok(true);
         }
         let signals = self.holds.signals();
@@ -211,20 +204,10 @@ impl Session for MemorySession {
         }
     }
 
-    async fn release(&mut self, key: &LockKey) -> Result<bool> {
-        Ok(self
-            .release_many(std::slice::from_ref(key))
-            .await?
-            .first()
-            .copied()
-            .unwrap_or(false))
-    }
-
     /// One round trip for the held keys among `keys` (none when none is
     /// held).
     async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
-        self.holds.ready()?;
-        let ask = self.holds.to_release(keys);
+        let ask = self.holds.pending_release(keys)?;
         if ask.is_empty() {
             return Ok(vec![false; keys.len()]);
         }

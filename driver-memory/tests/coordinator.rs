@@ -680,8 +680,8 @@ mod panicking {
             self.inner.acquire(key, cancel).await
         }
 
-        async fn release(&mut self, key: &LockKey) -> Result<bool> {
-            self.inner.release(key).await
+        async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+            self.inner.release_many(keys).await
         }
 
         async fn verify(&mut self) -> Result<()> {

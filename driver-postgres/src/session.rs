@@ -307,8 +307,7 @@ impl Session for PgSession {
                 return Err(err);
             }
         };
-        self.holds.record_acquired(&ask, &granted)?;
-        Ok(self.holds.answer(keys))
+        self.holds.finish_acquire(keys, &ask, &granted)
     }
 
     /// Waits in `pg_advisory_lock` (the server wakes the waiter on release:

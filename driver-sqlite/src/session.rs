@@ -134,8 +134,7 @@ impl Session for SqliteSession {
     /// `SessionLost` and its loss signal fires. Dropping or closing it frees
     /// every key.
     async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
-        self.holds.ready()?;
-        let ask = self.holds.to_acquire(keys);
+        let ask = self.holds.pending(keys)?;
         if ask.is_empty() {
             return Ok(self.holds.answer(keys));
         }
@@ -143,8 +142,7 @@ impl Session for SqliteSession {
         let granted = self
             .round_trip("try_acquire", |r| Command::TryAcquire(batch, r))
             .await?;
-        self.holds.record_acquired(&ask, &granted)?;
-        Ok(self.holds.answer(keys))
+        self.holds.finish_acquire(keys, &ask, &granted)
     }
 
     /// Waits (SQLite's busy handler, retrying every 5 ms in the worker) until
@@ -159,8 +157,7 @@ impl Session for SqliteSession {
     /// grant whose answer was on its way when the future was dropped is
     /// given back by the next command the worker serves.
     async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
-        self.holds.ready()?;
-        if self.holds.contains(key) {
+        if self.holds.holding(key)? {
             return Ok(true);
         }
         let (tx, rx) = oneshot::channel();
@@ -190,20 +187,10 @@ impl Session for SqliteSession {
         }
     }
 
-    async fn release(&mut self, key: &LockKey) -> Result<bool> {
-        Ok(self
-            .release_many(std::slice::from_ref(key))
-            .await?
-            .first()
-            .copied()
-            .unwrap_or(false))
-    }
-
     /// One worker call for the held keys among `keys` (none when none is
     /// held).
     async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
-        self.holds.ready()?;
-        let ask = self.holds.to_release(keys);
+        let ask = self.holds.pending_release(keys)?;
         if ask.is_empty() {
             return Ok(vec![false; keys.len()]);
         }

@@ -194,8 +194,7 @@ impl Session for MssqlSession {
     /// `sp_getapplock` answered a failure code for a key; the keys granted in
     /// the same batch stay held and are tracked.
     async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
-        self.holds.ready()?;
-        let ask = self.holds.to_acquire(keys);
+        let ask = self.holds.pending(keys)?;
         if !ask.is_empty() {
             let resources: Vec<String> = ask.iter().map(resource_name).collect();
             self.holds.begin("try_acquire")?;
@@ -246,8 +245,7 @@ impl Session for MssqlSession {
     /// [`MssqlError::LockRequest`] with
     /// [`AppLockFailure::DeadlockVictim`](crate::AppLockFailure::DeadlockVictim).
     async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
-        self.holds.ready()?;
-        if self.holds.contains(key) {
+        if self.holds.holding(key)? {
             return Ok(true);
         }
         let resource = resource_name(key);
