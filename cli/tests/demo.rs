@@ -21,7 +21,9 @@ fn summary_line<'a>(stdout: &'a str, needle: &str) -> &'a str {
 /// stopped; the summary comes from the nodes' own records.
 #[test]
 fn sqlite_process_demo_takes_over_after_kill_without_overlap() {
-    let output = shardlock(&["demo", "--duration", "8", "--plain"]);
+    // 12 s: the graceful stop comes at 6 s, leaving a loaded CI machine
+    // time for the takeover.
+    let output = shardlock(&["demo", "--duration", "12", "--plain"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed: {stdout}\n{stderr}");

@@ -104,10 +104,11 @@ pub(crate) async fn run(args: &DemoArgs, url: Option<&str>) -> Result<ExitCode> 
         if staged.killed.is_empty() && started.elapsed() >= kill_at {
             if let Some(node) = busiest(&mut nodes, &owners) {
                 let count = owned_by(&owners, &node.id);
+                let at = now_ns();
                 if let Some(child) = node.child.as_mut() {
                     child.start_kill().context("SIGKILL")?;
                 }
-                staged.killed.insert(node.id.clone(), now_ns());
+                staged.killed.insert(node.id.clone(), at);
                 node.note = "killed (SIGKILL)".into();
                 log.push((
                     started.elapsed(),
@@ -121,10 +122,13 @@ pub(crate) async fn run(args: &DemoArgs, url: Option<&str>) -> Result<ExitCode> 
         if staged.stopped.is_none() && started.elapsed() >= stop_at {
             if let Some(node) = busiest(&mut nodes, &owners) {
                 let count = owned_by(&owners, &node.id);
+                // The time is taken before the node is told: it may stop
+                // its agents (and record it) within a fraction of a
+                // millisecond.
+                staged.stopped = Some((node.id.clone(), now_ns()));
                 if let Some(child) = node.child.as_mut() {
                     drop(child.stdin.take()); // EOF on stdin: graceful stop
                 }
-                staged.stopped = Some((node.id.clone(), now_ns()));
                 node.note = "stopped gracefully".into();
                 log.push((
                     started.elapsed(),
@@ -286,9 +290,11 @@ fn busiest<'a>(
     nodes: &'a mut [Node],
     owners: &BTreeMap<String, (String, u128)>,
 ) -> Option<&'a mut Node> {
+    // A node that runs nothing would hand nothing over: wait for the next
+    // tick instead (e.g. while a takeover is still under way).
     nodes
         .iter_mut()
-        .filter(|n| n.note == "running")
+        .filter(|n| n.note == "running" && owned_by(owners, &n.id) > 0)
         .max_by_key(|n| owned_by(owners, &n.id))
 }
 
