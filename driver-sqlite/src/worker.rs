@@ -268,8 +268,8 @@ impl Worker {
     }
 
     /// Fails once the session's liveness file was removed or replaced (an
-    /// operator ended the session): then fires the loss signal and frees
-    /// every lock. Answers from the file system each time, so there is no
+    /// operator ended the session): then frees every lock and fires the
+    /// loss signal. Answers from the file system each time, so there is no
     /// "dead" flag to keep.
     fn alive(&mut self) -> Result<(), SqliteError> {
         if self.session.intact() {
@@ -280,8 +280,10 @@ impl Worker {
         if !self.signals.is_lost() || !self.files.is_empty() {
             warn!(database = %self.database, session = %self.name, held = self.files.len(), "{reason}");
         }
-        self.signals.fire_lost(reason);
+        // Locks first, as a server frees an ended session's locks before
+        // its client can notice: once `lost` fired, the keys are free.
         self.free_all();
+        self.signals.fire_lost(reason);
         Err(SqliteError::SessionEnded {
             reason: reason.to_string(),
         })
