@@ -20,18 +20,7 @@ fn start<D: Distributor>(
     node: &str,
     recorder: &Recorder,
 ) -> CoordinatorHandle {
-    Coordinator::builder(driver, distributor, RecordingAgent::new(recorder.clone()))
-        .node_id(NodeId::new(node))
-        .poll_interval(POLL)
-        .pause_interval(Duration::from_millis(100))
-        .start_jitter(Duration::from_millis(20))
-        .lock_loss_timeout(Duration::from_millis(300))
-        .stop_timeout(Duration::from_millis(300))
-        .restart_backoff(Duration::from_millis(50), Duration::from_millis(500))
-        .build()
-        .expect("valid config")
-        .start()
-        .expect("start")
+    start_with_poll(driver, distributor, node, recorder, POLL)
 }
 
 fn single(db: &str, n: usize) -> SingleTenant {

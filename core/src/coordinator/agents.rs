@@ -206,14 +206,7 @@ fn finished_outcome(task: &mut JoinHandle<Result<(), AgentError>>) -> Result<(),
 }
 
 fn panic_message(e: tokio::task::JoinError) -> String {
-    let payload = e.into_panic();
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
+    super::cycle::panic_text(e.into_panic().as_ref())
 }
 
 // `Future::poll` needs the trait in scope.
