@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::{Arc, RwLock};
 
+use crate::balancing::Balancing;
 use crate::error::Result;
 use crate::ids::DatabaseId;
 use crate::lock_set::LockSet;
@@ -12,6 +13,15 @@ use crate::lock_set::LockSet;
 pub trait Distributor: Send + Sync + 'static {
     /// The lock sets this node should compete for now.
     fn lock_sets(&self) -> impl Future<Output = Result<Vec<LockSet>>> + Send;
+
+    /// How this node shares the sets with its peers. `None` (the default):
+    /// every node takes every free set it can, so the first node to cycle
+    /// runs everything and the others stand by. `Some`: fair share by member
+    /// slots (see [`Balancing`]); the `Balanced` distributor wraps any
+    /// distributor this way.
+    fn balancing(&self) -> Option<&Balancing> {
+        None
+    }
 }
 
 /// Lists tenant databases at run time, for multi-tenant distribution.
@@ -68,6 +78,10 @@ impl TenantSource for SharedTenants {
 impl<D: Distributor> Distributor for Arc<D> {
     fn lock_sets(&self) -> impl Future<Output = Result<Vec<LockSet>>> + Send {
         (**self).lock_sets()
+    }
+
+    fn balancing(&self) -> Option<&Balancing> {
+        (**self).balancing()
     }
 }
 

@@ -23,6 +23,14 @@
 //!    driver states in [`Driver::capabilities`].
 //! 9. A crashed process's keys are released by the database.
 //! 10. Errors are typed; "not granted" is a value.
+//! 11. [`Session::probe`] tells which keys another session holds and leaves
+//!     every key as it found it (the default takes and gives back; a driver
+//!     that can look without locking overrides it).
+//! 12. [`Session::release_announced`] releases like
+//!     [`Session::release_many`]; where the driver offers release hints
+//!     ([`Capabilities::release_hint`]), every other session of the database
+//!     learns of it through its [`ReleaseHints`](crate::ReleaseHints), with
+//!     the keys handed over cleanly marked.
 
 use std::future::Future;
 use std::time::Duration;
@@ -66,8 +74,8 @@ pub struct Capabilities {
     /// failover, `KILL`) to the loss signal firing, on a healthy network.
     /// `None` when the driver cannot say (no loss signal).
     pub loss_detection_bound: Option<Duration>,
-    /// Whether sessions announce releases by other sessions
-    /// ([`SessionSignals::release_hint`]).
+    /// Whether sessions learn of releases other sessions announce
+    /// ([`SessionSignals::release_hints`], clause 12).
     pub release_hint: Support,
 }
 
@@ -222,6 +230,65 @@ pub trait Session: Send + 'static {
     /// [`release`](Session::release) per key (`true` only for the first
     /// appearance of a key that was held).
     fn release_many(&mut self, keys: &[LockKey]) -> impl Future<Output = Result<Vec<bool>>> + Send;
+
+    /// Releases `keys` like [`release_many`](Session::release_many) and,
+    /// where the driver offers release hints, announces it to the
+    /// database's other sessions **in the same round trip** (Postgres:
+    /// `NOTIFY` in the unlocking statement). `clean[i]` says whether
+    /// `keys[i]` was handed over cleanly (its work stopped before the
+    /// release), which lets the next holder skip its takeover delay; a
+    /// missing entry counts as not clean.
+    ///
+    /// The default releases without announcing: other nodes then find the
+    /// keys at their next poll.
+    fn release_announced(
+        &mut self,
+        keys: &[LockKey],
+        clean: &[bool],
+    ) -> impl Future<Output = Result<Vec<bool>>> + Send {
+        let _ = clean;
+        self.release_many(keys)
+    }
+
+    /// Answers, per key, whether **another** session holds it; keys this
+    /// session holds answer `false`. Leaves every key as it was.
+    ///
+    /// Balancing counts live members with it every cycle. The default
+    /// takes the keys not held here with one
+    /// [`try_acquire`](Session::try_acquire) and gives the granted ones
+    /// back with one [`release_many`](Session::release_many): correct on
+    /// any driver, but two round trips during which the probed keys look
+    /// held to others. Drivers that can look without locking (`pg_locks`,
+    /// their own lock table) override it with one round trip.
+    fn probe(&mut self, keys: &[LockKey]) -> impl Future<Output = Result<Vec<bool>>> + Send {
+        async move {
+            let mine: std::collections::HashSet<LockKey> = self.held().into_iter().collect();
+            let mut seen = std::collections::HashSet::new();
+            let asked: Vec<LockKey> = keys
+                .iter()
+                .filter(|k| !mine.contains(*k) && seen.insert((*k).clone()))
+                .cloned()
+                .collect();
+            if asked.is_empty() {
+                return Ok(vec![false; keys.len()]);
+            }
+            let granted = self.try_acquire(&asked).await?;
+            let taken: Vec<LockKey> = asked
+                .iter()
+                .zip(&granted)
+                .filter(|(_, g)| **g)
+                .map(|(k, _)| k.clone())
+                .collect();
+            if !taken.is_empty() {
+                self.release_many(&taken).await?;
+            }
+            let free: std::collections::HashSet<LockKey> = taken.into_iter().collect();
+            Ok(keys
+                .iter()
+                .map(|key| !mine.contains(key) && !free.contains(key))
+                .collect())
+        }
+    }
 
     /// Releases every key this session holds.
     fn release_all(&mut self) -> impl Future<Output = Result<()>> + Send {

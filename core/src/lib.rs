@@ -17,10 +17,12 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod agent;
+mod balancing;
 mod coordinator;
 mod distributor;
 mod driver;
 mod error;
+mod hints;
 mod holds;
 mod ids;
 mod key;
@@ -31,12 +33,14 @@ mod projection;
 mod signals;
 
 pub use agent::{Agent, AgentContext, AgentError};
+pub use balancing::{fair_share, Balancing};
 pub use coordinator::{
     Assignment, Coordinator, CoordinatorBuilder, CoordinatorConfig, CoordinatorHandle, OwnedSet,
 };
 pub use distributor::{Distributor, SharedTenants, TenantSource};
 pub use driver::{Capabilities, Driver, Session, Support};
 pub use error::{BoxError, DriverError, Error, ErrorKind, InvalidName, Result};
+pub use hints::{ReleaseHints, CLEAN_MARK_TTL};
 pub use holds::Holds;
 pub use ids::{DatabaseId, NodeId, ShardId};
 pub use key::{LockKey, KEY_SCHEME, MAX_NAME_LEN};

@@ -22,8 +22,9 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::hints::ReleaseHints;
 
 /// A session's signals: the loss token, and an optional hint that locks were
 /// released elsewhere (so a waiting node can try at once instead of at its
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub struct SessionSignals {
     lost: CancellationToken,
     reason: Arc<Mutex<Option<String>>>,
-    released: Option<Arc<Notify>>,
+    hints: Option<ReleaseHints>,
 }
 
 impl SessionSignals {
@@ -45,10 +46,10 @@ impl SessionSignals {
         Self::default()
     }
 
-    /// Adds a release hint: `notify` is woken when the driver learns that a
-    /// lock was released by another session (e.g. Postgres `NOTIFY`).
-    pub fn with_release_hint(mut self, notify: Arc<Notify>) -> Self {
-        self.released = Some(notify);
+    /// Adds release hints: the driver records in `hints` the releases other
+    /// sessions of the database announce (e.g. Postgres `NOTIFY`).
+    pub fn with_release_hints(mut self, hints: ReleaseHints) -> Self {
+        self.hints = Some(hints);
         self
     }
 
@@ -84,9 +85,9 @@ impl SessionSignals {
         self.lost.cancel();
     }
 
-    /// The release hint, when the driver offers one.
-    pub fn release_hint(&self) -> Option<&Arc<Notify>> {
-        self.released.as_ref()
+    /// The release hints, when the driver offers them.
+    pub fn release_hints(&self) -> Option<&ReleaseHints> {
+        self.hints.as_ref()
     }
 }
 
@@ -95,7 +96,7 @@ impl fmt::Debug for SessionSignals {
         f.debug_struct("SessionSignals")
             .field("lost", &self.is_lost())
             .field("reason", &self.reason())
-            .field("release_hint", &self.released.is_some())
+            .field("release_hints", &self.hints)
             .finish()
     }
 }
