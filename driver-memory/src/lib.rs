@@ -32,6 +32,21 @@
 //! [`MemoryServer::waiting`] tells how many sessions block in `acquire` on a
 //! key.
 //!
+//! **Probe** ([`Session::probe`](shardlock_core::Session::probe)): one round
+//! trip (counted like the others) for the keys the session does not hold;
+//! the server reads its lock table and takes nothing. Keys the session holds
+//! answer `false` without asking.
+//!
+//! **Release hints** (native): the server keeps each session's
+//! [`ReleaseHints`](shardlock_core::ReleaseHints) (in its signals, from
+//! connect until the session ends). A
+//! [`release_announced`](shardlock_core::Session::release_announced) that
+//! frees at least one key calls `announce` on every *other* reachable
+//! session of the same database, in the same round trip as the release, with
+//! the ids of the released keys marked clean: the hint is there before the
+//! releasing call returns. Partitioned, severed and ended sessions hear
+//! nothing. [`MemoryServer::announcements`] counts announced releases.
+//!
 //! ```
 //! use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
 //! use shardlock_memory::MemoryServer;

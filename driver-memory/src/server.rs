@@ -6,6 +6,14 @@
 //! [`MemoryServer::terminate_node`], [`MemoryDriver::kill`] and
 //! [`MemoryDriver::sever`] fire it at once; [`MemoryDriver::partition`] does
 //! not (a cut network is silent, the coordinator's deadline handles it).
+//!
+//! The same signals carry the session's [`ReleaseHints`]: an announced
+//! release ([`Session::release_announced`](shardlock_core::Session::release_announced))
+//! calls [`ReleaseHints::announce`] on every *other* reachable session of
+//! the database while the server applies the release, so a hint is a
+//! channel in effect. A session that is partitioned, severed or ended
+//! receives none (it could not hear the server); a session that ends is
+//! forgotten with its record.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -14,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use shardlock_core::{
-    Capabilities, DatabaseId, Driver, DriverError, Error, ErrorKind, LockKey, NodeId, Result,
-    SessionSignals, Support,
+    Capabilities, DatabaseId, Driver, DriverError, Error, ErrorKind, LockKey, NodeId, ReleaseHints,
+    Result, SessionSignals, Support,
 };
 use tokio::sync::{watch, Notify};
 use tracing::debug;
@@ -121,8 +129,12 @@ pub(crate) enum Health {
 pub(crate) struct SessionRecord {
     pub(crate) node: NodeId,
     pub(crate) driver: u64,
+    /// The database the session is connected to: announced releases reach
+    /// the other sessions of the same database.
+    database: DatabaseId,
     pub(crate) health: Health,
-    /// The session's signals, fired when the server ends it visibly.
+    /// The session's signals, fired when the server ends it visibly, and
+    /// its release hints, told of other sessions' announced releases.
     signals: SessionSignals,
 }
 
@@ -150,6 +162,8 @@ pub(crate) struct Inner {
     pub(crate) health: watch::Sender<u64>,
     release_window: Duration,
     round_trips: AtomicU64,
+    /// Announced releases that reached at least one other session.
+    announcements: AtomicU64,
     next_driver: AtomicU64,
 }
 
@@ -183,6 +197,7 @@ impl MemoryServer {
                 health: watch::Sender::new(0),
                 release_window: window,
                 round_trips: AtomicU64::new(0),
+                announcements: AtomicU64::new(0),
                 next_driver: AtomicU64::new(0),
             }),
         }
@@ -245,6 +260,14 @@ impl MemoryServer {
     /// keys it does not hold) send nothing and count nothing.
     pub fn round_trips(&self) -> u64 {
         self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Announced releases served: one per
+    /// [`release_announced`](shardlock_core::Session::release_announced)
+    /// that released at least one key (whether or not another session was
+    /// there to hear it). For tests and metrics.
+    pub fn announcements(&self) -> u64 {
+        self.inner.announcements.load(Ordering::Relaxed)
     }
 
     /// How many sessions are blocked in [`acquire`](shardlock_core::Session::acquire)
@@ -335,10 +358,14 @@ impl Inner {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Registers a new session of `node` on `database`; the server keeps
+    /// its signals (to fire `lost`, and to deliver release hints) until the
+    /// session is forgotten.
     pub(crate) fn open_session(
         &self,
         node: &NodeId,
         driver: u64,
+        database: &DatabaseId,
         signals: SessionSignals,
     ) -> SessionId {
         let mut state = self.lock();
@@ -349,11 +376,57 @@ impl Inner {
             SessionRecord {
                 node: node.clone(),
                 driver,
+                database: database.clone(),
                 health: Health::Up,
                 signals,
             },
         );
         id
+    }
+
+    /// Announces a release by `from` to every other reachable session of
+    /// `database` (see the module docs): each one's
+    /// [`ReleaseHints::announce`] gets `clean`, the ids of the keys handed
+    /// over cleanly. Partitioned, severed and ended sessions hear nothing.
+    /// Answers how many sessions were told.
+    pub(crate) fn announce(
+        &self,
+        state: &State,
+        from: SessionId,
+        database: &DatabaseId,
+        clean: &[i64],
+    ) -> usize {
+        self.announcements.fetch_add(1, Ordering::Relaxed);
+        let mut told = 0;
+        for (id, record) in &state.sessions {
+            if *id == from || record.health != Health::Up || &record.database != database {
+                continue;
+            }
+            // `announce` never blocks and never calls the server back, so it
+            // is safe under the table's mutex.
+            if let Some(hints) = record.signals.release_hints() {
+                hints.announce(clean.iter().copied());
+                told += 1;
+            }
+        }
+        debug!(%database, session = %from, clean = clean.len(), told, "release announced");
+        told
+    }
+
+    /// Whether a session other than `session` holds `key` in `database`
+    /// (the server's view: a cut-off session's locks count until the server
+    /// frees them).
+    pub(crate) fn held_elsewhere(
+        &self,
+        state: &State,
+        session: SessionId,
+        database: &DatabaseId,
+        key: &LockKey,
+    ) -> bool {
+        state
+            .locks
+            .get(&(database.clone(), key.id()))
+            .is_some_and(|h| h.session != session)
     }
 
     /// Counts one more session blocked in `acquire` on `slot`.
@@ -649,11 +722,11 @@ impl Driver for MemoryDriver {
                 Health::Severed | Health::Dead => return Err(refused(database)),
             }
         }
-        let signals = SessionSignals::new();
+        let signals = SessionSignals::new().with_release_hints(ReleaseHints::new());
         let id = self
             .server
             .inner
-            .open_session(node, self.id, signals.clone());
+            .open_session(node, self.id, database, signals.clone());
         Ok(MemorySession::new(
             self.server.clone(),
             id,
@@ -667,8 +740,11 @@ impl Driver for MemoryDriver {
     }
 
     /// A native loss signal (the server fires it when it ends a session),
-    /// within [`LOSS_DETECTION_BOUND`]; no release hint.
+    /// within [`LOSS_DETECTION_BOUND`], and native release hints (the server
+    /// tells the other sessions while it applies an announced release).
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none().with_loss_signal(Support::Native, LOSS_DETECTION_BOUND)
+        Capabilities::none()
+            .with_loss_signal(Support::Native, LOSS_DETECTION_BOUND)
+            .with_release_hint(Support::Native)
     }
 }

@@ -1,5 +1,6 @@
 //! A memory session: one "connection" to one database of a [`MemoryServer`].
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -101,6 +102,25 @@ impl MemorySession {
         self.holds.end();
         Ok(answer)
     }
+}
+
+/// The ids of the keys `clean` marks as handed over cleanly: `clean[i]`
+/// answers `keys[i]`, a missing entry is not clean, and a key listed more
+/// than once is clean only if every entry says so (a mark shortens the next
+/// holder's takeover delay, so doubt counts as not clean).
+fn clean_ids(keys: &[LockKey], clean: &[bool]) -> HashSet<i64> {
+    let mut marks: HashMap<i64, bool> = HashMap::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let this = clean.get(i).copied().unwrap_or(false);
+        let _ = marks
+            .entry(key.id())
+            .and_modify(|all| *all &= this)
+            .or_insert(this);
+    }
+    marks
+        .into_iter()
+        .filter_map(|(id, all)| all.then_some(id))
+        .collect()
 }
 
 /// Counts a session blocked in `acquire` until dropped (the acquire returns
@@ -221,6 +241,65 @@ impl Session for MemorySession {
             })
             .await?;
         Ok(self.holds.record_released(keys, &ask, &released))
+    }
+
+    /// Like [`release_many`](Session::release_many), in the same single round
+    /// trip: while the server frees the keys it calls
+    /// [`ReleaseHints::announce`](shardlock_core::ReleaseHints::announce) on
+    /// every other reachable session of the database, with the ids of the
+    /// released keys marked clean. Nothing is announced (and nothing sent)
+    /// when none of `keys` is held; the releasing session never hears its
+    /// own announcement.
+    async fn release_announced(&mut self, keys: &[LockKey], clean: &[bool]) -> Result<Vec<bool>> {
+        let ask = self.holds.pending_release(keys)?;
+        if ask.is_empty() {
+            return Ok(vec![false; keys.len()]);
+        }
+        let clean = clean_ids(keys, clean);
+        let released = self
+            .round_trip("release_announced", |inner, state, id, holds| {
+                let db = holds.database();
+                let released: Vec<bool> = ask
+                    .iter()
+                    .map(|key| inner.give_back(state, id, db, key, LockEventKind::Released))
+                    .collect();
+                if released.contains(&true) {
+                    let marked: Vec<i64> = ask
+                        .iter()
+                        .zip(&released)
+                        .filter(|(key, done)| **done && clean.contains(&key.id()))
+                        .map(|(key, _)| key.id())
+                        .collect();
+                    let _ = inner.announce(state, id, db, &marked);
+                }
+                released
+            })
+            .await?;
+        Ok(self.holds.record_released(keys, &ask, &released))
+    }
+
+    /// One round trip for the keys this session does not hold (none when it
+    /// holds them all): the server looks at its lock table and takes
+    /// nothing. A key held by a session the server has not freed yet (cut
+    /// off, within its release window) counts as held, as `pg_locks` would
+    /// show it.
+    async fn probe(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        let ask = self.holds.pending(keys)?;
+        if ask.is_empty() {
+            return Ok(vec![false; keys.len()]);
+        }
+        let elsewhere = self
+            .round_trip("probe", |inner, state, id, holds| {
+                ask.iter()
+                    .filter(|key| inner.held_elsewhere(state, id, holds.database(), key))
+                    .map(LockKey::id)
+                    .collect::<HashSet<i64>>()
+            })
+            .await?;
+        Ok(keys
+            .iter()
+            .map(|key| !self.holds.contains(key) && elsewhere.contains(&key.id()))
+            .collect())
     }
 
     async fn release_all(&mut self) -> Result<()> {
