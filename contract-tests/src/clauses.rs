@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use shardlock_core::{
     acquire_leadership, wait_for_leadership, CancellationToken, Driver, Error, ErrorKind,
-    InvalidName, LockKey, NodeId, Session, MAX_NAME_LEN,
+    InvalidName, LockKey, NodeId, ReleaseHints, Session, MAX_NAME_LEN,
 };
 use tokio::sync::Barrier;
 use tokio::task::JoinHandle;
@@ -936,6 +936,262 @@ pub async fn clause_10_connect_error_typed<H: Harness>(h: &H) {
         "clause 10: unreachable server refused in {took:?}: {}",
         err.report()
     );
+}
+
+async fn probe<H: Harness>(h: &H, s: &mut SessionOf<H>, keys: &[LockKey]) -> Vec<bool> {
+    let what = format!("probe of {} keys", keys.len());
+    match within(h.settle(), &what, s.probe(keys)).await {
+        Ok(v) => {
+            assert_eq!(v.len(), keys.len(), "one answer per key, got {v:?}");
+            v
+        }
+        Err(e) => panic!("{what} failed: {e:?}"),
+    }
+}
+
+/// Clause 11: `probe` tells which keys **another** session holds (duplicates
+/// answered alike, the prober's own keys `false`, an empty batch an empty
+/// answer) and leaves every key as it found it: the prober holds nothing
+/// afterwards, a free probed key is still free for a third session, and the
+/// holder still holds its key. The probe of keys held elsewhere and free
+/// costs at most two round trips (one for a driver that looks without
+/// locking, two for the default take-and-give-back); the count is printed.
+pub async fn clause_11_probe<H: Harness>(h: &H) {
+    let keys = unique_keys("c11", 2);
+    let (k1, k2) = (&keys[0], &keys[1]);
+    let mut a = open(h, "a").await;
+    let mut b = open(h, "b").await;
+    assert!(try_one(h, &mut a, k1).await, "a takes a free key");
+
+    assert!(
+        probe(h, &mut b, &[]).await.is_empty(),
+        "a probe of no keys answers no keys"
+    );
+    if h.round_trips(&b).is_none() {
+        eprintln!(
+            "NOT COUNTED: clause 11: the {} harness cannot count round trips, so the cost of a \
+             probe is not checked (implement Harness::round_trips)",
+            h.driver().name()
+        );
+    }
+    let before = h.round_trips(&b);
+    let seen = probe(h, &mut b, &[k1.clone(), k2.clone(), k1.clone()]).await;
+    let probe_trips = trips(before, h.round_trips(&b));
+    assert_eq!(
+        seen,
+        vec![true, false, true],
+        "b's probe of [k1 (held by a), k2 (free), k1]"
+    );
+    assert!(
+        b.held().is_empty(),
+        "a probe leaves the prober holding nothing: {:?}",
+        b.held()
+    );
+    if let Some(n) = probe_trips {
+        assert!(
+            (1..=2).contains(&n),
+            "a probe of keys not held here asks the server in one round trip (two for the \
+             default take-and-give-back), cost {n}"
+        );
+    }
+    eprintln!("clause 11: probe took {} round trip(s)", shown(probe_trips));
+
+    let own = probe(h, &mut a, &[k1.clone(), k2.clone()]).await;
+    assert_eq!(
+        own,
+        vec![false, false],
+        "a's probe of [k1 (its own), k2 (free)]: only another session's hold answers true"
+    );
+    assert_eq!(
+        a.held(),
+        vec![k1.clone()],
+        "probing its own key keeps it held, and k2 was not kept"
+    );
+
+    let mut c = open(h, "c").await;
+    assert!(
+        try_one(h, &mut c, k2).await,
+        "the probes left the free key k2 free"
+    );
+    assert!(
+        !try_one(h, &mut c, k1).await,
+        "the probes left k1 held by a"
+    );
+    close(h, a, "a").await;
+    close(h, b, "b").await;
+    close(h, c, "c").await;
+}
+
+/// How long clause 12 waits to see that something does **not** arrive (an
+/// announcement of a release that freed nothing, an echo of a session's own
+/// announcement).
+const ABSENCE_WAIT: Duration = Duration::from_millis(300);
+
+async fn release_announced<H: Harness>(
+    h: &H,
+    s: &mut SessionOf<H>,
+    keys: &[LockKey],
+    clean: &[bool],
+) -> Vec<bool> {
+    let what = format!("release_announced of {} keys", keys.len());
+    match within(h.settle(), &what, s.release_announced(keys, clean)).await {
+        Ok(v) => {
+            assert_eq!(v.len(), keys.len(), "one answer per key, got {v:?}");
+            v
+        }
+        Err(e) => panic!("{what} failed: {e:?}"),
+    }
+}
+
+/// The release hints of `session`, which a driver stating
+/// `Capabilities::release_hint` must give every session.
+fn hints_of<H: Harness>(h: &H, session: &SessionOf<H>, who: &str) -> ReleaseHints {
+    let signals = session.signals();
+    match signals.release_hints() {
+        Some(hints) => hints.clone(),
+        None => panic!(
+            "the {} driver states release hints ({:?}) but session {who}'s signals have none: \
+             {signals:?}",
+            h.driver().name(),
+            h.driver().capabilities().release_hint
+        ),
+    }
+}
+
+/// Clause 12: `release_announced` releases like `release_many` (held keys
+/// `true`, a key not held `false`, the released keys free for others at
+/// once). Where the driver states release hints, another session of the
+/// database is woken (`released()` within [`Harness::settle`]) with the
+/// cleanly handed-over key marked clean and the other not; the announcing
+/// session does not hear its own announcement; and a release that frees
+/// nothing announces nothing. A driver without hints is said loudly
+/// (`NOT OFFERED`).
+///
+/// The absence checks count announcements, so they assume no other test
+/// announces releases in the same database meanwhile.
+pub async fn clause_12_release_announced<H: Harness>(h: &H) {
+    let keys = unique_keys("c12", 4);
+    let (k1, k2, k3, k4) = (&keys[0], &keys[1], &keys[2], &keys[3]);
+    let driver = h.driver();
+    let hinted = driver.capabilities().release_hint.is_supported();
+    if !hinted {
+        eprintln!(
+            "NOT OFFERED: {} has no release hints; clause 12 checked the release only",
+            driver.name()
+        );
+    }
+    let mut a = open(h, "a").await;
+    let mut b = open(h, "b").await;
+    take_all(&mut a, &keys[..2]).await;
+    let hints = hinted.then(|| (hints_of(h, &a, "a"), hints_of(h, &b, "b")));
+    let before = hints
+        .as_ref()
+        .map(|(ha, hb)| (ha.received(), hb.received()));
+
+    let answers = release_announced(
+        h,
+        &mut a,
+        &[k1.clone(), k2.clone(), k3.clone()],
+        &[true, false, true],
+    )
+    .await;
+    assert_eq!(
+        answers,
+        vec![true, true, false],
+        "release_announced of [k1 (held), k2 (held), k3 (not held)]"
+    );
+    assert!(a.held().is_empty(), "nothing left: {:?}", a.held());
+
+    if let (Some((ha, hb)), Some((a_before, b_before))) = (&hints, before) {
+        // Wait for an announcement that marks k1 clean: on a shared
+        // database another test's announcement may wake b first.
+        let settle = h.settle();
+        let deadline = Instant::now() + settle;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, hb.released()).await.is_err() {
+                let got = hb.received() - b_before;
+                panic!(
+                    "no announcement marking k1 clean reached session b within {settle:?} of \
+                     a's release_announced (b received {got} announcement(s) meanwhile)"
+                );
+            }
+            if hb.take_clean(k1) {
+                break;
+            }
+            eprintln!(
+                "clause 12: b woke without k1 marked clean ({} announcement(s) since the \
+                 release; another test's?), waiting on",
+                hb.received() - b_before
+            );
+        }
+        assert!(
+            hb.received() > b_before,
+            "b was woken, so its received() counts the announcement"
+        );
+        assert!(
+            !hb.take_clean(k2),
+            "k2 was released with clean = false: it must not be marked clean at b"
+        );
+        // k3 was not held: whether it is marked is the driver's choice.
+        tokio::time::sleep(ABSENCE_WAIT).await;
+        assert_eq!(
+            ha.received(),
+            a_before,
+            "the announcing session a must not receive its own announcement"
+        );
+    }
+
+    let granted = batch(h, &mut b, &keys[..2]).await;
+    assert_eq!(
+        granted,
+        vec![true, true],
+        "the announced keys are free for another session"
+    );
+
+    // A release that frees nothing (k1 is b's now, k3 and k4 were never
+    // a's) answers false everywhere and announces nothing.
+    let b_base = hints.as_ref().map(|(_, hb)| hb.received());
+    let answers = release_announced(
+        h,
+        &mut a,
+        &[k1.clone(), k3.clone(), k4.clone()],
+        &[true, true, true],
+    )
+    .await;
+    assert_eq!(
+        answers,
+        vec![false, false, false],
+        "release_announced of keys a does not hold"
+    );
+    assert!(
+        !try_one(h, &mut a, k1).await,
+        "a's release_announced did not free b's key"
+    );
+    if let (Some((ha, hb)), Some(b_base), Some((a_before, _))) = (&hints, b_base, before) {
+        tokio::time::sleep(ABSENCE_WAIT).await;
+        assert_eq!(
+            hb.received(),
+            b_base,
+            "a release_announced that freed nothing must announce nothing (b's received())"
+        );
+        assert!(
+            !hb.take_clean(k4),
+            "k4 was never held: a release that freed nothing must not mark it clean at b"
+        );
+        assert_eq!(
+            ha.received(),
+            a_before,
+            "a never receives its own announcements"
+        );
+        eprintln!(
+            "clause 12: the {} driver announced the release to b with k1 clean and k2 not; no \
+             echo at a, no announcement of an empty release",
+            driver.name()
+        );
+    }
+    close(h, a, "a").await;
+    close(h, b, "b").await;
 }
 
 /// Unicode, quotes, SQL-looking and maximum-length names lock like any other.

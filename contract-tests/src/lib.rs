@@ -96,6 +96,8 @@ macro_rules! driver_contract_tests {
             clause_9_crash_releases,
             clause_10_typed_errors,
             clause_10_connect_error_typed,
+            clause_11_probe,
+            clause_12_release_announced,
             hostile_names,
             leadership_handoff,
             scenario_spread_and_graceful_stop,
