@@ -48,6 +48,7 @@
 //! but needs this crate as an optional normal dependency of every driver
 //! (a binary cannot use dev-dependencies) and a self-dependency hack.
 
+mod balancing;
 mod clauses;
 #[cfg(feature = "containers")]
 pub mod container;
@@ -57,6 +58,7 @@ mod projection;
 mod recorder;
 mod scenarios;
 
+pub use balancing::*;
 pub use clauses::*;
 pub use harness::{
     skip, unique_keys, unique_name, until_waiting, within, Harness, Holder, SessionOf, Timings,
@@ -103,6 +105,10 @@ macro_rules! driver_contract_tests {
             scenario_spread_and_graceful_stop,
             scenario_failing_agent_restarted,
             scenario_double_start_is_error,
+            scenario_balance_join_leave_crash,
+            scenario_balance_stable,
+            scenario_balance_alone_weights_and_scale,
+            scenario_balance_graceful_handoff,
         );
     };
     (@tests $harness:expr; $($name:ident),* $(,)?) => {

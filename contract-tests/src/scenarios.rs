@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use shardlock_core::{Coordinator, CoordinatorHandle, Driver, Error, NodeId, ShardId};
+use shardlock_core::{Coordinator, CoordinatorHandle, Distributor, Driver, Error, NodeId, ShardId};
 use shardlock_distributors::SingleTenant;
 
 use crate::harness::{unique_name, within, Harness};
@@ -41,6 +41,16 @@ pub fn start_node<H: Harness>(
     recorder: &Recorder,
 ) -> CoordinatorHandle {
     let distributor = SingleTenant::new(h.database(), schema, shards.iter().cloned());
+    start_node_with(h, node, distributor, recorder)
+}
+
+/// Starts one coordinator over `distributor` with the scenario timings.
+pub fn start_node_with<H: Harness, S: Distributor>(
+    h: &H,
+    node: &str,
+    distributor: S,
+    recorder: &Recorder,
+) -> CoordinatorHandle {
     let coordinator = Coordinator::builder(
         h.driver(),
         distributor,

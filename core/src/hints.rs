@@ -99,12 +99,7 @@ impl ReleaseHints {
 
 impl fmt::Debug for ReleaseHints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let marks = self
-            .inner
-            .clean
-            .lock()
-            .map(|m| m.len())
-            .unwrap_or_default();
+        let marks = self.inner.clean.lock().map(|m| m.len()).unwrap_or_default();
         f.debug_struct("ReleaseHints")
             .field("received", &self.received())
             .field("clean_marks", &marks)

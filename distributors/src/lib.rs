@@ -6,6 +6,11 @@
 //! | [`Solo`] | one per database, always run; a sentinel key detects a second solo node | each database |
 //! | [`SingleTenant`] | one per shard, so shards spread across nodes | the one database |
 //! | [`MultiTenanted`] | one per tenant database, holding all of its shards | that tenant's database |
+//! | [`Balanced`] | those of the distributor it wraps, spread evenly over the live nodes (fair share, no leader) | as the wrapped one, plus member slots |
+//!
+//! Without [`Balanced`], every node takes every free set it can: the first
+//! node to cycle runs everything and the others stand by. Wrap the
+//! distributor in [`Balanced`] to spread the work.
 //!
 //! Lock names are `<database>:<schema>:<shard>` (see
 //! [`LockKey::for_shard`](shardlock_core::LockKey::for_shard)), so the same
@@ -27,10 +32,12 @@
 //! ```
 #![doc(test(attr(deny(warnings))))]
 
+mod balanced;
 mod multi_tenanted;
 mod single_tenant;
 mod solo;
 
+pub use balanced::Balanced;
 pub use multi_tenanted::{MultiTenanted, TENANT_LOCK_SHARD};
 pub use single_tenant::SingleTenant;
 pub use solo::{Solo, SOLO_SENTINEL_SHARD};

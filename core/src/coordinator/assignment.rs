@@ -47,6 +47,18 @@ pub struct Assignment {
     pub sessions_lost: u64,
     /// True once the coordinator has stopped and released everything.
     pub stopped: bool,
+    /// With balancing: the live member slots seen in the last cycle (the
+    /// total weight of the live nodes, this one included); 0 without.
+    pub members: usize,
+    /// With balancing: this node's fair share of the sets in the last
+    /// cycle; `None` without balancing.
+    pub share: Option<usize>,
+    /// Sets this node released to rebalance (surplus, and sets taken
+    /// beyond its share and given back at once), since start.
+    pub moves: u64,
+    /// Release announcements from other nodes that woke this node, since
+    /// start.
+    pub wakeups: u64,
 }
 
 impl Assignment {
@@ -61,6 +73,10 @@ impl Assignment {
             last_cycle_at: None,
             sessions_lost: 0,
             stopped: false,
+            members: 0,
+            share: None,
+            moves: 0,
+            wakeups: 0,
         }
     }
 

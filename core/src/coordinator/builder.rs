@@ -183,7 +183,8 @@ impl<D: Driver, S: Distributor, A: Agent> CoordinatorBuilder<D, S, A> {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when an interval is zero, or when
+    /// [`Error::Config`] when the distributor's [`Balancing`](crate::Balancing)
+    /// settings are invalid, when an interval is zero, or when
     /// [`self_fencing_bound`](CoordinatorConfig::self_fencing_bound) (poll
     /// interval + lock-loss timeout + stop timeout) is not below the driver's
     /// [`lock_release_window`](Driver::lock_release_window): a node cut off
@@ -196,6 +197,9 @@ impl<D: Driver, S: Distributor, A: Agent> CoordinatorBuilder<D, S, A> {
     /// the inequality); [`allow_unsafe_timing`](Self::allow_unsafe_timing)
     /// turns that into a warning too.
     pub fn build(mut self) -> Result<Coordinator<D, S, A>> {
+        if let Some(balancing) = self.distributor.balancing() {
+            balancing.validate()?;
+        }
         if let Some(own) = self.driver.connect_timeout() {
             let outer = own + Duration::from_secs(1);
             if self.config.connect_timeout < outer {

@@ -1,6 +1,6 @@
 //! The coordinator loop: one cycle every poll interval.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::agents::{stop_all, SetAgents};
 use super::{Assignment, CoordinatorConfig, OwnedSet};
 use crate::agent::Agent;
+use crate::balancing::{fair_share, Balancing};
 use crate::distributor::Distributor;
 use crate::driver::{Driver, Session};
 use crate::error::Error;
@@ -33,6 +34,9 @@ struct Conn<S> {
     /// Ends the task that forwards the loss signal to the loop when the
     /// session is replaced or closed.
     _watch: Option<DropGuard>,
+    /// Member slots this node holds in the database (balancing): index and
+    /// key. Lost with the session.
+    members: Vec<(u32, LockKey)>,
     failures: u32,
     retry_at: Instant,
 }
@@ -43,6 +47,7 @@ impl<S> Conn<S> {
             session: None,
             signals: None,
             _watch: None,
+            members: Vec::new(),
             failures: 0,
             retry_at,
         }
@@ -51,6 +56,36 @@ impl<S> Conn<S> {
     fn is_lost(&self) -> bool {
         self.signals.as_ref().is_some_and(SessionSignals::is_lost)
     }
+
+    /// Whether the last release of `key` was announced clean; forgets the
+    /// mark either way (see [`ReleaseHints::take_clean`]).
+    fn take_clean(&self, key: &LockKey) -> bool {
+        self.signals
+            .as_ref()
+            .and_then(SessionSignals::release_hints)
+            .is_some_and(|hints| hints.take_clean(key))
+    }
+}
+
+/// A round trip running in its own task: the session (if one was opened
+/// or kept), the result, and whether it failed while connecting.
+type RoundTask<D, T> = JoinHandle<(
+    Option<<D as Driver>::Session>,
+    crate::error::Result<T>,
+    bool,
+)>;
+
+/// Member slots: index and key.
+type Slots = Vec<(u32, LockKey)>;
+
+/// What to try per database: sets, and member slots.
+type TryPlan = HashMap<DatabaseId, (Vec<LockSet>, Slots)>;
+
+/// What one database answered to a batched `try_acquire`.
+struct TryOutcome {
+    db: DatabaseId,
+    sets: Vec<(LockSet, bool)>,
+    slots: Vec<((u32, LockKey), bool)>,
 }
 
 /// A set this node runs.
@@ -61,7 +96,30 @@ struct Owned {
     held: bool,
     epoch: u64,
     since: SystemTime,
+    /// When its agents were allowed to start (grant + takeover delay, or the
+    /// grant itself for a clean handover): released after it, the set's
+    /// handover is clean for the next holder too.
+    clean_from: Instant,
     agents: SetAgents,
+}
+
+impl Owned {
+    /// Whether releasing it now (agents stopped) hands it over cleanly.
+    fn clean(&self) -> bool {
+        Instant::now() >= self.clean_from
+    }
+}
+
+/// Balancing state carried from cycle to cycle.
+#[derive(Default)]
+struct Balance {
+    /// Cycles in a row this node was seen above its share.
+    above: u32,
+    members: usize,
+    share: Option<usize>,
+    moves: u64,
+    /// Cycle again after the short pause (surplus left to release).
+    hurry: bool,
 }
 
 pub(super) struct Runner<D: Driver, S, A> {
@@ -73,6 +131,8 @@ pub(super) struct Runner<D: Driver, S, A> {
     wake: Arc<Notify>,
     /// Woken by any session's loss signal.
     lost: Arc<Notify>,
+    /// Woken by any session's release hints.
+    hinted: Arc<Notify>,
     tx: watch::Sender<Assignment>,
     /// Declared before `conns`: fields drop in order, so if the task is
     /// aborted the agents are aborted before the sessions (and their locks)
@@ -86,6 +146,8 @@ pub(super) struct Runner<D: Driver, S, A> {
     failing: usize,
     cycles: u64,
     sessions_lost: u64,
+    balance: Balance,
+    wakeups: u64,
 }
 
 impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
@@ -106,6 +168,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             stop,
             wake,
             lost: Arc::new(Notify::new()),
+            hinted: Arc::new(Notify::new()),
             tx,
             owned: BTreeMap::new(),
             conns: HashMap::new(),
@@ -115,6 +178,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             failing: 0,
             cycles: 0,
             sessions_lost: 0,
+            balance: Balance::default(),
+            wakeups: 0,
         }
     }
 
@@ -131,7 +196,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 let started = Instant::now();
                 self.cycle().await;
                 self.publish(started.elapsed(), false);
-                let pause = if self.failing > 0 || self.reconnect_pending() {
+                let pause = if self.failing > 0 || self.reconnect_pending() || self.balance.hurry {
                     self.config.pause_interval
                 } else {
                     self.config.poll_interval
@@ -147,6 +212,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                         self.publish(Duration::ZERO, false);
                     }
                     _ = self.wake.notified() => {}
+                    _ = self.hinted.notified() => {
+                        // Another node released sets: try at once.
+                        self.wakeups += 1;
+                        debug!("release announced elsewhere: cycling now");
+                    }
                     _ = tokio::time::sleep(pause) => {}
                 }
             }
@@ -181,6 +251,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 return;
             }
         };
+        let balancing = self.distributor.balancing().cloned();
         let mut wanted: Vec<LockSet> = Vec::with_capacity(sets.len());
         let mut seen = HashSet::with_capacity(sets.len());
         for set in sets {
@@ -195,7 +266,13 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         self.verify_sessions().await;
         self.release_departed(&seen).await;
         self.supervise_agents();
-        self.acquire_missing(wanted).await;
+        match balancing {
+            Some(balancing) => self.acquire_balanced(wanted, &balancing).await,
+            None => {
+                self.balance = Balance::default();
+                self.acquire_missing(wanted).await;
+            }
+        }
         self.close_idle_sessions(&wanted_dbs).await;
     }
 
@@ -275,10 +352,27 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                     _ = ended.cancelled() => {}
                 }
             }));
+            if let Some(hints) = signals.release_hints().cloned() {
+                let (hinted, ended) = (Arc::clone(&self.hinted), watch.clone());
+                drop(tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = hints.released() => hinted.notify_one(),
+                            _ = ended.cancelled() => break,
+                        }
+                    }
+                }));
+            }
             conn.signals = Some(signals);
             conn._watch = Some(watch.drop_guard());
         }
         conn.session = Some(session);
+    }
+
+    /// Whether `key`'s last release in `db` was announced clean (the mark is
+    /// forgotten either way).
+    fn take_clean(&self, db: &DatabaseId, key: &LockKey) -> bool {
+        self.conns.get(db).is_some_and(|c| c.take_clean(key))
     }
 
     /// The token an exclusive set's agents in `db` descend from: the
@@ -336,6 +430,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             conn.session = None;
             conn.signals = None;
             conn._watch = None;
+            conn.members.clear();
             conn.failures = conn.failures.saturating_add(1);
             conn.retry_at = Instant::now()
                 + self
@@ -360,15 +455,19 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         for key in departed {
             if let Some(owned) = self.owned.remove(&key) {
                 stopping.push(owned.agents);
-                leaving.push((owned.set, owned.held));
+                leaving.push((owned.set, owned.held, owned.clean_from));
             }
         }
         stop_all(stopping, self.config.stop_timeout).await;
-        let mut by_db: HashMap<DatabaseId, Vec<LockKey>> = HashMap::new();
-        for (set, held) in leaving {
+        let mut by_db: HashMap<DatabaseId, Vec<(LockKey, bool)>> = HashMap::new();
+        for (set, held, clean_from) in leaving {
             info!(key = %set.key, database = %set.database, "set left the distribution: agents stopped");
             if held {
-                by_db.entry(set.database).or_default().push(set.key);
+                let clean = Instant::now() >= clean_from;
+                by_db
+                    .entry(set.database)
+                    .or_default()
+                    .push((set.key, clean));
             }
         }
         for (db, keys) in by_db {
@@ -377,8 +476,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     }
 
     /// Releases `keys` in `db` in one call (one round trip where the driver
-    /// can); a failure or a missed deadline loses the session.
-    async fn release_keys(&mut self, db: &DatabaseId, keys: &[LockKey]) {
+    /// can), announced to the database's other sessions with each key's
+    /// clean mark; a failure or a missed deadline loses the session.
+    async fn release_keys(&mut self, db: &DatabaseId, keys: &[(LockKey, bool)]) {
+        let (keys, clean): (Vec<LockKey>, Vec<bool>) = keys.iter().cloned().unzip();
         let deadline = self.config.lock_loss_timeout;
         let Some(conn) = self.conns.get_mut(db) else {
             return;
@@ -386,18 +487,19 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let Some(session) = conn.session.as_mut() else {
             return;
         };
-        let failure = match tokio::time::timeout(deadline, session.release_many(keys)).await {
-            Ok(Ok(_)) => {
-                debug!(database = %db, keys = keys.len(), "released");
-                return;
-            }
-            Ok(Err(e)) => e,
-            Err(_) => Error::Timeout {
-                operation: "release",
-                database: db.clone(),
-                after: deadline,
-            },
-        };
+        let failure =
+            match tokio::time::timeout(deadline, session.release_announced(&keys, &clean)).await {
+                Ok(Ok(_)) => {
+                    debug!(database = %db, keys = keys.len(), "released");
+                    return;
+                }
+                Ok(Err(e)) => e,
+                Err(_) => Error::Timeout {
+                    operation: "release",
+                    database: db.clone(),
+                    after: deadline,
+                },
+            };
         let session = conn.session.take();
         self.lose_session(db, session, &failure).await;
     }
@@ -412,9 +514,134 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         self.failing = failing;
     }
 
-    /// Batched try-acquire of every wanted set not held, one round trip per
-    /// database, databases in parallel; starts the agents of granted sets.
-    async fn acquire_missing(&mut self, wanted: Vec<LockSet>) {
+    /// Runs `round` on `db`'s session, connecting first if it has none,
+    /// in a task of its own (so a panic or a dropped future cannot take the
+    /// session's agents' guarantees with it). `None` while `db` waits to
+    /// reconnect.
+    fn spawn_round<T, F, Fut>(&mut self, db: &DatabaseId, round: F) -> Option<RoundTask<D, T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(D::Session) -> Fut + Send + 'static,
+        Fut: Future<Output = (D::Session, crate::error::Result<T>)> + Send + 'static,
+    {
+        let now = Instant::now();
+        let conn = self
+            .conns
+            .entry(db.clone())
+            .or_insert_with(|| Conn::new(now));
+        if conn.session.is_none() && conn.retry_at > now {
+            debug!(database = %db, "waiting to reconnect");
+            return None;
+        }
+        let session = conn.session.take();
+        let driver = self.driver.clone();
+        let node = self.config.node_id.clone();
+        let connect_deadline = self.config.connect_timeout;
+        let db = db.clone();
+        Some(tokio::spawn(async move {
+            let session = match session {
+                Some(s) => s,
+                None => {
+                    match guarded("connect", &db, connect_deadline, driver.connect(&db, &node))
+                        .await
+                    {
+                        Ok(s) => s,
+                        Err(e) => return (None, Err(e), true),
+                    }
+                }
+            };
+            let (session, result) = round(session).await;
+            (Some(session), result, false)
+        }))
+    }
+
+    /// Awaits round tasks: a success puts the session back (attaching a new
+    /// one), a failed connect schedules a reconnect, any other failure loses
+    /// the session (agents stopped first). Answers the successes.
+    async fn collect_rounds<T, X>(
+        &mut self,
+        rounds: Vec<(DatabaseId, X, RoundTask<D, T>)>,
+    ) -> Vec<(DatabaseId, X, T)> {
+        let mut done = Vec::with_capacity(rounds.len());
+        for (db, extra, task) in rounds {
+            let (session, result, connect_failed) = match join(task).await {
+                Ok(out) => out,
+                Err(e) => (None, Err(e), false),
+            };
+            match result {
+                Ok(value) => {
+                    if let Some(session) = session {
+                        self.attach(&db, session);
+                    }
+                    if let Some(conn) = self.conns.get_mut(&db) {
+                        conn.failures = 0;
+                    }
+                    done.push((db, extra, value));
+                }
+                Err(e) if connect_failed => {
+                    if let Some(conn) = self.conns.get_mut(&db) {
+                        conn.failures = conn.failures.saturating_add(1);
+                        let delay = self
+                            .config
+                            .backoff(self.config.pause_interval, conn.failures - 1);
+                        conn.retry_at = Instant::now() + delay;
+                        warn!(database = %db, error = %e.report(), retry_in = ?delay, "cannot connect");
+                    }
+                }
+                Err(e) => self.lose_session(&db, session, &e).await,
+            }
+        }
+        done
+    }
+
+    /// One batched `try_acquire` per database of `sets` plus `slots` (member
+    /// slots), databases in parallel. Answers, per database reached, the
+    /// sets and the slots with whether each was granted.
+    async fn try_round(
+        &mut self,
+        plan: TryPlan,
+    ) -> (Vec<TryOutcome>, usize) {
+        let deadline = self.config.lock_loss_timeout;
+        let mut rounds = Vec::new();
+        let mut unreached = 0usize;
+        for (db, (sets, slots)) in plan {
+            let mut keys: Vec<LockKey> = sets.iter().map(|s| s.key.clone()).collect();
+            keys.extend(slots.iter().map(|(_, k)| k.clone()));
+            let task_db = db.clone();
+            let task = self.spawn_round(&db, move |mut session| async move {
+                let result = guarded(
+                    "try_acquire",
+                    &task_db,
+                    deadline,
+                    session.try_acquire(&keys),
+                )
+                .await;
+                (session, result)
+            });
+            match task {
+                Some(task) => rounds.push((db, (sets, slots), task)),
+                None => unreached += sets.len(),
+            }
+        }
+        let asked: usize = rounds.iter().map(|(_, (sets, _), _)| sets.len()).sum();
+        let done = self.collect_rounds(rounds).await;
+        let answered: usize = done.iter().map(|(_, (sets, _), _)| sets.len()).sum();
+        let outcomes = done
+            .into_iter()
+            .map(|(db, (sets, slots), granted)| {
+                let (for_sets, for_slots) = granted.split_at(sets.len().min(granted.len()));
+                TryOutcome {
+                    sets: sets.into_iter().zip(for_sets.iter().copied()).collect(),
+                    slots: slots.into_iter().zip(for_slots.iter().copied()).collect(),
+                    db,
+                }
+            })
+            .collect();
+        (outcomes, unreached + asked - answered)
+    }
+
+    /// The sets of `wanted` this node does not hold, by database.
+    fn missing(&mut self, wanted: Vec<LockSet>) -> HashMap<DatabaseId, Vec<LockSet>> {
         let mut by_db: HashMap<DatabaseId, Vec<LockSet>> = HashMap::new();
         for set in wanted {
             let needs_lock = match self.owned.get(&set.key) {
@@ -426,97 +653,253 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             }
         }
         // Sentinel sets run whether or not the sentinel can be taken.
-        for sets in by_db.values() {
-            for set in sets.iter().filter(|s| s.guard == Guard::Sentinel) {
-                if !self.owned.contains_key(&set.key) {
-                    self.start_set(set.clone(), false);
-                }
-            }
+        let sentinels: Vec<LockSet> = by_db
+            .values()
+            .flatten()
+            .filter(|s| s.guard == Guard::Sentinel && !self.owned.contains_key(&s.key))
+            .cloned()
+            .collect();
+        for set in sentinels {
+            self.start_sentinel(set);
         }
+        by_db
+    }
 
-        let now = Instant::now();
-        let deadline = self.config.lock_loss_timeout;
-        let connect_deadline = self.config.connect_timeout;
-        let mut rounds = Vec::new();
-        for (db, sets) in by_db {
-            let conn = self
-                .conns
-                .entry(db.clone())
-                .or_insert_with(|| Conn::new(now));
-            if conn.session.is_none() && conn.retry_at > now {
-                debug!(database = %db, "waiting to reconnect");
-                continue;
-            }
-            let session = conn.session.take();
-            let driver = self.driver.clone();
-            let node = self.config.node_id.clone();
-            let task_db = db.clone();
-            let keys: Vec<LockKey> = sets.iter().map(|s| s.key.clone()).collect();
-            let task = tokio::spawn(async move {
-                let db = task_db;
-                let mut session = match session {
-                    Some(s) => s,
-                    None => {
-                        match guarded("connect", &db, connect_deadline, driver.connect(&db, &node))
-                            .await
-                        {
-                            Ok(s) => s,
-                            Err(e) => return (None, Err(e), true),
-                        }
-                    }
-                };
-                let result =
-                    guarded("try_acquire", &db, deadline, session.try_acquire(&keys)).await;
-                (Some(session), result, false)
-            });
-            rounds.push((db, sets, task));
-        }
-
+    /// Without balancing: batched try-acquire of every wanted set not held,
+    /// one round trip per database, databases in parallel; starts the agents
+    /// of granted sets.
+    async fn acquire_missing(&mut self, wanted: Vec<LockSet>) {
+        let plan = self
+            .missing(wanted)
+            .into_iter()
+            .map(|(db, sets)| (db, (sets, Vec::new())))
+            .collect();
+        let (outcomes, mut denied) = self.try_round(plan).await;
         let mut acquired = 0usize;
-        let mut denied = 0usize;
-        for (db, sets, task) in rounds {
-            let (session, result, connect_failed) = match join(task).await {
-                Ok(out) => out,
-                Err(e) => (None, Err(e), false),
-            };
-            match result {
-                Ok(granted) => {
-                    if let Some(session) = session {
-                        self.attach(&db, session);
-                    }
-                    if let Some(conn) = self.conns.get_mut(&db) {
-                        conn.failures = 0;
-                    }
-                    for (set, ok) in sets.into_iter().zip(granted) {
-                        if ok {
-                            acquired += 1;
-                            self.granted(set);
-                        } else {
-                            denied += 1;
-                            self.denied_set(&set);
-                        }
-                    }
-                }
-                Err(e) if connect_failed => {
-                    denied += sets.len();
-                    if let Some(conn) = self.conns.get_mut(&db) {
-                        conn.failures = conn.failures.saturating_add(1);
-                        let delay = self
-                            .config
-                            .backoff(self.config.pause_interval, conn.failures - 1);
-                        conn.retry_at = Instant::now() + delay;
-                        warn!(database = %db, error = %e.report(), retry_in = ?delay, "cannot connect");
-                    }
-                }
-                Err(e) => {
-                    denied += sets.len();
-                    self.lose_session(&db, session, &e).await;
+        for outcome in outcomes {
+            for (set, ok) in outcome.sets {
+                let clean = self.take_clean(&outcome.db, &set.key);
+                if ok {
+                    acquired += 1;
+                    self.granted(set, clean);
+                } else {
+                    denied += 1;
+                    self.denied_set(&set);
                 }
             }
         }
+        self.tally(acquired, denied);
+    }
+
+    /// With balancing: learn the live members, release a lasting surplus,
+    /// take free sets up to this node's share and give back at once any
+    /// taken beyond it (announced, so nodes with room take them).
+    async fn acquire_balanced(&mut self, wanted: Vec<LockSet>, balancing: &Balancing) {
+        let member_keys = match balancing.member_keys() {
+            Ok(keys) => keys,
+            Err(e) => {
+                warn!(error = %e.report(), "invalid balancing group: balancing off this cycle");
+                return self.acquire_missing(wanted).await;
+            }
+        };
+        let total = wanted
+            .iter()
+            .filter(|s| s.guard == Guard::Exclusive)
+            .count();
+        let dbs: BTreeSet<DatabaseId> = wanted.iter().map(|s| s.database.clone()).collect();
+
+        // 1. Probe the member slots in every database (connecting first).
+        let deadline = self.config.lock_loss_timeout;
+        let mut rounds = Vec::new();
+        for db in &dbs {
+            let keys = member_keys.clone();
+            let task_db = db.clone();
+            let task = self.spawn_round(db, move |mut session| async move {
+                let result = guarded("probe", &task_db, deadline, session.probe(&keys)).await;
+                (session, result)
+            });
+            if let Some(task) = task {
+                rounds.push((db.clone(), (), task));
+            }
+        }
+        let probed = self.collect_rounds(rounds).await;
+
+        // 2. Membership: the live slots per database, and slots to take.
+        let mut views: BTreeMap<DatabaseId, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
+        let mut requests: HashMap<DatabaseId, Vec<(u32, LockKey)>> = HashMap::new();
+        for (db, (), elsewhere) in probed {
+            let mine: Vec<u32> = self
+                .conns
+                .get(&db)
+                .map(|c| c.members.iter().map(|(i, _)| *i).collect())
+                .unwrap_or_default();
+            let mut live: Vec<u32> = (0u32..)
+                .zip(&elsewhere)
+                .filter(|(_, held)| **held)
+                .map(|(i, _)| i)
+                .collect();
+            let mut counted = mine.clone();
+            let need = usize::try_from(balancing.weight)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(mine.len());
+            let wanted_slots: Vec<(u32, LockKey)> = (0u32..)
+                .zip(&member_keys)
+                .filter(|(i, _)| !mine.contains(i) && !live.contains(i))
+                .take(need)
+                .map(|(i, k)| (i, k.clone()))
+                .collect();
+            if wanted_slots.len() < need {
+                warn!(
+                    database = %db,
+                    group = %balancing.group,
+                    max_members = balancing.max_members,
+                    "every member slot is taken: this node gets no share; raise max_members"
+                );
+            }
+            // Counted as ours already: a lost race for a slot is fixed next
+            // cycle, and meanwhile this node still counts itself.
+            counted.extend(wanted_slots.iter().map(|(i, _)| *i));
+            live.extend(counted.iter().copied());
+            requests.insert(db.clone(), wanted_slots);
+            views.insert(db, (live, counted));
+        }
+        // The database with the most live slots speaks for the group (all
+        // agree once everyone holds its slots everywhere).
+        let view = views
+            .values()
+            .max_by_key(|(live, _)| live.len())
+            .cloned()
+            .unwrap_or_default();
+        let share = fair_share(total, &view.0, &view.1);
+        self.balance.members = view.0.len();
+        self.balance.share = Some(share);
+
+        // 3. A lasting surplus goes, a few sets per cycle.
+        let held = self
+            .owned
+            .values()
+            .filter(|o| o.held && o.set.guard == Guard::Exclusive)
+            .count();
+        self.balance.hurry = false;
+        if held > share {
+            self.balance.above += 1;
+            if self.balance.above >= balancing.settle_cycles.max(1) {
+                let surplus = (held - share).min(balancing.max_moves_per_cycle);
+                self.release_surplus(surplus, share).await;
+                self.balance.hurry = held - surplus > share;
+            } else {
+                debug!(
+                    held,
+                    share,
+                    seen = self.balance.above,
+                    "above fair share: settling"
+                );
+            }
+        } else {
+            self.balance.above = 0;
+        }
+
+        // 4. Take free sets up to the share (and the slots still missing).
+        let mut room = share.saturating_sub(held);
+        let mut plan: TryPlan = HashMap::new();
+        for (db, sets) in self.missing(wanted) {
+            let sets: Vec<LockSet> = if room > 0 {
+                sets
+            } else {
+                sets.into_iter()
+                    .filter(|s| s.guard == Guard::Sentinel)
+                    .collect()
+            };
+            plan.entry(db).or_default().0 = sets;
+        }
+        for (db, slots) in requests {
+            if !slots.is_empty() {
+                plan.entry(db).or_default().1 = slots;
+            }
+        }
+        plan.retain(|_, (sets, slots)| !sets.is_empty() || !slots.is_empty());
+        let (outcomes, mut denied) = self.try_round(plan).await;
+        let (mut acquired, mut extras) = (0usize, Vec::new());
+        for outcome in outcomes {
+            if let Some(conn) = self.conns.get_mut(&outcome.db) {
+                for (slot, ok) in &outcome.slots {
+                    if *ok && !conn.members.iter().any(|(i, _)| i == &slot.0) {
+                        conn.members.push(slot.clone());
+                    }
+                }
+            }
+            let mut giving_back = Vec::new();
+            for (set, ok) in outcome.sets {
+                let clean = self.take_clean(&outcome.db, &set.key);
+                if !ok {
+                    denied += 1;
+                    self.denied_set(&set);
+                } else if set.guard == Guard::Sentinel {
+                    self.granted(set, clean);
+                } else if room > 0 {
+                    room -= 1;
+                    acquired += 1;
+                    self.granted(set, clean);
+                } else {
+                    // Won beyond the share: never started, handed on.
+                    giving_back.push((set.key, clean));
+                }
+            }
+            if !giving_back.is_empty() {
+                extras.push((outcome.db, giving_back));
+            }
+        }
+        for (db, keys) in extras {
+            debug!(database = %db, sets = keys.len(), "taken beyond the fair share: handed on");
+            self.balance.moves += keys.len() as u64;
+            self.release_keys(&db, &keys).await;
+        }
+        self.tally(acquired, denied);
+    }
+
+    /// Stops the agents of `count` sets (the most recently taken first),
+    /// then releases them, announced.
+    async fn release_surplus(&mut self, count: usize, share: usize) {
+        let mut candidates: Vec<(SystemTime, LockKey)> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.held && o.set.guard == Guard::Exclusive)
+            .map(|(k, o)| (o.since, k.clone()))
+            .collect();
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let mut leaving = Vec::new();
+        let mut stopping = Vec::new();
+        for (_, key) in candidates.into_iter().take(count) {
+            if let Some(owned) = self.owned.remove(&key) {
+                stopping.push(owned.agents);
+                leaving.push((owned.set, owned.clean_from));
+            }
+        }
+        stop_all(stopping, self.config.stop_timeout).await;
+        let mut by_db: HashMap<DatabaseId, Vec<(LockKey, bool)>> = HashMap::new();
+        for (set, clean_from) in leaving {
+            by_db
+                .entry(set.database)
+                .or_default()
+                .push((set.key, Instant::now() >= clean_from));
+        }
+        let moved: usize = by_db.values().map(Vec::len).sum();
+        info!(
+            moved,
+            share,
+            members = self.balance.members,
+            "above fair share: agents stopped, releasing surplus sets"
+        );
+        self.balance.moves += moved as u64;
+        for (db, keys) in by_db {
+            self.release_keys(&db, &keys).await;
+        }
+    }
+
+    /// One line per cycle, not one per lock: 10,000 sets must not mean
+    /// 10,000 log lines.
+    fn tally(&mut self, acquired: usize, denied: usize) {
         self.denied = denied;
-        // One line per cycle, not one per lock: 10,000 sets must not mean
-        // 10,000 log lines.
         if acquired > 0 {
             info!(
                 acquired,
@@ -529,7 +912,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
     }
 
-    fn granted(&mut self, set: LockSet) {
+    /// Starts a granted set's agents: after the takeover delay, or at once
+    /// when its previous holder announced a clean handover.
+    fn granted(&mut self, set: LockSet, clean: bool) {
         let key = set.key.clone();
         let epoch = {
             let e = self.epochs.entry(key.clone()).or_insert(0);
@@ -546,17 +931,15 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 return;
             }
         }
-        debug!(%key, database = %set.database, shards = set.shards.len(), epoch, "lock acquired: starting agents");
+        let delay = if clean {
+            Duration::ZERO
+        } else {
+            self.config.takeover_delay
+        };
+        debug!(%key, database = %set.database, shards = set.shards.len(), epoch, clean, "lock acquired: starting agents");
         self.owned.remove(&key);
         let parent = self.parent_token(&set.database);
-        let agents = SetAgents::start(
-            &self.agent,
-            &set,
-            epoch,
-            &self.config,
-            &parent,
-            self.config.takeover_delay,
-        );
+        let agents = SetAgents::start(&self.agent, &set, epoch, &self.config, &parent, delay);
         self.owned.insert(
             key,
             Owned {
@@ -564,6 +947,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 held: true,
                 epoch,
                 since: SystemTime::now(),
+                clean_from: Instant::now() + delay,
                 agents,
             },
         );
@@ -579,7 +963,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
     }
 
-    fn start_set(&mut self, set: LockSet, held: bool) {
+    fn start_sentinel(&mut self, set: LockSet) {
         let key = set.key.clone();
         // A sentinel set runs whether or not its session lives.
         let agents = SetAgents::start(
@@ -594,9 +978,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             key,
             Owned {
                 set,
-                held,
+                held: false,
                 epoch: 0,
                 since: SystemTime::now(),
+                clean_from: Instant::now(),
                 agents,
             },
         );
@@ -628,16 +1013,25 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     async fn shutdown(&mut self) {
         let owned = std::mem::take(&mut self.owned);
         let mut stopping = Vec::new();
-        let mut held: HashMap<DatabaseId, Vec<LockKey>> = HashMap::new();
+        let mut held: HashMap<DatabaseId, Vec<(LockKey, bool)>> = HashMap::new();
         for (key, o) in owned {
+            let clean = o.clean();
             stopping.push(o.agents);
             if o.held {
-                held.entry(o.set.database).or_default().push(key);
+                held.entry(o.set.database).or_default().push((key, clean));
             }
         }
         let agents = stopping.len();
         stop_all(stopping, self.config.stop_timeout).await;
         info!(sets = agents, "agents stopped; releasing locks");
+        // Member slots go in the same round trip as the sets, so the nodes
+        // the announcement wakes already count one member less.
+        for (db, conn) in &self.conns {
+            if !conn.members.is_empty() && conn.session.is_some() {
+                let slots = conn.members.iter().map(|(_, k)| (k.clone(), false));
+                held.entry(db.clone()).or_default().extend(slots);
+            }
+        }
         for (db, keys) in held {
             self.release_keys(&db, &keys).await;
         }
@@ -681,6 +1075,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             last_cycle_at: Some(SystemTime::now()),
             sessions_lost: self.sessions_lost,
             stopped,
+            members: self.balance.members,
+            share: self.balance.share,
+            moves: self.balance.moves,
+            wakeups: self.wakeups,
         };
         self.tx.send_replace(assignment);
     }

@@ -84,6 +84,22 @@ impl CoordinatorHandle {
     }
 }
 
+impl CoordinatorHandle {
+    /// Ends the coordinator at once, as a crash would: the loop task is
+    /// aborted, its agents aborted and its sessions dropped, with no graceful
+    /// release and no announcement (the database frees the locks, and other
+    /// nodes find them at their next poll, after their takeover delay).
+    /// For tests and fault drills; use [`stop`](Self::stop) otherwise.
+    pub async fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // Cancelled or finished: either way the loop and its sessions
+            // are gone once this returns.
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for CoordinatorHandle {
     fn drop(&mut self) {
         self.stop.cancel();

@@ -18,6 +18,22 @@
 //!    agents stopped **before** its key is released.
 //! 4. Connections per node are one per database, never one per lock.
 //!
+//! # Wake-ups and balancing
+//!
+//! Every release the coordinator makes (graceful stop, a set leaving the
+//! distribution, a balancing move) is announced where the driver can
+//! ([`Capabilities::release_hint`](crate::Capabilities)); a node whose
+//! session receives an announcement cycles at once instead of at its next
+//! poll, so a coordinator-level handover takes milliseconds. Polling stays
+//! the fallback, and the path after a crash.
+//!
+//! With a distributor that balances ([`Distributor::balancing`]), each
+//! cycle also probes the member slots, computes this node's fair share,
+//! releases a lasting surplus (agents stopped first) and takes free sets
+//! only up to its share; sets won beyond it are given back at once,
+//! announced, without their agents ever starting. See
+//! [`Balancing`](crate::Balancing).
+//!
 //! # No overlap when the server ends a session
 //!
 //! When the server ends a session (terminate, restart, failover, `KILL`) it
@@ -37,7 +53,24 @@
 //! old agents cancelled ≤ t_lost + B ≤ t_lost + takeover_delay ≤ new agents start
 //! ```
 //!
-//! since the new holder's grant comes after `t_lost`. With the defaults that
+//! since the new holder's grant comes after `t_lost`.
+//!
+//! The one exception is a **clean handover**: a holder that stops a set's
+//! agents and then releases the key (graceful stop, a balancing move)
+//! announces the release as clean through the driver's release hints
+//! ([`Session::release_announced`](crate::Session::release_announced)). Its
+//! agents stopped before the release, so the next holder may start at once.
+//! A release is announced clean only if the set's own agents were allowed
+//! to start (its takeover delay had passed): a set taken from a crashed
+//! node and handed on before that stays under the delay. A clean mark is
+//! used by the first `try_acquire` of the key after the announcement, and
+//! forgotten if that one is denied, so a mark never outlives the handover
+//! it describes. What remains is a window of a few milliseconds: a third
+//! node that takes the key between the announcement and that first try, and
+//! loses its session to the server inside the same window, could overlap
+//! for up to `B`; checkpoint fencing covers it.
+//!
+//! With the defaults that
 //! is `B = 100 ms` on Postgres (measured in milliseconds; see the driver's
 //! docs) and `takeover_delay = B`. A driver without a loss signal falls back
 //! to `B = poll_interval + lock_loss_timeout` (the next verify).
