@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <dir>/.shardlock-lockdir          marker: this is a lock directory (format v1)
-//! <dir>/registry.db                 who holds what, for `shardlock status`
+//! <dir>/registry.db                 who holds what (`shardlock status`, probes), announced releases
 //! <dir>/<database>/keys/<id>.lock   one SQLite file per key; held = open write transaction
 //! <dir>/<database>/sessions/<s>.lock one per live session, held the same way
 //! ```

@@ -19,12 +19,58 @@
 //! | status | `registry.db` records holder node, pid and since; `status()` checks liveness |
 //! | ending a session from outside | delete its liveness file `<database>/sessions/<name>.lock` (Unix): within 50 ms its worker fires the session's loss signal and frees every lock; later calls fail with `SessionLost` |
 //! | loss signal | emulated: the worker `stat`s its liveness file every 50 ms, idle or waiting in `acquire`; bound stated in [`capabilities`]: [`LOSS_DETECTION_BOUND`] (100 ms); also fires if the worker thread dies |
+//! | probe | one worker call, one indexed query on `registry.db`'s holders, each holder session found checked alive (its liveness file still locked, tens of µs each); takes no key lock (see below) |
+//! | release hints | emulated: an announced release writes a row to `registry.db` in the transaction that records the release; every worker reads newer rows at its 50 ms check, idle or waiting in `acquire`: at most 50 ms (25 ms on average) when idle, [`RELEASE_HINT_BOUND`] (100 ms) stated |
 //! | too many keys | [`SqliteError::TooManyOpenFiles`] names `ulimit -n`; the batch that hit the limit is rolled back |
 //! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs; [`SqliteCheckpoints::save_in`] writes inside your own transaction |
 //!
 //! A process that hangs without dying (stopped, swapped out) keeps its
 //! locks: there is no server to notice, so [`lock_release_window`] is
 //! `None`.
+//!
+//! # Probe
+//!
+//! [`Session::probe`](shardlock_core::Session::probe) asks the registry, not
+//! the lock files: a lock file can only be tested by taking it, which would
+//! deny a real `try_acquire` meanwhile. Every session records the keys it
+//! holds in `registry.db` right after locking them and removes them right
+//! after releasing them, so one query (`holders` by primary key, the ids
+//! passed as one JSON array) answers any number of keys. A row only counts
+//! if its session is alive, decided as `status` does: its liveness file is
+//! still locked (a process killed with `kill -9` leaves its rows behind;
+//! its file lock is gone, so its rows answer `false` and are removed). A
+//! key taken or released at the very moment of the probe may be answered
+//! either way, as with any probe; a session whose registry writes fail
+//! (logged) is not seen.
+//!
+//! # Release hints
+//!
+//! [`Session::release_announced`](shardlock_core::Session::release_announced)
+//! closes the lock files (the keys are free from then on), then, in the one
+//! registry transaction that records the release, inserts a row in
+//! `announcements` (a sequence number that only grows, the database, the
+//! releasing session, the ids of the keys handed over cleanly) and prunes
+//! rows beyond the newest 256 or older than 30 s. Each session's worker
+//! already wakes every 50 ms to check its liveness file; at that check it
+//! runs one primary-key query for rows newer than the last it saw (a local
+//! WAL read: microseconds, no row when nothing changed) and calls
+//! [`ReleaseHints::announce`] for each one made by another session of its
+//! database, in this process or any other. A session only hears releases
+//! announced after it opened, and never its own.
+//!
+//! Why a table and not an operating-system signal: sessions are threads of
+//! any number of processes that come and go, possibly under different users
+//! and on any platform SQLite runs on. Signals need the receivers' pids and
+//! permission; named pipes and sockets need a rendezvous and clean-up after
+//! `kill -9`; file-change notification (inotify, kqueue,
+//! `ReadDirectoryChangesW`) is per platform and fires for every registry
+//! write, not only releases. The 50 ms check exists anyway, costs one query
+//! per tick, survives crashes (a lost row only costs a poll) and works
+//! wherever the locks do. The price is latency: a hint arrives up to 50 ms
+//! after the release (25 ms on average), plus whatever command the
+//! receiving worker is serving (a blocking-acquire slice ends within about
+//! 50 ms; a batch of thousands of keys delays it until done). Hints are
+//! hints: a missed one costs a poll interval, never correctness.
 //!
 //! # Platforms
 //!
@@ -42,6 +88,7 @@
 //!
 //! [`lock_release_window`]: shardlock_core::Driver::lock_release_window
 //! [`capabilities`]: shardlock_core::Driver::capabilities
+//! [`ReleaseHints::announce`]: shardlock_core::ReleaseHints::announce
 //!
 //! ```
 //! use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
@@ -81,7 +128,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardlock_core::{
-    Capabilities, DatabaseId, Driver, Error, LockKey, NodeId, Result, SessionSignals, Support,
+    Capabilities, DatabaseId, Driver, Error, LockKey, NodeId, ReleaseHints, Result, SessionSignals,
+    Support,
 };
 use tokio::sync::oneshot;
 
@@ -100,6 +148,17 @@ pub use rusqlite;
 /// firing: the worker's check interval (50 ms) plus a margin for one lock
 /// attempt and scheduling.
 pub const LOSS_DETECTION_BOUND: Duration = Duration::from_millis(100);
+
+/// The longest time from a
+/// [`release_announced`](shardlock_core::Session::release_announced)
+/// returning to the announcement reaching another session's
+/// [`ReleaseHints`], on an idle or waiting worker: the worker reads the
+/// announcements at its 50 ms check (50 ms at most, 25 ms on average),
+/// plus a margin for the command it may be serving meanwhile (a
+/// blocking-acquire slice ends within about 50 ms) and scheduling. A worker
+/// busy with a long command (a batch of thousands of keys) reads them once
+/// that command is done.
+pub const RELEASE_HINT_BOUND: Duration = Duration::from_millis(100);
 
 /// Fires the session's loss signal if the worker thread ends without
 /// finishing normally (a panic): its connections close as it unwinds, so
@@ -187,7 +246,8 @@ impl Driver for SqliteDriver {
         );
         let (tx, rx) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let signals = SessionSignals::new();
+        let hints = ReleaseHints::new();
+        let signals = SessionSignals::new().with_release_hints(hints.clone());
         let (root, db, node_id, session_name, worker_signals, waiters) = (
             self.inner.dir.clone(),
             database.clone(),
@@ -207,6 +267,7 @@ impl Driver for SqliteDriver {
                     session_name,
                     worker_signals,
                     waiters,
+                    hints,
                 ) {
                     Ok(worker) => {
                         let _ = ready_tx.send(Ok(()));
@@ -237,9 +298,13 @@ impl Driver for SqliteDriver {
     }
 
     /// An emulated loss signal (the worker polls its liveness file), within
-    /// [`LOSS_DETECTION_BOUND`]; no release hint.
+    /// [`LOSS_DETECTION_BOUND`], and emulated release hints (the worker reads
+    /// the registry's announcements at the same check), within
+    /// [`RELEASE_HINT_BOUND`].
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none().with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
+        Capabilities::none()
+            .with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
+            .with_release_hint(Support::Emulated)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The async face of a session: commands to its worker thread.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -98,6 +99,25 @@ impl SqliteSession {
         self.holds.end();
         result
     }
+}
+
+/// The ids of the keys `clean` marks as handed over cleanly: `clean[i]`
+/// answers `keys[i]`, a missing entry is not clean, and a key listed more
+/// than once is clean only if every entry says so (a mark shortens the next
+/// holder's takeover delay, so doubt counts as not clean).
+fn clean_ids(keys: &[LockKey], clean: &[bool]) -> HashSet<i64> {
+    let mut marks: HashMap<i64, bool> = HashMap::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let this = clean.get(i).copied().unwrap_or(false);
+        let _ = marks
+            .entry(key.id())
+            .and_modify(|all| *all &= this)
+            .or_insert(this);
+    }
+    marks
+        .into_iter()
+        .filter_map(|(id, all)| all.then_some(id))
+        .collect()
 }
 
 /// Tells the worker to give a key back if the `acquire` waiting for it is
@@ -199,6 +219,59 @@ impl Session for SqliteSession {
             .round_trip("release", |r| Command::Release(batch, r))
             .await?;
         Ok(self.holds.record_released(keys, &ask, &released))
+    }
+
+    /// Like [`release_many`](Session::release_many), in the same single
+    /// worker call: the worker closes the lock files, then records the
+    /// release and one announcement (the ids of the released keys marked
+    /// clean) in one registry transaction. Every other session of the
+    /// database, in any process, reads it at its next 50 ms check (see the
+    /// crate docs and [`RELEASE_HINT_BOUND`](crate::RELEASE_HINT_BOUND)).
+    /// Nothing is announced (and nothing sent) when none of `keys` is held;
+    /// the releasing session never hears its own announcement.
+    async fn release_announced(&mut self, keys: &[LockKey], clean: &[bool]) -> Result<Vec<bool>> {
+        let ask = self.holds.pending_release(keys)?;
+        if ask.is_empty() {
+            return Ok(vec![false; keys.len()]);
+        }
+        let (batch, clean) = (ask.clone(), clean_ids(keys, clean));
+        let released = self
+            .round_trip("release_announced", |r| {
+                Command::ReleaseAnnounced(batch, clean, r)
+            })
+            .await?;
+        Ok(self.holds.record_released(keys, &ask, &released))
+    }
+
+    /// One worker call for the keys this session does not hold (none when
+    /// it holds them all): one indexed query on the registry's `holders`
+    /// table, whose holder sessions are each checked alive like `status`
+    /// does (their liveness file still locked); a killed holder's leftover
+    /// row answers `false`. Takes no key lock.
+    ///
+    /// The registry is written right after a lock is taken and right after
+    /// it is released, so a key taken or released at the same instant may
+    /// be answered either way, as with any probe.
+    async fn probe(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        let ask = self.holds.pending(keys)?;
+        if ask.is_empty() {
+            return Ok(vec![false; keys.len()]);
+        }
+        let batch = ask.clone();
+        // The worker answers one bool per key of the batch, in order.
+        let answers = self
+            .round_trip("probe", |r| Command::Probe(batch, r))
+            .await?;
+        let elsewhere: HashSet<i64> = ask
+            .iter()
+            .zip(&answers)
+            .filter(|(_, held)| **held)
+            .map(|(key, _)| key.id())
+            .collect();
+        Ok(keys
+            .iter()
+            .map(|key| !self.holds.contains(key) && elsewhere.contains(&key.id()))
+            .collect())
     }
 
     async fn release_all(&mut self) -> Result<()> {

@@ -7,8 +7,15 @@
 //! session's liveness file is removed or replaced it fires the session's
 //! loss signal (a clone of the `Holds`' signals) and frees every lock, as a
 //! server does when it ends a session.
+//!
+//! The worker also carries the session's release hints both ways (see the
+//! crate docs): an announced release writes a row to the registry's
+//! `announcements` table in the same registry transaction that records the
+//! release, and at every liveness check the worker reads the rows newer
+//! than the last one it saw and calls [`ReleaseHints::announce`] for those
+//! of other sessions of its database.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 #[cfg(unix)]
 use std::os::unix::fs::MetadataExt;
@@ -17,9 +24,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags};
-use shardlock_core::{CancellationToken, DatabaseId, LockKey, NodeId, SessionSignals};
+use shardlock_core::{
+    CancellationToken, DatabaseId, LockKey, NodeId, ReleaseHints, SessionSignals,
+};
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{is_too_many_open_files, SqliteError};
 use crate::layout;
@@ -33,6 +42,11 @@ const SLICE_RETRIES: i32 = 10;
 pub(crate) const LIVENESS_CHECK: Duration = Duration::from_millis(50);
 /// Sleep between lock attempts while waiting (SQLite's busy handler).
 const RETRY_SLEEP: Duration = Duration::from_millis(5);
+/// Announcements kept in the registry: the newest this many...
+const ANNOUNCEMENTS_KEPT: i64 = 256;
+/// ...and none older than this many seconds (a hint that old is useless: a
+/// poll has found the keys since, and clean marks expire after 30 s).
+const ANNOUNCEMENT_TTL_SECS: i64 = 30;
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, SqliteError>>;
 
@@ -46,6 +60,12 @@ pub(crate) enum Command {
     Abandon(LockKey),
     /// Release each key; one answer per key.
     Release(Vec<LockKey>, Reply<Vec<bool>>),
+    /// Release each key like `Release` and, if any was held, announce it to
+    /// the database's other sessions, marking clean the released keys whose
+    /// ids are in the set.
+    ReleaseAnnounced(Vec<LockKey>, HashSet<i64>, Reply<Vec<bool>>),
+    /// Whether another live session holds each key (taking nothing).
+    Probe(Vec<LockKey>, Reply<Vec<bool>>),
     ReleaseAll(Reply<()>),
     /// Check the session and its lock files; the number is how many keys
     /// the session believes it holds.
@@ -92,6 +112,14 @@ pub(crate) struct Worker {
     signals: SessionSignals,
     /// The driver's count of sessions waiting in `acquire`.
     waiters: Waiters,
+    /// Where other sessions' announced releases are recorded.
+    hints: ReleaseHints,
+    /// The newest announcement seen (`seq`); `None` until the registry was
+    /// first read, so a new session does not hear releases made before it.
+    hints_seen: Option<i64>,
+    /// Whether the last read of announcements failed (logged once per run
+    /// of failures).
+    hints_failing: bool,
 }
 
 /// Busy handler for blocking acquires: sleep a little, give up after a
@@ -183,6 +211,7 @@ impl Worker {
         name: String,
         signals: SessionSignals,
         waiters: Waiters,
+        hints: ReleaseHints,
     ) -> Result<Self, SqliteError> {
         let db_dir = layout::database_dir(root, database);
         for sub in ["keys", "sessions"] {
@@ -208,8 +237,14 @@ impl Worker {
             registry: None,
             signals,
             waiters,
+            hints,
+            hints_seen: None,
+            hints_failing: false,
         };
         worker.register_session();
+        // Sets the starting point: releases announced before now are not
+        // this session's news.
+        worker.poll_hints();
         Ok(worker)
     }
 
@@ -233,7 +268,9 @@ impl Worker {
                 // Like a server ending a session: once the liveness file is
                 // gone, fire the loss signal and free the locks without
                 // waiting for a call.
-                let _ = self.alive();
+                if self.alive().is_ok() {
+                    self.poll_hints();
+                }
                 next_check = Instant::now() + LIVENESS_CHECK;
             }
         }
@@ -255,6 +292,15 @@ impl Worker {
             }
             Command::Release(keys, reply) => {
                 let _ = reply.send(self.alive().map(|()| self.give_back(&keys)));
+            }
+            Command::ReleaseAnnounced(keys, clean, reply) => {
+                let _ = reply.send(
+                    self.alive()
+                        .map(|()| self.give_back_announced(&keys, &clean)),
+                );
+            }
+            Command::Probe(keys, reply) => {
+                let _ = reply.send(self.probe(&keys));
             }
             Command::ReleaseAll(reply) => {
                 let _ = reply.send(self.alive().map(|()| self.free_all()));
@@ -336,6 +382,9 @@ impl Worker {
                 let _ = reply.send(Err(e));
                 return;
             }
+            // A session waiting here still hears other sessions' releases
+            // within a slice.
+            self.poll_hints();
             if cancel.is_cancelled() || reply.is_closed() {
                 let _ = reply.send(Ok(false));
                 return;
@@ -367,6 +416,24 @@ impl Worker {
 
     /// Releases each key held; one answer per key.
     fn give_back(&mut self, keys: &[LockKey]) -> Vec<bool> {
+        let (out, released) = self.close_files(keys);
+        self.unregister(&released);
+        out
+    }
+
+    /// Releases each key held like [`give_back`](Self::give_back) and, if
+    /// any was, announces it in the same registry transaction that records
+    /// the release, after the locks are free (so a session woken by the
+    /// announcement finds the keys free).
+    fn give_back_announced(&mut self, keys: &[LockKey], clean: &HashSet<i64>) -> Vec<bool> {
+        let (out, released) = self.close_files(keys);
+        self.unregister_announced(&released, clean);
+        out
+    }
+
+    /// Closes the lock files of the held keys among `keys` (which frees
+    /// their locks); answers one `bool` per key and the keys released.
+    fn close_files(&mut self, keys: &[LockKey]) -> (Vec<bool>, Vec<LockKey>) {
         let mut released = Vec::new();
         let out = keys
             .iter()
@@ -379,8 +446,129 @@ impl Worker {
                 None => false,
             })
             .collect();
-        self.unregister(&released);
-        out
+        (out, released)
+    }
+
+    /// Whether a **live** session other than this one holds each key: one
+    /// indexed query on the registry's `holders` table, then each holder
+    /// session found checked alive the way `status` does (its liveness
+    /// file is still locked). A dead holder's row (its process was killed)
+    /// answers `false` and is removed. Takes no key lock.
+    fn probe(&mut self, keys: &[LockKey]) -> Result<Vec<bool>, SqliteError> {
+        self.alive()?;
+        let (db, name) = (self.database.to_string(), self.name.clone());
+        let ids: Vec<String> = keys
+            .iter()
+            .filter(|k| !self.files.contains_key(&k.id()))
+            .map(|k| k.id().to_string())
+            .collect();
+        let path = layout::registry(&self.root);
+        let sql_err = |e| SqliteError::sqlite(&path, e);
+        let conn = self.registry_checked()?;
+        let mut holders: HashMap<i64, String> = HashMap::with_capacity(ids.len());
+        {
+            // One statement for any number of keys: the ids travel as one
+            // JSON array, not as one bound parameter each.
+            let mut stmt = conn
+                .prepare(
+                    "SELECT key_id, session FROM holders \
+                     WHERE database = ?1 AND key_id IN (SELECT value FROM json_each(?2))",
+                )
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map(params![db, format!("[{}]", ids.join(","))], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(sql_err)?;
+            for row in rows {
+                let (id, session) = row.map_err(sql_err)?;
+                if session != name {
+                    let _ = holders.insert(id, session);
+                }
+            }
+        }
+        let mut alive: HashMap<&str, bool> = HashMap::new();
+        for session in holders.values() {
+            if !alive.contains_key(session.as_str()) {
+                let live = session_alive(&self.root, &self.database, session);
+                let _ = alive.insert(session, live);
+            }
+        }
+        let answers = keys
+            .iter()
+            .map(|k| {
+                holders
+                    .get(&k.id())
+                    .is_some_and(|s| alive.get(s.as_str()).copied().unwrap_or(false))
+            })
+            .collect();
+        let dead: Vec<String> = alive
+            .into_iter()
+            .filter(|(_, live)| !live)
+            .map(|(s, _)| s.to_string())
+            .collect();
+        self.forget_dead_sessions(&dead);
+        Ok(answers)
+    }
+
+    /// Removes the registry rows of sessions found dead (best effort, as
+    /// `status` does), so later probes do not check them again.
+    fn forget_dead_sessions(&mut self, dead: &[String]) {
+        if dead.is_empty() {
+            return;
+        }
+        debug!(database = %self.database, sessions = ?dead, "forgetting dead holders' registry rows");
+        let Some(conn) = self.registry() else { return };
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.unchecked_transaction()?;
+            for session in dead {
+                tx.execute("DELETE FROM holders WHERE session = ?1", params![session])?;
+                tx.execute("DELETE FROM sessions WHERE session = ?1", params![session])?;
+            }
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            warn!(error = %e, "cannot remove dead sessions' rows from the registry");
+        }
+    }
+
+    /// Reads the announcements newer than the last one seen and records
+    /// those of other sessions of this database in the session's hints
+    /// (one indexed query; nothing when the table did not move). The first
+    /// call only notes where the table stands.
+    fn poll_hints(&mut self) {
+        if self.signals.is_lost() {
+            return;
+        }
+        let (db, name, seen) = (
+            self.database.to_string(),
+            self.name.clone(),
+            self.hints_seen,
+        );
+        let path = layout::registry(&self.root);
+        // Not `registry()`: its warning would repeat at every check.
+        let read = self.registry_checked().and_then(|conn| {
+            read_announcements(conn, seen, &db, &name).map_err(|e| SqliteError::sqlite(&path, e))
+        });
+        match read {
+            Ok((last, news)) => {
+                self.hints_seen = Some(last);
+                if self.hints_failing {
+                    info!(database = %self.database, "reading release announcements works again");
+                    self.hints_failing = false;
+                }
+                for clean in news {
+                    debug!(database = %self.database, clean = clean.len(), "release announced by another session");
+                    self.hints.announce(clean);
+                }
+            }
+            Err(e) => {
+                if !self.hints_failing {
+                    warn!(database = %self.database, error = %e, "cannot read release announcements; nodes will find released keys at their next poll");
+                    self.hints_failing = true;
+                }
+            }
+        }
     }
 
     /// Releases every key.
@@ -432,19 +620,28 @@ impl Worker {
         let _ = fs::remove_file(&path);
     }
 
-    // ===== registry (best effort: it feeds `status`, never decides locks) =====
+    // ===== registry (best effort: it feeds `status`, `probe` and release
+    // hints, never decides locks) =====
 
+    /// The registry connection, opened on first use; `None` (logged) when
+    /// it cannot be opened.
     fn registry(&mut self) -> Option<&Connection> {
-        if self.registry.is_none() {
-            match open_registry(&self.root) {
-                Ok(conn) => self.registry = Some(conn),
-                Err(e) => {
-                    warn!(error = %e, "cannot open the lock registry; status will not show this session");
-                    return None;
-                }
+        match self.registry_checked() {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                warn!(error = %e, "cannot open the lock registry; status, probes and release hints will not show this session");
+                None
             }
         }
-        self.registry.as_ref()
+    }
+
+    /// The registry connection, opened on first use.
+    fn registry_checked(&mut self) -> Result<&Connection, SqliteError> {
+        let conn = match self.registry.take() {
+            Some(conn) => conn,
+            None => open_registry(&self.root)?,
+        };
+        Ok(self.registry.insert(conn))
     }
 
     fn register_session(&mut self) {
@@ -479,6 +676,53 @@ impl Worker {
             "cannot record held locks in the registry",
             |stmt, db, key, session| stmt.execute(params![db, key.id(), key.name(), session, since]),
         );
+    }
+
+    /// [`unregister`](Self::unregister) and, in the same registry
+    /// transaction, one announcement of the release (the ids of the
+    /// released keys in `clean`), pruning old announcements. Nothing when
+    /// nothing was released.
+    fn unregister_announced(&mut self, released: &[LockKey], clean: &HashSet<i64>) {
+        if released.is_empty() {
+            return;
+        }
+        let (db, name, now) = (self.database.to_string(), self.name.clone(), now_secs());
+        let marked: Vec<i64> = released
+            .iter()
+            .map(LockKey::id)
+            .filter(|id| clean.contains(id))
+            .collect();
+        let Some(conn) = self.registry() else { return };
+        let result = (|| -> rusqlite::Result<i64> {
+            let tx = conn.unchecked_transaction()?;
+            {
+                let mut stmt = tx.prepare(
+                    "DELETE FROM holders WHERE database = ?1 AND key_id = ?2 AND session = ?3",
+                )?;
+                for key in released {
+                    stmt.execute(params![db, key.id(), name])?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO announcements(database, session, clean, at) VALUES (?1, ?2, ?3, ?4)",
+                params![db, name, encode_ids(&marked), now],
+            )?;
+            let seq = tx.last_insert_rowid();
+            tx.execute(
+                "DELETE FROM announcements WHERE seq <= ?1 OR at < ?2",
+                params![seq - ANNOUNCEMENTS_KEPT, now - ANNOUNCEMENT_TTL_SECS],
+            )?;
+            tx.commit()?;
+            Ok(seq)
+        })();
+        match result {
+            Ok(seq) => {
+                debug!(database = %self.database, released = released.len(), clean = marked.len(), seq, "release announced");
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot record the release in the registry; other nodes will find the keys at their next poll");
+            }
+        }
     }
 
     fn unregister(&mut self, keys: &[LockKey]) {
@@ -536,19 +780,94 @@ pub(crate) fn open_registry(root: &Path) -> Result<Connection, SqliteError> {
          CREATE TABLE IF NOT EXISTS holders(
              database TEXT NOT NULL, key_id INTEGER NOT NULL, name TEXT NOT NULL,
              session TEXT NOT NULL, since INTEGER NOT NULL,
-             PRIMARY KEY(database, key_id));",
+             PRIMARY KEY(database, key_id));
+         -- Announced releases (release hints): `seq` only grows (AUTOINCREMENT
+         -- never reuses one, even after pruning); `clean` holds the ids of
+         -- the keys handed over cleanly, 8 bytes little-endian each.
+         CREATE TABLE IF NOT EXISTS announcements(
+             seq INTEGER PRIMARY KEY AUTOINCREMENT, database TEXT NOT NULL,
+             session TEXT NOT NULL, clean BLOB NOT NULL, at INTEGER NOT NULL);",
     )
     .map_err(|e| SqliteError::sqlite(&path, e))?;
     Ok(conn)
 }
 
+/// The announcements after `seen` (`None`: only where the table stands):
+/// the newest `seq` read, and the clean ids of each announcement made by
+/// another session (`name` is this one) of `database`. One statement on the
+/// primary key: with nothing new it reads no row.
+fn read_announcements(
+    conn: &Connection,
+    seen: Option<i64>,
+    database: &str,
+    name: &str,
+) -> rusqlite::Result<(i64, Vec<Vec<i64>>)> {
+    let Some(seen) = seen else {
+        let latest =
+            conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM announcements", [], |r| {
+                r.get(0)
+            })?;
+        return Ok((latest, Vec::new()));
+    };
+    let mut stmt = conn.prepare(
+        "SELECT seq, database, session, clean FROM announcements WHERE seq > ?1 ORDER BY seq",
+    )?;
+    let mut rows = stmt.query(params![seen])?;
+    let (mut last, mut news) = (seen, Vec::new());
+    while let Some(row) = rows.next()? {
+        last = row.get(0)?;
+        if row.get_ref(1)?.as_str()? == database && row.get_ref(2)?.as_str()? != name {
+            news.push(decode_ids(row.get_ref(3)?.as_blob()?));
+        }
+    }
+    Ok((last, news))
+}
+
+/// Key ids as a blob: 8 bytes little-endian each.
+fn encode_ids(ids: &[i64]) -> Vec<u8> {
+    ids.iter().flat_map(|id| id.to_le_bytes()).collect()
+}
+
+/// The ids of [`encode_ids`]; a trailing partial id is ignored.
+fn decode_ids(blob: &[u8]) -> Vec<i64> {
+    blob.chunks_exact(8)
+        .map(|c| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(c);
+            i64::from_le_bytes(bytes)
+        })
+        .collect()
+}
+
 /// Whether a session's liveness file is still held (by a live process).
+///
+/// The file is opened without creating it, so a session that shuts down
+/// meanwhile leaves no empty file behind. An unexpected error counts as
+/// alive: a holder is never declared dead (and its rows removed) on doubt.
 pub(crate) fn session_alive(root: &Path, database: &DatabaseId, session: &str) -> bool {
     let path = layout::session_file(&layout::database_dir(root, database), session);
-    if !path.exists() {
-        return false;
+    let conn = match Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    ) {
+        Ok(conn) => conn,
+        // Gone: the session ended (or never finished opening).
+        Err(_) if !path.exists() => return false,
+        Err(e) => {
+            debug!(path = %path.display(), error = %e, "cannot open a session file; counted alive");
+            return true;
+        }
+    };
+    // No waiting: a held file answers busy at once (rusqlite's default
+    // would retry for 5 s).
+    if conn.busy_timeout(Duration::ZERO).is_err()
+        || conn
+            .query_row("PRAGMA journal_mode = OFF", [], |_| Ok(()))
+            .is_err()
+    {
+        return true;
     }
     // Taking it succeeds only if its holder is gone; dropping the connection
     // gives it straight back.
-    !matches!(lock_file(&path, false, 0), Ok(Some(_)))
+    conn.execute_batch("BEGIN IMMEDIATE").is_err()
 }
