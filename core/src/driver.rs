@@ -77,6 +77,12 @@ pub struct Capabilities {
     /// Whether sessions learn of releases other sessions announce
     /// ([`SessionSignals::release_hints`], clause 12).
     pub release_hint: Support,
+    /// How [`Session::probe`] looks: `Native` when it takes nothing (the
+    /// database can tell who holds a key), `Unsupported` for the default,
+    /// which takes and gives back, so two concurrent probes can see each
+    /// other's momentary holds. Balancing then counts a member only when two
+    /// probes in a row saw it.
+    pub probe: Support,
 }
 
 impl Capabilities {
@@ -86,6 +92,7 @@ impl Capabilities {
             loss_signal: Support::Unsupported,
             loss_detection_bound: None,
             release_hint: Support::Unsupported,
+            probe: Support::Unsupported,
         }
     }
 
@@ -99,6 +106,13 @@ impl Capabilities {
     /// With a release hint of this kind.
     pub const fn with_release_hint(mut self, support: Support) -> Self {
         self.release_hint = support;
+        self
+    }
+
+    /// With a probe of this kind (a driver that overrides
+    /// [`Session::probe`] to take nothing states `Native`).
+    pub const fn with_probe(mut self, support: Support) -> Self {
+        self.probe = support;
         self
     }
 }

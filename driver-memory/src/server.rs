@@ -746,5 +746,6 @@ impl Driver for MemoryDriver {
         Capabilities::none()
             .with_loss_signal(Support::Native, LOSS_DETECTION_BOUND)
             .with_release_hint(Support::Native)
+            .with_probe(Support::Native)
     }
 }

@@ -18,7 +18,7 @@ use super::{Assignment, CoordinatorConfig, OwnedSet};
 use crate::agent::Agent;
 use crate::balancing::{fair_share, Balancing};
 use crate::distributor::Distributor;
-use crate::driver::{Driver, Session};
+use crate::driver::{Driver, Session, Support};
 use crate::error::Error;
 use crate::ids::DatabaseId;
 use crate::key::LockKey;
@@ -37,6 +37,9 @@ struct Conn<S> {
     /// Member slots this node holds in the database (balancing): index and
     /// key. Lost with the session.
     members: Vec<(u32, LockKey)>,
+    /// Slots the previous probe saw held elsewhere (balancing with a probe
+    /// that takes and gives back: a member counts once seen twice in a row).
+    seen: HashSet<u32>,
     failures: u32,
     retry_at: Instant,
 }
@@ -48,6 +51,7 @@ impl<S> Conn<S> {
             signals: None,
             _watch: None,
             members: Vec::new(),
+            seen: HashSet::new(),
             failures: 0,
             retry_at,
         }
@@ -199,7 +203,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 let pause = if self.failing > 0 || self.reconnect_pending() || self.balance.hurry {
                     self.config.pause_interval
                 } else {
-                    self.config.poll_interval
+                    // ±10 %: nodes started together do not stay in step
+                    // (their probes and tries would keep meeting).
+                    jittered(self.config.poll_interval)
                 };
                 tokio::select! {
                     _ = self.stop.cancelled() => break,
@@ -431,6 +437,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             conn.signals = None;
             conn._watch = None;
             conn.members.clear();
+            conn.seen.clear();
             conn.failures = conn.failures.saturating_add(1);
             conn.retry_at = Instant::now()
                 + self
@@ -725,26 +732,37 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let probed = self.collect_rounds(rounds).await;
 
         // 2. Membership: the live slots per database, and slots to take.
+        let native_probe = self.driver.capabilities().probe == Support::Native;
         let mut views: BTreeMap<DatabaseId, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
         let mut requests: HashMap<DatabaseId, Vec<(u32, LockKey)>> = HashMap::new();
         for (db, (), elsewhere) in probed {
-            let mine: Vec<u32> = self
-                .conns
-                .get(&db)
-                .map(|c| c.members.iter().map(|(i, _)| *i).collect())
-                .unwrap_or_default();
-            let mut live: Vec<u32> = (0u32..)
+            let Some(conn) = self.conns.get_mut(&db) else {
+                continue;
+            };
+            let mine: Vec<u32> = conn.members.iter().map(|(i, _)| *i).collect();
+            let held_now: HashSet<u32> = (0u32..)
                 .zip(&elsewhere)
                 .filter(|(_, held)| **held)
                 .map(|(i, _)| i)
                 .collect();
+            // A probe that takes and gives back sees other probes'
+            // momentary holds: count a slot seen on two probes in a row (a
+            // member holds it throughout; a prober for one round trip). A
+            // slot no longer held counts as gone at once.
+            let mut live: Vec<u32> = if native_probe {
+                held_now.iter().copied().collect()
+            } else {
+                held_now.intersection(&conn.seen).copied().collect()
+            };
+            let taken_by_others: Vec<u32> = held_now.iter().copied().collect();
+            conn.seen = held_now;
             let mut counted = mine.clone();
             let need = usize::try_from(balancing.weight)
                 .unwrap_or(usize::MAX)
                 .saturating_sub(mine.len());
             let wanted_slots: Vec<(u32, LockKey)> = (0u32..)
                 .zip(&member_keys)
-                .filter(|(i, _)| !mine.contains(i) && !live.contains(i))
+                .filter(|(i, _)| !mine.contains(i) && !taken_by_others.contains(i))
                 .take(need)
                 .map(|(i, k)| (i, k.clone()))
                 .collect();
@@ -1145,6 +1163,11 @@ pub(super) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     } else {
         "non-string panic payload".to_string()
     }
+}
+
+/// `interval` ± 10 %, at random.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + fastrand::f64() * 0.2)
 }
 
 fn random_duration(max: Duration) -> Duration {
