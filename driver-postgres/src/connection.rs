@@ -1,13 +1,14 @@
 //! The driver, and opening a session: its dedicated connection (label,
 //! server checks, transaction-pooling detection, session settings, liveness
-//! lock) and the watcher connection behind its loss signal.
+//! lock), the watcher connection behind its loss signal, and the hints
+//! connection behind its release hints (started in the background).
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shardlock_core::{
-    Capabilities, DatabaseId, Driver, Error, NodeId, Result, SessionSignals, Support,
+    Capabilities, DatabaseId, Driver, Error, NodeId, ReleaseHints, Result, SessionSignals, Support,
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
 use sqlx::{Connection, Executor, Row};
@@ -15,6 +16,7 @@ use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
 use crate::error::{connect_error, PgError, DRIVER};
+use crate::listen::{Listen, Listener};
 use crate::options::{application_name, PgOptions};
 use crate::session::PgSession;
 use crate::sql;
@@ -95,7 +97,11 @@ impl Driver for PgDriver {
     /// Opens the session's dedicated connection to the database `database`
     /// maps to (see [`PgOptions::database_for`]), labelled
     /// `application_name = shardlock:<node>`, and its watcher connection
-    /// (`shardlock:<node>:watch`), both at once.
+    /// (`shardlock:<node>:watch`), both at once. The hints connection
+    /// (`shardlock:<node>:hints`, see
+    /// [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)) is opened in the
+    /// background once the session is returned: its connect time is not
+    /// part of this call, and its failure never fails the session.
     ///
     /// Refuses servers that are not PostgreSQL or older than
     /// [`MIN_SERVER_VERSION_NUM`], and connections whose statements land in
@@ -135,7 +141,22 @@ impl Driver for PgDriver {
             server_version_num = established.version_num,
             "postgres session opened"
         );
-        let signals = SessionSignals::new();
+        let hints = ReleaseHints::new();
+        let signals = SessionSignals::new().with_release_hints(hints.clone());
+        let listener = Listener::start(
+            &handle,
+            Listen {
+                options: established.hints,
+                setup: sql::session_setup(&session_settings(
+                    &self.options,
+                    established.version_num,
+                )),
+                connect_timeout: self.options.get_connect_timeout(),
+                main_pid: established.pid,
+                hints,
+                database: database.clone(),
+            },
+        );
         let watcher = Watcher::start(
             &handle,
             Watched {
@@ -155,15 +176,19 @@ impl Driver for PgDriver {
             established.side,
             established.liveness,
             watcher,
+            listener,
             signals,
         ))
     }
 
     /// A loss signal, emulated with a watcher connection (native to no
-    /// PostgreSQL version), firing within [`LOSS_DETECTION_BOUND`]; no
-    /// release hint yet.
+    /// PostgreSQL version), firing within [`LOSS_DETECTION_BOUND`]; release
+    /// hints native (`NOTIFY` in the unlocking statement, `LISTEN` on a
+    /// hints connection: see [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)).
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none().with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
+        Capabilities::none()
+            .with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
+            .with_release_hint(Support::Native)
     }
 
     /// [`PgOptions::connect_timeout`] (10 s by default): the coordinator
@@ -215,8 +240,8 @@ impl SideConnect {
 }
 
 /// A freshly opened, checked and configured session: the main connection
-/// holding its liveness lock, and the watcher connection, configured but
-/// not waiting yet.
+/// holding its liveness lock, the watcher connection, configured but not
+/// waiting yet, and the options of the hints connection, not opened yet.
 pub(crate) struct Established {
     pub(crate) conn: PgConnection,
     pub(crate) pid: i32,
@@ -225,6 +250,7 @@ pub(crate) struct Established {
     pub(crate) liveness: Liveness,
     pub(crate) watch: PgConnection,
     pub(crate) watch_pid: i32,
+    pub(crate) hints: PgConnectOptions,
 }
 
 /// Opens and prepares the session's connections to database `name`.
@@ -243,6 +269,9 @@ async fn establish(options: &PgOptions, name: &str, node: &NodeId) -> Result<Est
     let watch = base
         .clone()
         .application_name(&application_name(node.as_str(), ":watch"));
+    let hints = base
+        .clone()
+        .application_name(&application_name(node.as_str(), ":hints"));
     let side = Arc::new(SideConnect {
         options: base.application_name(&application_name(node.as_str(), ":cancel")),
         timeout: options.get_connect_timeout(),
@@ -269,6 +298,7 @@ async fn establish(options: &PgOptions, name: &str, node: &NodeId) -> Result<Est
             liveness,
             watch: watcher,
             watch_pid,
+            hints,
         })
     };
     tokio::time::timeout(timeout, opening)

@@ -2,8 +2,9 @@
 //! is **one dedicated [`PgConnection`](sqlx::postgres::PgConnection)** (never
 //! a pooled one) holding session-level advisory locks, keyed by
 //! [`LockKey::id`](shardlock_core::LockKey::id) as a `bigint`, plus a
-//! watcher connection that signals the moment the server ends the session.
-//! Use it through `shardlock` with feature `postgres`.
+//! watcher connection that signals the moment the server ends the session,
+//! and a hints connection that hears releases other nodes announce
+//! (`LISTEN`/`NOTIFY`). Use it through `shardlock` with feature `postgres`.
 //!
 //! ```no_run
 //! use shardlock_core::{CancellationToken, DatabaseId, Driver, LockKey, NodeId, Session};
@@ -35,13 +36,15 @@
 //!
 //! | operation | statement | round trips |
 //! |---|---|---|
-//! | `connect` | main connection and watcher connection opened at once; on the main one: server identity, session settings (+ pid again, for the pooling check), `pg_try_advisory_lock(hi, lo)` of a random *liveness lock*; on the watcher: its session settings, then `pg_advisory_lock(hi, lo)`, left waiting | 3 + 1, handshakes overlapped |
+//! | `connect` | main connection and watcher connection opened at once; on the main one: server identity, session settings (+ pid again, for the pooling check), `pg_try_advisory_lock(hi, lo)` of a random *liveness lock*; on the watcher: its session settings, then `pg_advisory_lock(hi, lo)`, left waiting; the hints connection is opened afterwards, in the background (its session settings, `LISTEN shardlock_release`, its pid), not waited for | 3 + 1, handshakes overlapped |
 //! | `try_acquire(keys)` | `array_agg(pg_try_advisory_lock(k) ORDER BY i)` over `unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)`, only for keys not held yet (one key: `pg_try_advisory_lock($1)`) | 1 (0 if all held) |
 //! | `acquire(key, cancel)` | `pg_advisory_lock($1)`; on cancel or drop, `pg_cancel_backend(pid)` from a side connection, then release a grant that raced it | 1 + cancel |
 //! | `release(key)` | `pg_advisory_unlock($1)` for a held key | 1 (0 if not held) |
+//! | `release_announced(keys, clean)` | the `release_many` unlock of the held keys and, in the same statement, `pg_notify('shardlock_release', payload)` per chunk of the keys actually released (see "Release hints") | 1 (0 if none held) |
+//! | `probe(keys)` | one read of `pg_locks` (advisory, this database, granted, `objsubid = 1`, `pid IS DISTINCT FROM pg_backend_pid()`), `LEFT JOIN`ed to `unnest($1::bigint[]) WITH ORDINALITY`, for keys not held here; takes no lock | 1 (0 if all held here) |
 //! | `release_many(keys)` / `release_all` | `array_agg(pg_advisory_unlock(k) ORDER BY i)` over `unnest($1::bigint[])`, for the held keys only — never `pg_advisory_unlock_all()`, which would free the liveness lock and signal a false loss | 1 (0 if none held) |
 //! | `verify` | one statement, one read of `pg_locks`: backend pid, held keys missing, liveness lock still held | 1 |
-//! | `close` / drop | stop the watcher, then `pg_advisory_unlock_all()` (if anything is held) and close | 1 |
+//! | `close` / drop | stop the watcher and the hints listener, then `pg_advisory_unlock_all()` (if anything is held) and close | 1 |
 //!
 //! [`PgSession::round_trips`] counts the statements of the main connection,
 //! for tests and metrics. PostgreSQL stacks session locks (taking a key
@@ -76,12 +79,12 @@
 //! |---|---|---|
 //! | host, port, user, password, TLS | from the URL, else `PGHOST`, `PGPORT`, `PGUSER`, ... | where and as whom to connect ([`PgOptions::map_connect_options`] for the rest of sqlx's options) |
 //! | [`database_mapping`](PgOptions::database_mapping) | [`DatabaseMapping::SameServer`] | which database a shardlock `DatabaseId` locks in. **The default ignores the database named in the URL**: id `tenant_7` locks in database `tenant_7` on the URL's server (one database per tenant). For a single database, use [`DatabaseMapping::ConnectionString`] (the URL's database for every id); [`DatabaseMapping::Fixed`] names one database, [`DatabaseMapping::custom`] computes it. [`PgOptions::database_for`] tells where an id goes |
-//! | `application_name` | `shardlock:<node-id>` (watcher `…:watch`, cancel side connection `…:cancel`), cut to 63 bytes | shows the node in `pg_stat_activity` (set at connect, replaces the URL's) |
+//! | `application_name` | `shardlock:<node-id>` (watcher `…:watch`, hints listener `…:hints`, cancel side connection `…:cancel`), cut to 63 bytes | shows the node in `pg_stat_activity` (set at connect, replaces the URL's) |
 //! | [`keepalives`](PgOptions::keepalives) | idle 10 s, interval 5 s, count 3 | server-side `tcp_keepalives_idle/interval/count` of each connection, plus `tcp_user_timeout` = the window below; `None` leaves the server's settings |
 //! | lock release window | idle + interval × count = **25 s** | [`Driver::lock_release_window`](shardlock_core::Driver::lock_release_window): how long the server keeps a vanished node's locks at least; must exceed the coordinator's poll + lock-loss timeout + stop timeout (5 + 5 + 5 = 15 s by default), which the coordinator checks at build time |
 //! | [`client_connection_check_interval`](PgOptions::client_connection_check_interval) | 2 s | PostgreSQL 14+: a backend waiting in `pg_advisory_lock` (a blocking acquire, or the watcher) notices within this time that its client died, instead of taking the lock for nobody |
-//! | [`connect_timeout`](PgOptions::connect_timeout) | 10 s | limit for opening a session (both connections) and a side connection that cancels a wait |
-//! | `statement_timeout`, `lock_timeout`, `idle_session_timeout` | set to 0 on both connections | role or database defaults would cancel a blocking wait (the watcher's included) or end an idle lock holder |
+//! | [`connect_timeout`](PgOptions::connect_timeout) | 10 s | limit for opening a session (main and watcher connections), each attempt of the background hints connection, and a side connection that cancels a wait |
+//! | `statement_timeout`, `lock_timeout`, `idle_session_timeout` | set to 0 on all three connections | role or database defaults would cancel a blocking wait (the watcher's included) or end an idle lock holder |
 //!
 //! At connect the driver also checks that the server is PostgreSQL (not a
 //! look-alike such as CockroachDB, whose advisory-lock functions do not
@@ -107,10 +110,52 @@
 //! so the table covers the keys all nodes hold at once plus the ordinary
 //! load (each session adds one: its liveness lock).
 //!
-//! Connections are O(databases) per node, never O(keys): **two per
-//! database** (the session and its watcher), plus a transient side
-//! connection while a blocking wait is being cancelled. Size
-//! `max_connections` for `2 × nodes × databases` plus the application's own.
+//! Connections are O(databases) per node, never O(keys): **three per
+//! database** (the session `shardlock:<node>`, its watcher
+//! `shardlock:<node>:watch` and its hints listener `shardlock:<node>:hints`),
+//! plus a transient side connection while a blocking wait is being
+//! cancelled. Size `max_connections` for `3 × nodes × databases` plus the
+//! application's own. Through a session-mode PgBouncer each session takes
+//! three server connections from the pool.
+//!
+//! # Release hints
+//!
+//! A node that gives sets back (it stops, or hands surplus to others when
+//! balancing) releases with
+//! [`release_announced`](shardlock_core::Session::release_announced): the
+//! unlocking statement also runs `pg_notify` on [`RELEASE_CHANNEL`]
+//! (`shardlock_release`), so the coordinators of the database's other
+//! sessions wake at once instead of at their next poll
+//! ([`Driver::capabilities`](shardlock_core::Driver::capabilities): release
+//! hint native).
+//!
+//! - **Payload**: the released keys' ids in decimal, comma-separated,
+//!   `c`-prefixed when handed over cleanly (the holder stopped the work
+//!   first, so the next holder may skip its takeover delay), e.g.
+//!   `c6378800868661604260,-6004255738539311188`. Numbers, not names: a
+//!   name can be 255 bytes, an id at most 20, and the listener matches ids
+//!   ([`ReleaseHints::take_clean`](shardlock_core::ReleaseHints::take_clean)).
+//!   A payload must stay under PostgreSQL's 8000 bytes, so a release of
+//!   many keys sends one notification per [`KEYS_PER_NOTIFICATION`] keys,
+//!   all from the same statement. Only keys the server actually released
+//!   are named; a release of nothing sends nothing.
+//! - **Timing**: the unlocks take effect at once, the notifications are
+//!   delivered when the statement's implicit transaction commits, so a
+//!   listener that hears one finds the keys free.
+//! - **Listening**: each session has a hints connection that `LISTEN`s on
+//!   the channel and records what other sessions announce in its
+//!   [`SessionSignals::release_hints`](shardlock_core::SessionSignals::release_hints)
+//!   (its own announcements are recognised by the sender's backend pid and
+//!   skipped). The watcher connection cannot double as the listener:
+//!   PostgreSQL delivers notifications only to idle backends, and the
+//!   watcher sits in `pg_advisory_lock` for the session's whole life. The
+//!   hints connection opens in the background after `connect` returns, and
+//!   reconnects with backoff when it fails; each time it starts listening
+//!   it records one wake-up without clean marks, for the releases it could
+//!   not hear meanwhile; hints are only hints, so its
+//!   failure never fires the loss signal or fails a call: a missed hint
+//!   costs one poll interval, and polling stays the fallback.
+//!   [`PgSession::hints_pid`] tells whether it listens.
 //!
 //! # Failure and takeover
 //!
@@ -127,7 +172,7 @@
 //!   and takes sets over only after a takeover delay equal to the stated
 //!   bound, [`LOSS_DETECTION_BOUND`] = **100 ms**
 //!   ([`Driver::capabilities`](shardlock_core::Driver::capabilities):
-//!   loss signal emulated, no release hint yet).
+//!   loss signal emulated).
 //!
 //!   Measured (PostgreSQL 15 in a local container on the host network,
 //!   2-core machine, server and benchmark pinned to separate CPUs, 30
@@ -173,6 +218,7 @@
 mod checkpoints;
 mod connection;
 mod error;
+mod listen;
 mod options;
 mod session;
 mod sql;
@@ -189,6 +235,7 @@ pub use session::PgSession;
 /// Core's mapping from shardlock database ids to PostgreSQL databases, used
 /// by [`PgOptions::database_mapping`].
 pub use shardlock_core::DatabaseMapping;
+pub use sql::{KEYS_PER_NOTIFICATION, RELEASE_CHANNEL};
 
 /// The sqlx this driver is built on, for its connect options and errors.
 pub use sqlx;

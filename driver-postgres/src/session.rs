@@ -1,7 +1,8 @@
 //! A PostgreSQL session: one dedicated connection holding session-level
 //! advisory locks
 //! (<https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS>),
-//! plus the watcher connection behind its loss signal (see `watch.rs`).
+//! plus the watcher connection behind its loss signal (see `watch.rs`) and
+//! the hints connection behind its release hints (see `listen.rs`).
 //!
 //! # Invariants
 //!
@@ -18,6 +19,7 @@
 //!    the held keys (`bigint` form); `pg_advisory_unlock_all()` runs only in
 //!    `close` and drop, after the watcher was stopped.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use tracing::{debug, warn};
 
 use crate::connection::SideConnect;
 use crate::error::PgError;
+use crate::listen::Listener;
 use crate::sql;
 use crate::wait::{Outcome, Returned, Wait};
 use crate::watch::{Liveness, Watcher};
@@ -65,6 +68,7 @@ pub struct PgSession {
     holds: Holds,
     liveness: Liveness,
     watcher: Watcher,
+    listener: Listener,
     round_trips: Arc<AtomicU64>,
 }
 
@@ -78,6 +82,7 @@ impl PgSession {
         side: Arc<SideConnect>,
         liveness: Liveness,
         watcher: Watcher,
+        listener: Listener,
         signals: SessionSignals,
     ) -> Self {
         Self {
@@ -89,6 +94,7 @@ impl PgSession {
             holds: Holds::with_signals(database, signals),
             liveness,
             watcher,
+            listener,
             round_trips: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -105,6 +111,20 @@ impl PgSession {
     /// `pg_advisory_lock` for the session's liveness lock.
     pub fn watcher_pid(&self) -> i32 {
         self.watcher.pid()
+    }
+
+    /// The server process of the session's hints connection
+    /// (`application_name` `shardlock:<node>:hints`) while it listens on
+    /// [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL); `None` until it first
+    /// listens (it connects in the background after
+    /// [`connect`](shardlock_core::Driver::connect) returned), while it
+    /// reconnects, and once the session is closed. Releases announced while
+    /// it is `None` are not heard; each time it starts listening the
+    /// session's release hints get one wake-up without clean marks instead
+    /// (recorded before this answers `Some`), so a coordinator tries once
+    /// more rather than waiting for its next poll.
+    pub fn hints_pid(&self) -> Option<i32> {
+        self.listener.pid()
     }
 
     /// The session's liveness lock, `(classid, objid)` of the two-`int4`
@@ -237,6 +257,7 @@ impl PgSession {
     /// session is broken: then the connection is just dropped.
     fn take_for_close(&mut self) -> Option<(PgConnection, bool)> {
         self.watcher.stop();
+        self.listener.stop();
         let conn = self.conn.take()?;
         if self.holds.is_broken() {
             return None;
@@ -424,6 +445,95 @@ impl Session for PgSession {
         Ok(self.holds.record_released(keys, &ask, &released))
     }
 
+    /// Like [`release_many`](Session::release_many) (one statement for the
+    /// held keys of `keys`, none when none is held), and in the **same
+    /// statement** `pg_notify` on [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)
+    /// for the keys the server actually released, so every other session of
+    /// the database hears of it through its
+    /// [`ReleaseHints`](shardlock_core::ReleaseHints) (see
+    /// [`hints_pid`](PgSession::hints_pid)). The notifications are delivered
+    /// when the statement commits, after the unlocks: a listener that hears
+    /// one finds the keys free. A release of nothing sends nothing.
+    ///
+    /// A key counts as handed over cleanly only when every appearance of it
+    /// in `keys` is marked clean in `clean` (a missing mark is not clean).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
+    async fn release_announced(&mut self, keys: &[LockKey], clean: &[bool]) -> Result<Vec<bool>> {
+        self.reclaim().await;
+        let ask = self.holds.to_release(keys);
+        if ask.is_empty() {
+            return Ok(vec![false; keys.len()]);
+        }
+        self.ready().await?;
+        let ids: Vec<i64> = ask.iter().map(LockKey::id).collect();
+        let marks = clean_marks(keys, clean, &ids);
+        self.holds.begin("release_announced")?;
+        self.sent();
+        let conn = self.conn()?;
+        let result = sqlx::query_as::<_, (Vec<bool>, i64)>(sql::RELEASE_ANNOUNCED)
+            .bind(&ids)
+            .bind(&marks)
+            .fetch_one(conn)
+            .await;
+        self.holds.end();
+        let (released, notifications) =
+            result.map_err(|e| self.fail(PgError::from_query("release_announced", e)))?;
+        debug!(
+            pid = self.pid,
+            keys = ids.len(),
+            clean = marks.iter().filter(|c| **c).count(),
+            notifications,
+            "released and announced"
+        );
+        Ok(self.holds.record_released(keys, &ask, &released))
+    }
+
+    /// One statement and one read of `pg_locks`, taking no lock: per key,
+    /// whether a backend other than this session's holds its `bigint`
+    /// advisory lock in this database. Keys this session holds answer
+    /// `false` and are not sent; a probe of only such keys sends nothing.
+    ///
+    /// # Cancel safety
+    ///
+    /// Nothing is locked, but dropped mid-round-trip the session is
+    /// poisoned like after any interrupted round trip.
+    async fn probe(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        self.ready().await?;
+        let ask = self.holds.to_acquire(keys);
+        if ask.is_empty() {
+            return Ok(vec![false; keys.len()]);
+        }
+        let ids: Vec<i64> = ask.iter().map(LockKey::id).collect();
+        self.holds.begin("probe")?;
+        self.sent();
+        let conn = self.conn()?;
+        let result = sqlx::query_scalar::<_, Vec<bool>>(sql::PROBE)
+            .bind(&ids)
+            .fetch_one(conn)
+            .await;
+        self.holds.end();
+        let held = result.map_err(|e| self.fail(PgError::from_query("probe", e)))?;
+        if held.len() != ids.len() {
+            return Err(self.fail(PgError::Query {
+                operation: "probe",
+                source: sqlx::Error::Protocol(format!(
+                    "the server answered {} of {} probed keys",
+                    held.len(),
+                    ids.len()
+                ))
+                .into(),
+            }));
+        }
+        let by_id: HashMap<i64, bool> = ids.into_iter().zip(held).collect();
+        Ok(keys
+            .iter()
+            .map(|key| by_id.get(&key.id()).copied().unwrap_or(false))
+            .collect())
+    }
+
     /// Releases every held key in one statement (the `release_many`
     /// statement), or sends nothing when no key is held. Never
     /// `pg_advisory_unlock_all()`, which would also free the session's
@@ -551,6 +661,24 @@ impl Session for PgSession {
     }
 }
 
+/// The clean mark of each id of `ids` (the held keys of `keys`, each once):
+/// clean only when every appearance of the key in `keys` has `true` in
+/// `clean` (a missing entry is not clean), since a clean mark lets the next
+/// holder skip its takeover delay.
+fn clean_marks(keys: &[LockKey], clean: &[bool], ids: &[i64]) -> Vec<bool> {
+    let mut marks: HashMap<i64, bool> = HashMap::with_capacity(ids.len());
+    for (i, key) in keys.iter().enumerate() {
+        let mark = clean.get(i).copied().unwrap_or(false);
+        let _ = marks
+            .entry(key.id())
+            .and_modify(|m| *m &= mark)
+            .or_insert(mark);
+    }
+    ids.iter()
+        .map(|id| marks.get(id).copied().unwrap_or(false))
+        .collect()
+}
+
 /// Abandons a wait when the acquire future is dropped before it ended.
 struct AbandonOnDrop(Option<Arc<Wait>>);
 
@@ -597,9 +725,35 @@ impl fmt::Debug for PgSession {
         f.debug_struct("PgSession")
             .field("backend_pid", &self.pid)
             .field("watcher", &self.watcher)
+            .field("hints", &self.listener)
             .field("holds", &self.holds)
             .field("waiting", &self.waiting.is_some())
             .field("round_trips", &self.round_trips())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_marks_need_every_appearance_clean() {
+        let k: Vec<LockKey> = (0..4)
+            .map(|i| LockKey::new(format!("marks-{i}")).unwrap())
+            .collect();
+        let keys = [
+            k[0].clone(),
+            k[1].clone(),
+            k[0].clone(),
+            k[2].clone(),
+            k[3].clone(),
+        ];
+        let ids: Vec<i64> = k.iter().map(LockKey::id).collect();
+        // k0 clean then not clean; k1 clean; k2 not; k3 has no mark.
+        let marks = clean_marks(&keys, &[true, true, false, false], &ids);
+        assert_eq!(marks, vec![false, true, false, false]);
+        let marks = clean_marks(&keys, &[true, true, true, true, true], &ids);
+        assert_eq!(marks, vec![true; 4]);
     }
 }

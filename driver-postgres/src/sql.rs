@@ -29,6 +29,19 @@ macro_rules! own_advisory {
     };
 }
 
+/// Advisory-lock rows of `pg_locks l` granted to **another** session of
+/// the current database with a `bigint` key: `probe`'s filter. Advisory
+/// locks are per database (`l.database`), so a key held in another database
+/// of the server does not count. `IS DISTINCT FROM` also counts a prepared
+/// transaction holding the key (its `pid` is null).
+macro_rules! others_advisory {
+    () => {
+        "l.locktype = 'advisory' \
+         AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()) \
+         AND l.pid IS DISTINCT FROM pg_backend_pid() AND l.granted AND l.objsubid = 1"
+    };
+}
+
 /// See [`lock_key_of!`].
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const LOCK_KEY_OF: &str = lock_key_of!();
@@ -36,6 +49,45 @@ pub(crate) const LOCK_KEY_OF: &str = lock_key_of!();
 /// See [`own_advisory!`].
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const OWN_ADVISORY: &str = own_advisory!();
+
+/// See [`others_advisory!`].
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const OTHERS_ADVISORY: &str = others_advisory!();
+
+/// The channel announced releases are sent on (see [`RELEASE_CHANNEL`]).
+macro_rules! release_channel {
+    () => {
+        "shardlock_release"
+    };
+}
+
+/// Keys per notification (see [`KEYS_PER_NOTIFICATION`]).
+macro_rules! keys_per_notification {
+    () => {
+        "350"
+    };
+}
+
+/// The `LISTEN`/`NOTIFY` channel of announced releases: sessions send on it
+/// with `pg_notify` in the statement that unlocks
+/// ([`Session::release_announced`](shardlock_core::Session::release_announced)),
+/// and every session's hints connection listens on it. PostgreSQL channels
+/// are per database, like advisory locks, so only sessions of the same
+/// database hear a release.
+///
+/// The payload is the released keys' ids ([`LockKey::id`](shardlock_core::LockKey::id))
+/// in decimal, comma-separated, each prefixed with `c` when it was handed
+/// over cleanly, e.g. `c6378800868661604260,-6004255738539311188`; at most
+/// [`KEYS_PER_NOTIFICATION`] ids per notification. A payload that does not
+/// parse (e.g. a hand-sent `NOTIFY shardlock_release, 'hello'`) still wakes
+/// the listeners, but marks nothing clean.
+pub const RELEASE_CHANNEL: &str = release_channel!();
+
+/// The most keys one notification of an announced release names: a payload
+/// must stay under PostgreSQL's 8000 bytes, and one key takes at most 22
+/// (`c`, a sign, 19 digits, a comma): 350 × 22 = 7,700 bytes. A release of
+/// more keys sends several notifications from the same statement.
+pub const KEYS_PER_NOTIFICATION: usize = 350;
 
 /// Connect, first statement (simple protocol): what the server is, and its
 /// backend pid.
@@ -59,6 +111,42 @@ pub(crate) const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
 /// Releases many keys in one statement, one answer per key in order.
 pub(crate) const UNLOCK_MANY: &str = "SELECT array_agg(pg_advisory_unlock(t.k) ORDER BY t.i) \
      FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)";
+
+/// Probe: per key of `$1` (keys this session does not hold, deduplicated),
+/// whether another session of the database holds it, in one statement and
+/// one read of `pg_locks`; takes no lock. One `bool[]` in the order of `$1`.
+pub(crate) const PROBE: &str = concat!(
+    "SELECT array_agg(o.k IS NOT NULL ORDER BY t.i) \
+     FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i) \
+     LEFT JOIN (SELECT DISTINCT ",
+    lock_key_of!(),
+    " AS k FROM pg_locks l WHERE ",
+    others_advisory!(),
+    ") o ON o.k = t.k"
+);
+
+/// An announced release, in one statement: unlocks the keys `$1` (held, each
+/// once) like [`UNLOCK_MANY`] and, for those the server actually released,
+/// `pg_notify`s [`RELEASE_CHANNEL`] with their ids, `c`-prefixed when
+/// `$2` marks them clean, comma-separated, [`KEYS_PER_NOTIFICATION`] per
+/// notification. Answers the unlock results in the order of `$1` and the
+/// number of notifications queued (none when nothing was released).
+///
+/// The unlocks take effect at once; the notifications are delivered when
+/// the statement's implicit transaction commits, so a listener that hears
+/// one finds the keys already free. `u` is read twice, so PostgreSQL
+/// evaluates it once (a CTE with volatile functions is never inlined).
+pub(crate) const RELEASE_ANNOUNCED: &str = concat!(
+    "WITH u AS (SELECT t.i, t.k, t.c, pg_advisory_unlock(t.k) AS ok \
+     FROM unnest($1::bigint[], $2::bool[]) WITH ORDINALITY AS t(k, c, i)) \
+     SELECT (SELECT array_agg(u.ok ORDER BY u.i) FROM u), \
+     (SELECT count(pg_notify('",
+    release_channel!(),
+    "', p.payload)) FROM (SELECT string_agg(CASE WHEN u.c THEN 'c' ELSE '' END || u.k::text, \
+     ',' ORDER BY u.i) AS payload FROM u WHERE u.ok GROUP BY (u.i - 1) / ",
+    keys_per_notification!(),
+    ") p)"
+);
 
 /// Release every advisory lock of the session, the liveness lock included:
 /// only once the session's watcher is stopped (`close`, drop).
@@ -262,6 +350,104 @@ mod tests {
             .expect("undo");
         assert_eq!(undone, keys.len() as i64 - 1);
         conn.close().await.expect("close");
+    }
+
+    /// `PROBE` and `RELEASE_ANNOUNCED` against a live server, below the
+    /// session's bookkeeping: a backend's own keys never count as held by
+    /// another, edge keys are matched, and only keys actually released are
+    /// named. Needs `SHARDLOCK_PG_URL` (the integration tests cover both
+    /// through the session API).
+    #[tokio::test]
+    async fn live_probe_and_announced_release() {
+        use sqlx::postgres::PgListener;
+        use sqlx::Connection;
+        let Ok(url) = std::env::var("SHARDLOCK_PG_URL") else {
+            eprintln!("live part not run: set SHARDLOCK_PG_URL");
+            return;
+        };
+        let mut holder = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let mut other = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let mut listener = PgListener::connect(&url).await.expect("listener");
+        listener.listen(RELEASE_CHANNEL).await.expect("listen");
+        // Edge keys offset by a random bit pattern, so parallel runs differ.
+        let salt = (crate::watch::random_u64("sql-test") >> 20) as i64;
+        let keys = [i64::MIN + salt, -1 - salt, salt, i64::MAX - salt];
+        for key in &keys[..3] {
+            let taken: bool = sqlx::query_scalar(TRY_ONE)
+                .bind(key)
+                .fetch_one(&mut holder)
+                .await
+                .expect("lock");
+            assert!(taken);
+        }
+        let own: Vec<bool> = sqlx::query_scalar(PROBE)
+            .bind(&keys[..])
+            .fetch_one(&mut holder)
+            .await
+            .expect("probe");
+        assert_eq!(own, [false; 4], "a backend's own keys are not another's");
+        let seen: Vec<bool> = sqlx::query_scalar(PROBE)
+            .bind(&keys[..])
+            .fetch_one(&mut other)
+            .await
+            .expect("probe");
+        assert_eq!(seen, [true, true, true, false]);
+        // keys[3] is not held: the server answers false and does not name it.
+        let (released, sent): (Vec<bool>, i64) = sqlx::query_as(RELEASE_ANNOUNCED)
+            .bind(&keys[..])
+            .bind([true, false, true, true])
+            .fetch_one(&mut holder)
+            .await
+            .expect("release announced");
+        assert_eq!(released, [true, true, true, false]);
+        assert_eq!(sent, 1);
+        let expected = format!("c{},{},c{}", keys[0], keys[1], keys[2]);
+        let heard = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let n = listener.recv().await.expect("recv");
+                if n.payload() == expected {
+                    break n;
+                }
+            }
+        })
+        .await
+        .expect("the announcement arrives");
+        assert_eq!(heard.channel(), RELEASE_CHANNEL);
+        let (released, sent): (Vec<bool>, i64) = sqlx::query_as(RELEASE_ANNOUNCED)
+            .bind(&keys[3..])
+            .bind([true])
+            .fetch_one(&mut holder)
+            .await
+            .expect("release of nothing");
+        assert_eq!(
+            (released, sent),
+            (vec![false], 0),
+            "nothing released, nothing sent"
+        );
+        holder.close().await.expect("close");
+        other.close().await.expect("close");
+    }
+
+    #[test]
+    fn announced_releases_name_the_channel_and_stay_under_the_payload_limit() {
+        assert!(RELEASE_ANNOUNCED.contains(&format!("pg_notify('{RELEASE_CHANNEL}'")));
+        assert!(RELEASE_ANNOUNCED.contains(&format!("/ {KEYS_PER_NOTIFICATION})")));
+        assert_eq!(keys_per_notification!(), KEYS_PER_NOTIFICATION.to_string());
+        let widest = format!("c{},", i64::MIN);
+        assert_eq!(widest.len(), 22);
+        assert!(KEYS_PER_NOTIFICATION * widest.len() < 8000);
+        assert!(
+            RELEASE_ANNOUNCED.contains("WHERE u.ok"),
+            "only released keys"
+        );
+        assert!(PROBE.contains(OTHERS_ADVISORY));
+        assert!(PROBE.contains(LOCK_KEY_OF));
+        assert_eq!(PROBE.matches("pg_locks").count(), 1, "one read of pg_locks");
+        assert!(!PROBE.contains("pg_try_advisory"), "a probe takes nothing");
+        assert!(
+            OTHERS_ADVISORY.contains("l.objsubid = 1"),
+            "never a liveness lock"
+        );
     }
 
     #[test]

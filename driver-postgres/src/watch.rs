@@ -79,7 +79,7 @@ impl fmt::Display for Liveness {
 
 /// 64 random bits without a dependency: std's randomly keyed SipHash (fresh
 /// keys per `RandomState`) over the time, the process, a counter and `salt`.
-fn random_u64(salt: &str) -> u64 {
+pub(crate) fn random_u64(salt: &str) -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = RandomState::new().build_hasher();
     let nanos = SystemTime::now()

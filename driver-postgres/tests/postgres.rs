@@ -1,6 +1,8 @@
 //! PostgreSQL-specific behaviour beyond the shared contract: typed connect
 //! errors, the session label, negative keys in `pg_locks`, the races of a
-//! blocking wait, broken sessions, drop without a runtime.
+//! blocking wait, broken sessions, drop without a runtime, `probe` from
+//! `pg_locks`, and release hints (`NOTIFY` on release, the hints
+//! connection).
 
 mod common;
 
@@ -13,7 +15,9 @@ use std::time::{Duration, Instant};
 use common::{harness, holder_program, waiting_pids, OwnContainer, PgHarness, URL_ENV};
 use shardlock_contract_tests::holder::HolderProcess;
 use shardlock_contract_tests::{unique_keys, unique_name, Harness};
-use shardlock_core::{CancellationToken, DatabaseId, Driver, Error, LockKey, NodeId, Session};
+use shardlock_core::{
+    CancellationToken, DatabaseId, Driver, Error, LockKey, NodeId, ReleaseHints, Session, Support,
+};
 use shardlock_postgres::sqlx::{self, Connection};
 use shardlock_postgres::{DatabaseMapping, PgDriver, PgError, PgOptions, PgSession};
 
@@ -657,4 +661,384 @@ async fn waiters_match_pg_locks() {
         let _ = holder.close().await;
     }
     let _ = side.close().await;
+}
+
+/// Waits until `session`'s hints connection listens (it connects in the
+/// background after `connect`); answers its backend pid.
+async fn listening(session: &PgSession) -> i32 {
+    let started = Instant::now();
+    loop {
+        if let Some(pid) = session.hints_pid() {
+            return pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the hints connection of backend {} never listened",
+            session.backend_pid()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn hints_of(session: &PgSession) -> ReleaseHints {
+    session
+        .signals()
+        .release_hints()
+        .cloned()
+        .expect("a Postgres session offers release hints")
+}
+
+/// Waits until `hints` holds a clean mark for `key` (and takes it). Other
+/// tests share the database and announce their own releases, so the
+/// assertions here look at marks of this test's keys, never at counts.
+async fn clean_arrives(hints: &ReleaseHints, key: &LockKey) {
+    let started = Instant::now();
+    while !hints.take_clean(key) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no clean mark for {key} arrived (received {} announcements)",
+            hints.received()
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(50), hints.released()).await;
+    }
+}
+
+/// `n` fresh keys, half with negative ids and half with positive ones.
+fn keys_of_both_signs(what: &str, n: usize) -> Vec<LockKey> {
+    let (mut negative, mut positive) = (Vec::new(), Vec::new());
+    while negative.len() < n / 2 || positive.len() < n - n / 2 {
+        let key = unique_keys(what, 1).remove(0);
+        if key.id() < 0 {
+            negative.push(key);
+        } else {
+            positive.push(key);
+        }
+    }
+    negative.truncate(n / 2);
+    positive.truncate(n - n / 2);
+    negative.into_iter().chain(positive).collect()
+}
+
+/// The advisory locks (`bigint` keys) a backend holds, as `pg_locks` shows.
+async fn keys_held_by(raw: &mut sqlx::PgConnection, pid: i32) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 \
+         AND objsubid = 1",
+    )
+    .bind(pid)
+    .fetch_one(raw)
+    .await
+    .expect("pg_locks")
+}
+
+/// The `application_name`s of a node's session connections (session,
+/// watcher, hints), sorted.
+async fn connections_of(raw: &mut sqlx::PgConnection, node: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity \
+         WHERE application_name IN ($1, $1 || ':watch', $1 || ':hints') ORDER BY 1",
+    )
+    .bind(format!("shardlock:{node}"))
+    .fetch_all(raw)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// `probe` answers from `pg_locks` in one round trip, for keys of both
+/// signs, and takes nothing: keys another session holds are `true`, free
+/// keys and the prober's own keys `false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_answers_from_pg_locks_in_one_round_trip_and_takes_nothing() {
+    let Some(h) = harness().await else { return };
+    let keys = keys_of_both_signs("probe", 2);
+    let (k1, k2) = (keys[0].clone(), keys[1].clone());
+    assert!(k1.id() < 0 && k2.id() >= 0);
+    let mut a = open(&h, &unique_name("probe-a")).await;
+    let mut b = open(&h, &unique_name("probe-b")).await;
+    assert!(a.try_acquire(std::slice::from_ref(&k1)).await.expect("a")[0]);
+
+    let before = b.round_trips();
+    let seen = b
+        .probe(&[k1.clone(), k2.clone(), k1.clone()])
+        .await
+        .expect("probe");
+    assert_eq!(seen, vec![true, false, true]);
+    assert_eq!(b.round_trips() - before, 1, "one round trip");
+    assert!(b.held().is_empty(), "a probe records nothing as held");
+
+    let seen = a.probe(&[k1.clone(), k2.clone()]).await.expect("probe");
+    assert_eq!(seen, vec![false, false], "own keys and free keys are false");
+
+    let mut raw = h.raw().await;
+    assert_eq!(
+        keys_held_by(&mut raw, b.backend_pid()).await,
+        0,
+        "the prober holds no key"
+    );
+    assert_eq!(
+        keys_held_by(&mut raw, a.backend_pid()).await,
+        1,
+        "the holder holds k1 once (its probe took nothing)"
+    );
+    let mut c = open(&h, &unique_name("probe-c")).await;
+    assert!(
+        c.try_acquire(std::slice::from_ref(&k2)).await.expect("c")[0],
+        "nothing probed stayed locked"
+    );
+    assert_eq!(
+        b.probe(&[k2.clone(), k1.clone()]).await.expect("probe"),
+        vec![true, true]
+    );
+
+    // Many keys of both signs, some held elsewhere: still one round trip.
+    let many = keys_of_both_signs("probe-many", 40);
+    let held: Vec<LockKey> = many.iter().step_by(3).cloned().collect();
+    shardlock_contract_tests::take_all(&mut c, &held).await;
+    let before = b.round_trips();
+    let seen = b.probe(&many).await.expect("probe");
+    assert_eq!(b.round_trips() - before, 1);
+    let expected: Vec<bool> = (0..many.len()).map(|i| i % 3 == 0).collect();
+    assert_eq!(seen, expected);
+
+    // A probe of only the prober's own keys sends nothing.
+    let before = c.round_trips();
+    assert_eq!(
+        c.probe(&held).await.expect("probe"),
+        vec![false; held.len()]
+    );
+    assert_eq!(c.round_trips(), before);
+    c.verify().await.expect("verify after probes");
+
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+    c.close().await.expect("close");
+    raw.close().await.expect("close");
+}
+
+/// An announced release unlocks and notifies in one round trip; another
+/// session's hints wake with the clean keys marked, and the announcer does
+/// not hear itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_release_reaches_other_sessions_in_one_round_trip() {
+    let Some(h) = harness().await else { return };
+    assert_eq!(h.driver().capabilities().release_hint, Support::Native);
+    let keys = unique_keys("announce", 3);
+    let (k1, k2, marker) = (keys[0].clone(), keys[1].clone(), keys[2].clone());
+    let mut a = open(&h, &unique_name("announce-a")).await;
+    let mut b = open(&h, &unique_name("announce-b")).await;
+    let (a_hints, b_hints) = (hints_of(&a), hints_of(&b));
+    let a_pid = listening(&a).await;
+    let b_pid = listening(&b).await;
+    assert_ne!(a_pid, a.backend_pid());
+    assert_ne!(a_pid, a.watcher_pid());
+    assert_ne!(a_pid, b_pid);
+    shardlock_contract_tests::take_all(&mut a, &[k1.clone(), k2.clone()]).await;
+
+    let before = a.round_trips();
+    let released = tokio::time::timeout(
+        Duration::from_secs(20),
+        a.release_announced(&[k1.clone(), k2.clone()], &[true, false]),
+    )
+    .await
+    .expect("release_announced hung")
+    .expect("release_announced");
+    assert_eq!(released, vec![true, true]);
+    assert_eq!(
+        a.round_trips() - before,
+        1,
+        "unlock and notify: one round trip"
+    );
+    assert!(a.held().is_empty());
+
+    clean_arrives(&b_hints, &k1).await;
+    assert!(!b_hints.take_clean(&k2), "k2 was not handed over cleanly");
+    // The keys were free by the time the hint arrived.
+    assert_eq!(
+        b.try_acquire(&[k1.clone(), k2.clone()]).await.expect("b"),
+        vec![true, true]
+    );
+
+    // A's own announcement: A's listener heard it (it listens to the
+    // channel) but must have skipped it. A marker B announces after it
+    // reaches A later (one listener hears notifications in commit order),
+    // so once the marker is there, A's own would have been too.
+    assert!(
+        b.try_acquire(std::slice::from_ref(&marker))
+            .await
+            .expect("b")[0]
+    );
+    let marked = b
+        .release_announced(std::slice::from_ref(&marker), &[true])
+        .await
+        .expect("b announces");
+    assert_eq!(marked, vec![true]);
+    clean_arrives(&a_hints, &marker).await;
+    assert!(
+        !a_hints.take_clean(&k1),
+        "a session must not record its own announcement"
+    );
+    assert!(!b_hints.take_clean(&marker), "nor did B hear itself");
+    assert!(!a.signals().is_lost() && !b.signals().is_lost());
+
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
+
+/// A release too large for one 8000-byte payload is announced in several
+/// notifications of the same statement, and every clean mark arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcements_beyond_one_payload_arrive_complete() {
+    let Some(h) = harness().await else { return };
+    const N: usize = 1000;
+    const { assert!(N > 2 * shardlock_postgres::KEYS_PER_NOTIFICATION) };
+    let keys = keys_of_both_signs("announce-many", N);
+    let payload: usize = keys.iter().map(|k| k.id().to_string().len() + 2).sum();
+    assert!(payload > 8000, "{payload} bytes need several notifications");
+    let mut a = open(&h, &unique_name("many-a")).await;
+    let b = open(&h, &unique_name("many-b")).await;
+    let b_hints = hints_of(&b);
+    let _ = listening(&b).await;
+    shardlock_contract_tests::take_all(&mut a, &keys).await;
+    // Every other key clean, the last one clean (it closes the last
+    // notification, so once it is marked every chunk arrived).
+    let clean: Vec<bool> = (0..N).map(|i| i % 2 == 1).collect();
+    assert!(clean[N - 1]);
+    let before = a.round_trips();
+    let released = a.release_announced(&keys, &clean).await.expect("release");
+    assert!(released.iter().all(|r| *r));
+    assert_eq!(a.round_trips() - before, 1);
+    clean_arrives(&b_hints, &keys[N - 1]).await;
+    let marked: Vec<bool> = keys.iter().map(|k| b_hints.take_clean(k)).collect();
+    let expected: Vec<bool> = (0..N).map(|i| i % 2 == 1 && i != N - 1).collect();
+    let wrong: Vec<usize> = (0..N).filter(|i| marked[*i] != expected[*i]).collect();
+    assert!(wrong.is_empty(), "marks wrong for keys {wrong:?}");
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
+
+/// A release of nothing sends nothing; a release of held and unheld keys
+/// names only the released ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcing_a_release_of_nothing_sends_nothing() {
+    let Some(h) = harness().await else { return };
+    let keys = unique_keys("announce-none", 3);
+    let (never, held, marker) = (keys[0].clone(), keys[1].clone(), keys[2].clone());
+    let mut a = open(&h, &unique_name("none-a")).await;
+    let b = open(&h, &unique_name("none-b")).await;
+    let b_hints = hints_of(&b);
+    let _ = listening(&b).await;
+
+    let before = a.round_trips();
+    let released = a
+        .release_announced(std::slice::from_ref(&never), &[true])
+        .await
+        .expect("release of nothing");
+    assert_eq!(released, vec![false]);
+    assert_eq!(a.round_trips(), before, "nothing held: no round trip");
+
+    // Held and unheld keys together: only the held one is named.
+    assert!(a.try_acquire(std::slice::from_ref(&held)).await.expect("a")[0]);
+    let released = a
+        .release_announced(&[never.clone(), held.clone()], &[true, true])
+        .await
+        .expect("release");
+    assert_eq!(released, vec![false, true]);
+
+    // A marker after both: once B has it, anything sent before it arrived.
+    assert!(
+        a.try_acquire(std::slice::from_ref(&marker))
+            .await
+            .expect("a")[0]
+    );
+    let _ = a
+        .release_announced(std::slice::from_ref(&marker), &[true])
+        .await
+        .expect("marker");
+    clean_arrives(&b_hints, &marker).await;
+    assert!(
+        b_hints.take_clean(&held),
+        "the held key was announced clean"
+    );
+    assert!(
+        !b_hints.take_clean(&never),
+        "a key that was not held is never announced"
+    );
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
+
+/// Three connections per session (session, watcher, hints); a hints
+/// connection the server ends is reopened without touching the session,
+/// and closing the session ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_connection_failure_is_not_a_loss() {
+    let Some(h) = harness().await else { return };
+    let node = unique_name("hints-conn");
+    let mut a = open(&h, &node).await;
+    let mut b = open(&h, &unique_name("hints-conn-b")).await;
+    let a_hints = hints_of(&a);
+    let first = listening(&a).await;
+    assert!(
+        a_hints.received() >= 1,
+        "starting to listen counts as a wake-up (releases before it were not heard)"
+    );
+    let mut raw = h.raw().await;
+    assert_eq!(
+        connections_of(&mut raw, &node).await,
+        vec![
+            format!("shardlock:{node}"),
+            format!("shardlock:{node}:hints"),
+            format!("shardlock:{node}:watch"),
+        ],
+        "three connections per session"
+    );
+
+    let before = a_hints.received();
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&mut raw)
+        .await
+        .expect("terminate the hints connection");
+    assert!(ended);
+    let started = Instant::now();
+    let second = loop {
+        match a.hints_pid() {
+            Some(pid) if pid != first => break pid,
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the hints connection was not reopened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(second, first);
+    assert!(
+        a_hints.received() > before,
+        "the reconnect woke the session"
+    );
+    assert!(!a.signals().is_lost(), "a hints failure is not a loss");
+    a.verify().await.expect("the session is untouched");
+
+    // Hints flow again.
+    let key = unique_keys("hints-conn", 1).remove(0);
+    assert!(b.try_acquire(std::slice::from_ref(&key)).await.expect("b")[0]);
+    let _ = b
+        .release_announced(std::slice::from_ref(&key), &[true])
+        .await
+        .expect("announce");
+    clean_arrives(&a_hints, &key).await;
+
+    a.close().await.expect("close");
+    let started = Instant::now();
+    while !connections_of(&mut raw, &node).await.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "connections of a closed session remain: {:?}",
+            connections_of(&mut raw, &node).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.close().await.expect("close");
+    raw.close().await.expect("close");
 }
