@@ -993,6 +993,14 @@ pub async fn clause_11_probe<H: Harness>(h: &H) {
             "a probe of keys not held here asks the server in one round trip (two for the \
              default take-and-give-back), cost {n}"
         );
+        if h.driver().capabilities().probe == shardlock_core::Support::Native {
+            assert_eq!(
+                n,
+                1,
+                "the {} driver states a native probe (it takes nothing), which is one round trip",
+                h.driver().name()
+            );
+        }
     }
     eprintln!("clause 11: probe took {} round trip(s)", shown(probe_trips));
 
