@@ -32,7 +32,7 @@
 //! [`MemoryServer::waiting`] tells how many sessions block in `acquire` on a
 //! key.
 //!
-//! **Probe** ([`Session::probe`](shardlock_core::Session::probe)): one round
+//! **Probe** (native, [`Session::probe`](shardlock_core::Session::probe)): one round
 //! trip (counted like the others) for the keys the session does not hold;
 //! the server reads its lock table and takes nothing. Keys the session holds
 //! answer `false` without asking.

@@ -40,11 +40,12 @@ async fn woken(hints: &ReleaseHints, wait: Duration) -> bool {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn the_driver_states_native_release_hints() {
+async fn the_driver_states_native_release_hints_and_probe() {
     let server = MemoryServer::new();
     let caps = server.driver().capabilities();
     assert_eq!(caps.release_hint, Support::Native);
     assert_eq!(caps.loss_signal, Support::Native);
+    assert_eq!(caps.probe, Support::Native, "the probe takes nothing");
 }
 
 #[tokio::test(flavor = "current_thread")]

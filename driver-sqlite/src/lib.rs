@@ -19,7 +19,7 @@
 //! | status | `registry.db` records holder node, pid and since; `status()` checks liveness |
 //! | ending a session from outside | delete its liveness file `<database>/sessions/<name>.lock` (Unix): within 50 ms its worker fires the session's loss signal and frees every lock; later calls fail with `SessionLost` |
 //! | loss signal | emulated: the worker `stat`s its liveness file every 50 ms, idle or waiting in `acquire`; bound stated in [`capabilities`]: [`LOSS_DETECTION_BOUND`] (100 ms); also fires if the worker thread dies |
-//! | probe | one worker call, one indexed query on `registry.db`'s holders, each holder session found checked alive (its liveness file still locked, tens of µs each); takes no key lock (see below) |
+//! | probe | native (takes nothing): one worker call, one indexed query on `registry.db`'s holders, each holder session found checked alive (its liveness file still locked, tens of µs each); takes no key lock (see below) |
 //! | release hints | emulated: an announced release writes a row to `registry.db` in the transaction that records the release; every worker reads newer rows at its 50 ms check, idle or waiting in `acquire`: at most 50 ms (25 ms on average) when idle, [`RELEASE_HINT_BOUND`] (100 ms) stated |
 //! | too many keys | [`SqliteError::TooManyOpenFiles`] names `ulimit -n`; the batch that hit the limit is rolled back |
 //! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs; [`SqliteCheckpoints::save_in`] writes inside your own transaction |
@@ -298,13 +298,16 @@ impl Driver for SqliteDriver {
     }
 
     /// An emulated loss signal (the worker polls its liveness file), within
-    /// [`LOSS_DETECTION_BOUND`], and emulated release hints (the worker reads
+    /// [`LOSS_DETECTION_BOUND`]; emulated release hints (the worker reads
     /// the registry's announcements at the same check), within
-    /// [`RELEASE_HINT_BOUND`].
+    /// [`RELEASE_HINT_BOUND`]; and a native probe: it takes nothing (it
+    /// reads the registry's live holders, see the crate docs), so
+    /// concurrent probes never see each other.
     fn capabilities(&self) -> Capabilities {
         Capabilities::none()
             .with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
             .with_release_hint(Support::Emulated)
+            .with_probe(Support::Native)
     }
 }
 

@@ -66,12 +66,13 @@ fn registry_rows(dir: &Path, sql: &str) -> i64 {
 }
 
 #[test]
-fn the_driver_states_emulated_release_hints() {
+fn the_driver_states_emulated_release_hints_and_a_native_probe() {
     let dir = lock_dir("caps");
     let driver = SqliteDriver::open(&dir).expect("lock directory");
     let caps = driver.capabilities();
     assert_eq!(caps.release_hint, Support::Emulated);
     assert_eq!(caps.loss_signal, Support::Emulated);
+    assert_eq!(caps.probe, Support::Native, "the probe takes nothing");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
