@@ -1051,6 +1051,29 @@ async fn release_announced<H: Harness>(
     }
 }
 
+/// Waits until `listener` hears `announcer`'s announcements: a driver may
+/// start listening in the background after `connect` returns (Postgres
+/// opens a listening connection), so the clause announces a throwaway key
+/// until it arrives marked clean, within [`Harness::settle`].
+async fn hints_ready<H: Harness>(h: &H, announcer: &mut SessionOf<H>, listener: &ReleaseHints) {
+    let probe = unique_keys("c12-ready", 1);
+    let deadline = Instant::now() + h.settle();
+    loop {
+        take_all(announcer, &probe).await;
+        release_announced(h, announcer, &probe, &[true]).await;
+        let wait = tokio::time::timeout(Duration::from_millis(200), listener.released()).await;
+        if wait.is_ok() && listener.take_clean(&probe[0]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the {} driver's session b never heard session a's announcements within {:?}",
+            h.driver().name(),
+            h.settle()
+        );
+    }
+}
+
 /// The release hints of `session`, which a driver stating
 /// `Capabilities::release_hint` must give every session.
 fn hints_of<H: Harness>(h: &H, session: &SessionOf<H>, who: &str) -> ReleaseHints {
@@ -1091,8 +1114,11 @@ pub async fn clause_12_release_announced<H: Harness>(h: &H) {
     }
     let mut a = open(h, "a").await;
     let mut b = open(h, "b").await;
-    take_all(&mut a, &keys[..2]).await;
     let hints = hinted.then(|| (hints_of(h, &a, "a"), hints_of(h, &b, "b")));
+    if let Some((_, hb)) = &hints {
+        hints_ready(h, &mut a, hb).await;
+    }
+    take_all(&mut a, &keys[..2]).await;
     let before = hints
         .as_ref()
         .map(|(ha, hb)| (ha.received(), hb.received()));
