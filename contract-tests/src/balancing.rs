@@ -45,7 +45,8 @@ pub async fn measured_round_trip<H: Harness>(h: &H) -> Duration {
 /// The bound for "settled": the surplus is released after two cycles in a
 /// row above the share, then taken within one more poll; plus the takeover
 /// delay, the harness's slack, and 400 measured round trips (a balancing
-/// cycle makes three or four, over several nodes, on a loaded machine).
+/// cycle makes three or four, over several nodes, on a loaded machine; a
+/// probe that takes and gives back needs one more cycle to count a member).
 pub async fn balance_within<H: Harness>(h: &H) -> Duration {
     SCENARIO_POLL * 5 + scenario_takeover_delay(h) + h.slack() + measured_round_trip(h).await * 400
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use shardlock_core::{Coordinator, CoordinatorHandle, Distributor, Driver, Error, NodeId, ShardId};
 use shardlock_distributors::SingleTenant;
 
+use crate::balancing::measured_round_trip;
 use crate::harness::{unique_name, within, Harness};
 use crate::recorder::{Recorder, RecordingAgent};
 
@@ -27,9 +28,12 @@ pub fn scenario_takeover_delay<H: Harness>(h: &H) -> Duration {
 }
 
 /// "Every shard owned" must hold within two poll intervals, plus the
-/// takeover delay, plus the harness's [`slack`](Harness::slack).
-pub fn scenario_within<H: Harness>(h: &H) -> Duration {
-    SCENARIO_POLL * 2 + scenario_takeover_delay(h) + h.slack()
+/// takeover delay, plus the harness's [`slack`](Harness::slack), plus 400
+/// round trips to the server measured when the scenario starts (see
+/// [`measured_round_trip`]): a slower server, or one shared by several test
+/// processes, gets proportionally more time.
+pub async fn scenario_within<H: Harness>(h: &H) -> Duration {
+    SCENARIO_POLL * 2 + scenario_takeover_delay(h) + h.slack() + measured_round_trip(h).await * 400
 }
 
 /// Starts one coordinator for `shards` of `schema` with test-friendly timings.
@@ -100,7 +104,7 @@ pub async fn scenario_spread_and_graceful_stop<H: Harness>(h: &H) {
         .iter()
         .map(|n| start_node(h, n, &schema, &shards, &recorder))
         .collect();
-    let limit = scenario_within(h);
+    let limit = scenario_within(h).await;
     let settle = h.settle();
     assert!(
         recorder
@@ -167,7 +171,7 @@ pub async fn scenario_failing_agent_restarted<H: Harness>(h: &H) {
     recorder.fail_next(&shards[0], 2);
     let node = start_node(h, "node-f", &schema, &shards, &recorder);
     let mut assignment = node.assignment();
-    let settle = h.settle();
+    let settle = h.settle() + measured_round_trip(h).await * 400;
     let restarted = recorder
         .wait_for(settle + scenario_takeover_delay(h), |r| {
             let runs = r.runs();
