@@ -7,12 +7,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use shardlock::{
-    Agent, AgentContext, AgentError, AnyDriver, Coordinator, DatabaseId, Distributor, LockSet,
-    MultiTenanted, NodeId, ShardId, SingleTenant, Solo,
+    Agent, AgentContext, AgentError, Assignment, Balancing, Coordinator, DatabaseId, Distributor,
+    Driver, LockSet, MultiTenanted, NodeId, ShardId, SingleTenant, Solo,
 };
+use shardlock_distributors::Balanced;
+use tokio::sync::watch;
 use tracing::info;
 
-use crate::records::RecordWriter;
+use crate::records::{AssignmentRecord, RecordWriter};
 
 /// Which lock backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,11 +45,20 @@ pub(crate) struct DriverArgs {
     pub(crate) url: Option<String>,
 }
 
+/// An opened driver, by its concrete type: the coordinator is built for
+/// each, so every driver's own session methods (its probe, its announced
+/// releases) are the ones called.
+pub(crate) enum OpenedDriver {
+    Postgres(shardlock::postgres::PgDriver),
+    Sqlite(shardlock::sqlite::SqliteDriver),
+    Sqlserver(shardlock::sqlserver::MssqlDriver),
+}
+
 impl DriverArgs {
     /// Opens the driver. With `fixed_database`, every `DatabaseId` maps to
     /// the URL's database (single-tenant); otherwise ids are database names
     /// on the URL's server (one database per tenant).
-    pub(crate) fn open(&self, fixed_database: bool) -> Result<AnyDriver> {
+    pub(crate) fn open(&self, fixed_database: bool) -> Result<OpenedDriver> {
         match self.driver {
             DriverKind::Postgres => {
                 let Some(url) = &self.url else {
@@ -66,7 +77,9 @@ impl DriverArgs {
                     options =
                         options.database_mapping(shardlock::postgres::DatabaseMapping::Fixed(name));
                 }
-                Ok(shardlock::postgres::PgDriver::new(options).into())
+                Ok(OpenedDriver::Postgres(shardlock::postgres::PgDriver::new(
+                    options,
+                )))
             }
             DriverKind::Sqlite => {
                 let Some(dir) = &self.dir else {
@@ -74,7 +87,7 @@ impl DriverArgs {
                 };
                 let driver = shardlock::sqlite::SqliteDriver::open(dir)
                     .with_context(|| format!("opening lock directory {}", dir.display()))?;
-                Ok(driver.into())
+                Ok(OpenedDriver::Sqlite(driver))
             }
             DriverKind::Sqlserver => {
                 let Some(url) = &self.url else {
@@ -86,7 +99,9 @@ impl DriverArgs {
                     options = options
                         .database_mapping(shardlock::sqlserver::DatabaseMapping::ConnectionString);
                 }
-                Ok(shardlock::sqlserver::MssqlDriver::new(options).into())
+                Ok(OpenedDriver::Sqlserver(
+                    shardlock::sqlserver::MssqlDriver::new(options),
+                ))
             }
             DriverKind::Memory => bail!(
                 "the memory driver lives inside one process; use `shardlock demo --driver memory`"
@@ -98,7 +113,12 @@ impl DriverArgs {
 /// How shards are grouped into lock sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum DistributorKind {
-    /// One lock per shard in one database.
+    /// One lock per shard in one database, each node taking its fair share
+    /// (single-tenant wrapped in `Balanced`): 3 nodes and 12 shards run
+    /// 4/4/4.
+    Balanced,
+    /// One lock per shard in one database, no balancing: the first node to
+    /// cycle takes every shard, the others stand by.
     SingleTenant,
     /// One lock per tenant database holding all its shards.
     MultiTenanted,
@@ -112,9 +132,15 @@ pub(crate) struct NodeArgs {
     #[command(flatten)]
     pub(crate) driver: DriverArgs,
     /// Distributor.
-    #[arg(long, value_enum, default_value = "single-tenant")]
+    #[arg(long, value_enum, default_value = "balanced")]
     pub(crate) distributor: DistributorKind,
-    /// Database (single-tenant and solo).
+    #[command(flatten)]
+    pub(crate) balance: BalanceArgs,
+    /// This node's capacity (balanced): a node of weight 2 holds two member
+    /// slots and gets twice the share of a node of weight 1.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) weight: u32,
+    /// Database (balanced, single-tenant and solo).
     #[arg(long, default_value = "main")]
     pub(crate) database: String,
     /// Tenant databases, comma separated (multi-tenanted).
@@ -155,6 +181,37 @@ pub(crate) struct NodeArgs {
     /// Stop gracefully when standard input closes (for supervisors).
     #[arg(long)]
     pub(crate) stop_on_stdin_eof: bool,
+}
+
+/// Which member slots the balanced nodes hold (shared by `node` and
+/// `status`).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct BalanceArgs {
+    /// Balancing group: nodes balance with the nodes of the same group,
+    /// holding member slots `members:<group>:<i>`. Default
+    /// `<database>:<schema>`, the prefix of the lock names, so nodes
+    /// balance exactly with the nodes competing for the same locks.
+    #[arg(long)]
+    pub(crate) group: Option<String>,
+    /// Member slots per database (the largest total weight of a group);
+    /// every node of a group must use the same number.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_members: u32,
+}
+
+impl BalanceArgs {
+    /// The group, or its default for `database` and `schema`.
+    pub(crate) fn group(&self, database: &str, schema: &str) -> String {
+        self.group
+            .clone()
+            .unwrap_or_else(|| default_group(database, schema))
+    }
+}
+
+/// The default balancing group: the lock names' `<database>:<schema>`
+/// prefix.
+pub(crate) fn default_group(database: &str, schema: &str) -> String {
+    format!("{database}:{schema}")
 }
 
 /// The sample agent: ticks every 200 ms, counting ticks per shard in a
@@ -225,18 +282,49 @@ impl Agent for TickAgent {
 }
 
 /// One of the distributors, chosen on the command line.
-enum AnyDistributor {
+pub(crate) enum AnyDistributor {
+    Balanced(Balanced<SingleTenant>),
     Single(SingleTenant),
     Multi(MultiTenanted<Vec<DatabaseId>>),
     Solo(Solo),
 }
 
+impl AnyDistributor {
+    /// Single-tenant over `shards`, balanced in `group` with `weight` when
+    /// `balancing` is given.
+    pub(crate) fn single_tenant(
+        database: DatabaseId,
+        schema: &str,
+        shards: Vec<ShardId>,
+        balancing: Option<&Balancing>,
+    ) -> Self {
+        let inner = SingleTenant::new(database, schema, shards);
+        match balancing {
+            Some(b) => Self::Balanced(
+                Balanced::new(inner)
+                    .group(b.group.clone())
+                    .weight(b.weight)
+                    .max_members(b.max_members),
+            ),
+            None => Self::Single(inner),
+        }
+    }
+}
+
 impl Distributor for AnyDistributor {
     async fn lock_sets(&self) -> shardlock::Result<Vec<LockSet>> {
         match self {
+            Self::Balanced(d) => d.lock_sets().await,
             Self::Single(d) => d.lock_sets().await,
             Self::Multi(d) => d.lock_sets().await,
             Self::Solo(d) => d.lock_sets().await,
+        }
+    }
+
+    fn balancing(&self) -> Option<&Balancing> {
+        match self {
+            Self::Balanced(d) => d.balancing(),
+            Self::Single(_) | Self::Multi(_) | Self::Solo(_) => None,
         }
     }
 }
@@ -251,14 +339,30 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
     if args.shards == 0 || args.shards > 100_000 {
         bail!("--shards must be between 1 and 100000");
     }
+    let balanced = args.distributor == DistributorKind::Balanced;
+    if !balanced && (args.weight != 1 || args.balance.group.is_some()) {
+        bail!("--weight and --group need --distributor balanced");
+    }
+    let shards = shard_names(args.shards);
+    let database = DatabaseId::new(&args.database);
+    let mut balancing = Balancing::new();
+    balancing.group = args.balance.group(&args.database, &args.schema);
+    balancing.weight = args.weight;
+    balancing.max_members = args.balance.max_members;
+    if balanced {
+        balancing
+            .validate()
+            .context("invalid --weight, --group or --max-members")?;
+    }
     let driver = args
         .driver
         .open(args.distributor != DistributorKind::MultiTenanted)?;
-    let shards = shard_names(args.shards);
-    let database = DatabaseId::new(&args.database);
     let distributor = match args.distributor {
+        DistributorKind::Balanced => {
+            AnyDistributor::single_tenant(database, &args.schema, shards, Some(&balancing))
+        }
         DistributorKind::SingleTenant => {
-            AnyDistributor::Single(SingleTenant::new(database, &args.schema, shards))
+            AnyDistributor::single_tenant(database, &args.schema, shards, None)
         }
         DistributorKind::Solo => AnyDistributor::Solo(Solo::new([database], &args.schema, shards)),
         DistributorKind::MultiTenanted => {
@@ -285,6 +389,34 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
         records,
         checkpoints: args.checkpoints.clone(),
     };
+    let settings = Settings {
+        node,
+        balancing: balanced.then_some(balancing),
+    };
+    match driver {
+        OpenedDriver::Postgres(d) => serve(d, distributor, agent, &args, settings).await,
+        OpenedDriver::Sqlite(d) => serve(d, distributor, agent, &args, settings).await,
+        OpenedDriver::Sqlserver(d) => serve(d, distributor, agent, &args, settings).await,
+    }
+}
+
+/// What `serve` needs besides the driver, distributor and agent.
+struct Settings {
+    node: NodeId,
+    /// With the balanced distributor.
+    balancing: Option<Balancing>,
+}
+
+/// Runs the coordinator until a stop is asked for, then stops it
+/// gracefully.
+async fn serve<D: Driver>(
+    driver: D,
+    distributor: AnyDistributor,
+    agent: TickAgent,
+    args: &NodeArgs,
+    settings: Settings,
+) -> Result<()> {
+    let Settings { node, balancing } = settings;
     let records = agent.records.clone();
     let mut builder = Coordinator::builder(driver, distributor, agent)
         .node_id(node.clone())
@@ -297,28 +429,95 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
     }
     let coordinator = builder.build().context("invalid node configuration")?;
     if let Some(r) = &records {
-        // One line with the timings in force, for whoever reads the records.
+        // One line with the settings in force, for whoever reads the records.
         let c = coordinator.config();
-        r.write_with(
-            "config",
-            "-",
-            &format!(
-                "pid={} poll_ms={} loss_timeout_ms={} stop_timeout_ms={} takeover_delay_ms={}",
-                std::process::id(),
-                c.poll_interval.as_millis(),
-                c.lock_loss_timeout.as_millis(),
-                c.stop_timeout.as_millis(),
-                c.takeover_delay.as_millis()
-            ),
+        let distributor = match args.distributor.to_possible_value() {
+            Some(v) => v.get_name().to_string(),
+            None => format!("{:?}", args.distributor),
+        };
+        let mut fields = format!(
+            "pid={} poll_ms={} loss_timeout_ms={} stop_timeout_ms={} takeover_delay_ms={} distributor={distributor}",
+            std::process::id(),
+            c.poll_interval.as_millis(),
+            c.lock_loss_timeout.as_millis(),
+            c.stop_timeout.as_millis(),
+            c.takeover_delay.as_millis()
         );
+        if let Some(b) = &balancing {
+            fields.push_str(&format!(
+                " group={} weight={} max_members={}",
+                b.group, b.weight, b.max_members
+            ));
+        }
+        r.write_with("config", "-", &fields);
     }
     let handle = coordinator.start()?;
-    info!(%node, "node running; ctrl-c or SIGTERM stops it gracefully");
+    if let Some(b) = &balancing {
+        info!(%node, group = %b.group, weight = b.weight, "node running, balanced; ctrl-c or SIGTERM stops it gracefully");
+    } else {
+        info!(%node, "node running; ctrl-c or SIGTERM stops it gracefully");
+    }
+    let watcher = tokio::spawn(report_assignments(handle.assignment(), records));
     wait_for_shutdown(args.stop_on_stdin_eof).await;
     info!(%node, "stopping: agents first, then locks");
     handle.stop().await?;
+    // The coordinator is gone, so the watch is closed and the reporter ends
+    // after the final assignment.
+    if tokio::time::timeout(Duration::from_secs(1), watcher)
+        .await
+        .is_err()
+    {
+        tracing::debug!("assignment reporter still busy after the stop");
+    }
     info!(%node, "stopped");
     Ok(())
+}
+
+/// Sets, shards, members, share, moves, wake-ups, sessions lost.
+type Notable = (usize, usize, usize, Option<usize>, u64, u64, u64);
+
+/// The fields of an assignment worth a record or a log line when they
+/// change (not the cycle count, which changes every cycle).
+fn notable(a: &Assignment) -> Notable {
+    (
+        a.owned.len(),
+        a.shard_count(),
+        a.members,
+        a.share,
+        a.moves,
+        a.wakeups,
+        a.sessions_lost,
+    )
+}
+
+/// Writes an `assignment` record (and logs the balance) each time the
+/// node's sets, members, share, moves, wake-ups or lost sessions change.
+async fn report_assignments(mut rx: watch::Receiver<Assignment>, records: Option<RecordWriter>) {
+    let mut last: Option<Notable> = None;
+    loop {
+        let current = rx.borrow_and_update().clone();
+        let key = notable(&current);
+        if last.as_ref() != Some(&key) {
+            let balance_changed = last.is_none_or(|l| (l.0, l.2, l.3) != (key.0, key.2, key.3));
+            if balance_changed && current.share.is_some() && !current.stopped {
+                info!(
+                    sets = current.owned.len(),
+                    members = current.members,
+                    share = current.share,
+                    moves = current.moves,
+                    wakeups = current.wakeups,
+                    "balance"
+                );
+            }
+            if let Some(r) = &records {
+                r.write_with("assignment", "-", &AssignmentRecord::fields(&current));
+            }
+            last = Some(key);
+        }
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
 }
 
 async fn wait_for_shutdown(stdin_eof: bool) {

@@ -10,7 +10,15 @@
 //!   moved, node stopping);
 //! - `stop <shard> <ns>`: the agent returned; the run is over;
 //! - `config - <ns> pid=.. poll_ms=.. loss_timeout_ms=.. stop_timeout_ms=..
-//!   takeover_delay_ms=..`: the node's timings, once at start.
+//!   takeover_delay_ms=.. distributor=.. [group=.. weight=.. max_members=..]`:
+//!   the node's settings, once at start;
+//! - `assignment - <ns> sets=<n> shards=<n> members=<n> share=<n|-> moves=<n>
+//!   wakeups=<n> lost=<n>`: the node's assignment (see
+//!   `shardlock::Assignment`) whenever one of these changed: the sets it
+//!   holds, the live member slots it saw and its fair share (balanced
+//!   distributor; `members=0 share=-` without), the sets it gave back to
+//!   rebalance and the release announcements that woke it (both since
+//!   start), and its sessions lost.
 //!
 //! A node killed with SIGKILL writes no `stop`: its open runs end at the kill.
 //! Readers ignore events and fields they do not know.
@@ -75,11 +83,65 @@ pub(crate) struct Run {
     pub(crate) stop: Option<u128>,
 }
 
+/// A node's latest `assignment` record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct AssignmentRecord {
+    pub(crate) at: u128,
+    pub(crate) sets: usize,
+    pub(crate) members: usize,
+    pub(crate) share: Option<usize>,
+    pub(crate) moves: u64,
+    pub(crate) wakeups: u64,
+}
+
+impl AssignmentRecord {
+    /// The record's `key=value` fields.
+    pub(crate) fn fields(a: &shardlock::Assignment) -> String {
+        format!(
+            "sets={} shards={} members={} share={} moves={} wakeups={} lost={}",
+            a.owned.len(),
+            a.shard_count(),
+            a.members,
+            a.share.map_or_else(|| "-".to_string(), |s| s.to_string()),
+            a.moves,
+            a.wakeups,
+            a.sessions_lost
+        )
+    }
+
+    fn parse<'a>(at: u128, fields: impl Iterator<Item = &'a str>) -> Self {
+        let mut out = Self {
+            at,
+            ..Self::default()
+        };
+        for (k, v) in fields.filter_map(|kv| kv.split_once('=')) {
+            match k {
+                "sets" => out.sets = v.parse().unwrap_or(0),
+                "members" => out.members = v.parse().unwrap_or(0),
+                "share" => out.share = v.parse().ok(),
+                "moves" => out.moves = v.parse().unwrap_or(0),
+                "wakeups" => out.wakeups = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Everything the nodes in a records folder wrote.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Records {
+    pub(crate) runs: Vec<Run>,
+    /// Each node's latest assignment record.
+    pub(crate) assignments: BTreeMap<String, AssignmentRecord>,
+}
+
 /// Reads every node's records in `dir`.
-pub(crate) fn read_runs(dir: &Path) -> Result<Vec<Run>> {
-    let mut runs = Vec::new();
+pub(crate) fn read(dir: &Path) -> Result<Records> {
+    let mut out = Records::default();
+    let runs = &mut out.runs;
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(runs);
+        return Ok(out);
     };
     let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     files.sort();
@@ -116,11 +178,15 @@ pub(crate) fn read_runs(dir: &Path) -> Result<Vec<Run>> {
                         runs[i].stop = Some(ns);
                     }
                 }
+                "assignment" => {
+                    out.assignments
+                        .insert(node.clone(), AssignmentRecord::parse(ns, parts.by_ref()));
+                }
                 _ => {}
             }
         }
     }
-    Ok(runs)
+    Ok(out)
 }
 
 /// Closes the open runs of nodes that died, at the instant they died.
@@ -189,8 +255,37 @@ mod tests {
         w.write("cancel", "s1");
         w.write("stop", "s1");
         w.write("start", "s2");
-        std::fs::write(dir.join("n2.log"), "start s1 5\nstart s9").unwrap();
-        let mut runs = read_runs(&dir).unwrap();
+        w.write_with(
+            "assignment",
+            "-",
+            "sets=4 shards=4 members=3 share=4 moves=2 wakeups=1 lost=0",
+        );
+        w.write_with(
+            "assignment",
+            "-",
+            "sets=6 shards=6 members=2 share=6 moves=2 wakeups=3 lost=0",
+        );
+        std::fs::write(
+            dir.join("n2.log"),
+            "assignment - 3 sets=1 members=0 share=-\nstart s1 5\nstart s9",
+        )
+        .unwrap();
+        let records = read(&dir).unwrap();
+        let latest = &records.assignments["n1"];
+        assert_eq!(
+            (
+                latest.sets,
+                latest.members,
+                latest.share,
+                latest.moves,
+                latest.wakeups
+            ),
+            (6, 2, Some(6), 2, 3),
+            "the latest assignment record wins"
+        );
+        let n2 = &records.assignments["n2"];
+        assert_eq!((n2.sets, n2.share), (1, None), "no share without balancing");
+        let mut runs = records.runs;
         assert_eq!(runs.len(), 3, "{runs:?}");
         assert!(runs
             .iter()

@@ -1,6 +1,7 @@
-//! `shardlock status`: who holds which lock.
+//! `shardlock status`: who holds which lock, and the live members of a
+//! balancing group.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -10,6 +11,8 @@ use serde_json::json;
 use shardlock::{
     DatabaseId, LockKey, LockSet, SingleTenant, SOLO_SENTINEL_SHARD, TENANT_LOCK_SHARD,
 };
+
+use crate::node::BalanceArgs;
 
 /// Options of `shardlock status`.
 #[derive(Debug, Args)]
@@ -32,7 +35,9 @@ pub(crate) struct StatusArgs {
     /// Number of shards the nodes run, to name their locks.
     #[arg(long, default_value_t = 12)]
     shards: usize,
-    /// Print JSON (one array of objects) instead of a table.
+    #[command(flatten)]
+    balance: BalanceArgs,
+    /// Print JSON (`{"locks": [..], "members": [..]}`) instead of tables.
     #[arg(long)]
     json: bool,
 }
@@ -50,6 +55,7 @@ pub(crate) struct Row {
 }
 
 pub(crate) async fn run(args: StatusArgs) -> Result<()> {
+    let group = Group::new(&args)?;
     let rows = match &args.dir {
         Some(dir) => {
             let dir = dir.clone();
@@ -71,18 +77,237 @@ pub(crate) async fn run(args: StatusArgs) -> Result<()> {
                 .collect::<Vec<_>>()
         }
         None => match &args.url {
-            Some(url) => postgres_rows(url, &names(&args)?).await?,
+            Some(url) => postgres_rows(url, &names(&args, &group)?).await?,
             None => {
                 bail!("say where the locks live: --dir <lock directory> or --url postgres://...")
             }
         },
     };
-    print_rows(&rows, args.json);
+    let members = members(&rows, &group);
+    if args.json {
+        let doc = json!({
+            "locks": rows.iter().map(row_json).collect::<Vec<_>>(),
+            "members": members.iter().map(|m| m.to_json(&group)).collect::<Vec<_>>(),
+        });
+        println!("{doc}");
+    } else {
+        print_rows(&rows);
+        print_members(&members, &group, rows.is_empty());
+    }
     Ok(())
 }
 
-/// Lock id → name for every lock the nodes' distributors can build.
-fn names(args: &StatusArgs) -> Result<HashMap<i64, String>> {
+/// The balancing group's member slots, rebuilt from its name.
+struct Group {
+    name: String,
+    max_members: u32,
+    /// Key id → slot index.
+    slots: HashMap<i64, u32>,
+    /// Slot index → key name.
+    names: Vec<String>,
+}
+
+impl Group {
+    fn new(args: &StatusArgs) -> Result<Self> {
+        let name = args.balance.group(&args.database, &args.schema);
+        let max_members = args.balance.max_members;
+        if max_members == 0 || max_members > 4096 {
+            bail!("--max-members must be between 1 and 4096");
+        }
+        let mut slots = HashMap::new();
+        let mut names = Vec::new();
+        for i in 0..max_members {
+            let key = LockKey::new(format!("members:{name}:{i}"))
+                .with_context(|| format!("invalid --group {name:?}"))?;
+            slots.insert(key.id(), i);
+            names.push(key.name().to_string());
+        }
+        Ok(Self {
+            name,
+            max_members,
+            slots,
+            names,
+        })
+    }
+}
+
+/// One session holding locks in a database, as the status sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct HolderId {
+    holder: String,
+    client: String,
+    pid: String,
+}
+
+/// A holder's member slots and other locks in one database.
+#[derive(Debug, Default)]
+struct HolderMembers {
+    slots: Vec<u32>,
+    /// Locks other than member slots: its lock sets.
+    sets: usize,
+    /// Whether any of its locks has a known name (a shardlock lock).
+    named: bool,
+}
+
+/// The live members of the group in one database.
+struct DatabaseMembers {
+    database: String,
+    /// Holders of a member slot or of a named lock, by their first slot.
+    holders: Vec<(HolderId, HolderMembers)>,
+}
+
+impl DatabaseMembers {
+    fn live(&self) -> Vec<u32> {
+        let mut live: Vec<u32> = self
+            .holders
+            .iter()
+            .flat_map(|(_, m)| m.slots.iter().copied())
+            .collect();
+        live.sort_unstable();
+        live
+    }
+
+    fn to_json(&self, group: &Group) -> serde_json::Value {
+        let holder = |h: &HolderId| json!({"holder": h.holder, "client": h.client, "pid": h.pid});
+        let mut slots: Vec<(u32, &HolderId)> = self
+            .holders
+            .iter()
+            .flat_map(|(h, m)| m.slots.iter().map(move |s| (*s, h)))
+            .collect();
+        slots.sort();
+        json!({
+            "database": self.database,
+            "group": group.name,
+            "max_members": group.max_members,
+            "live": slots.len(),
+            "slots": slots
+                .iter()
+                .map(|(slot, h)| {
+                    let mut v = holder(h);
+                    v["slot"] = json!(slot);
+                    v["name"] = json!(group.names.get(*slot as usize));
+                    v
+                })
+                .collect::<Vec<_>>(),
+            "holders": self
+                .holders
+                .iter()
+                .map(|(h, m)| {
+                    let mut v = holder(h);
+                    v["slots"] = json!(m.slots);
+                    v["sets"] = json!(m.sets);
+                    v
+                })
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Per database: which member slots are held and by whom, and each
+/// holder's other locks.
+fn members(rows: &[Row], group: &Group) -> Vec<DatabaseMembers> {
+    let mut by_db: BTreeMap<&str, BTreeMap<HolderId, HolderMembers>> = BTreeMap::new();
+    for r in rows {
+        let id = HolderId {
+            holder: r.holder.clone(),
+            client: r.client.clone(),
+            pid: r.pid.clone(),
+        };
+        let m = by_db
+            .entry(r.database.as_str())
+            .or_default()
+            .entry(id)
+            .or_default();
+        match group.slots.get(&r.lock_id) {
+            Some(slot) => m.slots.push(*slot),
+            // Another group's member slot is not a set.
+            None if r.name.as_deref().is_some_and(|n| n.starts_with("members:")) => {}
+            None => {
+                m.sets += 1;
+                m.named |= r.name.is_some();
+            }
+        }
+    }
+    by_db
+        .into_iter()
+        .map(|(database, holders)| {
+            let mut holders: Vec<(HolderId, HolderMembers)> = holders
+                .into_iter()
+                .filter(|(_, m)| !m.slots.is_empty() || m.named)
+                .map(|(h, mut m)| {
+                    m.slots.sort_unstable();
+                    (h, m)
+                })
+                .collect();
+            holders.sort_by_key(|(h, m)| (m.slots.first().copied().unwrap_or(u32::MAX), h.clone()));
+            DatabaseMembers {
+                database: database.to_string(),
+                holders,
+            }
+        })
+        .collect()
+}
+
+fn print_members(members: &[DatabaseMembers], group: &Group, no_locks: bool) {
+    if no_locks {
+        println!(
+            "\nbalancing group {}: no live members (no member slot held)",
+            group.name
+        );
+        return;
+    }
+    for db in members {
+        let live = db.live();
+        println!();
+        if live.is_empty() {
+            println!(
+                "balancing group {} in {}: no live members (none of the {} member slots held)",
+                group.name, db.database, group.max_members
+            );
+        } else {
+            println!(
+                "balancing group {} in {}: {} live member slot{} ({} of {})",
+                group.name,
+                db.database,
+                live.len(),
+                if live.len() == 1 { "" } else { "s" },
+                list(&live),
+                group.max_members
+            );
+        }
+        if db.holders.is_empty() {
+            continue;
+        }
+        println!(
+            "  {:<32} {:<14} {:>8}  {:<10} {:>6}",
+            "holder", "client", "pid", "slots", "sets"
+        );
+        for (h, m) in &db.holders {
+            let slots = if m.slots.is_empty() {
+                "-".to_string()
+            } else {
+                list(&m.slots)
+            };
+            println!(
+                "  {:<32} {:<14} {:>8}  {:<10} {:>6}",
+                h.holder, h.client, h.pid, slots, m.sets
+            );
+        }
+    }
+}
+
+/// `0,1,2`.
+fn list(slots: &[u32]) -> String {
+    slots
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Lock id → name for every lock the nodes' distributors can build, and the
+/// group's member slots.
+fn names(args: &StatusArgs, group: &Group) -> Result<HashMap<i64, String>> {
     let shards = crate::node::shard_names(args.shards.min(100_000));
     let mut sets = SingleTenant::new(
         DatabaseId::new(&args.database),
@@ -100,6 +325,11 @@ fn names(args: &StatusArgs) -> Result<HashMap<i64, String>> {
         .map(|s| (s.key.id(), s.key.name().to_string()))
         .collect();
     out.insert(solo.id(), solo.name().to_string());
+    for (id, slot) in &group.slots {
+        if let Some(name) = group.names.get(*slot as usize) {
+            out.insert(*id, name.clone());
+        }
+    }
     Ok(out)
 }
 
@@ -165,25 +395,19 @@ fn secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn print_rows(rows: &[Row], as_json: bool) {
-    if as_json {
-        let items: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                json!({
-                    "database": r.database,
-                    "lock_id": r.lock_id,
-                    "name": r.name,
-                    "holder": r.holder,
-                    "client": r.client,
-                    "pid": r.pid,
-                    "since_unix": secs(r.since),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(items));
-        return;
-    }
+fn row_json(r: &Row) -> serde_json::Value {
+    json!({
+        "database": r.database,
+        "lock_id": r.lock_id,
+        "name": r.name,
+        "holder": r.holder,
+        "client": r.client,
+        "pid": r.pid,
+        "since_unix": secs(r.since),
+    })
+}
+
+pub(crate) fn print_rows(rows: &[Row]) {
     if rows.is_empty() {
         println!("no locks held");
         return;

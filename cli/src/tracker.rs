@@ -17,12 +17,15 @@ struct State {
     /// Each move of a shard between nodes.
     moves: Vec<Move>,
     log: Vec<(Instant, String)>,
+    /// When an agent last started or stopped.
+    last_change: Option<Instant>,
 }
 
 /// A shard moving from one node to another.
 #[derive(Debug, Clone)]
 pub(crate) struct Move {
     pub(crate) from: NodeId,
+    pub(crate) to: NodeId,
     /// When the new node started it.
     pub(crate) at: Instant,
     /// Time with nobody running it.
@@ -63,13 +66,19 @@ impl Tracker {
                         gap.as_secs_f64() * 1e3
                     ),
                 ));
-                s.moves.push(Move { from, at: now, gap });
+                s.moves.push(Move {
+                    from,
+                    to: node.clone(),
+                    at: now,
+                    gap,
+                });
             }
         }
         s.running
             .entry(shard.clone())
             .or_default()
             .push((node.clone(), now));
+        s.last_change = Some(now);
         RunGuard {
             tracker: self.clone(),
             node: node.clone(),
@@ -83,6 +92,11 @@ impl Tracker {
 
     pub(crate) fn overlaps(&self) -> u64 {
         self.lock().overlaps
+    }
+
+    /// When an agent last started or stopped anywhere.
+    pub(crate) fn last_change(&self) -> Option<Instant> {
+        self.lock().last_change
     }
 
     pub(crate) fn moves(&self) -> Vec<Move> {
@@ -123,6 +137,7 @@ impl Drop for RunGuard {
         }
         s.last_stop
             .insert(self.shard.clone(), (self.node.clone(), now));
+        s.last_change = Some(now);
     }
 }
 
