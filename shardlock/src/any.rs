@@ -78,6 +78,14 @@ macro_rules! any_driver {
                 match self { $( $(#[$meta])* Self::$variant(s) => s.release_many(keys).await, )* }
             }
 
+            async fn release_announced(&mut self, keys: &[LockKey], clean: &[bool]) -> Result<Vec<bool>> {
+                match self { $( $(#[$meta])* Self::$variant(s) => s.release_announced(keys, clean).await, )* }
+            }
+
+            async fn probe(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+                match self { $( $(#[$meta])* Self::$variant(s) => s.probe(keys).await, )* }
+            }
+
             async fn release_all(&mut self) -> Result<()> {
                 match self { $( $(#[$meta])* Self::$variant(s) => s.release_all().await, )* }
             }

@@ -28,7 +28,7 @@ mod url;
 pub use any::{AnyDriver, AnySession};
 pub use shardlock_core::*;
 pub use shardlock_distributors::{
-    MultiTenanted, SingleTenant, Solo, SOLO_SENTINEL_SHARD, TENANT_LOCK_SHARD,
+    Balanced, MultiTenanted, SingleTenant, Solo, SOLO_SENTINEL_SHARD, TENANT_LOCK_SHARD,
 };
 #[cfg(any(
     feature = "memory",
