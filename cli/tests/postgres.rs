@@ -118,6 +118,45 @@ fn shardlock(args: &[&str]) -> Output {
         .expect("run shardlock")
 }
 
+/// The summary's phase lines' counts (`4/4/4`, ...); fails on a phase that
+/// did not settle.
+fn phase_counts(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("  phase "))
+        .map(|l| {
+            assert!(
+                l.contains(", settled "),
+                "phase did not settle: {l}\n{stdout}"
+            );
+            let (_, rest) = l.split_once(": ").expect("phase line shape");
+            rest.split(' ').next().expect("counts").to_string()
+        })
+        .collect()
+}
+
+/// `status --json`: the holders of the group's member slots in the first
+/// database listed, as (holder, slots, sets).
+fn member_holders(doc: &serde_json::Value) -> Vec<(String, Vec<u64>, u64)> {
+    doc["members"][0]["holders"]
+        .as_array()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h["holder"].as_str().unwrap_or("").to_string(),
+                        h["slots"]
+                            .as_array()
+                            .map(|s| s.iter().filter_map(|v| v.as_u64()).collect())
+                            .unwrap_or_default(),
+                        h["sets"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn postgres_process_demo_and_status() {
     let Some(server) = server() else { return };
@@ -127,8 +166,6 @@ fn postgres_process_demo_and_status() {
         "postgres",
         "--url",
         &server.url,
-        "--duration",
-        "8",
         "--plain",
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -138,17 +175,25 @@ fn postgres_process_demo_and_status() {
         stdout.lines().any(|l| l == "overlaps: 0"),
         "no `overlaps: 0` line:\n{stdout}"
     );
+    assert_eq!(
+        phase_counts(&stdout),
+        ["4/4/4", "6/6", "12", "6/6"],
+        "balanced phases:\n{stdout}"
+    );
     let kill = stdout
         .lines()
-        .find(|l| l.contains("kill -9 of"))
+        .find(|l| l.contains("kill -9 of") && l.contains("time from kill"))
         .unwrap_or_default();
     assert!(
-        kill.contains("shards taken over"),
-        "no takeover after the kill:\n{stdout}"
+        kill.contains("4 shards taken over"),
+        "the killed node's 4 shards taken over:\n{stdout}"
     );
-    eprintln!("postgres demo: {kill}");
+    for line in stdout.lines().filter(|l| l.starts_with("  phase ")) {
+        eprintln!("postgres demo: {line}");
+    }
 
-    // A node holding locks shows up in `status --url` with names and holder.
+    // A balanced node shows up in `status --url` with its lock names, its
+    // member slot and its sets.
     let mut node = Command::new(env!("CARGO_BIN_EXE_shardlock"))
         .args([
             "node",
@@ -173,35 +218,58 @@ fn postgres_process_demo_and_status() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start node");
+    let status_args = [
+        "status",
+        "--url",
+        &server.url,
+        "--schema",
+        "statuscheck",
+        "--shards",
+        "3",
+    ];
+    // Hang guard only.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let table = loop {
-        let out = shardlock(&[
-            "status",
-            "--url",
-            &server.url,
-            "--schema",
-            "statuscheck",
-            "--shards",
-            "3",
-        ]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if text.matches("shardlock:status-node").count() == 3 {
-            break text;
+    let doc = loop {
+        let out = shardlock(&[&status_args[..], &["--json"]].concat());
+        let doc: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if member_holders(&doc) == [("shardlock:status-node".to_string(), vec![0], 3)] {
+            break doc;
         }
         assert!(
             Instant::now() < deadline,
-            "status never showed the node's 3 locks:\n{text}"
+            "status never showed the node's member slot 0 and 3 sets:\n{doc}"
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    assert_eq!(doc["members"][0]["group"], "main:statuscheck", "{doc}");
+    assert_eq!(
+        doc["members"][0]["slots"][0]["name"], "members:main:statuscheck:0",
+        "{doc}"
+    );
+    assert!(
+        doc["members"][0]["slots"][0]["pid"]
+            .as_str()
+            .is_some_and(|p| p.parse::<u32>().is_ok()),
+        "the holder's backend pid: {doc}"
+    );
+    let table = shardlock(&status_args);
+    let table = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.contains("main:statuscheck:orders:00"),
         "lock names rebuilt:\n{table}"
     );
+    assert!(
+        table.contains("members:main:statuscheck:0"),
+        "member slot named:\n{table}"
+    );
+    assert!(
+        table.contains("1 live member slot (0 of 64)"),
+        "members shown:\n{table}"
+    );
     let json = shardlock(&["status", "--url", &server.url, "--json"]);
-    assert!(String::from_utf8_lossy(&json.stdout)
-        .trim_start()
-        .starts_with('['));
+    let all: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
+    assert!(all["locks"].is_array(), "{all}");
     drop(node.stdin.take());
     let status = node.wait().expect("node exit");
     assert!(status.success(), "graceful stop exits 0");
