@@ -7,10 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use shardlock::{
-    Agent, AgentContext, AgentError, Assignment, Balancing, Coordinator, DatabaseId, Distributor,
-    Driver, LockSet, MultiTenanted, NodeId, ShardId, SingleTenant, Solo,
+    Agent, AgentContext, AgentError, Assignment, Balanced, Balancing, Coordinator, DatabaseId,
+    Distributor, Driver, LockSet, MultiTenanted, NodeId, ShardId, SingleTenant, Solo,
 };
-use shardlock_distributors::Balanced;
 use tokio::sync::watch;
 use tracing::info;
 
@@ -46,8 +45,8 @@ pub(crate) struct DriverArgs {
 }
 
 /// An opened driver, by its concrete type: the coordinator is built for
-/// each, so every driver's own session methods (its probe, its announced
-/// releases) are the ones called.
+/// each, so the driver's own session methods (its probe, its announced
+/// releases) are called directly, with no enum in between.
 pub(crate) enum OpenedDriver {
     Postgres(shardlock::postgres::PgDriver),
     Sqlite(shardlock::sqlite::SqliteDriver),
