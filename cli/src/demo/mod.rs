@@ -260,13 +260,7 @@ impl Script {
             .iter()
             .map(|n| (n.clone(), obs.count(n)))
             .collect();
-        let on_live: usize = counts.iter().map(|(_, c)| c).sum();
-        let mut sorted: Vec<usize> = counts.iter().map(|(_, c)| *c).collect();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
-        let reached = obs.unowned == 0
-            && obs.doubled == 0
-            && on_live == shards
-            && target.as_ref().is_none_or(|t| t == &sorted);
+        let reached = reached(&counts, obs, shards, target.as_deref());
         let steady_since = obs.last_change.max(phase.at);
         if reached && now.saturating_sub(steady_since) >= HOLD {
             let after = obs.last_change.saturating_sub(phase.at);
@@ -366,16 +360,31 @@ impl Script {
         let Some(phase) = self.phases.last() else {
             return String::new();
         };
-        let counts = slashed(phase.live.iter().map(|n| obs.count(n)));
+        let n = self.phases.len();
+        let counts: Vec<(String, usize)> = phase
+            .live
+            .iter()
+            .map(|n| (n.clone(), obs.count(n)))
+            .collect();
+        let now_counts = slashed(counts.iter().map(|(_, c)| *c));
+        let target = self.target(phase.live.len());
         match &phase.outcome {
+            Outcome::Waiting if reached(&counts, obs, self.shards, target.as_deref()) => format!(
+                "phase {n}: {} -- {now_counts} reached, holding for {:.1} s",
+                phase.event,
+                HOLD.as_secs_f64()
+            ),
             Outcome::Waiting => format!(
-                "phase {}: {} -- waiting for {} (now {counts}), {:.1}s",
-                self.phases.len(),
+                "phase {n}: {} -- waiting for {} (now {now_counts}), {:.1}s",
                 phase.event,
                 self.waiting_for(),
                 now.saturating_sub(phase.at).as_secs_f64()
             ),
-            _ => format!("phase {}: {} -- ended", self.phases.len(), phase.event),
+            Outcome::Settled { .. } => format!("phase {n}: {} -- settled", phase.event),
+            Outcome::NotSettled { .. } => {
+                format!("phase {n}: {} -- NOT SETTLED", phase.event)
+            }
+            Outcome::Cut => format!("phase {n}: {} -- cut short", phase.event),
         }
     }
 
@@ -428,6 +437,23 @@ impl Script {
             let _ = writeln!(out, "  {what}: did not happen (the demo ended first)");
         }
     }
+}
+
+/// Whether the live nodes' `counts` run every shard exactly once, at the
+/// `target` counts (any order) if there is one.
+fn reached(
+    counts: &[(String, usize)],
+    obs: &Observation,
+    shards: usize,
+    target: Option<&[usize]>,
+) -> bool {
+    let on_live: usize = counts.iter().map(|(_, c)| c).sum();
+    let mut sorted: Vec<usize> = counts.iter().map(|(_, c)| *c).collect();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    obs.unowned == 0
+        && obs.doubled == 0
+        && on_live == shards
+        && target.is_none_or(|t| t == sorted.as_slice())
 }
 
 /// `4/4/4`.
