@@ -23,13 +23,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run several nodes over a set of shards, stop one, sever another, and
-    /// show the takeover live; ends with a summary and `overlaps: N`.
+    /// Run balanced nodes over a set of shards (3 nodes, 12 shards: 4/4/4),
+    /// kill -9 one (6/6), stop another gracefully (12), start a new one
+    /// (6/6), live; ends with the counts and rebalance times of each phase
+    /// and `overlaps: N`.
     Demo(demo::DemoArgs),
     /// Run one coordinator process with a sample agent that ticks each
     /// shard it owns; ctrl-c or SIGTERM stops it gracefully.
     Node(node::NodeArgs),
-    /// List the locks held, with their holders.
+    /// List the locks held, with their holders, and the live members of a
+    /// balancing group.
     Status(status::StatusArgs),
 }
 
