@@ -1,42 +1,61 @@
 //! Leader election: one key, one holder, standbys waiting in the database.
 
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::driver::{Driver, Session};
 use crate::error::{Error, Result};
 use crate::ids::{DatabaseId, NodeId};
 use crate::key::LockKey;
+use crate::projection::projection_leadership_key;
 use crate::signals::SessionSignals;
 
-/// Proof of leadership: holds the session that holds the key.
+/// Proof of leadership: holds the session that holds the key, one
+/// dedicated connection (never shared with another guard).
 ///
 /// Dropping the guard drops the session, which frees the key without
-/// blocking (the driver spawns the unlock or the database ends the session);
+/// blocking, on any runtime (driver contract clause 6: the driver spawns the
+/// unlock or the database ends the session);
 /// [`release`](LeadershipGuard::release) frees it at once and is the graceful
 /// way to hand over.
 pub struct LeadershipGuard<S: Session> {
-    session: Option<S>,
+    session: S,
     signals: SessionSignals,
-    database: DatabaseId,
     key: LockKey,
+    /// Where [`release`](Self::release) parks the session for the next
+    /// attempt ([`DriverLeadership`]'s), instead of closing it.
+    spare: Option<Arc<Spare<S>>>,
 }
 
 impl<S: Session> LeadershipGuard<S> {
     fn new(session: S, key: LockKey) -> Self {
         Self {
             signals: session.signals(),
-            database: session.database().clone(),
-            session: Some(session),
+            session,
             key,
+            spare: None,
         }
     }
 
     /// The key this guard holds.
     pub fn key(&self) -> &LockKey {
         &self.key
+    }
+
+    /// The session holding the key: the leader's one dedicated connection,
+    /// e.g. to end it from outside in a test, or to reach its connection
+    /// through the driver's own session type.
+    pub fn session(&self) -> &S {
+        &self.session
+    }
+
+    /// The session holding the key, mutably (a call that releases the key
+    /// gives leadership up while the guard still exists).
+    pub fn session_mut(&mut self) -> &mut S {
+        &mut self.session
     }
 
     /// Fires as soon as the driver sees the session end (the server
@@ -53,25 +72,38 @@ impl<S: Session> LeadershipGuard<S> {
     ///
     /// [`Error::SessionLost`] when leadership is gone: stop leading at once.
     pub async fn verify(&mut self) -> Result<()> {
-        match self.session.as_mut() {
-            Some(session) => session.verify().await,
-            None => Err(Error::session_lost(
-                &self.database,
-                "leadership was released",
-            )),
-        }
+        self.session.verify().await
     }
 
-    /// Releases leadership and closes the session; a standby waiting in
-    /// [`wait_for_leadership`] takes over at once.
-    pub async fn release(mut self) -> Result<()> {
-        let Some(mut session) = self.session.take() else {
-            return Ok(());
-        };
-        let released = session.release(&self.key).await;
+    /// Releases leadership and closes the session (a guard from
+    /// [`DriverLeadership`] keeps it instead for that coordinator's next
+    /// attempt); a standby waiting in [`wait_for_leadership`] or
+    /// [`ProjectorCoordinator::wait_lead`](crate::ProjectorCoordinator::wait_lead)
+    /// takes over at once.
+    ///
+    /// # Errors
+    ///
+    /// The driver's, when the release or the close fails (the session is
+    /// then closed or dropped, which frees the key anyway).
+    pub async fn release(self) -> Result<()> {
+        let Self {
+            mut session,
+            key,
+            spare,
+            ..
+        } = self;
+        let released = session.release(&key).await;
+        info!(key = %key, "leadership released");
+        if released.is_ok() {
+            if let Some(spare) = spare {
+                let Some(session) = spare.park(session) else {
+                    return Ok(());
+                };
+                return session.close().await;
+            }
+        }
         let closed = session.close().await;
-        info!(key = %self.key, "leadership released");
-        released.and(closed)
+        released.map(drop).and(closed)
     }
 }
 
@@ -79,7 +111,7 @@ impl<S: Session> fmt::Debug for LeadershipGuard<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LeadershipGuard")
             .field("key", &self.key)
-            .field("released", &self.session.is_none())
+            .field("database", self.session.database())
             .field("lost", &self.signals.is_lost())
             .finish()
     }
@@ -114,7 +146,7 @@ pub async fn acquire_leadership<D: Driver>(
 }
 
 /// Waits in the database until leadership for `key` is granted (`Some`) or
-/// `cancel` fires (`None`). Standbys use no CPU while waiting and take over
+/// `cancel` fires (`None`), on a session of its own. Standbys use no CPU while waiting and take over
 /// within the database's wake-up time of a graceful release.
 ///
 /// # Cancel safety
@@ -140,22 +172,215 @@ pub async fn wait_for_leadership<D: Driver>(
     }
 }
 
+/// The one idle session a [`DriverLeadership`] keeps between attempts, so a
+/// follower that tries again and again reuses one connection.
+struct Spare<S> {
+    slot: Mutex<Option<S>>,
+}
+
+impl<S: Session> Spare<S> {
+    fn new() -> Self {
+        Self {
+            slot: Mutex::new(None),
+        }
+    }
+
+    /// The parked session if it is still sound; a lost or poisoned one is
+    /// dropped (outside the lock).
+    fn take(&self) -> Option<S> {
+        let parked = self
+            .slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match parked {
+            Some(session) if sound(&session) => Some(session),
+            Some(broken) => {
+                debug!(database = %broken.database(), "parked leadership session is gone; reconnecting");
+                drop(broken);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Parks `session` for the next attempt when it is sound, holds nothing
+    /// and the slot is free; otherwise hands it back to be closed.
+    fn park(&self, session: S) -> Option<S> {
+        if !sound(&session) || !session.holds().is_empty() {
+            return Some(session);
+        }
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_some() {
+            return Some(session);
+        }
+        *slot = Some(session);
+        None
+    }
+
+    /// Parks `session`, or drops it when it cannot be parked (dropping frees
+    /// whatever it holds without blocking).
+    fn park_or_drop(&self, session: S) {
+        drop(self.park(session));
+    }
+}
+
+/// Whether a session can serve another attempt: not lost, not poisoned, no
+/// round trip left half-done.
+fn sound<S: Session>(session: &S) -> bool {
+    let holds = session.holds();
+    !holds.is_broken() && holds.in_flight().is_none()
+}
+
 /// Leader election for projectors through a driver: the projector named `n`
-/// leads while holding the key `projector:<n>` in `database`.
-#[derive(Debug, Clone)]
-pub struct DriverLeadership<D> {
+/// leads while holding the key [`projection_leadership_key`]`(n)`
+/// (`projector:<n>`) in `database`.
+///
+/// # Sessions
+///
+/// Attempts share **one session per `DriverLeadership`** (one database):
+/// a [`try_lead`](crate::ProjectorCoordinator::try_lead) that is refused
+/// parks its session for the next one, so a follower that polls makes no
+/// connection per attempt. A granted attempt hands its session to the
+/// [`LeadershipGuard`]: every leader holds **one dedicated connection**,
+/// whose loss signal is the guard's ([`ProjectorCoordinator::lost`]), and
+/// dropping the guard frees the key on any runtime (the driver's drop). The
+/// next attempt then opens a new session; a guard given up with
+/// [`step_down`](crate::ProjectorCoordinator::step_down) (or
+/// [`LeadershipGuard::release`]) parks its session again instead. Clones
+/// share the parked session.
+///
+/// [`wait_lead`](crate::ProjectorCoordinator::wait_lead) waits **in the
+/// database** ([`Session::acquire`]) on that session: no polling, and the
+/// follower takes over as soon as the leader's lock is freed.
+///
+/// [`ProjectorCoordinator::lost`]: crate::ProjectorCoordinator::lost
+pub struct DriverLeadership<D: Driver> {
     driver: D,
     database: DatabaseId,
     node: NodeId,
+    spare: Arc<Spare<D::Session>>,
+}
+
+impl<D: Driver> Clone for DriverLeadership<D> {
+    fn clone(&self) -> Self {
+        Self {
+            driver: self.driver.clone(),
+            database: self.database.clone(),
+            node: self.node.clone(),
+            spare: Arc::clone(&self.spare),
+        }
+    }
+}
+
+impl<D: Driver> fmt::Debug for DriverLeadership<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parked = self
+            .spare
+            .slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        f.debug_struct("DriverLeadership")
+            .field("driver", &self.driver.name())
+            .field("database", &self.database)
+            .field("node", &self.node)
+            .field("parked_session", &parked)
+            .finish()
+    }
 }
 
 impl<D: Driver> DriverLeadership<D> {
     /// Leadership keys live in `database`; sessions are labelled `node`.
+    /// Opens nothing until the first attempt.
     pub fn new(driver: D, database: DatabaseId, node: NodeId) -> Self {
         Self {
             driver,
             database,
             node,
+            spare: Arc::new(Spare::new()),
+        }
+    }
+
+    /// The parked session (`true`) or a new one (`false`), connecting unless
+    /// `cancel` fires first (`None`).
+    async fn session(
+        &self,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Option<(D::Session, bool)>> {
+        if let Some(session) = self.spare.take() {
+            return Ok(Some((session, true)));
+        }
+        let connect = self.driver.connect(&self.database, &self.node);
+        let session = match cancel {
+            Some(cancel) => tokio::select! {
+                session = connect => session?,
+                _ = cancel.cancelled() => return Ok(None),
+            },
+            None => connect.await?,
+        };
+        Ok(Some((session, false)))
+    }
+
+    fn guard(&self, session: D::Session, key: LockKey) -> LeadershipGuard<D::Session> {
+        info!(key = %key, node = %self.node, "leadership acquired");
+        let mut guard = LeadershipGuard::new(session, key);
+        guard.spare = Some(Arc::clone(&self.spare));
+        guard
+    }
+
+    /// One non-waiting attempt on the parked session, or on a new one when
+    /// the parked session turns out to be dead (its connection may have
+    /// ended unnoticed while it was idle).
+    async fn try_key(&self, key: LockKey) -> Result<Option<LeadershipGuard<D::Session>>> {
+        loop {
+            let Some((mut session, reused)) = self.session(None).await? else {
+                return Ok(None);
+            };
+            match session.try_acquire(std::slice::from_ref(&key)).await {
+                Ok(granted) if granted.first().copied().unwrap_or(false) => {
+                    return Ok(Some(self.guard(session, key)));
+                }
+                Ok(_) => {
+                    debug!(key = %key, "leadership held elsewhere");
+                    self.spare.park_or_drop(session);
+                    return Ok(None);
+                }
+                Err(e) if reused => {
+                    warn!(key = %key, error = %e, "parked leadership session failed; retrying on a new one");
+                    drop(session);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits in the database for `key` on the parked session (or a new
+    /// one), like [`try_key`](Self::try_key) retrying once on a new session
+    /// when the parked one turns out to be dead.
+    async fn wait_key(
+        &self,
+        key: LockKey,
+        cancel: &CancellationToken,
+    ) -> Result<Option<LeadershipGuard<D::Session>>> {
+        loop {
+            let Some((mut session, reused)) = self.session(Some(cancel)).await? else {
+                return Ok(None);
+            };
+            // Dropping this future drops the session mid-wait: cancel-safe
+            // (clause 4), and the drop frees whatever it held (clause 6).
+            match session.acquire(&key, cancel).await {
+                Ok(true) => return Ok(Some(self.guard(session, key))),
+                Ok(false) => {
+                    self.spare.park_or_drop(session);
+                    return Ok(None);
+                }
+                Err(e) if reused => {
+                    warn!(key = %key, error = %e, "parked leadership session failed; retrying on a new one");
+                    drop(session);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 }
@@ -167,12 +392,35 @@ impl<D: Driver> crate::projection::ProjectorCoordinator for DriverLeadership<D> 
         Some(guard.lost())
     }
 
+    /// One `try_acquire` round trip on the parked session (a connection is
+    /// opened only when none is parked).
     async fn try_lead(&self, projector: &str) -> Result<Option<Self::Guard>, crate::BoxError> {
-        let key = LockKey::new(format!("projector:{projector}"))?;
-        match acquire_leadership(&self.driver, &self.database, &self.node, key).await {
-            Ok(guard) => Ok(Some(guard)),
-            Err(Error::LockNotAcquired { .. }) => Ok(None),
-            Err(e) => Err(Box::new(e)),
+        let key = projection_leadership_key(projector)?;
+        Ok(self.try_key(key).await?)
+    }
+
+    /// Waits in the database ([`Session::acquire`]) until the key is free.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: through `cancel` the session is parked with nothing
+    /// held; a dropped future drops its session, which frees anything it
+    /// held.
+    async fn wait_lead(
+        &self,
+        projector: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Self::Guard>, crate::BoxError> {
+        let key = projection_leadership_key(projector)?;
+        Ok(self.wait_key(key, cancel).await?)
+    }
+
+    /// [`LeadershipGuard::release`]: releases the key at once (a waiting
+    /// follower takes over) and parks the session for the next attempt.
+    async fn step_down(&self, guard: Self::Guard) {
+        let key = guard.key().clone();
+        if let Err(e) = guard.release().await {
+            debug!(key = %key, error = %e, "leadership release failed; the session was dropped, which frees the key");
         }
     }
 }

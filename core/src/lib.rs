@@ -48,9 +48,10 @@ pub use leadership::{acquire_leadership, wait_for_leadership, DriverLeadership, 
 pub use lock_set::{Guard, LockSet};
 pub use mapping::DatabaseMapping;
 pub use projection::{
-    run_projection, Checkpoint, CheckpointError, CheckpointStore, CoordinatorLed, DeadLetter,
-    EventReader, NoDeadLetter, Positioned, ProjectionAgent, ProjectionBackend, ProjectionError,
-    ProjectionOptions, ProjectionRunner, Projector, ProjectorCoordinator,
+    projection_leadership_key, run_projection, Checkpoint, CheckpointError, CheckpointStore,
+    CoordinatorLed, DeadLetter, EventReader, NoDeadLetter, Positioned, ProjectionAgent,
+    ProjectionBackend, ProjectionError, ProjectionOptions, ProjectionRunner, Projector,
+    ProjectorCoordinator, DEFAULT_LEAD_POLL,
 };
 pub use signals::SessionSignals;
 

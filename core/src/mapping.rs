@@ -8,6 +8,13 @@ use crate::ids::DatabaseId;
 /// How a driver turns a shardlock [`DatabaseId`] into the name of the
 /// database it connects to.
 ///
+/// Each driver's options pick their default: `DatabaseMapping::default()`
+/// is [`SameServer`](Self::SameServer) (SQL Server's options use it), while
+/// the Postgres driver's options default to
+/// [`ConnectionString`](Self::ConnectionString) when the URL names a
+/// database (a URL naming a database is read as "lock here"), and to
+/// `SameServer` when it names none.
+///
 /// ```
 /// use shardlock_core::{DatabaseId, DatabaseMapping};
 ///
@@ -21,9 +28,10 @@ use crate::ids::DatabaseId;
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub enum DatabaseMapping {
-    /// The id is the database name on the server of the options (the
-    /// default). Multi-tenant services with one database per tenant use this;
-    /// a database named in the URL is overridden.
+    /// The id is the database name on the server of the options
+    /// (`DatabaseMapping::default()`). Multi-tenant services with one
+    /// database per tenant use this; a database named in the URL is
+    /// overridden.
     #[default]
     SameServer,
     /// Every id maps to this one database: single-tenant use where the

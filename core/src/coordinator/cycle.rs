@@ -122,8 +122,10 @@ struct Balance {
     members: usize,
     share: Option<usize>,
     moves: u64,
-    /// Cycle again after the short pause (surplus left to release).
+    /// Cycle again soon (membership changed, or surplus left to release).
     hurry: bool,
+    /// Members and share seen in the last cycle.
+    last_view: Option<(usize, usize)>,
 }
 
 pub(super) struct Runner<D: Driver, S, A> {
@@ -200,8 +202,12 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 let started = Instant::now();
                 self.cycle().await;
                 self.publish(started.elapsed(), false);
-                let pause = if self.failing > 0 || self.reconnect_pending() || self.balance.hurry {
+                let pause = if self.failing > 0 || self.reconnect_pending() {
                     self.config.pause_interval
+                } else if self.balance.hurry {
+                    // Membership just changed, or a surplus is left: look
+                    // again soon rather than a whole poll later.
+                    (self.config.poll_interval / 4).min(self.config.pause_interval)
                 } else {
                     // ±10 %: nodes started together do not stay in step
                     // (their probes and tries would keep meeting).
@@ -604,10 +610,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     /// One batched `try_acquire` per database of `sets` plus `slots` (member
     /// slots), databases in parallel. Answers, per database reached, the
     /// sets and the slots with whether each was granted.
-    async fn try_round(
-        &mut self,
-        plan: TryPlan,
-    ) -> (Vec<TryOutcome>, usize) {
+    async fn try_round(&mut self, plan: TryPlan) -> (Vec<TryOutcome>, usize) {
         let deadline = self.config.lock_loss_timeout;
         let mut rounds = Vec::new();
         let mut unreached = 0usize;
@@ -733,6 +736,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
         // 2. Membership: the live slots per database, and slots to take.
         let native_probe = self.driver.capabilities().probe == Support::Native;
+        let mut unconfirmed = false;
         let mut views: BTreeMap<DatabaseId, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
         let mut requests: HashMap<DatabaseId, Vec<(u32, LockKey)>> = HashMap::new();
         for (db, (), elsewhere) in probed {
@@ -755,6 +759,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 held_now.intersection(&conn.seen).copied().collect()
             };
             let taken_by_others: Vec<u32> = held_now.iter().copied().collect();
+            // Unconfirmed slots: look again soon to confirm them.
+            unconfirmed |= !native_probe && held_now != conn.seen;
             conn.seen = held_now;
             let mut counted = mine.clone();
             let need = usize::try_from(balancing.weight)
@@ -791,6 +797,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let share = fair_share(total, &view.0, &view.1);
         self.balance.members = view.0.len();
         self.balance.share = Some(share);
+        // A changed view is confirmed (or corrected) by a quick second look,
+        // so settling after a join or a leave takes about a poll, not two.
+        let changed =
+            self.balance.last_view.replace((view.0.len(), share)) != Some((view.0.len(), share));
 
         // 3. A lasting surplus goes, a few sets per cycle.
         let held = self
@@ -798,13 +808,13 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             .values()
             .filter(|o| o.held && o.set.guard == Guard::Exclusive)
             .count();
-        self.balance.hurry = false;
+        self.balance.hurry = changed || unconfirmed;
         if held > share {
             self.balance.above += 1;
             if self.balance.above >= balancing.settle_cycles.max(1) {
                 let surplus = (held - share).min(balancing.max_moves_per_cycle);
                 self.release_surplus(surplus, share).await;
-                self.balance.hurry = held - surplus > share;
+                self.balance.hurry |= held - surplus > share;
             } else {
                 debug!(
                     held,

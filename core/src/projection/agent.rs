@@ -54,6 +54,16 @@ impl<B: Send + Sync> ProjectorCoordinator for CoordinatorLed<B> {
     async fn try_lead(&self, _projector: &str) -> Result<Option<()>, BoxError> {
         Ok(Some(()))
     }
+
+    /// Granted at once, like [`try_lead`](Self::try_lead): the node already
+    /// holds the shard's lock.
+    async fn wait_lead(
+        &self,
+        _projector: &str,
+        _cancel: &crate::CancellationToken,
+    ) -> Result<Option<()>, BoxError> {
+        Ok(Some(()))
+    }
 }
 
 /// Runs one projection per shard: `make` builds the projector and its

@@ -4,7 +4,8 @@
 //! # Semantics (at-least-once)
 //!
 //! 1. Take leadership for the projector's name, else
-//!    [`ProjectionError::LeadershipError`].
+//!    [`ProjectionError::LeadershipError`] (or, with
+//!    [`ProjectionOptions::wait_for_leadership`], wait for it).
 //! 2. [`CheckpointStore::claim`]: bump the subscription's fencing **epoch**
 //!    and load its position.
 //! 3. Read a batch of events after the position; apply each in order; save
@@ -24,6 +25,42 @@
 //! [`ProjectionOptions::max_attempts`]; then, with a [`DeadLetter`] hook the
 //! event is recorded and skipped, without one the runner stops with
 //! [`ProjectionError::Apply`] and the checkpoint stays before the event.
+//!
+//! # Leadership
+//!
+//! The projector named `n` leads while holding the lock key
+//! [`projection_leadership_key`]`(n)` (`projector:<n>`): anything that
+//! checks or takes a projector's leadership by hand (an operator tool, a
+//! test) builds the key with that function.
+//! [`DriverLeadership`](crate::DriverLeadership) takes it through any
+//! driver: its attempts share one session per database (a follower that
+//! polls makes no connection per attempt), a granted attempt hands that
+//! session to the guard (one dedicated connection per leader, whose loss
+//! signal stops the runner), and [`ProjectorCoordinator::wait_lead`] blocks
+//! in the database until the key is free. With
+//! [`ProjectionOptions::wait_for_leadership`] the runner waits that way
+//! instead of answering [`ProjectionError::LeadershipError`], so a follower
+//! is one call and takes over the moment the leader's lock is freed.
+//!
+//! # Checkpoint stores
+//!
+//! Every store is opened the same way: `Store::connect(target).await`,
+//! answering `Result<Store, CheckpointError>`, where `target` is what that
+//! backend's driver is opened from; the `subscriptions` table is created if
+//! missing. Where you already hold a handle, `from_*` reuses it.
+//!
+//! | store | open | reuse a handle |
+//! |---|---|---|
+//! | memory (`shardlock-memory`) | `MemoryCheckpoints::connect()` (a fresh in-process table; clones share it) | `MemoryCheckpoints::new()` (the same, not async) |
+//! | SQLite (`shardlock-sqlite`) | `SqliteCheckpoints::connect(path)` (the database file, e.g. the one holding the projection's tables) | — |
+//! | PostgreSQL (`shardlock-postgres`) | `PgCheckpoints::connect(&PgOptions)` (the database the options name; a small pool of its own) | `PgCheckpoints::from_pool(pool)` |
+//!
+//! Every store answers the same errors: [`CheckpointError::NotClaimed`] for
+//! a save before any [`CheckpointStore::claim`] of the subscription,
+//! [`CheckpointError::FencedOff`] for a save with a superseded epoch, and a
+//! refused save changes nothing (a later [`CheckpointStore::load`] answers
+//! what it answered before, `None` included). The contract suite
+//! (`shardlock-contract-tests`) checks each store for all of it.
 
 mod agent;
 mod runner;
@@ -36,7 +73,28 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::error::BoxError;
+use crate::error::{BoxError, Result};
+use crate::key::LockKey;
+
+/// The lock key a projector named `projector` leads with: `projector:<name>`.
+///
+/// [`DriverLeadership`](crate::DriverLeadership) takes this key; build it
+/// with this function wherever a projector's leadership is checked or taken
+/// by hand, so every place agrees on the name.
+///
+/// ```
+/// let key = shardlock_core::projection_leadership_key("orders-view")?;
+/// assert_eq!(key.name(), "projector:orders-view");
+/// # Ok::<(), shardlock_core::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidLockName`](crate::Error::InvalidLockName) when the key
+/// name would be invalid (the projector's name contains NUL or is too long).
+pub fn projection_leadership_key(projector: &str) -> Result<LockKey> {
+    LockKey::new(format!("projector:{projector}"))
+}
 
 /// An event and its position in the stream (positions strictly increase).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +131,15 @@ pub struct Checkpoint {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckpointError {
+    /// A save for a subscription that was never claimed, or with an epoch no
+    /// claim answers (below 1): the caller skipped
+    /// [`CheckpointStore::claim`], which gives the epoch every save must
+    /// carry. Nothing was written.
+    #[error("save to subscription {subscription:?} without a claim: call claim() first (the runner does it when it takes leadership)")]
+    NotClaimed {
+        /// The subscription.
+        subscription: String,
+    },
     /// Another leader claimed the subscription since this one did: the
     /// caller is stale and must stop.
     #[error("subscription {subscription:?} was claimed by a newer leader (epoch {current}, ours {ours})")]
@@ -108,11 +175,15 @@ pub trait CheckpointStore: Send + Sync {
     ) -> impl Future<Output = Result<Option<Checkpoint>, CheckpointError>> + Send;
 
     /// Saves `position` if the stored epoch is still `epoch`; never moves the
-    /// position backwards (a lower position is ignored).
+    /// position backwards (a lower position is ignored). A refused save
+    /// writes nothing: [`load`](Self::load) answers afterwards what it
+    /// answered before (`None` for a subscription never claimed).
     ///
     /// # Errors
     ///
-    /// [`CheckpointError::FencedOff`] when the stored epoch differs.
+    /// [`CheckpointError::NotClaimed`] when the subscription was never
+    /// claimed or `epoch` is below 1; [`CheckpointError::FencedOff`] when the
+    /// stored epoch differs.
     fn save(
         &self,
         subscription: &str,
@@ -120,6 +191,11 @@ pub trait CheckpointStore: Send + Sync {
         position: i64,
     ) -> impl Future<Output = Result<(), CheckpointError>> + Send;
 }
+
+/// How often the default [`ProjectorCoordinator::wait_lead`] tries again
+/// while another node leads (a coordinator that can wait in its database
+/// overrides `wait_lead` and does not poll).
+pub const DEFAULT_LEAD_POLL: Duration = Duration::from_millis(100);
 
 /// Takes leadership for a projector's name.
 pub trait ProjectorCoordinator: Send + Sync {
@@ -132,6 +208,49 @@ pub trait ProjectorCoordinator: Send + Sync {
         &self,
         projector: &str,
     ) -> impl Future<Output = Result<Option<Self::Guard>, BoxError>> + Send;
+
+    /// Waits until leadership is granted (`Some`) or `cancel` fires
+    /// (`None`). The runner calls it with
+    /// [`ProjectionOptions::wait_for_leadership`].
+    ///
+    /// The default polls [`try_lead`](Self::try_lead) every
+    /// [`DEFAULT_LEAD_POLL`]; a coordinator that can wait in its database
+    /// (as [`DriverLeadership`](crate::DriverLeadership) does, through
+    /// [`Session::acquire`](crate::Session::acquire)) overrides it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: cancelling through `cancel` or dropping the future
+    /// leaves leadership not held.
+    fn wait_lead(
+        &self,
+        projector: &str,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Option<Self::Guard>, BoxError>> + Send {
+        async move {
+            loop {
+                if cancel.is_cancelled() {
+                    return Ok(None);
+                }
+                if let Some(guard) = self.try_lead(projector).await? {
+                    return Ok(Some(guard));
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(DEFAULT_LEAD_POLL) => {}
+                }
+            }
+        }
+    }
+
+    /// Gives leadership up gracefully, so a follower waiting in the
+    /// database takes over at once; the runner calls it when it stops. The
+    /// default drops the guard (which also gives leadership up, without
+    /// waiting for the database to confirm).
+    fn step_down(&self, guard: Self::Guard) -> impl Future<Output = ()> + Send {
+        drop(guard);
+        std::future::ready(())
+    }
 
     /// A token that fires when the leadership `guard` stands for is lost
     /// (its session ended), so the runner stops applying at once; `None`
@@ -183,6 +302,14 @@ pub struct ProjectionOptions {
     pub idle_backoff: Duration,
     /// Longest wait when there are no events (default 1 s).
     pub max_idle: Duration,
+    /// When another node leads: `false` (the default) stops the runner at
+    /// once with [`ProjectionError::LeadershipError`] (the caller retries
+    /// when it likes); `true` waits for leadership through
+    /// [`ProjectorCoordinator::wait_lead`] (in the database, for
+    /// [`DriverLeadership`](crate::DriverLeadership)) until `cancel` fires,
+    /// so a follower is one call and takes over as soon as the leader's
+    /// lock is freed.
+    pub wait_for_leadership: bool,
 }
 
 impl Default for ProjectionOptions {
@@ -193,6 +320,7 @@ impl Default for ProjectionOptions {
             retry_backoff: Duration::from_millis(100),
             idle_backoff: Duration::from_millis(50),
             max_idle: Duration::from_secs(1),
+            wait_for_leadership: false,
         }
     }
 }
@@ -217,13 +345,22 @@ impl ProjectionOptions {
         self.max_idle = max;
         self
     }
+
+    /// Sets [`wait_for_leadership`](Self::wait_for_leadership): a follower
+    /// waits for leadership instead of stopping.
+    pub fn wait_for_leadership(mut self, wait: bool) -> Self {
+        self.wait_for_leadership = wait;
+        self
+    }
 }
 
 /// Why [`run_projection`] stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProjectionError {
-    /// Another node leads this projector: not a failure, try again later.
+    /// Another node leads this projector: not a failure, try again later
+    /// (or set [`ProjectionOptions::wait_for_leadership`] and let the
+    /// runner wait).
     #[error("projector {name:?} is led by another node")]
     LeadershipError {
         /// The projector's name.
@@ -328,6 +465,18 @@ impl<T: ProjectorCoordinator> ProjectorCoordinator for &T {
     ) -> impl Future<Output = Result<Option<Self::Guard>, BoxError>> + Send {
         (**self).try_lead(projector)
     }
+
+    fn wait_lead(
+        &self,
+        projector: &str,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Option<Self::Guard>, BoxError>> + Send {
+        (**self).wait_lead(projector, cancel)
+    }
+
+    fn step_down(&self, guard: Self::Guard) -> impl Future<Output = ()> + Send {
+        (**self).step_down(guard)
+    }
 }
 
 /// A projection backend made of parts: an event reader, a checkpoint store
@@ -395,5 +544,17 @@ impl<R: Send + Sync, C: Send + Sync, L: ProjectorCoordinator> ProjectorCoordinat
         projector: &str,
     ) -> impl Future<Output = Result<Option<Self::Guard>, BoxError>> + Send {
         self.leadership.try_lead(projector)
+    }
+
+    fn wait_lead(
+        &self,
+        projector: &str,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<Option<Self::Guard>, BoxError>> + Send {
+        self.leadership.wait_lead(projector, cancel)
+    }
+
+    fn step_down(&self, guard: Self::Guard) -> impl Future<Output = ()> + Send {
+        self.leadership.step_down(guard)
     }
 }

@@ -17,7 +17,8 @@ use crate::error::BoxError;
 /// # Semantics (at-least-once)
 ///
 /// 1. Take leadership for the projector's name, else
-///    [`ProjectionError::LeadershipError`].
+///    [`ProjectionError::LeadershipError`] (or, with
+///    [`ProjectionOptions::wait_for_leadership`], wait for it).
 /// 2. [`CheckpointStore::claim`]: bump the subscription's fencing **epoch**
 ///    and load its position.
 /// 3. Read a batch of events after the position; apply each in order; save
@@ -135,25 +136,58 @@ where
                 name: self.projector.name().to_string(),
                 source: fenced,
             },
+            // `NotClaimed` cannot happen here (the runner claims first) unless
+            // the row vanished meanwhile: the store's answer says which.
+            other => self.store_error("checkpoint store", Box::new(other)),
+        }
+    }
+
+    /// Leadership as the options ask: at once or waiting; `Ok(None)` when
+    /// `cancel` fired while waiting.
+    async fn take_leadership(
+        &self,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<B::Guard>, ProjectionError> {
+        if self.options.wait_for_leadership {
+            debug!(projector = name, "waiting for leadership");
+            return self
+                .backend
+                .wait_lead(name, cancel)
+                .await
+                .map_err(|e| self.store_error("leadership", e));
+        }
+        match self
+            .backend
+            .try_lead(name)
+            .await
+            .map_err(|e| self.store_error("leadership", e))?
+        {
+            Some(guard) => Ok(Some(guard)),
+            None => Err(ProjectionError::LeadershipError {
+                name: name.to_string(),
+            }),
         }
     }
 
     /// Runs until `cancel` fires (then `Ok`) or an error stops it.
-    /// Leadership is released when this returns.
+    /// Leadership is given up ([`ProjectorCoordinator::step_down`]) when
+    /// this returns. With [`ProjectionOptions::wait_for_leadership`] it
+    /// first waits for leadership; cancelled while waiting, it answers `Ok`
+    /// without having led.
     ///
     /// # Cancel safety
     ///
     /// Cancelling through `cancel` finishes the current event and saves its
     /// checkpoint. Dropping the future may lose the checkpoint of events
-    /// already applied (they are applied again: at-least-once).
+    /// already applied (they are applied again: at-least-once); leadership
+    /// is then given up by dropping its guard.
     pub async fn run(self, cancel: &CancellationToken) -> Result<(), ProjectionError> {
         let name = self.projector.name().to_string();
-        let guard = self
-            .backend
-            .try_lead(&name)
-            .await
-            .map_err(|e| self.store_error("leadership", e))?
-            .ok_or_else(|| ProjectionError::LeadershipError { name: name.clone() })?;
+        let Some(guard) = self.take_leadership(&name, cancel).await? else {
+            debug!(projector = %name, "cancelled while waiting for leadership");
+            return Ok(());
+        };
         let lost = B::lost(&guard).unwrap_or_default();
         // `stop` fires on the caller's cancel or on the loss of leadership;
         // `lead` checks it before every event.
@@ -172,7 +206,7 @@ where
             stop.cancel();
         };
         let (result, ()) = tokio::join!(lead, forward);
-        drop(guard);
+        self.backend.step_down(guard).await;
         if lost.is_cancelled() && !cancel.is_cancelled() {
             tracing::warn!(projector = %name, "leadership lost: projection stopped");
             result?;
