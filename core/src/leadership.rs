@@ -1,8 +1,12 @@
 //! Leader election: one key, one holder, standbys waiting in the database.
 
+use std::any::TypeId;
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -13,17 +17,133 @@ use crate::key::LockKey;
 use crate::projection::projection_leadership_key;
 use crate::signals::SessionSignals;
 
+/// How long an attempt to take a leadership key waits for the release of the
+/// same key by a [`LeadershipGuard`] this process dropped (see "Drop" on
+/// the guard) before it tries anyway. The release is one round trip; the
+/// bound only matters when the dropped guard's runtime is busy or stopped.
+pub const DROPPED_GUARD_RELEASE_WAIT: Duration = Duration::from_secs(1);
+
+/// A leadership key in this process: the session type (so two drivers never
+/// share entries), the database and the key's id.
+type KeySlot = (TypeId, DatabaseId, i64);
+
+/// Releases of dropped guards in flight in this process, per key.
+struct DroppedReleases {
+    pending: Mutex<HashMap<KeySlot, usize>>,
+    done: Notify,
+}
+
+static DROPPED_RELEASES: LazyLock<DroppedReleases> = LazyLock::new(|| DroppedReleases {
+    pending: Mutex::new(HashMap::new()),
+    done: Notify::new(),
+});
+
+impl DroppedReleases {
+    fn is_pending(&self, slot: &KeySlot) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(slot)
+    }
+}
+
+/// One dropped guard's release in flight: counted from the guard's `drop`
+/// until the key is released (or the release is given up).
+struct InFlight(Option<KeySlot>);
+
+impl InFlight {
+    fn new(slot: KeySlot) -> Self {
+        *DROPPED_RELEASES
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(slot.clone())
+            .or_insert(0) += 1;
+        Self(Some(slot))
+    }
+
+    /// Ends the count now (dropping does it too).
+    fn done(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        let Some(slot) = self.0.take() else { return };
+        let releases = &*DROPPED_RELEASES;
+        {
+            let mut pending = releases
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(count) = pending.get_mut(&slot) {
+                *count -= 1;
+                if *count == 0 {
+                    let _ = pending.remove(&slot);
+                }
+            }
+        }
+        releases.done.notify_waiters();
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn key_slot<S: Session>(database: &DatabaseId, key: &LockKey) -> KeySlot {
+    (TypeId::of::<S>(), database.clone(), key.id())
+}
+
+/// Waits until no guard this process dropped is still releasing `key` in
+/// `database`, at most [`DROPPED_GUARD_RELEASE_WAIT`].
+async fn settle_dropped_release<S: Session>(database: &DatabaseId, key: &LockKey) {
+    let slot = key_slot::<S>(database, key);
+    let releases = &*DROPPED_RELEASES;
+    if !releases.is_pending(&slot) {
+        return;
+    }
+    let waited = tokio::time::timeout(DROPPED_GUARD_RELEASE_WAIT, async {
+        loop {
+            let notified = releases.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !releases.is_pending(&slot) {
+                return;
+            }
+            notified.await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        warn!(key = %key, wait = ?DROPPED_GUARD_RELEASE_WAIT, "a dropped leadership guard is still releasing this key; trying anyway");
+    }
+}
+
 /// Proof of leadership: holds the session that holds the key, one
 /// dedicated connection (never shared with another guard).
 ///
-/// Dropping the guard drops the session, which frees the key without
-/// blocking, on any runtime (driver contract clause 6: the driver spawns the
-/// unlock or the database ends the session);
-/// [`release`](LeadershipGuard::release) frees it at once and is the graceful
-/// way to hand over.
+/// [`release`](LeadershipGuard::release) frees the key at once and is the
+/// graceful way to hand over.
+///
+/// # Drop
+///
+/// Dropping the guard never blocks and works on any runtime: inside a Tokio
+/// runtime it spawns the release of the key (one round trip) and the close
+/// of the session; without one (or if that task never runs: its runtime
+/// stopped) the session is dropped, which frees the key as the driver does
+/// (driver contract clause 6). Until that release is done, an attempt of
+/// **this process** to take the same key ([`acquire_leadership`],
+/// [`wait_for_leadership`], [`DriverLeadership`]) waits for it, at most
+/// [`DROPPED_GUARD_RELEASE_WAIT`], so dropping a guard and taking the key
+/// again at once succeeds. Another process that asks in between is
+/// refused, as it would be while the guard was held.
 pub struct LeadershipGuard<S: Session> {
-    session: S,
+    /// `Some` while the guard exists; `release` and `drop` take it.
+    session: Option<S>,
     signals: SessionSignals,
+    database: DatabaseId,
     key: LockKey,
     /// Where [`release`](Self::release) parks the session for the next
     /// attempt ([`DriverLeadership`]'s), instead of closing it.
@@ -34,7 +154,8 @@ impl<S: Session> LeadershipGuard<S> {
     fn new(session: S, key: LockKey) -> Self {
         Self {
             signals: session.signals(),
-            session,
+            database: session.database().clone(),
+            session: Some(session),
             key,
             spare: None,
         }
@@ -47,15 +168,18 @@ impl<S: Session> LeadershipGuard<S> {
 
     /// The session holding the key: the leader's one dedicated connection,
     /// e.g. to end it from outside in a test, or to reach its connection
-    /// through the driver's own session type.
-    pub fn session(&self) -> &S {
-        &self.session
+    /// through the driver's own session type. Always `Some` while you hold
+    /// the guard (only [`release`](Self::release) and `drop` take the
+    /// session out).
+    pub fn session(&self) -> Option<&S> {
+        self.session.as_ref()
     }
 
-    /// The session holding the key, mutably (a call that releases the key
-    /// gives leadership up while the guard still exists).
-    pub fn session_mut(&mut self) -> &mut S {
-        &mut self.session
+    /// The session holding the key, mutably; see
+    /// [`session`](Self::session). A call on it that releases the key gives
+    /// leadership up while the guard still exists.
+    pub fn session_mut(&mut self) -> Option<&mut S> {
+        self.session.as_mut()
     }
 
     /// Fires as soon as the driver sees the session end (the server
@@ -72,7 +196,13 @@ impl<S: Session> LeadershipGuard<S> {
     ///
     /// [`Error::SessionLost`] when leadership is gone: stop leading at once.
     pub async fn verify(&mut self) -> Result<()> {
-        self.session.verify().await
+        match self.session.as_mut() {
+            Some(session) => session.verify().await,
+            None => Err(Error::session_lost(
+                &self.database,
+                "leadership was released",
+            )),
+        }
     }
 
     /// Releases leadership and closes the session (a guard from
@@ -85,17 +215,14 @@ impl<S: Session> LeadershipGuard<S> {
     ///
     /// The driver's, when the release or the close fails (the session is
     /// then closed or dropped, which frees the key anyway).
-    pub async fn release(self) -> Result<()> {
-        let Self {
-            mut session,
-            key,
-            spare,
-            ..
-        } = self;
-        let released = session.release(&key).await;
-        info!(key = %key, "leadership released");
+    pub async fn release(mut self) -> Result<()> {
+        let Some(mut session) = self.session.take() else {
+            return Ok(());
+        };
+        let released = session.release(&self.key).await;
+        info!(key = %self.key, "leadership released");
         if released.is_ok() {
-            if let Some(spare) = spare {
+            if let Some(spare) = self.spare.take() {
                 let Some(session) = spare.park(session) else {
                     return Ok(());
                 };
@@ -107,11 +234,50 @@ impl<S: Session> LeadershipGuard<S> {
     }
 }
 
+impl<S: Session> Drop for LeadershipGuard<S> {
+    fn drop(&mut self) {
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to release on: the driver's drop frees the key.
+            return;
+        };
+        let in_flight = InFlight::new(key_slot::<S>(&self.database, &self.key));
+        let key = self.key.clone();
+        let spare = self.spare.take();
+        // If the task never runs (its runtime stops first), dropping it
+        // drops the session (the driver frees the key) and ends the count.
+        let _task = runtime.spawn(async move {
+            let released = session.release(&key).await;
+            in_flight.done();
+            match released {
+                Ok(_) => {
+                    debug!(key = %key, "dropped leadership guard released its key");
+                    match spare {
+                        Some(spare) => {
+                            if let Some(session) = spare.park(session) {
+                                let _ = session.close().await;
+                            }
+                        }
+                        None => {
+                            let _ = session.close().await;
+                        }
+                    }
+                }
+                // Dropping the session frees the key the driver's way.
+                Err(e) => debug!(key = %key, error = %e, "dropped leadership guard could not release its key; dropping its session"),
+            }
+        });
+    }
+}
+
 impl<S: Session> fmt::Debug for LeadershipGuard<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LeadershipGuard")
             .field("key", &self.key)
-            .field("database", self.session.database())
+            .field("database", &self.database)
+            .field("released", &self.session.is_none())
             .field("lost", &self.signals.is_lost())
             .finish()
     }
@@ -131,6 +297,7 @@ pub async fn acquire_leadership<D: Driver>(
     key: LockKey,
 ) -> Result<LeadershipGuard<D::Session>> {
     let mut session = driver.connect(database, node).await?;
+    settle_dropped_release::<D::Session>(database, &key).await;
     let granted = session.try_acquire(std::slice::from_ref(&key)).await?;
     if granted.first().copied().unwrap_or(false) {
         info!(key = %key, %node, "leadership acquired");
@@ -337,6 +504,7 @@ impl<D: Driver> DriverLeadership<D> {
             let Some((mut session, reused)) = self.session(None).await? else {
                 return Ok(None);
             };
+            settle_dropped_release::<D::Session>(&self.database, &key).await;
             match session.try_acquire(std::slice::from_ref(&key)).await {
                 Ok(granted) if granted.first().copied().unwrap_or(false) => {
                     return Ok(Some(self.guard(session, key)));

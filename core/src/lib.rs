@@ -44,7 +44,10 @@ pub use hints::{ReleaseHints, CLEAN_MARK_TTL};
 pub use holds::Holds;
 pub use ids::{DatabaseId, NodeId, ShardId};
 pub use key::{LockKey, KEY_SCHEME, MAX_NAME_LEN};
-pub use leadership::{acquire_leadership, wait_for_leadership, DriverLeadership, LeadershipGuard};
+pub use leadership::{
+    acquire_leadership, wait_for_leadership, DriverLeadership, LeadershipGuard,
+    DROPPED_GUARD_RELEASE_WAIT,
+};
 pub use lock_set::{Guard, LockSet};
 pub use mapping::DatabaseMapping;
 pub use projection::{
