@@ -47,6 +47,12 @@
 //! releasing call returns. Partitioned, severed and ended sessions hear
 //! nothing. [`MemoryServer::announcements`] counts announced releases.
 //!
+//! **Projections**: [`MemoryEventLog`] is an in-process event stream and
+//! [`MemoryCheckpoints`] an in-process checkpoint store with fencing epochs,
+//! opened like every checkpoint store with
+//! [`MemoryCheckpoints::connect`]`().await` (a fresh table; clones share
+//! it).
+//!
 //! ```
 //! use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
 //! use shardlock_memory::MemoryServer;

@@ -66,14 +66,43 @@ impl<E: Clone + Send + Sync> EventReader for MemoryEventLog<E> {
     }
 }
 
-/// Checkpoints with fencing epochs. Clones share the store.
+/// Checkpoints with fencing epochs, in this process. Clones share the
+/// store.
+///
+/// Opened like every checkpoint store, with `connect` (see
+/// [`shardlock_core`'s projection docs](shardlock_core::CheckpointStore)):
+///
+/// ```
+/// use shardlock_core::CheckpointStore;
+/// use shardlock_memory::MemoryCheckpoints;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), shardlock_core::CheckpointError> {
+/// let store = MemoryCheckpoints::connect().await?;
+/// let claimed = store.claim("orders-view").await?;
+/// store.save("orders-view", claimed.epoch, 42).await?;
+/// assert_eq!(store.load("orders-view").await?.map(|c| c.position), Some(42));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct MemoryCheckpoints {
     rows: Arc<Mutex<HashMap<String, Checkpoint>>>,
 }
 
 impl MemoryCheckpoints {
-    /// An empty store.
+    /// A fresh, empty in-process table: the memory form of every store's
+    /// `connect(target)` (there is nothing to reach, so it never fails).
+    /// Share one store between nodes by cloning it.
+    ///
+    /// # Errors
+    ///
+    /// None; the `Result` is the shape every checkpoint store answers.
+    pub async fn connect() -> Result<Self, CheckpointError> {
+        Ok(Self::new())
+    }
+
+    /// The same as [`connect`](Self::connect), for code that is not async.
     pub fn new() -> Self {
         Self::default()
     }
@@ -99,6 +128,8 @@ impl CheckpointStore for MemoryCheckpoints {
             .copied())
     }
 
+    /// Refused saves change nothing: a subscription never claimed stays
+    /// absent ([`CheckpointError::NotClaimed`]).
     async fn save(
         &self,
         subscription: &str,
@@ -106,10 +137,14 @@ impl CheckpointStore for MemoryCheckpoints {
         position: i64,
     ) -> Result<(), CheckpointError> {
         let mut rows = self.rows.lock().unwrap_or_else(|p| p.into_inner());
-        let row = rows.entry(subscription.to_string()).or_insert(Checkpoint {
-            position: 0,
-            epoch: 0,
-        });
+        let row = match rows.get_mut(subscription) {
+            Some(row) if epoch >= 1 => row,
+            _ => {
+                return Err(CheckpointError::NotClaimed {
+                    subscription: subscription.to_string(),
+                })
+            }
+        };
         if row.epoch != epoch {
             return Err(CheckpointError::FencedOff {
                 subscription: subscription.to_string(),

@@ -20,7 +20,26 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS subscriptions(
 /// the projection's own tables, so both can be written in one transaction
 /// with [`save_in`](SqliteCheckpoints::save_in)).
 ///
-/// Calls run on Tokio's blocking pool.
+/// Opened like every checkpoint store, with
+/// [`connect`](SqliteCheckpoints::connect) (see `shardlock_core`'s
+/// projection docs). Calls run on Tokio's blocking pool.
+///
+/// ```
+/// use shardlock_core::CheckpointStore;
+/// use shardlock_sqlite::SqliteCheckpoints;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// # let dir = std::env::temp_dir().join(format!("shardlock-cp-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// let store = SqliteCheckpoints::connect(dir.join("app.db")).await?;
+/// let claimed = store.claim("orders-view").await?;
+/// store.save("orders-view", claimed.epoch, 42).await?;
+/// assert_eq!(store.load("orders-view").await?.map(|c| c.position), Some(42));
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct SqliteCheckpoints {
     path: PathBuf,
@@ -40,13 +59,36 @@ fn store_err(e: impl Into<shardlock_core::BoxError>) -> CheckpointError {
 }
 
 impl SqliteCheckpoints {
-    /// Opens (creating if needed) the database at `path` and its table.
+    /// Opens (creating if needed) the SQLite database file at `path` and its
+    /// `subscriptions` table, on Tokio's blocking pool: the SQLite form of
+    /// every store's `connect(target)`.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Store`] with the [`SqliteError`], e.g. a file that
+    /// is not a database or a folder that does not exist.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {
+        let path = path.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open_blocking(path))
+            .await
+            .map_err(store_err)?
+            .map_err(store_err)
+    }
+
+    /// The synchronous form of [`connect`](Self::connect), kept for
+    /// existing callers.
     ///
     /// # Errors
     ///
     /// SQLite errors, e.g. a file that is not a database.
+    #[deprecated(
+        note = "use `SqliteCheckpoints::connect(path).await`, the shape every checkpoint store has"
+    )]
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SqliteError> {
-        let path = path.as_ref().to_path_buf();
+        Self::open_blocking(path.as_ref().to_path_buf())
+    }
+
+    fn open_blocking(path: PathBuf) -> Result<Self, SqliteError> {
         let conn = Connection::open(&path).map_err(|e| SqliteError::sqlite(&path, e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .and_then(|()| conn.execute_batch(SCHEMA))
@@ -63,7 +105,9 @@ impl SqliteCheckpoints {
     ///
     /// # Errors
     ///
-    /// [`CheckpointError::FencedOff`] when `epoch` is not the stored one.
+    /// [`CheckpointError::NotClaimed`] when the subscription was never
+    /// claimed (or `epoch` is below 1); [`CheckpointError::FencedOff`] when
+    /// `epoch` is not the stored one. Nothing is written either way.
     pub fn save_in(
         tx: &Transaction<'_>,
         subscription: &str,
@@ -93,6 +137,11 @@ fn save(
     epoch: i64,
     position: i64,
 ) -> Result<(), CheckpointError> {
+    if epoch < 1 {
+        return Err(CheckpointError::NotClaimed {
+            subscription: subscription.to_string(),
+        });
+    }
     let changed = conn
         .execute(
             "UPDATE subscriptions SET last_position = MAX(last_position, ?3), updated_at = CURRENT_TIMESTAMP
@@ -111,10 +160,15 @@ fn save(
         )
         .optional()
         .map_err(store_err)?;
-    Err(CheckpointError::FencedOff {
-        subscription: subscription.to_string(),
-        ours: epoch,
-        current: current.unwrap_or(0),
+    Err(match current {
+        Some(current) => CheckpointError::FencedOff {
+            subscription: subscription.to_string(),
+            ours: epoch,
+            current,
+        },
+        None => CheckpointError::NotClaimed {
+            subscription: subscription.to_string(),
+        },
     })
 }
 

@@ -22,7 +22,7 @@
 //! | probe | native (takes nothing): one worker call, one indexed query on `registry.db`'s holders, each holder session found checked alive (its liveness file still locked, tens of µs each); takes no key lock (see below) |
 //! | release hints | emulated: an announced release writes a row to `registry.db` in the transaction that records the release; every worker reads newer rows at its 50 ms check, idle or waiting in `acquire`: at most 50 ms (25 ms on average) when idle, [`RELEASE_HINT_BOUND`] (100 ms) stated |
 //! | too many keys | [`SqliteError::TooManyOpenFiles`] names `ulimit -n`; the batch that hit the limit is rolled back |
-//! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs; [`SqliteCheckpoints::save_in`] writes inside your own transaction |
+//! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs, opened like every checkpoint store with [`SqliteCheckpoints::connect`]`(path).await` (the database file, e.g. your application's); [`SqliteCheckpoints::save_in`] writes inside your own transaction |
 //!
 //! A process that hangs without dying (stopped, swapped out) keeps its
 //! locks: there is no server to notice, so [`lock_release_window`] is
