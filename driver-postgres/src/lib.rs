@@ -8,13 +8,13 @@
 //!
 //! ```no_run
 //! use shardlock_core::{CancellationToken, DatabaseId, Driver, LockKey, NodeId, Session};
-//! use shardlock_postgres::{DatabaseMapping, PgDriver, PgOptions};
+//! use shardlock_postgres::{PgDriver, PgOptions};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // Lock in the database the URL names ("app"), whatever the id is called.
-//! let options = PgOptions::parse("postgres://app:secret@localhost:5432/app")?
-//!     .database_mapping(DatabaseMapping::ConnectionString);
+//! // Locks in the database the URL names ("app"), whatever the id is called
+//! // (the default mapping; see "Options" for one database per tenant).
+//! let options = PgOptions::parse("postgres://app:secret@localhost:5432/app")?;
 //! let driver = PgDriver::new(options);
 //! let mut session = driver.connect(&DatabaseId::new("main"), &NodeId::generate()).await?;
 //! let lost = session.signals().lost().clone(); // fires if the server ends the session
@@ -78,7 +78,7 @@
 //! | parameter | default | what it does |
 //! |---|---|---|
 //! | host, port, user, password, TLS | from the URL, else `PGHOST`, `PGPORT`, `PGUSER`, ... | where and as whom to connect ([`PgOptions::map_connect_options`] for the rest of sqlx's options) |
-//! | [`database_mapping`](PgOptions::database_mapping) | [`DatabaseMapping::SameServer`] | which database a shardlock `DatabaseId` locks in. **The default ignores the database named in the URL**: id `tenant_7` locks in database `tenant_7` on the URL's server (one database per tenant). For a single database, use [`DatabaseMapping::ConnectionString`] (the URL's database for every id); [`DatabaseMapping::Fixed`] names one database, [`DatabaseMapping::custom`] computes it. [`PgOptions::database_for`] tells where an id goes |
+//! | [`database_mapping`](PgOptions::database_mapping) | the URL's database ([`DatabaseMapping::ConnectionString`]); [`DatabaseMapping::SameServer`] when the URL names none | which database a shardlock `DatabaseId` locks in. **By default the database named in the URL (or `PGDATABASE`), for every id**; a URL without a database maps id `tenant_7` to database `tenant_7` on the URL's server. For one database per tenant with a URL that names one, set [`DatabaseMapping::SameServer`]; [`DatabaseMapping::Fixed`] names one database, [`DatabaseMapping::custom`] computes it. [`PgOptions::database_for`] tells where an id goes |
 //! | `application_name` | `shardlock:<node-id>` (watcher `…:watch`, hints listener `…:hints`, cancel side connection `…:cancel`), cut to 63 bytes | shows the node in `pg_stat_activity` (set at connect, replaces the URL's) |
 //! | [`keepalives`](PgOptions::keepalives) | idle 10 s, interval 5 s, count 3 | server-side `tcp_keepalives_idle/interval/count` of each connection, plus `tcp_user_timeout` = the window below; `None` leaves the server's settings |
 //! | lock release window | idle + interval × count = **25 s** | [`Driver::lock_release_window`](shardlock_core::Driver::lock_release_window): how long the server keeps a vanished node's locks at least; must exceed the coordinator's poll + lock-loss timeout + stop timeout (5 + 5 + 5 = 15 s by default), which the coordinator checks at build time |
@@ -211,6 +211,16 @@
 //!
 //! - `tls` (off): TLS to the server through rustls (ring, webpki roots);
 //!   choose it with `sslmode` in the URL.
+//!
+//! # Checkpoints
+//!
+//! [`PgCheckpoints`] keeps projection checkpoints (table `subscriptions`,
+//! with fencing epochs). It opens like every checkpoint store:
+//! [`PgCheckpoints::connect`]`(&options, &database).await` from the same
+//! inputs as the driver (the table lives where the id's locks live), or
+//! [`PgCheckpoints::from_pool`] with the application's pool;
+//! [`PgCheckpoints::save_in`] saves inside the application's own
+//! transaction.
 //!
 //! The crate re-exports [`sqlx`], so users name the same version.
 #![doc(test(attr(deny(warnings))))]

@@ -117,6 +117,10 @@ fn whole_seconds(d: Duration) -> u64 {
 pub struct PgOptions {
     connect: PgConnectOptions,
     mapping: DatabaseMapping,
+    /// Whether `mapping` was chosen with
+    /// [`database_mapping`](PgOptions::database_mapping); if not, it follows
+    /// the connect options (see [`default_mapping`]).
+    mapping_set: bool,
     keepalives: Option<Keepalives>,
     check_interval: Option<Duration>,
     connect_timeout: Duration,
@@ -135,8 +139,9 @@ impl PgOptions {
     /// `application_name` is replaced by `shardlock:<node-id>`.
     pub fn from_connect_options(connect: PgConnectOptions) -> Self {
         Self {
+            mapping: default_mapping(&connect),
+            mapping_set: false,
             connect,
-            mapping: DatabaseMapping::SameServer,
             keepalives: Some(Keepalives::DEFAULT),
             check_interval: Some(DEFAULT_CLIENT_CONNECTION_CHECK_INTERVAL),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -190,13 +195,20 @@ impl PgOptions {
         f: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
     ) -> Self {
         self.connect = f(self.connect);
+        if !self.mapping_set {
+            // The default follows the database the options name now.
+            self.mapping = default_mapping(&self.connect);
+        }
         self
     }
 
-    /// Sets how database ids map to databases; default
-    /// [`DatabaseMapping::SameServer`]: the database named like the id, on
-    /// this server, **whatever database the URL names**. For one database
-    /// (the URL's), use [`DatabaseMapping::ConnectionString`].
+    /// Sets how database ids map to databases. The default follows the
+    /// URL: **the database the URL names, for every id**
+    /// ([`DatabaseMapping::ConnectionString`]); when the URL (or `PGDATABASE`)
+    /// names none, the database named like the id on this server
+    /// ([`DatabaseMapping::SameServer`]: one database per tenant). A
+    /// multi-tenant service whose URL names a database (e.g. to log in)
+    /// sets [`DatabaseMapping::SameServer`] here.
     ///
     /// ```
     /// use shardlock_core::DatabaseId;
@@ -204,13 +216,16 @@ impl PgOptions {
     ///
     /// let id = DatabaseId::new("main");
     /// let options = PgOptions::parse("postgres://app@db/orders")?;
+    /// assert_eq!(options.database_for(&id), "orders", "by default the URL's database");
+    /// let options = options.database_mapping(DatabaseMapping::SameServer);
     /// assert_eq!(options.database_for(&id), "main", "SameServer: the id, not the URL's");
-    /// let options = options.database_mapping(DatabaseMapping::ConnectionString);
-    /// assert_eq!(options.database_for(&id), "orders", "the URL's database");
+    /// let bare = PgOptions::parse("postgres://app@db")?;
+    /// assert_eq!(bare.database_for(&id), "main", "no database in the URL: the id");
     /// # Ok::<(), shardlock_postgres::PgError>(())
     /// ```
     pub fn database_mapping(mut self, mapping: DatabaseMapping) -> Self {
         self.mapping = mapping;
+        self.mapping_set = true;
         self
     }
 
@@ -342,6 +357,17 @@ impl fmt::Debug for PgOptions {
     }
 }
 
+/// The mapping of options whose user did not choose one: the database the
+/// connect options name (the URL's, or `PGDATABASE`) for every id, else the
+/// id itself (one database per id).
+fn default_mapping(connect: &PgConnectOptions) -> DatabaseMapping {
+    if connect.get_database().is_some() {
+        DatabaseMapping::ConnectionString
+    } else {
+        DatabaseMapping::SameServer
+    }
+}
+
 /// `shardlock:<node>`, cut to PostgreSQL's 63 bytes at a character boundary.
 pub(crate) fn application_name(node: &str, suffix: &str) -> String {
     let mut name = format!("shardlock:{node}");
@@ -425,10 +451,44 @@ mod tests {
     }
 
     #[test]
-    fn database_mapping() {
+    fn the_urls_database_is_the_default() {
         let id = DatabaseId::new("tenant_7");
         let o = PgOptions::parse("postgres://app@db/orders").unwrap();
-        assert_eq!(o.database_for(&id), "tenant_7", "SameServer by default");
+        assert_eq!(o.database_for(&id), "orders", "the URL names a database");
+        assert!(matches!(
+            o.get_database_mapping(),
+            DatabaseMapping::ConnectionString
+        ));
+        let bare = PgOptions::parse("postgres://app@db").unwrap();
+        assert_eq!(bare.database_for(&id), "tenant_7", "no database: the id");
+        assert!(matches!(
+            bare.get_database_mapping(),
+            DatabaseMapping::SameServer
+        ));
+        // The default follows the connect options as they change...
+        let named = bare.map_connect_options(|c| c.database("reports"));
+        assert_eq!(named.database_for(&id), "reports");
+        // ...but a mapping set explicitly stays.
+        let same = PgOptions::parse("postgres://app@db/orders")
+            .unwrap()
+            .database_mapping(DatabaseMapping::SameServer)
+            .map_connect_options(|c| c.database("reports"));
+        assert_eq!(same.database_for(&id), "tenant_7");
+        let from_options = PgOptions::from_connect_options(
+            PgConnectOptions::new_without_pgpass()
+                .host("db")
+                .database("ledger"),
+        );
+        assert_eq!(from_options.database_for(&id), "ledger");
+    }
+
+    #[test]
+    fn database_mapping() {
+        let id = DatabaseId::new("tenant_7");
+        let o = PgOptions::parse("postgres://app@db/orders")
+            .unwrap()
+            .database_mapping(DatabaseMapping::SameServer);
+        assert_eq!(o.database_for(&id), "tenant_7", "SameServer");
         let fixed = o
             .clone()
             .database_mapping(DatabaseMapping::Fixed("app".into()));
