@@ -11,7 +11,8 @@ use shardlock_core::{
 use tokio::sync::oneshot;
 
 use crate::error::SqliteError;
-use crate::worker::{Command, Reply};
+use crate::layout;
+use crate::worker::{Command, ReleaseTicket, Reply};
 
 /// A session on a lock directory: a worker thread holding one SQLite write
 /// transaction per key.
@@ -24,6 +25,19 @@ use crate::worker::{Command, Reply};
 /// Dropping it never blocks: the worker sees its channel close, rolls every
 /// transaction back (freeing the locks) and exits. If the process dies, the
 /// operating system frees the file locks.
+///
+/// # Drop, then take the key again at once
+///
+/// The worker frees a dropped session's keys just after `drop` returns.
+/// So that another session **of this process** asking for one of them at
+/// once is not refused, `drop` records the keys as being released
+/// (before it returns) and a worker about to try such a key first waits,
+/// on its own thread, until that release is done (microseconds; at most
+/// one second when the dropped session's worker is busy, after which the
+/// attempt goes ahead). Sessions of other processes are not told: for
+/// them a dropped session's keys come free within the same microseconds,
+/// but an attempt in between is refused, as with any holder. `close` and
+/// `release` answer only once the keys are free.
 pub struct SqliteSession {
     commands: mpsc::Sender<Command>,
     name: String,
@@ -298,7 +312,35 @@ impl Session for SqliteSession {
     async fn close(mut self) -> Result<()> {
         let lost = self.holds.ready();
         let closed: Result<()> = self.call(Command::Close).await;
+        // The worker freed everything before answering (or is gone):
+        // nothing is left for `drop` to announce.
+        self.holds.clear();
         lost.and(closed)
+    }
+}
+
+impl Drop for SqliteSession {
+    /// Never blocks: hands the worker a ticket naming the held keys' lock
+    /// files (see "Drop, then take the key again at once"); the channel
+    /// closing then ends the worker.
+    fn drop(&mut self) {
+        if self.holds.is_empty() {
+            return;
+        }
+        // `<database dir>/sessions/<name>.lock`: the keys live beside it.
+        let Some(db_dir) = self.liveness.parent().and_then(Path::parent) else {
+            return;
+        };
+        let paths = self
+            .holds
+            .keys()
+            .map(|key| layout::key_file(db_dir, key))
+            .collect();
+        // Counted before `drop` returns; if the worker is gone the ticket
+        // comes straight back and is dropped here (its locks went with it).
+        let _ = self
+            .commands
+            .send(Command::Dropped(ReleaseTicket::new(paths)));
     }
 }
 

@@ -20,7 +20,7 @@ use std::fs;
 #[cfg(unix)]
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Condvar, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags};
@@ -48,7 +48,98 @@ const ANNOUNCEMENTS_KEPT: i64 = 256;
 /// poll has found the keys since, and clean marks expire after 30 s).
 const ANNOUNCEMENT_TTL_SECS: i64 = 30;
 
+/// The longest a worker waits, before trying a key, for the release of that
+/// key by a session of this process that was dropped while holding it (its
+/// worker frees it right after the drop returns; see [`ReleaseTicket`]).
+/// Such a release takes well under a millisecond once its worker runs; the
+/// bound only matters when that worker is itself busy (a blocking-acquire
+/// slice ends within about 50 ms) or the machine is badly overloaded, and
+/// then the attempt goes ahead and may be refused, as it would have been
+/// without waiting.
+pub(crate) const DROPPED_RELEASE_WAIT: Duration = Duration::from_secs(1);
+
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, SqliteError>>;
+
+/// Releases in flight of dropped sessions in this process, counted per lock
+/// file: dropping a session never blocks, so its worker frees the keys
+/// after `drop` returned, and a session of the same process asking for one
+/// of them at once would be refused. Workers wait here (on their own
+/// thread, never on the async executor) before trying such a key.
+struct DroppedReleases {
+    pending: Mutex<HashMap<PathBuf, usize>>,
+    freed: Condvar,
+}
+
+static DROPPED_RELEASES: LazyLock<DroppedReleases> = LazyLock::new(|| DroppedReleases {
+    pending: Mutex::new(HashMap::new()),
+    freed: Condvar::new(),
+});
+
+/// Waits until no dropped session of this process is still releasing the
+/// lock file `path`, at most `limit`; answers whether none is.
+fn wait_for_dropped_release(path: &Path, limit: Duration) -> bool {
+    let releases = &*DROPPED_RELEASES;
+    let deadline = Instant::now() + limit;
+    let mut pending = releases
+        .pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    while pending.contains_key(path) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            warn!(path = %path.display(), ?limit, "a dropped session's release of this key is still in flight; trying anyway");
+            return false;
+        }
+        pending = releases
+            .freed
+            .wait_timeout(pending, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    true
+}
+
+/// The release of a dropped session's keys, in flight: created by the
+/// session's `drop` (so it counts before `drop` returns) and dropped by the
+/// worker once the locks are free, or at once if the worker is gone (its
+/// connections, and so its locks, went with it).
+pub(crate) struct ReleaseTicket {
+    paths: Vec<PathBuf>,
+}
+
+impl ReleaseTicket {
+    /// Counts a release in flight for each lock file in `paths`.
+    pub(crate) fn new(paths: Vec<PathBuf>) -> Self {
+        let mut pending = DROPPED_RELEASES
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for path in &paths {
+            *pending.entry(path.clone()).or_insert(0) += 1;
+        }
+        Self { paths }
+    }
+}
+
+impl Drop for ReleaseTicket {
+    fn drop(&mut self) {
+        let releases = &*DROPPED_RELEASES;
+        let mut pending = releases
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for path in &self.paths {
+            if let Some(count) = pending.get_mut(path) {
+                *count -= 1;
+                if *count == 0 {
+                    let _ = pending.remove(path);
+                }
+            }
+        }
+        drop(pending);
+        releases.freed.notify_all();
+    }
+}
 
 pub(crate) enum Command {
     /// Lock each key not held yet; one answer per key.
@@ -71,6 +162,9 @@ pub(crate) enum Command {
     /// the session believes it holds.
     Verify(usize, Reply<()>),
     Close(Reply<()>),
+    /// The session was dropped holding keys: shut down, then drop the
+    /// ticket, which tells waiting workers the keys are free.
+    Dropped(ReleaseTicket),
 }
 
 /// A file held by an open write transaction.
@@ -253,6 +347,11 @@ impl Worker {
         loop {
             let wait = next_check.saturating_duration_since(Instant::now());
             match commands.recv_timeout(wait) {
+                Ok(Command::Dropped(ticket)) => {
+                    self.shutdown();
+                    drop(ticket);
+                    return;
+                }
                 Ok(command) => {
                     if let Some(reply) = self.handle(command) {
                         self.shutdown();
@@ -309,6 +408,8 @@ impl Worker {
                 let _ = reply.send(self.verify(expected));
             }
             Command::Close(reply) => return Some(reply),
+            // Served by `run` before it gets here.
+            Command::Dropped(ticket) => drop(ticket),
         }
         None
     }
@@ -345,6 +446,7 @@ impl Worker {
                 continue;
             }
             let path = layout::key_file(&self.db_dir, key);
+            wait_for_dropped_release(&path, DROPPED_RELEASE_WAIT);
             match lock_file(&path, false, self.files.len()) {
                 Ok(Some(file)) => {
                     self.files.insert(key.id(), (key.clone(), file));
@@ -372,6 +474,7 @@ impl Worker {
             return;
         }
         let path = layout::key_file(&self.db_dir, &key);
+        wait_for_dropped_release(&path, DROPPED_RELEASE_WAIT);
         // Seen by `SqliteDriver::waiting` until this returns.
         let _waiting = self.waiters.enter(&self.database, &key);
         loop {
