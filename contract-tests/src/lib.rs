@@ -25,7 +25,8 @@
 //! - `container` (feature `containers`): one reusable testcontainers
 //!   container per image, shared by every test process, for the Postgres
 //!   and SQL Server harnesses.
-//! - [`assert_fenced_off`]: the stale-epoch check of checkpoint stores.
+//! - [`assert_fenced_off`] and [`assert_not_claimed`]: the refusal checks of
+//!   checkpoint stores, also for their transactional `save_in`.
 //!
 //! # Holders are example targets
 //!
@@ -102,6 +103,8 @@ macro_rules! driver_contract_tests {
             clause_12_release_announced,
             hostile_names,
             leadership_handoff,
+            leadership_attempts_share_one_session,
+            leadership_drop_then_reacquire,
             scenario_spread_and_graceful_stop,
             scenario_failing_agent_restarted,
             scenario_double_start_is_error,

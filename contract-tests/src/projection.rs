@@ -4,16 +4,18 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shardlock_core::{
-    BoxError, CancellationToken, CheckpointError, CheckpointStore, DeadLetter, DriverLeadership,
-    EventReader, NodeId, Positioned, ProjectionBackend, ProjectionError, ProjectionOptions,
-    ProjectionRunner, Projector, ProjectorCoordinator,
+    projection_leadership_key, BoxError, CancellationToken, Capabilities, CheckpointError,
+    CheckpointStore, DatabaseId, DeadLetter, Driver, DriverLeadership, EventReader, NodeId,
+    Positioned, ProjectionBackend, ProjectionError, ProjectionOptions, ProjectionRunner, Projector,
+    ProjectorCoordinator, Session,
 };
 
-use crate::harness::{unique_name, Harness};
+use crate::harness::{unique_name, within, Harness};
 
 /// What a backend provides for the projection scenarios.
 pub trait ProjectionHarness: Harness {
@@ -138,7 +140,8 @@ fn backend<H: ProjectionHarness>(
     }
 }
 
-/// Runs a projector as a follower: retries while another node leads.
+/// Runs a projector as a follower that polls: retries while another node
+/// leads.
 async fn follow<H: ProjectionHarness>(
     backend: Backend<H>,
     projector: TestProjector,
@@ -156,6 +159,19 @@ async fn follow<H: ProjectionHarness>(
             other => return other,
         }
     }
+}
+
+/// Runs a projector as a follower that waits for leadership in the
+/// database ([`ProjectionOptions::wait_for_leadership`]): one call.
+async fn follow_waiting<H: ProjectionHarness>(
+    backend: Backend<H>,
+    projector: TestProjector,
+    cancel: CancellationToken,
+) -> Result<(), ProjectionError> {
+    ProjectionRunner::new(&projector, &backend)
+        .options(fast_options().wait_for_leadership(true))
+        .run(&cancel)
+        .await
 }
 
 async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -188,11 +204,12 @@ pub async fn projection_leader_killed_resumes<H: ProjectionHarness>(h: &H) {
         wait_until(Duration::from_secs(10), || applied.positions().len() >= 60).await,
         "leader made progress"
     );
+    // The follower waits for leadership in the database.
     let follower = {
         let p = TestProjector::new(&name, "b", &applied).slow(Duration::from_millis(1));
         let b = backend(h, &events, &checkpoints, "proj-b");
         let c = cancel.clone();
-        tokio::spawn(async move { follow::<H>(b, p, c).await })
+        tokio::spawn(async move { follow_waiting::<H>(b, p, c).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
@@ -482,6 +499,407 @@ pub async fn projection_cancel_releases_leadership<H: ProjectionHarness>(h: &H) 
     assert_eq!(cp.position, 5);
 }
 
+/// The stored epoch of `name`, once it is above `above`, within `limit`.
+async fn epoch_above<C: CheckpointStore>(
+    checkpoints: &C,
+    name: &str,
+    above: i64,
+    limit: Duration,
+) -> Option<i64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(cp) = checkpoints.load(name).await.expect("load") {
+            if cp.epoch > above {
+                return Some(cp.epoch);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A follower started with [`ProjectionOptions::wait_for_leadership`] waits
+/// in the database (the harness sees it waiting on the projector's
+/// [`projection_leadership_key`]), applies nothing while the leader leads,
+/// and takes over as soon as the leader stops (its runner steps down); a
+/// waiting follower cancelled before it leads answers `Ok` promptly and
+/// takes nothing.
+pub async fn projection_follower_waits_in_database<H: ProjectionHarness>(h: &H) {
+    const TOTAL: i64 = 30;
+    let settle = h.settle();
+    let name = unique_name("proj-wait");
+    let key = projection_leadership_key(&name).expect("key");
+    let events = h.stream(TOTAL as usize).await;
+    let checkpoints = h.checkpoints().await;
+    let applied = Applied::default();
+    let (stop_a, stop_b, stop_c) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    let leader = {
+        let p = TestProjector::new(&name, "a", &applied);
+        let b = backend(h, &events, &checkpoints, "proj-wait-a");
+        let c = stop_a.clone();
+        tokio::spawn(async move { follow_waiting::<H>(b, p, c).await })
+    };
+    assert!(
+        wait_until(settle, || applied.positions().len() as i64 == TOTAL).await,
+        "the first runner leads and applies the stream"
+    );
+    let leader_epoch = checkpoints
+        .load(&name)
+        .await
+        .expect("load")
+        .expect("claimed")
+        .epoch;
+    let mut follower = {
+        let p = TestProjector::new(&name, "b", &applied);
+        let b = backend(h, &events, &checkpoints, "proj-wait-b");
+        let c = stop_b.clone();
+        tokio::spawn(async move { follow_waiting::<H>(b, p, c).await })
+    };
+    let seen = within(settle + h.slack(), "seeing the follower wait", async {
+        tokio::select! {
+            seen = h.wait_until_waiting(&key) => seen,
+            done = &mut follower => panic!("the follower returned instead of waiting: {done:?}"),
+        }
+    })
+    .await;
+    if !seen {
+        eprintln!("NOT SEEN: projection follower: the harness cannot see a waiter; it only slept");
+    }
+    assert!(
+        !follower.is_finished(),
+        "the follower waits while the leader leads"
+    );
+    assert!(
+        applied.all().iter().all(|(who, _)| who == "a"),
+        "the follower applies nothing while waiting"
+    );
+    // A second waiting follower, cancelled before it leads: `Ok`, promptly,
+    // holding nothing (checked below: `b`, not `c`, takes over).
+    let waiter = {
+        let p = TestProjector::new(&name, "c", &applied);
+        let b = backend(h, &events, &checkpoints, "proj-wait-c");
+        let c = stop_c.clone();
+        tokio::spawn(async move { follow_waiting::<H>(b, p, c).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cancelled = Instant::now();
+    stop_c.cancel();
+    let result = within(settle, "a cancelled waiting follower", waiter)
+        .await
+        .expect("task");
+    assert!(
+        result.is_ok(),
+        "a follower cancelled while waiting answers Ok: {result:?}"
+    );
+    let took = cancelled.elapsed();
+    assert!(
+        took < settle,
+        "the cancelled follower stopped promptly: {took:?}"
+    );
+    // The leader stops: its runner steps down and the follower, waiting in
+    // the database, takes over at once.
+    let stopped = Instant::now();
+    stop_a.cancel();
+    within(settle, "the leader's stop", leader)
+        .await
+        .expect("task")
+        .expect("the leader stops cleanly");
+    let epoch = epoch_above(&checkpoints, &name, leader_epoch, settle)
+        .await
+        .expect("the waiting follower claimed the subscription after the leader stopped");
+    eprintln!(
+        "projection follower: took over {:?} after the leader was told to stop (epoch {leader_epoch} -> {epoch})",
+        stopped.elapsed()
+    );
+    assert!(
+        applied.all().iter().all(|(who, _)| who != "c"),
+        "the cancelled follower never led"
+    );
+    assert!(!follower.is_finished(), "the new leader keeps leading");
+    stop_b.cancel();
+    within(settle, "the follower's stop", follower)
+        .await
+        .expect("task")
+        .expect("the new leader stops cleanly");
+}
+
+/// A [`Driver`] that counts the sessions it opens (a wrapper around the
+/// harness's driver), so a clause can tell how many connections a
+/// leadership source made.
+#[derive(Debug, Clone)]
+pub struct CountingDriver<D> {
+    inner: D,
+    connects: Arc<AtomicUsize>,
+}
+
+impl<D: Driver> CountingDriver<D> {
+    /// Wraps `inner`; clones share the count.
+    pub fn new(inner: D) -> Self {
+        Self {
+            inner,
+            connects: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Sessions opened so far (attempts, successful or not).
+    pub fn connects(&self) -> usize {
+        self.connects.load(Ordering::SeqCst)
+    }
+}
+
+impl<D: Driver> Driver for CountingDriver<D> {
+    type Session = D::Session;
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn connect(
+        &self,
+        database: &DatabaseId,
+        node: &NodeId,
+    ) -> impl Future<Output = shardlock_core::Result<Self::Session>> + Send {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        self.inner.connect(database, node)
+    }
+
+    fn lock_release_window(&self) -> Option<Duration> {
+        self.inner.lock_release_window()
+    }
+
+    fn connect_timeout(&self) -> Option<Duration> {
+        self.inner.connect_timeout()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// [`DriverLeadership`] keeps one session per database for its attempts: a
+/// follower's refused `try_lead`s and its `wait_lead` reuse one connection;
+/// `wait_lead` waits in the database and is granted when the leader steps
+/// down; a cancelled `wait_lead` answers `None` and holds nothing; the
+/// guard's loss signal fires when its session is ended from outside; a
+/// guard dropped on a current-thread runtime frees the key.
+pub async fn leadership_attempts_share_one_session<H: Harness>(h: &H) {
+    const ATTEMPTS: usize = 20;
+    let settle = h.settle();
+    let name = unique_name("lead-share");
+    let key = projection_leadership_key(&name).expect("key");
+    let db = h.database();
+    let leader = DriverLeadership::new(h.driver(), db.clone(), NodeId::new("share-a"));
+    let counting = CountingDriver::new(h.driver());
+    let follower = DriverLeadership::new(counting.clone(), db.clone(), NodeId::new("share-b"));
+    let guard = within(settle, "first try_lead", leader.try_lead(&name))
+        .await
+        .expect("try_lead")
+        .expect("nobody leads yet");
+    assert_eq!(
+        guard.key(),
+        &key,
+        "leadership is held on projection_leadership_key"
+    );
+    assert!(
+        guard.session().is_some_and(|s| s.held().contains(&key)),
+        "the guard's session holds the key"
+    );
+    for i in 0..ATTEMPTS {
+        let refused = within(settle, "a refused try_lead", follower.try_lead(&name))
+            .await
+            .expect("try_lead");
+        assert!(refused.is_none(), "attempt {i}: another node leads");
+    }
+    assert_eq!(
+        counting.connects(),
+        1,
+        "{ATTEMPTS} refused attempts share one session (one connection)"
+    );
+    // A cancelled wait answers None and leaves the session parked.
+    let cancelled = CancellationToken::new();
+    cancelled.cancel();
+    let none = within(
+        settle,
+        "a cancelled wait_lead",
+        follower.wait_lead(&name, &cancelled),
+    )
+    .await
+    .expect("wait_lead");
+    assert!(none.is_none(), "a cancelled wait gets no guard");
+    // A waiting follower, on the same session.
+    let cancel = CancellationToken::new();
+    let mut waiting = {
+        let (follower, name, cancel) = (follower.clone(), name.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let guard = follower.wait_lead(&name, &cancel).await;
+            (guard, Instant::now())
+        })
+    };
+    let seen = within(settle + h.slack(), "seeing wait_lead wait", async {
+        tokio::select! {
+            seen = h.wait_until_waiting(&key) => seen,
+            done = &mut waiting => panic!(
+                "wait_lead returned instead of waiting: {:?}",
+                done.map(|(guard, _)| guard.map(|g| g.is_some()))
+            ),
+        }
+    })
+    .await;
+    if !seen {
+        eprintln!("NOT SEEN: leadership: the harness cannot see a waiter; it only slept");
+    }
+    assert!(
+        !waiting.is_finished(),
+        "wait_lead waits while another node leads"
+    );
+    let stepped_down = Instant::now();
+    within(settle, "step_down", leader.step_down(guard)).await;
+    let (guard, granted) = within(settle, "wait_lead granted after step_down", waiting)
+        .await
+        .expect("task");
+    let guard = guard.expect("wait_lead").expect("granted");
+    eprintln!(
+        "leadership: wait_lead granted {:?} after step_down",
+        granted.saturating_duration_since(stepped_down)
+    );
+    assert_eq!(
+        counting.connects(),
+        1,
+        "refused attempts, a cancelled wait and a granted wait: one session"
+    );
+    // The guard's loss signal is its own session's.
+    let lost = <DriverLeadership<CountingDriver<H::Driver>> as ProjectorCoordinator>::lost(&guard)
+        .expect("DriverLeadership guards tell their loss");
+    assert!(!lost.is_cancelled());
+    h.terminate(guard.session().expect("the guard holds its session"))
+        .await;
+    within(settle, "the guard's loss signal", lost.cancelled()).await;
+    drop(guard);
+    // The next attempt needs a new session (the last one went to the guard).
+    let again = within(settle, "try_lead after the loss", async {
+        loop {
+            if let Some(guard) = leader.try_lead(&name).await.expect("try_lead") {
+                return guard;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // A guard dropped inside a current-thread runtime (then the runtime
+    // itself) frees the key.
+    let driver = h.driver();
+    let (db2, name2) = (db.clone(), unique_name("lead-ct"));
+    let name3 = name2.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let lead = DriverLeadership::new(driver, db2, NodeId::new("share-ct"));
+            let guard = lead.try_lead(&name3).await.expect("try_lead");
+            assert!(guard.is_some(), "nobody leads {name3}");
+            drop(guard);
+        });
+    });
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .expect("join")
+        .expect("the current-thread runtime's thread");
+    let freed = within(
+        settle,
+        "leadership freed by a drop on a current-thread runtime",
+        async {
+            loop {
+                if let Some(guard) = leader.try_lead(&name2).await.expect("try_lead") {
+                    return guard;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+    within(settle, "step_down", leader.step_down(freed)).await;
+    within(settle, "step_down", leader.step_down(again)).await;
+}
+
+/// How many drop / re-acquire rounds [`leadership_drop_then_reacquire`]
+/// runs.
+pub const DROP_REACQUIRE_ROUNDS: usize = 300;
+
+/// A leadership guard dropped, then the key taken again **at once** by an
+/// open session (of the same node or another): granted every time, in
+/// [`DROP_REACQUIRE_ROUNDS`] rounds. The driver's drop frees the key before
+/// another session of this process can ask for it (SQLite: a re-acquire
+/// waits for the dropped session's release in flight).
+///
+/// Each round, the next leader first tries while the guard is held (refused,
+/// which leaves its session open and parked), so the attempt after the drop
+/// is one round trip on a connection that is already there: the race the
+/// clause is about, with no connect in between to hide it.
+pub async fn leadership_drop_then_reacquire<H: Harness>(h: &H) {
+    let settle = h.settle();
+    let name = unique_name("lead-drop");
+    let db = h.database();
+    let nodes = [
+        DriverLeadership::new(h.driver(), db.clone(), NodeId::new("drop-a")),
+        DriverLeadership::new(h.driver(), db.clone(), NodeId::new("drop-b")),
+    ];
+    let mut guard = within(settle, "first try_lead", nodes[0].try_lead(&name))
+        .await
+        .expect("try_lead")
+        .expect("nobody leads yet");
+    let started = Instant::now();
+    let mut refused = Vec::new();
+    for round in 0..DROP_REACQUIRE_ROUNDS {
+        // Next leaders go a, b, b, a, a, b, ...: the same node and the other.
+        let next = &nodes[round.div_ceil(2) % 2];
+        let early = within(settle, "try_lead while led", next.try_lead(&name))
+            .await
+            .expect("try_lead");
+        assert!(
+            early.is_none(),
+            "round {round}: the key is held by the guard"
+        );
+        drop(guard);
+        guard = match within(settle, "try_lead after the drop", next.try_lead(&name))
+            .await
+            .expect("try_lead")
+        {
+            Some(guard) => guard,
+            None => {
+                refused.push(round);
+                within(settle, "leadership freed", async {
+                    loop {
+                        if let Some(guard) = next.try_lead(&name).await.expect("try_lead") {
+                            return guard;
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+                .await
+            }
+        };
+    }
+    drop(guard);
+    eprintln!(
+        "leadership: {DROP_REACQUIRE_ROUNDS} drop/re-acquire rounds in {:?}, {} refused",
+        started.elapsed(),
+        refused.len()
+    );
+    assert!(
+        refused.is_empty(),
+        "a re-acquire right after a guard's drop was refused in {} of {DROP_REACQUIRE_ROUNDS} rounds: {refused:?}",
+        refused.len()
+    );
+}
+
 /// Checkpoint-store contract: claim bumps the epoch, saves are fenced by
 /// epoch, positions never move backwards, names are independent.
 pub async fn checkpoint_store_contract<C: CheckpointStore>(store: &C) {
@@ -535,6 +953,79 @@ pub async fn checkpoint_store_contract<C: CheckpointStore>(store: &C) {
     );
 }
 
+/// Checkpoint-store contract, refusals: a save without a claim is
+/// [`CheckpointError::NotClaimed`] (saying to call `claim()`), a save with
+/// another epoch is [`CheckpointError::FencedOff`], and a refused save
+/// changes nothing: `load` answers exactly what it answered before, `None`
+/// for a subscription never claimed.
+pub async fn checkpoint_store_refusals<C: CheckpointStore>(store: &C) {
+    let name = unique_name("cp-refused");
+    for epoch in [1, 0, -3, i64::MAX] {
+        let refused = store.save(&name, epoch, 5).await;
+        assert_not_claimed(&refused, &name);
+        assert_eq!(
+            store.load(&name).await.expect("load"),
+            None,
+            "a refused save (epoch {epoch}) of a subscription never claimed creates no row"
+        );
+    }
+    let message = match store.save(&name, 1, 5).await {
+        Err(e) => e.to_string(),
+        Ok(()) => panic!("a save without a claim must be refused"),
+    };
+    assert!(
+        message.contains("claim()"),
+        "the error says to call claim() first: {message}"
+    );
+    let first = store.claim(&name).await.expect("claim");
+    store.save(&name, first.epoch, 7).await.expect("save");
+    let before = store.load(&name).await.expect("load");
+    assert_eq!(
+        before.map(|c| (c.position, c.epoch)),
+        Some((7, first.epoch))
+    );
+    assert_fenced_off(
+        &store.save(&name, first.epoch + 1, 9).await,
+        first.epoch + 1,
+        first.epoch,
+    );
+    assert_eq!(
+        store.load(&name).await.expect("load"),
+        before,
+        "a save with a newer epoch than the stored one changes nothing"
+    );
+    assert_not_claimed(&store.save(&name, 0, 9).await, &name);
+    assert_eq!(
+        store.load(&name).await.expect("load"),
+        before,
+        "a save with epoch 0 changes nothing"
+    );
+    let second = store.claim(&name).await.expect("claim");
+    let claimed = store.load(&name).await.expect("load");
+    assert_fenced_off(
+        &store.save(&name, first.epoch, 20).await,
+        first.epoch,
+        second.epoch,
+    );
+    assert_eq!(
+        store.load(&name).await.expect("load"),
+        claimed,
+        "a stale save changes nothing"
+    );
+}
+
+/// Asserts that a checkpoint write for `subscription` was refused because
+/// it was never claimed ([`CheckpointError::NotClaimed`]); for stores' own
+/// transactional writes (`save_in`) as well as [`CheckpointStore::save`].
+pub fn assert_not_claimed<T: fmt::Debug>(result: &Result<T, CheckpointError>, subscription: &str) {
+    match result {
+        Err(CheckpointError::NotClaimed { subscription: s }) => assert_eq!(s, subscription),
+        other => {
+            panic!("a write to {subscription:?} without a claim must be NotClaimed, got {other:?}")
+        }
+    }
+}
+
 /// Asserts that a checkpoint write with the stale epoch `ours` was refused
 /// because the store holds the newer epoch `current`
 /// ([`CheckpointError::FencedOff`]); for stores' own transactional writes
@@ -562,8 +1053,15 @@ pub fn assert_fenced_off<T: fmt::Debug>(
     }
 }
 
-/// Instantiates the projection scenarios for a [`ProjectionHarness`]
-/// expression of type `Option<H>`.
+/// Instantiates the projection scenarios and the checkpoint-store contract
+/// (both parts, [`checkpoint_store_contract`] and
+/// [`checkpoint_store_refusals`]) for a [`ProjectionHarness`] expression of
+/// type `Option<H>`: every driver crate with a checkpoint store runs it.
+/// The leadership clauses that need no checkpoint store
+/// ([`leadership_attempts_share_one_session`],
+/// [`leadership_drop_then_reacquire`]) are part of
+/// [`driver_contract_tests!`](crate::driver_contract_tests), so every driver
+/// runs them.
 #[macro_export]
 macro_rules! projection_tests {
     ($harness:expr) => {
@@ -572,12 +1070,19 @@ macro_rules! projection_tests {
             projection_stale_leader_fenced_off,
             projection_failing_event,
             projection_cancel_releases_leadership,
+            projection_follower_waits_in_database,
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn checkpoint_store_contract() {
             let Some(harness) = $harness else { return; };
             let store = $crate::ProjectionHarness::checkpoints(&harness).await;
             $crate::checkpoint_store_contract(&store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn checkpoint_store_refusals() {
+            let Some(harness) = $harness else { return; };
+            let store = $crate::ProjectionHarness::checkpoints(&harness).await;
+            $crate::checkpoint_store_refusals(&store).await;
         }
     };
 }

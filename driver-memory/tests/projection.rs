@@ -1,7 +1,7 @@
 //! Projection runner scenarios and the checkpoint-store contract on the
 //! memory backend.
 
-use shardlock_contract_tests::{Harness, Holder, ProjectionHarness};
+use shardlock_contract_tests::{until_waiting, Harness, Holder, ProjectionHarness};
 use shardlock_core::{BoxError, DatabaseId, LockKey, NodeId};
 use shardlock_memory::{
     MemoryCheckpoints, MemoryDriver, MemoryEventLog, MemoryServer, MemorySession,
@@ -30,6 +30,14 @@ impl Harness for MemoryProjectionHarness {
     async fn spawn_holder(&self, _keys: Vec<LockKey>) -> Result<Holder, BoxError> {
         Err("not used by the projection scenarios".into())
     }
+
+    async fn wait_until_waiting(&self, key: &LockKey) -> bool {
+        let db = self.database();
+        until_waiting(self.settle(), key, "the memory server", || {
+            self.server.waiting(&db, key)
+        })
+        .await
+    }
 }
 
 impl ProjectionHarness for MemoryProjectionHarness {
@@ -56,7 +64,9 @@ impl ProjectionHarness for MemoryProjectionHarness {
 async fn harness() -> Option<MemoryProjectionHarness> {
     Some(MemoryProjectionHarness {
         server: MemoryServer::new(),
-        checkpoints: MemoryCheckpoints::new(),
+        checkpoints: MemoryCheckpoints::connect()
+            .await
+            .expect("an in-process store"),
     })
 }
 
@@ -81,7 +91,7 @@ async fn projection_agent_moves_with_its_lock() {
     for i in 1..=TOTAL {
         log.append(i);
     }
-    let checkpoints = MemoryCheckpoints::new();
+    let checkpoints = MemoryCheckpoints::connect().await.expect("store");
     let applied = Applied::default();
     let shards = [ShardId::new("orders-view"), ShardId::new("totals-view")];
     let start = |node: &'static str| {

@@ -4,10 +4,12 @@
 
 mod common;
 
-use shardlock_contract_tests::{assert_fenced_off, Harness, Holder, ProjectionHarness};
+use shardlock_contract_tests::{
+    assert_fenced_off, assert_not_claimed, Harness, Holder, ProjectionHarness,
+};
 use shardlock_core::{BoxError, CheckpointStore, DatabaseId, LockKey, NodeId};
 use shardlock_memory::MemoryEventLog;
-use shardlock_postgres::sqlx::{self, postgres::PgPoolOptions, Connection};
+use shardlock_postgres::sqlx::{self, Connection};
 use shardlock_postgres::{PgCheckpoints, PgDriver, PgSession};
 
 struct PgProjectionHarness {
@@ -32,6 +34,10 @@ impl Harness for PgProjectionHarness {
 
     async fn spawn_holder(&self, keys: Vec<LockKey>) -> Result<Holder, BoxError> {
         self.inner.spawn_holder(keys).await
+    }
+
+    fn wait_until_waiting(&self, key: &LockKey) -> impl std::future::Future<Output = bool> + Send {
+        self.inner.wait_until_waiting(key)
     }
 
     fn settle(&self) -> std::time::Duration {
@@ -74,19 +80,18 @@ impl ProjectionHarness for PgProjectionHarness {
 
 async fn harness() -> Option<PgProjectionHarness> {
     let inner = common::harness().await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(inner.url())
+    // The same inputs as the driver: its options and the database id.
+    let checkpoints = PgCheckpoints::connect(inner.options(), &inner.database())
         .await
-        .expect("checkpoint pool");
-    let checkpoints = PgCheckpoints::new(pool).await.expect("subscriptions table");
+        .expect("checkpoint store");
     Some(PgProjectionHarness { inner, checkpoints })
 }
 
 shardlock_contract_tests::projection_tests!(harness().await);
 
 /// The projection's own rows and the checkpoint commit in one transaction;
-/// a stale leader's transaction is rolled back whole.
+/// a save without a claim or a stale leader's transaction is rolled back
+/// whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactional_checkpoint_commits_with_the_projection() {
     let Some(h) = harness().await else { return };
@@ -97,6 +102,15 @@ async fn transactional_checkpoint_commits_with_the_projection() {
         .execute(&mut conn)
         .await
         .expect("view table");
+    // Before any claim: refused, and the transaction rolls back whole.
+    let mut tx = conn.begin().await.expect("begin");
+    sqlx::query(&format!("INSERT INTO {table} VALUES (0)"))
+        .execute(&mut *tx)
+        .await
+        .expect("row");
+    assert_not_claimed(&PgCheckpoints::save_in(&mut tx, &name, 1, 1).await, &name);
+    tx.rollback().await.expect("rollback");
+    assert_eq!(h.checkpoints.load(&name).await.expect("load"), None);
     let first = h.checkpoints.claim(&name).await.expect("claim");
     let mut tx = conn.begin().await.expect("begin");
     sqlx::query(&format!("INSERT INTO {table} VALUES (1)"))

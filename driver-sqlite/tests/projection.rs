@@ -4,13 +4,17 @@
 
 use std::path::PathBuf;
 
-use shardlock_contract_tests::{assert_fenced_off, Harness, Holder, ProjectionHarness};
+use shardlock_contract_tests::{
+    assert_fenced_off, assert_not_claimed, until_waiting, Harness, Holder, ProjectionHarness,
+};
 use shardlock_core::{BoxError, CheckpointStore, DatabaseId, LockKey, NodeId};
 use shardlock_memory::MemoryEventLog;
 use shardlock_sqlite::{SqliteCheckpoints, SqliteDriver, SqliteSession};
 
 struct SqliteProjectionHarness {
     dir: PathBuf,
+    /// One driver, cloned for every node, so its waiter count sees them all.
+    driver: SqliteDriver,
     checkpoints: SqliteCheckpoints,
 }
 
@@ -29,7 +33,7 @@ impl Harness for SqliteProjectionHarness {
     type Driver = SqliteDriver;
 
     fn driver(&self) -> SqliteDriver {
-        SqliteDriver::open(self.dir.join("locks")).expect("lock directory")
+        self.driver.clone()
     }
 
     fn database(&self) -> DatabaseId {
@@ -42,6 +46,14 @@ impl Harness for SqliteProjectionHarness {
 
     async fn spawn_holder(&self, _keys: Vec<LockKey>) -> Result<Holder, BoxError> {
         Err("not used by the projection scenarios".into())
+    }
+
+    async fn wait_until_waiting(&self, key: &LockKey) -> bool {
+        let db = self.database();
+        until_waiting(self.settle(), key, "the SQLite driver", || {
+            self.driver.waiting(&db, key)
+        })
+        .await
     }
 }
 
@@ -79,24 +91,39 @@ impl ProjectionHarness for SqliteProjectionHarness {
 async fn harness() -> Option<SqliteProjectionHarness> {
     let dir = temp_dir("suite");
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let checkpoints = SqliteCheckpoints::open(dir.join("app.db")).expect("checkpoint store");
-    Some(SqliteProjectionHarness { dir, checkpoints })
+    let checkpoints = SqliteCheckpoints::connect(dir.join("app.db"))
+        .await
+        .expect("checkpoint store");
+    let driver = SqliteDriver::open(dir.join("locks")).expect("lock directory");
+    Some(SqliteProjectionHarness {
+        dir,
+        driver,
+        checkpoints,
+    })
 }
 
 shardlock_contract_tests::projection_tests!(harness().await);
 
 /// The projection's own rows and its checkpoint commit together, or not at
-/// all; a stale epoch rolls both back.
+/// all; a save without a claim or with a stale epoch rolls both back.
 #[tokio::test]
 async fn transactional_checkpoint_commits_with_the_projection() {
     let dir = temp_dir("tx");
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("app.db");
-    let store = SqliteCheckpoints::open(&path).expect("store");
-    let claimed = store.claim("orders").await.expect("claim");
+    let store = SqliteCheckpoints::connect(&path).await.expect("store");
     let mut conn = rusqlite::Connection::open(&path).expect("open");
     conn.execute_batch("CREATE TABLE orders_view(id INTEGER PRIMARY KEY)")
         .expect("table");
+    {
+        // Before any claim: refused, and the transaction rolls back whole.
+        let tx = conn.transaction().expect("tx");
+        tx.execute("INSERT INTO orders_view(id) VALUES (0)", [])
+            .expect("row");
+        assert_not_claimed(&SqliteCheckpoints::save_in(&tx, "orders", 1, 1), "orders");
+    }
+    assert_eq!(store.load("orders").await.expect("load"), None);
+    let claimed = store.claim("orders").await.expect("claim");
     {
         let tx = conn.transaction().expect("tx");
         tx.execute("INSERT INTO orders_view(id) VALUES (1)", [])
@@ -116,7 +143,10 @@ async fn transactional_checkpoint_commits_with_the_projection() {
     let rows: i64 = conn
         .query_row("SELECT count(*) FROM orders_view", [], |r| r.get(0))
         .expect("count");
-    assert_eq!(rows, 1, "the fenced-off write was rolled back");
+    assert_eq!(
+        rows, 1,
+        "the unclaimed and the fenced-off writes were rolled back"
+    );
     let cp = store.load("orders").await.expect("load").expect("row");
     assert_eq!((cp.position, cp.epoch), (1, newer.epoch));
     let _ = std::fs::remove_dir_all(&dir);

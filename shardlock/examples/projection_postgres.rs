@@ -65,43 +65,41 @@ impl Projector for Totals {
     }
 }
 
+/// One node: its runner waits for leadership in the database (no polling,
+/// no connection per attempt) and takes over as soon as the leader's lock is
+/// freed.
 fn node(
-    url: &str,
+    options: &PgOptions,
     pool: &PgPool,
     checkpoints: &PgCheckpoints,
     name: &'static str,
     cancel: CancellationToken,
-) -> Result<tokio::task::JoinHandle<Result<(), ProjectionError>>, BoxError> {
-    let database = PgOptions::parse(url)?
-        .get_connect_options()
-        .get_database()
-        .unwrap_or("postgres")
-        .to_string();
-    let driver = PgDriver::new(PgOptions::parse(url)?);
+) -> tokio::task::JoinHandle<Result<(), ProjectionError>> {
+    // The URL's database is the default mapping: the id is only a label.
+    let leadership = DriverLeadership::new(
+        PgDriver::new(options.clone()),
+        DatabaseId::new("main"),
+        NodeId::new(name),
+    );
     let backend = ProjectionBackend {
         events: EventTable(pool.clone()),
         checkpoints: checkpoints.clone(),
-        leadership: DriverLeadership::new(driver, DatabaseId::new(database), NodeId::new(name)),
+        leadership,
     };
     let projector = Totals {
         pool: pool.clone(),
         node: name,
     };
-    Ok(tokio::spawn(async move {
-        // A follower retries while another node leads.
-        loop {
-            match ProjectionRunner::new(&projector, &backend)
-                .options(ProjectionOptions::default().batch_size(20))
-                .run(&cancel)
-                .await
-            {
-                Err(ProjectionError::LeadershipError { .. }) if !cancel.is_cancelled() => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => return other,
-            }
-        }
-    }))
+    tokio::spawn(async move {
+        ProjectionRunner::new(&projector, &backend)
+            .options(
+                ProjectionOptions::default()
+                    .batch_size(20)
+                    .wait_for_leadership(true),
+            )
+            .run(&cancel)
+            .await
+    })
 }
 
 #[tokio::main]
@@ -132,12 +130,13 @@ async fn main() -> Result<(), BoxError> {
     sqlx::query("INSERT INTO example_events(amount) SELECT g FROM generate_series(1, 300) g")
         .execute(&pool)
         .await?;
-    let checkpoints = PgCheckpoints::new(pool.clone()).await?;
+    let options = PgOptions::parse(&url)?;
+    let checkpoints = PgCheckpoints::connect(&options, &DatabaseId::new("main")).await?;
 
     let cancel = CancellationToken::new();
-    let a = node(&url, &pool, &checkpoints, "node-a", cancel.clone())?;
+    let a = node(&options, &pool, &checkpoints, "node-a", cancel.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let b = node(&url, &pool, &checkpoints, "node-b", cancel.clone())?;
+    let b = node(&options, &pool, &checkpoints, "node-b", cancel.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Kill node-a: its runner stops mid-stream and its database session
