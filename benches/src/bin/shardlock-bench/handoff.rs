@@ -2,14 +2,17 @@
 //! the other session waits in `Session::acquire`; the time from the start
 //! of the release to the waiter owning the key.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardlock_benches::{RawPg, RawSqlite, Row, Samples, Target, Verdict};
+use shardlock_benches::{PgEnv, RawPg, RawSqlite, Row, Samples, Target, Verdict};
 use shardlock_core::{CancellationToken, DatabaseId, Driver, LockKey, NodeId, Session};
 use shardlock_memory::{MemoryServer, MemorySession};
 use shardlock_postgres::PgSession;
+use shardlock_sqlite::rusqlite::Connection;
 use shardlock_sqlite::{SqliteDriver, SqliteSession};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::micro::p50_p99;
 use crate::{err, progress, Ctx, BENCH_DB};
@@ -100,6 +103,161 @@ impl<S: Waiting> Pair<S> {
     }
 }
 
+/// The raw baseline of a graceful handoff: one lock handed from its holder
+/// to a waiter already blocked on it, done directly on the primitive each
+/// driver builds on. Shared by measure 3 and measure 8 (coordinator-level
+/// handoff), so both compare against the same thing.
+pub(crate) enum RawHandoff {
+    /// A `tokio::sync::Mutex` handed to a waiting task.
+    Memory {
+        mutex: Arc<tokio::sync::Mutex<()>>,
+        holder: Option<OwnedMutexGuard<()>>,
+    },
+    /// A key file's `BEGIN IMMEDIATE`, waited for by a thread with
+    /// rusqlite's `busy_timeout`.
+    Sqlite {
+        path: PathBuf,
+        holder: Option<Connection>,
+    },
+    /// Conn B blocked in `pg_advisory_lock`, conn A `pg_advisory_unlock`.
+    Postgres {
+        holder: Option<RawPg>,
+        waiter: Option<RawPg>,
+        key: i64,
+    },
+}
+
+impl RawHandoff {
+    /// How long a memory waiter waits before the release.
+    const MEMORY_SETTLE: Duration = Duration::from_millis(1);
+    /// How long a SQLite waiter waits before the release (it cannot be
+    /// observed waiting).
+    const SQLITE_SETTLE: Duration = Duration::from_millis(20);
+
+    /// The memory baseline, holding its mutex.
+    pub(crate) async fn memory() -> Self {
+        let mutex = Arc::new(tokio::sync::Mutex::new(()));
+        let holder = Some(Arc::clone(&mutex).lock_owned().await);
+        Self::Memory { mutex, holder }
+    }
+
+    /// The SQLite baseline: a key file in `dir`, held.
+    pub(crate) fn sqlite(dir: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let path = dir.join("key.lock");
+        let holder = RawSqlite::try_lock(&path).map_err(err)?;
+        if holder.is_none() {
+            return Err("the raw key file is locked elsewhere".into());
+        }
+        Ok(Self::Sqlite { path, holder })
+    }
+
+    /// The Postgres baseline: two connections to `database`, the first
+    /// holding `key`.
+    pub(crate) async fn postgres(env: &PgEnv, database: &str, key: i64) -> Result<Self, String> {
+        let options = env.options_for(database);
+        let mut holder = RawPg::connect(&options).await.map_err(err)?;
+        let waiter = RawPg::connect(&options).await.map_err(err)?;
+        if !holder.try_lock(key).await.map_err(err)? {
+            return Err("the raw key is held elsewhere".into());
+        }
+        Ok(Self::Postgres {
+            holder: Some(holder),
+            waiter: Some(waiter),
+            key,
+        })
+    }
+
+    /// What the baseline is, for the setup column.
+    pub(crate) fn describe(&self) -> &'static str {
+        match self {
+            Self::Memory { .. } => "`tokio::sync::Mutex` handed to a waiting task",
+            Self::Sqlite { .. } => {
+                "a thread in `BEGIN IMMEDIATE` with rusqlite `busy_timeout` (SQLite's own \
+                 backoff), released 20 ms after the wait began"
+            }
+            Self::Postgres { .. } => {
+                "conn B in `pg_advisory_lock` (seen waiting in `pg_locks`), conn A \
+                 `pg_advisory_unlock`"
+            }
+        }
+    }
+
+    /// One handoff: a waiter blocks, the holder releases; the time from the
+    /// release to the waiter owning the lock. The roles swap afterwards.
+    /// `ctx` is needed for Postgres (`pg_locks`).
+    pub(crate) async fn once(&mut self, ctx: &mut Ctx) -> Result<Duration, String> {
+        match self {
+            Self::Memory { mutex, holder } => {
+                let m = Arc::clone(mutex);
+                let task = tokio::spawn(async move {
+                    let guard = m.lock_owned().await;
+                    (guard, Instant::now())
+                });
+                tokio::time::sleep(Self::MEMORY_SETTLE).await;
+                let released = Instant::now();
+                drop(holder.take());
+                let (guard, owned) = task.await.map_err(err)?;
+                *holder = Some(guard);
+                Ok(owned - released)
+            }
+            Self::Sqlite { path, holder } => {
+                let path = path.clone();
+                let task = tokio::task::spawn_blocking(move || {
+                    let held = RawSqlite::lock_waiting(&path, Duration::from_secs(30));
+                    (held, Instant::now())
+                });
+                tokio::time::sleep(Self::SQLITE_SETTLE).await;
+                let released = Instant::now();
+                drop(holder.take());
+                let (held, owned) = task.await.map_err(err)?;
+                *holder = held.map_err(err)?;
+                if holder.is_none() {
+                    return Err("the raw waiter did not get the lock".into());
+                }
+                Ok(owned - released)
+            }
+            Self::Postgres {
+                holder,
+                waiter,
+                key,
+            } => {
+                let (Some(mut h), Some(mut w)) = (holder.take(), waiter.take()) else {
+                    return Err("a raw connection went missing".into());
+                };
+                let key = *key;
+                let pid = w.backend_pid().await.map_err(err)?;
+                let task = tokio::spawn(async move {
+                    let got = w.lock(key).await;
+                    (w, got, Instant::now())
+                });
+                ctx.pg()?
+                    .until_waiting(pid, Duration::from_secs(10))
+                    .await?;
+                let released = Instant::now();
+                let ok = h.unlock(key).await.map_err(err)?;
+                let (w, got, owned) = task.await.map_err(err)?;
+                got.map_err(err)?;
+                if !ok {
+                    return Err("the raw holder did not hold the key".into());
+                }
+                *holder = Some(w);
+                *waiter = Some(h);
+                Ok(owned - released)
+            }
+        }
+    }
+
+    /// Closes the connections (Postgres); the others need nothing.
+    pub(crate) async fn close(self) {
+        if let Self::Postgres { holder, waiter, .. } = self {
+            for conn in [holder, waiter].into_iter().flatten() {
+                let _ = conn.close().await;
+            }
+        }
+    }
+}
+
 fn row(driver: &str, setup: String, ours: &Samples, raw: &Samples) -> Row {
     let ratio = match (ours.p50(), raw.p50()) {
         (Some(o), Some(r)) => shardlock_benches::ratio(o, r),
@@ -151,26 +309,14 @@ async fn memory(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
         .map_err(err)?;
     let key = LockKey::new("bench:m3:memory").map_err(err)?;
     let mut pair = Pair::new(a, b, key, Duration::from_millis(1)).await?;
-    // Raw: a tokio mutex handed from one task to a waiting one.
-    let mutex = Arc::new(tokio::sync::Mutex::new(()));
-    let mut raw_holder = Some(Arc::clone(&mutex).lock_owned().await);
+    let mut raw_side = RawHandoff::memory().await;
     let (mut ours, mut raw) = (Samples::default(), Samples::default());
     for i in 0..n {
         for side in 0..2 {
             if (i + side) % 2 == 0 {
                 ours.push(pair.handoff(ctx).await?);
             } else {
-                let m = Arc::clone(&mutex);
-                let task = tokio::spawn(async move {
-                    let guard = m.lock_owned().await;
-                    (guard, Instant::now())
-                });
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                let released = Instant::now();
-                drop(raw_holder.take());
-                let (guard, owned) = task.await.map_err(err)?;
-                raw_holder = Some(guard);
-                raw.push(owned - released);
+                raw.push(raw_side.once(ctx).await?);
             }
         }
     }
@@ -193,30 +339,14 @@ async fn sqlite(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
     let b = driver.connect(&db, &NodeId::new("b")).await.map_err(err)?;
     let key = LockKey::new("bench:m3:sqlite").map_err(err)?;
     let mut pair = Pair::new(a, b, key, Duration::from_millis(20)).await?;
-    let raw_dir = dir.join("raw");
-    std::fs::create_dir_all(&raw_dir).map_err(err)?;
-    let raw_path = raw_dir.join("key.lock");
-    let mut raw_holder = RawSqlite::try_lock(&raw_path).map_err(err)?;
+    let mut raw_side = RawHandoff::sqlite(&dir.join("raw"))?;
     let (mut ours, mut raw) = (Samples::default(), Samples::default());
     for i in 0..n {
         for side in 0..2 {
             if (i + side) % 2 == 0 {
                 ours.push(pair.handoff(ctx).await?);
             } else {
-                let path = raw_path.clone();
-                let task = tokio::task::spawn_blocking(move || {
-                    let held = RawSqlite::lock_waiting(&path, Duration::from_secs(30));
-                    (held, Instant::now())
-                });
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let released = Instant::now();
-                drop(raw_holder.take());
-                let (held, owned) = task.await.map_err(err)?;
-                raw_holder = held.map_err(err)?;
-                if raw_holder.is_none() {
-                    return Err("the raw waiter did not get the lock".into());
-                }
-                raw.push(owned - released);
+                raw.push(raw_side.once(ctx).await?);
             }
         }
     }
@@ -248,7 +378,6 @@ async fn sqlite(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
 async fn postgres(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
     let env = ctx.pg()?;
     let driver = env.driver();
-    let options = env.options_for(BENCH_DB);
     let db = DatabaseId::new(BENCH_DB);
     let a = driver
         .connect(&db, &NodeId::new("bench-m3-a"))
@@ -261,41 +390,19 @@ async fn postgres(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
     let key = LockKey::new("bench:m3:postgres").map_err(err)?;
     let mut pair = Pair::new(a, b, key, Duration::ZERO).await?;
     let raw_key = LockKey::new("bench:m3:postgres:raw").map_err(err)?.id();
-    let mut raw_holder = RawPg::connect(&options).await.map_err(err)?;
-    let mut raw_waiter = RawPg::connect(&options).await.map_err(err)?;
-    if !raw_holder.try_lock(raw_key).await.map_err(err)? {
-        return Err("the raw key is held elsewhere".into());
-    }
+    let mut raw_side = RawHandoff::postgres(ctx.pg()?, BENCH_DB, raw_key).await?;
     let (mut ours, mut raw) = (Samples::default(), Samples::default());
     for i in 0..n {
         for side in 0..2 {
             if (i + side) % 2 == 0 {
                 ours.push(pair.handoff(ctx).await?);
             } else {
-                let pid = raw_waiter.backend_pid().await.map_err(err)?;
-                let task = tokio::spawn(async move {
-                    let got = raw_waiter.lock(raw_key).await;
-                    (raw_waiter, got, Instant::now())
-                });
-                ctx.pg()?
-                    .until_waiting(pid, Duration::from_secs(10))
-                    .await?;
-                let released = Instant::now();
-                let ok = raw_holder.unlock(raw_key).await.map_err(err)?;
-                let (w, got, owned) = task.await.map_err(err)?;
-                got.map_err(err)?;
-                if !ok {
-                    return Err("the raw holder did not hold the key".into());
-                }
-                raw.push(owned - released);
-                raw_waiter = raw_holder;
-                raw_holder = w;
+                raw.push(raw_side.once(ctx).await?);
             }
         }
     }
     pair.close().await;
-    let _ = raw_holder.close().await;
-    let _ = raw_waiter.close().await;
+    raw_side.close().await;
     let mut r = row(
         "postgres",
         format!(

@@ -29,7 +29,7 @@ const M7A: &str = "7 server ends the session → holder's agents stopped";
 const TARGET: Target = Target::AtMost(Duration::from_millis(50));
 
 /// `p50 X (max Y)`.
-fn p50_max(s: &Samples) -> String {
+pub(crate) fn p50_max(s: &Samples) -> String {
     match (s.p50(), s.max()) {
         (Some(p50), Some(max)) => format!("p50 {} (max {})", fmt_duration(p50), fmt_duration(max)),
         _ => "—".to_string(),

@@ -26,6 +26,7 @@ mod handoff;
 mod holders;
 mod loss;
 mod micro;
+mod rebalance;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -148,7 +149,7 @@ fn main() -> Result<()> {
                     .split(',')
                     .map(|m| m.trim().parse::<u32>())
                     .collect::<Result<Vec<_>, _>>()
-                    .context("--only takes measure numbers 1-7")?;
+                    .context("--only takes measure numbers 1-8")?;
                 only = Some(measures);
             }
             "-h" | "--help" => {
@@ -246,6 +247,9 @@ async fn run(config: Config) -> Result<(String, Report)> {
     }
     if ctx.config.wants(7) {
         loss::run(&mut ctx).await;
+    }
+    if ctx.config.wants(8) {
+        rebalance::run(&mut ctx).await;
     }
     let _ = std::fs::remove_dir_all(&ctx.sqlite_root);
     Ok((preamble, ctx.report))
