@@ -57,3 +57,9 @@ pub use shardlock_postgres as postgres;
 #[cfg(feature = "sqlserver")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlserver")))]
 pub use shardlock_sqlserver as sqlserver;
+
+/// eventcore projections with shardlock's leadership, fencing and loss
+/// signal (feature `eventcore`).
+#[cfg(feature = "eventcore")]
+#[cfg_attr(docsrs, doc(cfg(feature = "eventcore")))]
+pub use shardlock_eventcore as eventcore;
