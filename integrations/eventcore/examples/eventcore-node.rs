@@ -204,8 +204,14 @@ async fn run(dir: PathBuf, node: String, pace: Duration) -> Result<(), BoxError>
         .continuous()
         .poll_interval(Duration::from_millis(10))
         .empty_poll_backoff(Duration::from_millis(50));
-    let mut following = false;
+    let never = shardlock_core::CancellationToken::new();
     loop {
+        // Follow: wait in the database until the leader's lock is freed (no
+        // polling); run_projection's try_acquire then answers this lock.
+        if !backend.wait_for_leadership(PROJECTOR, &never).await? {
+            return Ok(());
+        }
+        eprintln!("{node}: leading");
         let ledger = Ledger {
             node: node.clone(),
             log: OpenOptions::new()
@@ -216,19 +222,12 @@ async fn run(dir: PathBuf, node: String, pace: Duration) -> Result<(), BoxError>
         };
         match run_projection(ledger, &backend, config.clone()).await {
             Ok(()) => return Ok(()),
-            // Another node leads: eventcore's coordinator never waits, so
-            // a follower tries again.
-            Err(RunError::Projection(eventcore::ProjectionError::LeadershipError(_))) => {
-                if !following {
-                    eprintln!("{node}: following");
-                    following = true;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e @ (RunError::LeadershipLost { .. } | RunError::FencedOff { .. })) => {
-                eprintln!("{node}: {e}; following again");
-                following = true;
-            }
+            // Lost or fenced off (or led elsewhere after all): follow again.
+            Err(
+                e @ (RunError::LeadershipLost { .. }
+                | RunError::FencedOff { .. }
+                | RunError::Projection(eventcore::ProjectionError::LeadershipError(_))),
+            ) => eprintln!("{node}: {e}; following"),
             Err(e) => return Err(e.into()),
         }
     }
@@ -267,7 +266,7 @@ async fn main() -> Result<(), BoxError> {
                     _ => return Err(usage()),
                 }
             }
-            eprintln!("{node}: started");
+            eprintln!("{node}: started, following");
             run(dir, node.clone(), pace).await
         }
         _ => Err(usage()),

@@ -270,6 +270,23 @@ where
         })
     }
 
+    /// Waits in the database until this backend holds the lock of `name`
+    /// (`true`) or `cancel` fires (`false`); see
+    /// [`ShardlockCoordinator::wait`]. Call it before `run_projection`, so
+    /// a follower takes over as soon as the leader's lock is freed, without
+    /// polling.
+    ///
+    /// # Errors
+    ///
+    /// As [`ShardlockCoordinator::wait`].
+    pub async fn wait_for_leadership(
+        &self,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<bool, CoordinationError> {
+        self.coordinator.wait(name, cancel).await
+    }
+
     /// The id the next lease will get: leases registered from now on have
     /// an id at least this.
     pub(crate) fn next_lease_id(&self) -> u64 {

@@ -1,7 +1,9 @@
 //! eventcore's `ProjectorCoordinator` over a shardlock driver: leadership is
 //! a session lock, held by a guard that releases it on drop.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use shardlock_core::{
     projection_leadership_key, CancellationToken, DatabaseId, Driver, DriverLeadership, Error,
@@ -42,6 +44,11 @@ pub fn leadership_key(name: &str) -> Result<LockKey, Error> {
 ///   database frees the lock), or when the session is lost (see
 ///   [`ShardlockGuard::lost`]).
 ///
+/// eventcore's coordinator never waits, so its followers poll. To wait in
+/// the database instead, call [`wait`](Self::wait) before
+/// `run_projection`: it returns once this coordinator holds the lock, and
+/// the next `try_acquire` of that name answers it.
+///
 /// Leadership alone does not fence checkpoint writes: use
 /// [`ShardlockBackend`](crate::ShardlockBackend) for that.
 #[derive(Clone)]
@@ -50,6 +57,8 @@ pub struct ShardlockCoordinator<D: Driver> {
     driver: D,
     database: DatabaseId,
     node: NodeId,
+    /// Leadership taken by `wait`, handed out by the next `acquire`.
+    ready: Arc<Mutex<HashMap<String, LeadershipGuard<D::Session>>>>,
 }
 
 impl<D: Driver> fmt::Debug for ShardlockCoordinator<D> {
@@ -74,6 +83,7 @@ impl<D: Driver> ShardlockCoordinator<D> {
             driver,
             database,
             node,
+            ready: Arc::default(),
         }
     }
 
@@ -98,7 +108,78 @@ impl<D: Driver> ShardlockCoordinator<D> {
         &self.node
     }
 
-    /// Takes leadership of `name` if nobody holds it, without waiting.
+    /// Waits in the database until this coordinator holds the lock of
+    /// `name` (`true`), or `cancel` fires (`false`); the next
+    /// [`acquire`](Self::acquire) (eventcore's `try_acquire`, which
+    /// `run_projection` calls first) of `name` answers that leadership at
+    /// once. No polling: the wait is the driver's blocking acquire, on the
+    /// coordinator's one idle session, and ends within the database's
+    /// wake-up time of the leader's lock being freed (its release, its
+    /// process dying).
+    ///
+    /// Leadership waited for and not yet taken stays held by the
+    /// coordinator (and its clones) until taken or the coordinator is
+    /// dropped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a cancelled or dropped wait leaves the key not held.
+    ///
+    /// # Errors
+    ///
+    /// [`CoordinationError::InvalidName`], [`CoordinationError::Driver`].
+    pub async fn wait(
+        &self,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<bool, CoordinationError> {
+        leadership_key(name).map_err(|source| CoordinationError::InvalidName {
+            name: name.to_string(),
+            source,
+        })?;
+        if self
+            .take_ready(name)
+            .map(|guard| self.keep_ready(name, guard))
+            .is_some()
+        {
+            return Ok(true);
+        }
+        match self.leadership.wait_lead(name, cancel).await {
+            Ok(Some(guard)) => {
+                debug!(projector = name, node = %self.node, "eventcore leadership waited for");
+                self.keep_ready(name, guard);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(source) => Err(CoordinationError::Driver {
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// A leadership `wait` took for `name`, unless its session was lost.
+    fn take_ready(&self, name: &str) -> Option<LeadershipGuard<D::Session>> {
+        let guard = self
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)?;
+        (!guard.lost().is_cancelled()).then_some(guard)
+    }
+
+    fn keep_ready(&self, name: &str, guard: LeadershipGuard<D::Session>) {
+        let replaced = self
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), guard);
+        // Dropped outside the lock (the guard's drop spawns its release).
+        drop(replaced);
+    }
+
+    /// Takes leadership of `name` if nobody holds it, without waiting (or
+    /// answers the leadership [`wait`](Self::wait) took).
     ///
     /// # Errors
     ///
@@ -113,6 +194,9 @@ impl<D: Driver> ShardlockCoordinator<D> {
             name: name.to_string(),
             source,
         })?;
+        if let Some(guard) = self.take_ready(name) {
+            return Ok(ShardlockGuard { inner: guard });
+        }
         match self.leadership.try_lead(name).await {
             Ok(Some(guard)) => {
                 debug!(projector = name, node = %self.node, "eventcore leadership acquired");

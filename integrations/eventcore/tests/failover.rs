@@ -79,7 +79,7 @@ async fn projection_failover_sqlite_kill_9() {
         applied(&dir).len() >= 60
     });
     let mut b = node(&dir, "node-b");
-    // node-b is a follower: it tries every 50 ms and is refused.
+    // node-b is a follower: it waits in the database.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         applied(&dir).iter().all(|(n, _)| n == "node-a"),

@@ -312,6 +312,55 @@ async fn a_lost_session_refuses_reads() {
         .is_ok());
 }
 
+/// A follower waits in the database (no polling) and takes over as soon
+/// as the leader lets go; eventcore's `try_acquire` then answers the
+/// leadership it waited for, with a freshly claimed epoch.
+#[tokio::test]
+async fn a_follower_waits_in_the_database() {
+    let (server, events, checkpoints) = (
+        MemoryServer::new(),
+        InMemoryEventStore::new(),
+        shared_checkpoints(),
+    );
+    let (_, a) = node(&server, &events, &checkpoints);
+    let (_, b) = node(&server, &events, &checkpoints);
+    let led = a.try_acquire("p").await.unwrap_or_else(|e| panic!("{e}"));
+    let never = shardlock_core::CancellationToken::new();
+    let waiting = b.wait_for_leadership("p", &never);
+    tokio::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), waiting.as_mut())
+            .await
+            .is_err(),
+        "the follower must wait while a leads"
+    );
+    assert_eq!(
+        server.waiting(
+            &DatabaseId::new("main"),
+            &shardlock_eventcore::leadership_key("p").unwrap_or_else(|e| panic!("{e}"))
+        ),
+        1
+    );
+    drop(led);
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap_or_else(|_| panic!("the follower did not take over"));
+    assert!(got.unwrap_or_else(|e| panic!("{e}")));
+    // a cannot take it back; b's try_acquire answers what it waited for.
+    assert!(a.try_acquire("p").await.is_err());
+    let guard = b.try_acquire("p").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(guard.epoch(), 2);
+
+    // A cancelled wait holds nothing.
+    let (_, c) = node(&server, &events, &checkpoints);
+    let cancel = shardlock_core::CancellationToken::new();
+    cancel.cancel();
+    assert!(!c
+        .wait_for_leadership("p", &cancel)
+        .await
+        .unwrap_or_else(|e| panic!("{e}")));
+}
+
 /// A guard dropped where there is no runtime still frees the lock.
 #[test]
 fn a_guard_dropped_outside_a_runtime_releases() {
