@@ -49,15 +49,15 @@ coordination_contract!(
 
 // ===== the integration's own behaviour =====
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{positions, seed, Recorder, Tick};
 use eventcore::ProjectionConfig;
 use eventcore_types::{
-    CheckpointStore as _, Event, EventFilter, EventPage, EventReader as _, EventStore as _,
-    Projector, ProjectorCoordinator as _, StreamId, StreamPosition, StreamVersion, StreamWrites,
+    CheckpointStore as _, EventFilter, EventPage, EventReader as _, ProjectorCoordinator as _,
+    StreamPosition,
 };
 use shardlock_eventcore::{
     run_projection, CheckpointStoreError, CoordinationError, ReadError, RunError,
@@ -66,80 +66,6 @@ use shardlock_memory::MemoryDriver;
 
 type Backend<'a> =
     ShardlockBackend<&'a InMemoryEventStore, MemoryDriver, MemoryCheckpoints, MemoryPositions>;
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Tick {
-    stream: StreamId,
-    n: u64,
-}
-
-impl Event for Tick {
-    fn stream_id(&self) -> &StreamId {
-        &self.stream
-    }
-
-    fn event_type_name() -> &'static str {
-        "Tick"
-    }
-}
-
-/// Appends ticks 1..=n to one stream.
-async fn seed(store: &InMemoryEventStore, n: u64) {
-    let stream = StreamId::try_new("ticks").unwrap_or_else(|e| panic!("{e}"));
-    let mut writes = StreamWrites::new()
-        .register_stream(stream.clone(), StreamVersion::new(0))
-        .unwrap_or_else(|e| panic!("{e}"));
-    for i in 1..=n {
-        writes = writes
-            .append(Tick {
-                stream: stream.clone(),
-                n: i,
-            })
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    store
-        .append_events(writes)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// Every tick's position, in order.
-async fn positions(store: &InMemoryEventStore) -> Vec<StreamPosition> {
-    let page = EventPage::first(eventcore_types::BatchSize::new(100_000));
-    store
-        .read_events::<Tick>(EventFilter::all(), page)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect()
-}
-
-/// Records `(node, tick)` for every tick applied, pacing each by `pace`.
-struct Recorder {
-    node: &'static str,
-    seen: Arc<Mutex<Vec<(&'static str, u64)>>>,
-    pace: Duration,
-}
-
-impl Projector for Recorder {
-    type Event = Tick;
-    type Error = Infallible;
-    type Context = ();
-
-    fn apply(&mut self, tick: Tick, _: StreamPosition, _: &mut ()) -> Result<(), Infallible> {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((self.node, tick.n));
-        std::thread::sleep(self.pace);
-        Ok(())
-    }
-
-    fn name(&self) -> &str {
-        "recorder"
-    }
-}
 
 fn node<'a>(
     server: &MemoryServer,
@@ -396,6 +322,7 @@ async fn projection_failover_memory_kill() {
     seed(&events, EVENTS).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let recorder = |node| Recorder {
+        name: "recorder".to_string(),
         node,
         seen: Arc::clone(&seen),
         pace: Duration::from_millis(1),
@@ -451,6 +378,7 @@ async fn projection_failover_memory_kill() {
             loop {
                 tries.fetch_add(1, Ordering::Relaxed);
                 let projector = Recorder {
+                    name: "recorder".to_string(),
                     node: "b",
                     seen: Arc::clone(&seen),
                     pace: Duration::from_millis(1),

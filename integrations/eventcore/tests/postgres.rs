@@ -111,3 +111,158 @@ coordination_contract!(
     }
     .await
 );
+
+// ===== end to end: the server ends the leader's session =====
+
+use std::sync::{Arc, Mutex};
+
+use common::{applied_by, seed, Recorder};
+use eventcore::ProjectionConfig;
+use shardlock_core::CancellationToken;
+use shardlock_eventcore::{leadership_key, run_projection, RunError};
+use shardlock_postgres::sqlx::{self, postgres::PgConnection, Connection as _};
+
+/// The backend pid holding the advisory lock of `name`'s leadership key.
+async fn holder_pid(url: &str, name: &str) -> Option<i32> {
+    let key = leadership_key(name).unwrap_or_else(|e| panic!("{e}"));
+    let bits = key.id() as u64;
+    let (classid, objid) = ((bits >> 32) as i64, (bits & 0xffff_ffff) as i64);
+    let mut conn = PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("side connection: {e}"));
+    let pid = sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
+    )
+    .bind(classid)
+    .bind(objid)
+    .fetch_optional(&mut conn)
+    .await
+    .unwrap_or_else(|e| panic!("pg_locks: {e}"));
+    let _ = conn.close().await;
+    pid
+}
+
+/// Two nodes (two Postgres drivers, one shared checkpoint table), eventcore's
+/// in-memory event store; the server terminates the leader's session
+/// mid-stream (`pg_terminate_backend`). The leader's loss signal stops its
+/// run; the follower, waiting in the database, takes over, claims a new
+/// epoch and resumes from the checkpoint: no event lost, and only events
+/// the old leader applied after its session ended (not checkpointed) are
+/// applied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_failover_postgres_terminate() {
+    const EVENTS: u64 = 300;
+    let Some((url, options, database)) = server().await else {
+        return;
+    };
+    let name = shardlock_contract_tests::unique_name("eventcore-failover");
+    let events = Arc::new(InMemoryEventStore::new());
+    seed(&events, EVENTS).await;
+    let checkpoints = checkpoints(&url).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = |node| Recorder {
+        name: name.clone(),
+        node,
+        seen: Arc::clone(&seen),
+        pace: Duration::from_millis(1),
+    };
+    let count =
+        |node: &str| applied_by(&seen.lock().unwrap_or_else(|p| p.into_inner()), node).len();
+    let node = |events: Arc<InMemoryEventStore>| {
+        let coordinator =
+            ShardlockCoordinator::new(PgDriver::new(options.clone()), database.clone());
+        (events, coordinator, checkpoints.clone())
+    };
+
+    let leader = {
+        let (events, coordinator, checkpoints) = node(Arc::clone(&events));
+        let projector = recorder("a");
+        tokio::spawn(async move {
+            let backend = ShardlockBackend::new(&*events, coordinator, checkpoints);
+            let config = ProjectionConfig::default().continuous();
+            run_projection(projector, &backend, config).await
+        })
+    };
+    let started = Instant::now();
+    while count("a") < 60 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let follower = {
+        let (events, coordinator, checkpoints) = node(Arc::clone(&events));
+        let (projector, name) = (recorder("b"), name.clone());
+        tokio::spawn(async move {
+            let backend = ShardlockBackend::new(&*events, coordinator, checkpoints);
+            let waited = backend
+                .wait_for_leadership(&name, &CancellationToken::new())
+                .await;
+            assert!(matches!(waited, Ok(true)), "b's wait answered {waited:?}");
+            // Batch mode: returns once every event is applied.
+            run_projection(projector, &backend, ProjectionConfig::default()).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count("b"), 0, "b applied while a led");
+
+    let pid = holder_pid(&url, &name)
+        .await
+        .unwrap_or_else(|| panic!("no backend holds the leadership lock"));
+    let mut side = PgConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("side connection: {e}"));
+    let at_end: usize = {
+        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&mut side)
+            .await
+            .unwrap_or_else(|e| panic!("pg_terminate_backend: {e}"));
+        assert!(ended, "backend {pid} was not running");
+        count("a")
+    };
+    let _ = side.close().await;
+
+    let led = tokio::time::timeout(Duration::from_secs(10), leader)
+        .await
+        .unwrap_or_else(|_| panic!("the terminated leader did not stop"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(
+            led,
+            Err(RunError::LeadershipLost { .. } | RunError::FencedOff { .. })
+        ),
+        "the leader answered {led:?}"
+    );
+    let followed = tokio::time::timeout(Duration::from_secs(60), follower)
+        .await
+        .unwrap_or_else(|_| panic!("the follower did not finish"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(followed.is_ok(), "the follower answered {followed:?}");
+
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (a, b) = (applied_by(&seen, "a"), applied_by(&seen, "b"));
+    assert_eq!(a, (1..=a.len() as u64).collect::<Vec<_>>());
+    let (a_last, b_first) = (*a.last().unwrap_or(&0), *b.first().unwrap_or(&0));
+    assert_eq!(
+        b,
+        (b_first..=EVENTS).collect::<Vec<_>>(),
+        "b skipped or repeated"
+    );
+    // No gap; everything a applied before its session ended was
+    // checkpointed (but the event in flight).
+    assert!(
+        b_first <= a_last + 1,
+        "b started at {b_first} after a's last {a_last}: events lost"
+    );
+    assert!(
+        b_first as usize >= at_end,
+        "b started at {b_first} though a had applied {at_end} before its session ended"
+    );
+    println!(
+        "postgres failover: a applied 1..={a_last} ({at_end} when its backend was terminated; \
+         stopped with {led:?}); b waited in the database, resumed at {b_first} through {EVENTS}"
+    );
+}

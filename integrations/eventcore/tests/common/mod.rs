@@ -12,7 +12,16 @@
 
 #![allow(dead_code, unused_macros, unreachable_pub)]
 
+use std::convert::Infallible;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventcore_memory::InMemoryEventStore;
+use eventcore_types::{
+    Event, EventFilter, EventPage, EventReader as _, EventStore as _, Projector, StreamId,
+    StreamPosition, StreamVersion, StreamWrites,
+};
 
 /// A fresh directory under the system's temp dir.
 pub fn temp_dir(what: &str) -> PathBuf {
@@ -30,6 +39,91 @@ pub fn check(result: eventcore_testing::contract::ContractTestResult) {
     if let Err(failure) = result {
         panic!("eventcore contract failed: {failure}");
     }
+}
+
+// ===== an eventcore event and projector for the end-to-end tests =====
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Tick {
+    pub stream: StreamId,
+    pub n: u64,
+}
+
+impl Event for Tick {
+    fn stream_id(&self) -> &StreamId {
+        &self.stream
+    }
+
+    fn event_type_name() -> &'static str {
+        "Tick"
+    }
+}
+
+/// Appends ticks 1..=n to one stream.
+pub async fn seed(store: &InMemoryEventStore, n: u64) {
+    let stream = StreamId::try_new("ticks").unwrap_or_else(|e| panic!("{e}"));
+    let mut writes = StreamWrites::new()
+        .register_stream(stream.clone(), StreamVersion::new(0))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 1..=n {
+        writes = writes
+            .append(Tick {
+                stream: stream.clone(),
+                n: i,
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    store
+        .append_events(writes)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Every tick's position, in order.
+pub async fn positions(store: &InMemoryEventStore) -> Vec<StreamPosition> {
+    let page = EventPage::first(eventcore_types::BatchSize::new(100_000));
+    store
+        .read_events::<Tick>(EventFilter::all(), page)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
+}
+
+/// Records `(node, tick)` for every tick applied, pacing each by `pace`.
+pub struct Recorder {
+    pub name: String,
+    pub node: &'static str,
+    pub seen: Arc<Mutex<Vec<(&'static str, u64)>>>,
+    pub pace: Duration,
+}
+
+impl Projector for Recorder {
+    type Event = Tick;
+    type Error = Infallible;
+    type Context = ();
+
+    fn apply(&mut self, tick: Tick, _: StreamPosition, _: &mut ()) -> Result<(), Infallible> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((self.node, tick.n));
+        std::thread::sleep(self.pace);
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// `(node, tick)` pairs of one node, in order.
+pub fn applied_by(seen: &[(&'static str, u64)], node: &str) -> Vec<u64> {
+    seen.iter()
+        .filter(|(n, _)| *n == node)
+        .map(|(_, e)| *e)
+        .collect()
 }
 
 macro_rules! checkpoint_contract {
