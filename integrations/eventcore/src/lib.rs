@@ -17,6 +17,10 @@
 //!   conditional on it, and a lost or fenced-off leadership refuses reads.
 //! - [`run_projection`]: eventcore's runner, stopped at the next event when
 //!   leadership is lost (eventcore's own runner cannot be told).
+//! - [`ShardlockBackend::wait_for_leadership`]: eventcore's `try_acquire`
+//!   never waits; a follower that calls this first waits in the database
+//!   (no polling, no connection per attempt) and `run_projection` then
+//!   takes the lock it got.
 //!
 //! # What eventcore can and cannot react to
 //!
