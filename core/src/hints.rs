@@ -17,7 +17,7 @@
 //! `try_acquire` of that key after the announcement, granted or not, and
 //! then forgotten, so a stale mark never shortens a later takeover.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -97,6 +97,26 @@ impl ReleaseHints {
     }
 }
 
+/// The ids of the keys `clean` marks as handed over cleanly, for drivers
+/// implementing [`Session::release_announced`](crate::Session::release_announced):
+/// `clean[i]` answers `keys[i]`, a missing entry is not clean, and a key
+/// listed more than once is clean only if every entry says so (a mark
+/// shortens the next holder's takeover delay, so doubt counts as not clean).
+pub fn clean_ids(keys: &[LockKey], clean: &[bool]) -> HashSet<i64> {
+    let mut marks: HashMap<i64, bool> = HashMap::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let this = clean.get(i).copied().unwrap_or(false);
+        let _ = marks
+            .entry(key.id())
+            .and_modify(|all| *all &= this)
+            .or_insert(this);
+    }
+    marks
+        .into_iter()
+        .filter_map(|(id, all)| all.then_some(id))
+        .collect()
+}
+
 impl fmt::Debug for ReleaseHints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let marks = self.inner.clean.lock().map(|m| m.len()).unwrap_or_default();
@@ -124,6 +144,16 @@ mod tests {
         assert!(!hints.take_clean(&b), "b was not announced clean");
         assert!(hints.take_clean(&a));
         assert!(!hints.take_clean(&a), "a mark is used once");
+    }
+
+    #[test]
+    fn a_key_is_clean_only_if_every_entry_says_so() {
+        let k: Vec<LockKey> = (0..3)
+            .map(|i| LockKey::new(format!("k{i}")).unwrap())
+            .collect();
+        let keys = [k[0].clone(), k[1].clone(), k[0].clone(), k[2].clone()];
+        let ids = clean_ids(&keys, &[true, true, false]);
+        assert_eq!(ids, HashSet::from([k[1].id()]), "k0 doubted, k2 unmarked");
     }
 
     #[tokio::test]

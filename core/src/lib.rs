@@ -40,7 +40,7 @@ pub use coordinator::{
 pub use distributor::{Distributor, SharedTenants, TenantSource};
 pub use driver::{Capabilities, Driver, Session, Support};
 pub use error::{BoxError, DriverError, Error, ErrorKind, InvalidName, Result};
-pub use hints::{ReleaseHints, CLEAN_MARK_TTL};
+pub use hints::{clean_ids, ReleaseHints, CLEAN_MARK_TTL};
 pub use holds::Holds;
 pub use ids::{DatabaseId, NodeId, ShardId};
 pub use key::{LockKey, KEY_SCHEME, MAX_NAME_LEN};

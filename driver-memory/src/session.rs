@@ -1,6 +1,6 @@
 //! A memory session: one "connection" to one database of a [`MemoryServer`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -102,25 +102,6 @@ impl MemorySession {
         self.holds.end();
         Ok(answer)
     }
-}
-
-/// The ids of the keys `clean` marks as handed over cleanly: `clean[i]`
-/// answers `keys[i]`, a missing entry is not clean, and a key listed more
-/// than once is clean only if every entry says so (a mark shortens the next
-/// holder's takeover delay, so doubt counts as not clean).
-fn clean_ids(keys: &[LockKey], clean: &[bool]) -> HashSet<i64> {
-    let mut marks: HashMap<i64, bool> = HashMap::with_capacity(keys.len());
-    for (i, key) in keys.iter().enumerate() {
-        let this = clean.get(i).copied().unwrap_or(false);
-        let _ = marks
-            .entry(key.id())
-            .and_modify(|all| *all &= this)
-            .or_insert(this);
-    }
-    marks
-        .into_iter()
-        .filter_map(|(id, all)| all.then_some(id))
-        .collect()
 }
 
 /// Counts a session blocked in `acquire` until dropped (the acquire returns
@@ -255,7 +236,7 @@ impl Session for MemorySession {
         if ask.is_empty() {
             return Ok(vec![false; keys.len()]);
         }
-        let clean = clean_ids(keys, clean);
+        let clean = shardlock_core::clean_ids(keys, clean);
         let released = self
             .round_trip("release_announced", |inner, state, id, holds| {
                 let db = holds.database();

@@ -661,22 +661,11 @@ impl Session for PgSession {
     }
 }
 
-/// The clean mark of each id of `ids` (the held keys of `keys`, each once):
-/// clean only when every appearance of the key in `keys` has `true` in
-/// `clean` (a missing entry is not clean), since a clean mark lets the next
-/// holder skip its takeover delay.
+/// Per id in `ids`, whether every appearance of its key in `keys` is marked
+/// clean (see [`shardlock_core::clean_ids`]).
 fn clean_marks(keys: &[LockKey], clean: &[bool], ids: &[i64]) -> Vec<bool> {
-    let mut marks: HashMap<i64, bool> = HashMap::with_capacity(ids.len());
-    for (i, key) in keys.iter().enumerate() {
-        let mark = clean.get(i).copied().unwrap_or(false);
-        let _ = marks
-            .entry(key.id())
-            .and_modify(|m| *m &= mark)
-            .or_insert(mark);
-    }
-    ids.iter()
-        .map(|id| marks.get(id).copied().unwrap_or(false))
-        .collect()
+    let marked = shardlock_core::clean_ids(keys, clean);
+    ids.iter().map(|id| marked.contains(id)).collect()
 }
 
 /// Abandons a wait when the acquire future is dropped before it ended.

@@ -1,6 +1,6 @@
 //! The async face of a session: commands to its worker thread.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -113,25 +113,6 @@ impl SqliteSession {
         self.holds.end();
         result
     }
-}
-
-/// The ids of the keys `clean` marks as handed over cleanly: `clean[i]`
-/// answers `keys[i]`, a missing entry is not clean, and a key listed more
-/// than once is clean only if every entry says so (a mark shortens the next
-/// holder's takeover delay, so doubt counts as not clean).
-fn clean_ids(keys: &[LockKey], clean: &[bool]) -> HashSet<i64> {
-    let mut marks: HashMap<i64, bool> = HashMap::with_capacity(keys.len());
-    for (i, key) in keys.iter().enumerate() {
-        let this = clean.get(i).copied().unwrap_or(false);
-        let _ = marks
-            .entry(key.id())
-            .and_modify(|all| *all &= this)
-            .or_insert(this);
-    }
-    marks
-        .into_iter()
-        .filter_map(|(id, all)| all.then_some(id))
-        .collect()
 }
 
 /// Tells the worker to give a key back if the `acquire` waiting for it is
@@ -248,7 +229,7 @@ impl Session for SqliteSession {
         if ask.is_empty() {
             return Ok(vec![false; keys.len()]);
         }
-        let (batch, clean) = (ask.clone(), clean_ids(keys, clean));
+        let (batch, clean) = (ask.clone(), shardlock_core::clean_ids(keys, clean));
         let released = self
             .round_trip("release_announced", |r| {
                 Command::ReleaseAnnounced(batch, clean, r)
