@@ -61,8 +61,14 @@ async fn connect_errors_are_typed() {
     let db = h.database();
     let node = NodeId::new("errors");
 
+    // One database per id (the default follows the URL, which names one).
+    let per_id = PgDriver::new(
+        h.options()
+            .clone()
+            .database_mapping(DatabaseMapping::SameServer),
+    );
     let unknown = DatabaseId::new("shardlock_no_such_database");
-    match h.driver().connect(&unknown, &node).await {
+    match per_id.connect(&unknown, &node).await {
         Err(err @ Error::Connect { .. }) => {
             assert!(
                 matches!(pg_error(&err), PgError::UnknownDatabase { .. }),
