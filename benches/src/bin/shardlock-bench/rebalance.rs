@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use shardlock_benches::{fmt_duration, RawMemoryLocks, RawPg, RawSqlite, Row, Samples, Target};
 use shardlock_core::{
-    Agent, AgentContext, AgentError, Coordinator, CoordinatorHandle, DatabaseId, Driver, LockKey,
-    NodeId, ShardId,
+    Agent, AgentContext, AgentError, Capabilities, Coordinator, CoordinatorHandle, DatabaseId,
+    Driver, LockKey, NodeId, ShardId, Support,
 };
 use shardlock_distributors::{Balanced, SingleTenant};
 use shardlock_memory::MemoryServer;
@@ -364,6 +364,15 @@ fn p50_text(s: &Samples) -> String {
     s.p50().map_or("—".to_string(), fmt_duration)
 }
 
+/// The 1-minute load average (`/proc/loadavg`), for the setup column: on a
+/// shared machine it says how much else ran.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 /// The median of whole numbers.
 fn median(values: &mut [u64]) -> u64 {
     values.sort_unstable();
@@ -523,6 +532,7 @@ async fn graceful<D: Driver>(
     mut raw_side: RawHandoff,
 ) -> Result<Row, String> {
     let rounds = ctx.config.pick(4, 20);
+    let load = load_average();
     let group = "bench-m8-handoff";
     let shards = shard_ids(HANDOFF_SETS);
     let recorder = Recorder::new();
@@ -601,7 +611,7 @@ async fn graceful<D: Driver>(
              in {woken} of {rounds} runs, {} cycles of the survivors together per run (p50); \
              agent overlaps: {overlaps}. Between runs the node restarts and the bench wakes the \
              nodes every {} until {share}/{share}/{share} again, then once more, then waits \
-             {} (not measured); raw: {raw_text}",
+             {} (not measured); load average at the start {load}; raw: {raw_text}",
             raw.len(),
             p50_text(&first),
             p50_text(&stops),
@@ -616,11 +626,11 @@ async fn graceful<D: Driver>(
         verdict: target.judge_duration(ours.p50()),
         note: None,
     };
-    row.note = Some(handoff_note(name, &row, overlaps));
+    row.note = Some(handoff_note(name, &row, &first, &raw, overlaps));
     Ok(row)
 }
 
-fn handoff_note(driver: &str, row: &Row, overlaps: u64) -> String {
+fn handoff_note(driver: &str, row: &Row, first: &Samples, raw: &Samples, overlaps: u64) -> String {
     let mut note = match driver {
         "memory" => "Coordinator handoff on memory (no target): the release and its \
             announcement are one call on the in-process server, which wakes the survivors' \
@@ -653,10 +663,20 @@ fn handoff_note(driver: &str, row: &Row, overlaps: u64) -> String {
             .to_string(),
     };
     if row.verdict == shardlock_benches::Verdict::Missed {
-        note.push_str(
-            " Missed: look at the survivors' wake-up count in the setup column (a run not woken \
-             waited for the next poll) and at the first-set time (one hop) against the last.",
-        );
+        note.push_str(&format!(
+            " Missed: a run the announcement did not wake waited for the next poll (see the \
+             wake-up count in the setup column); otherwise the first hop alone (first set \
+             running elsewhere) took p50 {} against p50 {} for the bare raw handoff. A hop is the \
+             NOTIFY's delivery and a full cycle of each survivor: verify and probe each read \
+             `pg_locks`, then the batched try (three round trips), while the server is ending the \
+             stopping node's three backends (session, watcher, listener) and the client runs all \
+             the nodes on the harness's one thread; on this shared 2-core machine every blocking \
+             round trip can also wait for a CPU slice, so compare with a quieter run before \
+             reading it as the library's cost. One `pg_locks` read per cycle (the probe folded \
+             into the verify) or trying the announced keys at once would shorten a hop.",
+            p50_text(first),
+            p50_text(raw)
+        ));
     }
     if overlaps > 0 {
         note.push_str(&format!(
@@ -887,6 +907,7 @@ async fn join<D: Driver>(
     mut raw_side: RawBatch,
 ) -> Result<(Row, Row), String> {
     let rounds = ctx.config.pick(2, 8);
+    let load = load_average();
     let window = ctx
         .config
         .pick(Duration::from_secs(10), Duration::from_secs(60));
@@ -1005,7 +1026,7 @@ async fn join<D: Driver>(
              last agent start). That is p50 {} polls (max {}); cycles of the busiest old node \
              (polls, short pauses and wake-ups): p50 {}; sets moved per join: p50 {} ({} is the \
              least possible); agent overlaps: {overlaps}. Between joins the 4th node stops \
-             gracefully and the others settle back; raw: {}",
+             gracefully and the others settle back; load average at the start {load}; raw: {}",
             raw.len(),
             fmt_duration(JOIN_POLL),
             fmt_duration(JOIN_PAUSE),
@@ -1021,7 +1042,7 @@ async fn join<D: Driver>(
         ratio: ratio_of(&ours, &raw),
         target: Target::None,
         verdict: shardlock_benches::Verdict::NoTarget,
-        note: Some(join_note(name, &raw, overlaps)),
+        note: Some(join_note(name, driver.capabilities(), &raw, overlaps)),
     };
     let (moved, started, window_cycles, fair) = stable.unwrap_or((0, 0, 0, false));
     let target = Target::Exactly(0.0);
@@ -1055,7 +1076,7 @@ async fn join<D: Driver>(
     Ok((join_row, stable_row))
 }
 
-fn join_note(driver: &str, raw: &Samples, overlaps: u64) -> String {
+fn join_note(driver: &str, caps: Capabilities, raw: &Samples, overlaps: u64) -> String {
     let quick_look = (JOIN_POLL / 4).min(JOIN_PAUSE);
     let mut note = format!(
         "Join rebalance on {driver} is poll-bound by design, not by the locks (the same {} \
@@ -1074,6 +1095,22 @@ fn join_note(driver: &str, raw: &Samples, overlaps: u64) -> String {
         fmt_duration(quick_look),
         fmt_duration(quick_look),
     );
+    if caps.release_hint == Support::Emulated {
+        note.push_str(
+            " Here the announcements are read at each session worker's 50 ms check, so every \
+             hop of that cascade waits up to 50 ms more than on memory, and a cycle that tries \
+             90-120 key files costs a few milliseconds.",
+        );
+    }
+    if caps.probe != Support::Native {
+        note.push_str(&format!(
+            " The {driver} driver does not state a native probe (`Capabilities::probe` is \
+             {:?}), so the coordinator counts the newcomer's member slot only once two probes in \
+             a row saw it (the rule for probes that take and give back): one more quick cycle \
+             than on a driver whose probe takes nothing.",
+            caps.probe
+        ));
+    }
     if overlaps > 0 {
         note.push_str(&format!(
             " BUG: {overlaps} agent overlap(s) seen (a shard started on one node while running \
