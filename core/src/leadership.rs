@@ -130,10 +130,11 @@ async fn settle_dropped_release<S: Session>(database: &DatabaseId, key: &LockKey
 /// # Drop
 ///
 /// Dropping the guard never blocks and works on any runtime: inside a Tokio
-/// runtime it spawns the release of the key (one round trip) and the close
-/// of the session; without one (or if that task never runs: its runtime
-/// stopped) the session is dropped, which frees the key as the driver does
-/// (driver contract clause 6). Until that release is done, an attempt of
+/// runtime it spawns the release of the key (one round trip, given up after
+/// [`DROPPED_GUARD_RELEASE_WAIT`]) and the close of the session; without a
+/// runtime (or if that task never runs: its runtime stopped, or the release
+/// was given up) the session is dropped, which frees the key as the driver
+/// does (driver contract clause 6). Until that release is done, an attempt of
 /// **this process** to take the same key ([`acquire_leadership`],
 /// [`wait_for_leadership`], [`DriverLeadership`]) waits for it, at most
 /// [`DROPPED_GUARD_RELEASE_WAIT`], so dropping a guard and taking the key
@@ -249,24 +250,31 @@ impl<S: Session> Drop for LeadershipGuard<S> {
         // If the task never runs (its runtime stops first), dropping it
         // drops the session (the driver frees the key) and ends the count.
         let _task = runtime.spawn(async move {
-            let released = session.release(&key).await;
+            // Bounded: a connection that hangs (a network cut) must not keep
+            // the session, and so the key, longer than the driver's own drop
+            // would; a release cut short poisons the session, whose drop
+            // then frees the key the driver's way.
+            let released =
+                tokio::time::timeout(DROPPED_GUARD_RELEASE_WAIT, session.release(&key)).await;
             in_flight.done();
             match released {
-                Ok(_) => {
+                Ok(Ok(_)) => {
                     debug!(key = %key, "dropped leadership guard released its key");
-                    match spare {
-                        Some(spare) => {
-                            if let Some(session) = spare.park(session) {
-                                let _ = session.close().await;
-                            }
-                        }
-                        None => {
-                            let _ = session.close().await;
-                        }
+                    let leftover = match spare {
+                        Some(spare) => spare.park(session),
+                        None => Some(session),
+                    };
+                    if let Some(session) = leftover {
+                        let _ = tokio::time::timeout(DROPPED_GUARD_RELEASE_WAIT, session.close())
+                            .await;
                     }
                 }
-                // Dropping the session frees the key the driver's way.
-                Err(e) => debug!(key = %key, error = %e, "dropped leadership guard could not release its key; dropping its session"),
+                Ok(Err(e)) => {
+                    debug!(key = %key, error = %e, "dropped leadership guard could not release its key; dropping its session");
+                }
+                Err(_) => {
+                    debug!(key = %key, wait = ?DROPPED_GUARD_RELEASE_WAIT, "dropped leadership guard's release did not answer; dropping its session");
+                }
             }
         });
     }
