@@ -75,6 +75,12 @@ impl DriverArgs {
                         .to_string();
                     options =
                         options.database_mapping(shardlock::postgres::DatabaseMapping::Fixed(name));
+                } else {
+                    // One database per tenant: ids name databases on the
+                    // URL's server (the driver's default would pin every id
+                    // to the URL's own database).
+                    options =
+                        options.database_mapping(shardlock::postgres::DatabaseMapping::SameServer);
                 }
                 Ok(OpenedDriver::Postgres(shardlock::postgres::PgDriver::new(
                     options,
