@@ -183,6 +183,41 @@ impl<S: Session> LeadershipGuard<S> {
         self.session.as_mut()
     }
 
+    /// The session holding the key, for a **session-fenced transaction**:
+    /// the projection's writes and its checkpoint committed on (or, where
+    /// the driver cannot lend its lock connection, fenced by) the
+    /// connection that holds the lock, so a leader whose session was ended
+    /// cannot commit (PostgreSQL: `PgSession::transaction`; SQLite:
+    /// `SqliteCheckpoints::fenced`; see the projection module docs).
+    ///
+    /// ```text
+    /// let mut tx = guard.leader_session()?.transaction().await?;
+    /// sqlx::query("INSERT INTO totals ...").execute(&mut *tx).await?;
+    /// tx.commit_checkpoint("orders-view", epoch, position).await?;
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] when the guard no longer has its session
+    /// (released) or the session was lost (its loss signal fired): stop
+    /// leading.
+    pub fn leader_session(&mut self) -> Result<&mut S> {
+        if self.signals.is_lost() {
+            let reason = self
+                .signals
+                .reason()
+                .unwrap_or_else(|| "the leader's session ended".to_string());
+            return Err(Error::session_lost(&self.database, reason));
+        }
+        match self.session.as_mut() {
+            Some(session) => Ok(session),
+            None => Err(Error::session_lost(
+                &self.database,
+                "leadership was released",
+            )),
+        }
+    }
+
     /// Fires as soon as the driver sees the session end (the server
     /// terminated it, restarted, failed over): leadership is gone, stop
     /// leading at once. Derive the leader's work token from it

@@ -52,9 +52,9 @@ pub use lock_set::{Guard, LockSet};
 pub use mapping::DatabaseMapping;
 pub use projection::{
     projection_leadership_key, run_projection, Checkpoint, CheckpointError, CheckpointStore,
-    CoordinatorLed, DeadLetter, EventReader, NoDeadLetter, Positioned, ProjectionAgent,
-    ProjectionBackend, ProjectionError, ProjectionOptions, ProjectionRunner, Projector,
-    ProjectorCoordinator, DEFAULT_LEAD_POLL,
+    CoordinatorLed, DeadLetter, EventReader, FencedError, NoDeadLetter, Positioned,
+    ProjectionAgent, ProjectionBackend, ProjectionError, ProjectionOptions, ProjectionRunner,
+    Projector, ProjectorCoordinator, DEFAULT_LEAD_POLL,
 };
 pub use signals::SessionSignals;
 

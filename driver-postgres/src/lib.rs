@@ -228,6 +228,7 @@
 mod checkpoints;
 mod connection;
 mod error;
+mod fenced;
 mod listen;
 mod options;
 mod session;
@@ -238,6 +239,7 @@ mod watch;
 pub use checkpoints::PgCheckpoints;
 pub use connection::{PgDriver, LOSS_DETECTION_BOUND, MIN_SERVER_VERSION_NUM};
 pub use error::{PgCause, PgError};
+pub use fenced::PgTransaction;
 pub use options::{
     Keepalives, PgOptions, DEFAULT_CLIENT_CONNECTION_CHECK_INTERVAL, DEFAULT_CONNECT_TIMEOUT,
 };

@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 
 use crate::connection::SideConnect;
 use crate::error::PgError;
+use crate::fenced::PgTransaction;
 use crate::listen::Listener;
 use crate::sql;
 use crate::wait::{Outcome, Returned, Wait};
@@ -157,6 +158,60 @@ impl PgSession {
             .broken_reason()
             .map(str::to_string)
             .or_else(|| self.holds.signals().reason())
+    }
+
+    /// Opens a **session-fenced transaction** (`BEGIN`, one round trip) on
+    /// the session's own connection, the one holding its advisory locks:
+    /// write the projection's rows through it (`.execute(&mut *tx)`), save
+    /// the checkpoint in it ([`PgCheckpoints::save_in`](crate::PgCheckpoints::save_in)`(&mut tx, ..)`),
+    /// then [`commit`](PgTransaction::commit) (or both at once with
+    /// [`commit_checkpoint`](PgTransaction::commit_checkpoint)). A leader
+    /// whose backend was ended cannot commit: the commit runs on that very
+    /// backend, and the session's loss signal is checked right before it
+    /// (see [`PgTransaction`]). From a leadership guard:
+    /// `guard.leader_session()?.transaction().await?`.
+    ///
+    /// While the transaction is open the session is borrowed, so no lock
+    /// call can run on the connection meanwhile (a blocking
+    /// [`acquire`](Session::acquire) still waiting is taken back first).
+    /// The tables live in the database the session locks in (the one
+    /// [`PgCheckpoints::connect`](crate::PgCheckpoints::connect) opens for
+    /// the same options and id). Keep it short: the server's
+    /// `idle_in_transaction_session_timeout`, if set for the role or
+    /// database, ends the backend, and with it the session's locks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] when the session is lost or poisoned (nothing
+    /// is sent) or the connection fails at `BEGIN` (then it is poisoned).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped while `BEGIN` is in flight, the session is
+    /// poisoned at its next call.
+    pub async fn transaction(&mut self) -> Result<PgTransaction<'_>> {
+        self.ready().await?;
+        self.holds.begin("begin a fenced transaction")?;
+        self.sent();
+        let Some(conn) = self.conn.as_mut() else {
+            self.holds.end();
+            return Err(self.holds.poison("the connection is closed"));
+        };
+        let begun = conn.begin().await;
+        self.holds.end();
+        match begun {
+            Ok(tx) => Ok(PgTransaction::new(
+                tx,
+                &mut self.holds,
+                self.pid,
+                &self.round_trips,
+            )),
+            // Session-fatal errors poison the session; its next call (or
+            // close) drops the connection.
+            Err(e) => Err(self
+                .holds
+                .fail(PgError::from_query("begin a fenced transaction", e))),
+        }
     }
 
     /// Counts one round trip on the main connection.

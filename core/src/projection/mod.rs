@@ -73,7 +73,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{BoxError, Result};
+use crate::error::{BoxError, Error, Result};
 use crate::key::LockKey;
 
 /// The lock key a projector named `projector` leads with: `projector:<name>`.
@@ -154,6 +154,66 @@ pub enum CheckpointError {
     /// The store failed.
     #[error("checkpoint store failed")]
     Store(#[source] BoxError),
+}
+
+/// Why a **session-fenced transaction** (the projection's writes and its
+/// checkpoint committed together, only while the leader's session still
+/// holds its lock) did not commit. Nothing it wrote was committed, whatever
+/// the variant.
+///
+/// Drivers offer the transaction on their session type (PostgreSQL:
+/// `PgSession::transaction` on the lock-holding connection; SQLite:
+/// `SqliteCheckpoints::fenced`, committed while the session's worker holds
+/// the lock still); see the driver's docs for exactly what each guarantees.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FencedError {
+    /// The session holding the leadership lock is gone (terminated, its
+    /// connection lost, poisoned, or the lock is no longer held): stop
+    /// leading. Nothing was committed.
+    #[error("the leader's session is gone; nothing was committed")]
+    SessionLost(#[source] Error),
+    /// The checkpoint save inside the transaction was refused
+    /// ([`CheckpointError::FencedOff`], [`CheckpointError::NotClaimed`]) or
+    /// failed; the transaction was rolled back.
+    #[error("the checkpoint was not saved; nothing was committed")]
+    Checkpoint(#[from] CheckpointError),
+    /// The projection's own writes (or the transaction itself) failed; the
+    /// transaction was rolled back.
+    #[error("the fenced transaction failed; nothing was committed")]
+    Effects(#[source] BoxError),
+}
+
+impl FencedError {
+    /// Wraps an error of the projection's own writes (e.g. a
+    /// `rusqlite::Error`) as [`FencedError::Effects`].
+    pub fn effects(error: impl Into<BoxError>) -> Self {
+        Self::Effects(error.into())
+    }
+
+    /// Whether leadership is gone ([`FencedError::SessionLost`], or a
+    /// session-fatal error inside [`FencedError::Effects`]): stop leading.
+    pub fn is_session_lost(&self) -> bool {
+        match self {
+            Self::SessionLost(_) => true,
+            Self::Effects(e) => e
+                .downcast_ref::<Error>()
+                .is_some_and(Error::is_session_fatal),
+            Self::Checkpoint(_) => false,
+        }
+    }
+}
+
+impl From<Error> for FencedError {
+    /// A session-fatal error is [`FencedError::SessionLost`]; any other is
+    /// [`FencedError::Effects`].
+    fn from(error: Error) -> Self {
+        if error.is_session_fatal() {
+            Self::SessionLost(error)
+        } else {
+            Self::Effects(Box::new(error))
+        }
+    }
 }
 
 /// Stores each subscription's position and fencing epoch.

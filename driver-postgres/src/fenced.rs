@@ -1,0 +1,212 @@
+//! Session-fenced transactions: a transaction on the connection that holds
+//! the session's advisory locks (see [`PgSession::transaction`]).
+//!
+//! # Why it fences
+//!
+//! Session-level advisory locks live as long as the backend that took them.
+//! A transaction on that same backend can therefore only commit while the
+//! backend lives, i.e. while it still holds every lock of the session: once
+//! the backend was ended (`pg_terminate_backend`, a restart, a failover) its
+//! `COMMIT` fails, and PostgreSQL rolls the open transaction back as the
+//! backend exits, **before** its locks are freed. A commit that the server
+//! did process happened while the locks were held (a terminating backend
+//! finishes a commit already in progress and frees its locks only on exit),
+//! so no follower can have taken the lock (and claimed the subscription)
+//! before that commit.
+//!
+//! [`PgSession::transaction`]: crate::PgSession::transaction
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use shardlock_core::{FencedError, Holds, Result};
+use sqlx::postgres::{PgConnection, Postgres};
+use tracing::{debug, warn};
+
+use crate::checkpoints::PgCheckpoints;
+use crate::error::PgError;
+
+/// A transaction on a [`PgSession`](crate::PgSession)'s own connection, the
+/// one holding its advisory locks: the projection's writes and its
+/// checkpoint ([`PgCheckpoints::save_in`], or
+/// [`commit_checkpoint`](Self::commit_checkpoint)) commit there, so a leader
+/// whose backend was ended cannot commit them (see the module docs of
+/// [`PgSession::transaction`](crate::PgSession::transaction)).
+///
+/// Dereferences to the [`PgConnection`]: run statements with
+/// `.execute(&mut *tx)`.
+///
+/// # Drop
+///
+/// Dropped without [`commit`](Self::commit) or [`rollback`](Self::rollback),
+/// it is rolled back: sqlx queues a `ROLLBACK` that the session's next round
+/// trip sends first. Advisory locks are not transactional, so a rollback
+/// never frees them.
+///
+/// # Do not
+///
+/// Take or release advisory locks inside (`pg_advisory_lock`,
+/// `pg_advisory_unlock_all`, ...): the session's bookkeeping would no longer
+/// match the server; the next [`verify`](shardlock_core::Session::verify)
+/// notices a missing key or liveness lock and poisons the session.
+pub struct PgTransaction<'s> {
+    tx: sqlx::Transaction<'s, Postgres>,
+    holds: &'s mut Holds,
+    pid: i32,
+    round_trips: &'s AtomicU64,
+}
+
+impl<'s> PgTransaction<'s> {
+    pub(crate) fn new(
+        tx: sqlx::Transaction<'s, Postgres>,
+        holds: &'s mut Holds,
+        pid: i32,
+        round_trips: &'s AtomicU64,
+    ) -> Self {
+        Self {
+            tx,
+            holds,
+            pid,
+            round_trips,
+        }
+    }
+
+    /// The server process of the session (its `pg_backend_pid()`), which
+    /// runs this transaction.
+    pub fn backend_pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Commits, if the session is still sound: its loss signal has not
+    /// fired (checked right before `COMMIT` is sent) and no earlier round
+    /// trip was interrupted. The commit itself is the fence: it runs on the
+    /// lock-holding backend, so it only succeeds while that backend, and so
+    /// every lock of the session, is alive.
+    ///
+    /// # Errors
+    ///
+    /// [`SessionLost`](shardlock_core::Error::SessionLost) when the session is lost (then nothing was
+    /// committed: the transaction is rolled back, or died with its
+    /// backend, and the session is poisoned); the driver's other errors as
+    /// [`Driver`](shardlock_core::Error::Driver) (e.g. a deferred constraint; nothing committed,
+    /// the session stays usable).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped while `COMMIT` is in flight, whether it
+    /// committed is unknown, and the session is poisoned at its next call
+    /// (leadership is given up).
+    pub async fn commit(self) -> Result<()> {
+        let Self {
+            tx,
+            holds,
+            pid,
+            round_trips,
+        } = self;
+        if let Err(lost) = holds.ready() {
+            warn!(pid, error = %lost, "the session was lost: the fenced transaction is rolled back");
+            // Dropping queues the rollback; the backend is gone or going.
+            drop(tx);
+            return Err(lost);
+        }
+        holds.begin("commit a fenced transaction")?;
+        round_trips.fetch_add(1, Ordering::Relaxed);
+        let committed = tx.commit().await;
+        holds.end();
+        match committed {
+            Ok(()) => {
+                debug!(pid, "fenced transaction committed");
+                Ok(())
+            }
+            Err(e) => {
+                let err = PgError::from_query("commit a fenced transaction", e);
+                let err = holds.fail(err);
+                warn!(pid, error = %err, "fenced transaction not committed");
+                Err(err)
+            }
+        }
+    }
+
+    /// Saves the checkpoint in this transaction
+    /// ([`PgCheckpoints::save_in`], with its fencing epoch), then
+    /// [`commit`](Self::commit)s: the projection's writes made so far and
+    /// the checkpoint commit together, or neither does.
+    ///
+    /// # Errors
+    ///
+    /// [`FencedError::Checkpoint`] when the save is refused
+    /// ([`FencedOff`](shardlock_core::CheckpointError::FencedOff),
+    /// [`NotClaimed`](shardlock_core::CheckpointError::NotClaimed)) or
+    /// fails: the transaction is rolled back. [`FencedError::SessionLost`]
+    /// when the session is lost, before or at the commit. Nothing was
+    /// committed either way.
+    pub async fn commit_checkpoint(
+        mut self,
+        subscription: &str,
+        epoch: i64,
+        position: i64,
+    ) -> std::result::Result<(), FencedError> {
+        if let Err(refused) =
+            PgCheckpoints::save_in(&mut self.tx, subscription, epoch, position).await
+        {
+            // A save that failed because the backend is gone is a lost
+            // session, not a checkpoint problem.
+            if let Err(lost) = self.holds.ready() {
+                return Err(FencedError::SessionLost(lost));
+            }
+            return match self.rollback().await {
+                Err(lost) if lost.is_session_fatal() => Err(FencedError::SessionLost(lost)),
+                Err(e) => {
+                    debug!(error = %e, "rolling back after a refused checkpoint failed");
+                    Err(FencedError::Checkpoint(refused))
+                }
+                Ok(()) => Err(FencedError::Checkpoint(refused)),
+            };
+        }
+        self.commit().await.map_err(FencedError::from)
+    }
+
+    /// Rolls back. Dropping the transaction does the same without waiting.
+    ///
+    /// # Errors
+    ///
+    /// The driver's, e.g. [`SessionLost`](shardlock_core::Error::SessionLost) when the connection is
+    /// gone (then the server rolled back already).
+    pub async fn rollback(self) -> Result<()> {
+        let Self {
+            tx,
+            holds,
+            round_trips,
+            ..
+        } = self;
+        holds.begin("roll back a fenced transaction")?;
+        round_trips.fetch_add(1, Ordering::Relaxed);
+        let rolled = tx.rollback().await;
+        holds.end();
+        rolled.map_err(|e| holds.fail(PgError::from_query("roll back a fenced transaction", e)))
+    }
+}
+
+impl Deref for PgTransaction<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for PgTransaction<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+}
+
+impl fmt::Debug for PgTransaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTransaction")
+            .field("backend_pid", &self.pid)
+            .field("lost", &self.holds.is_broken())
+            .finish()
+    }
+}
