@@ -23,6 +23,7 @@
 //! | release hints | emulated: an announced release writes a row to `registry.db` in the transaction that records the release; every worker reads newer rows at its 50 ms check, idle or waiting in `acquire`: at most 50 ms (25 ms on average) when idle, [`RELEASE_HINT_BOUND`] (100 ms) stated |
 //! | too many keys | [`SqliteError::TooManyOpenFiles`] names `ulimit -n`; the batch that hit the limit is rolled back |
 //! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs, opened like every checkpoint store with [`SqliteCheckpoints::connect`]`(path).await` (the database file, e.g. your application's); [`SqliteCheckpoints::save_in`] writes inside your own transaction |
+//! | session-fenced transactions | [`SqliteCheckpoints::fenced`]: the projection's writes and the checkpoint commit in the store's database while the session's worker is *pinned* (it has just proved the liveness file and the key's lock file held, and frees nothing until the `COMMIT` is over); a session ended before the pin cannot commit. Not on the lock's own connection: committing there would free the lock |
 //!
 //! A process that hangs without dying (stopped, swapped out) keeps its
 //! locks: there is no server to notice, so [`lock_release_window`] is
@@ -115,6 +116,7 @@
 
 mod checkpoints;
 mod error;
+mod fenced;
 mod layout;
 mod session;
 mod status;

@@ -11,6 +11,7 @@ use shardlock_core::{
 use tokio::sync::oneshot;
 
 use crate::error::SqliteError;
+use crate::fenced::Fence;
 use crate::layout;
 use crate::worker::{Command, ReleaseTicket, Reply};
 
@@ -83,6 +84,30 @@ impl SqliteSession {
     /// none for keys already known held). For tests and metrics.
     pub fn round_trips(&self) -> u64 {
         self.round_trips
+    }
+
+    /// The handle a session-fenced commit pins the worker with (see
+    /// `fenced.rs`), once the session is sound and holds `key`.
+    pub(crate) fn fence(&mut self, key: &LockKey) -> Result<Fence> {
+        self.holds.ready()?;
+        if !self.holds.contains(key) {
+            return Err(shardlock_core::Error::session_lost(
+                self.holds.database(),
+                format!("the session does not hold {key}: a fenced commit needs the lock held"),
+            ));
+        }
+        self.round_trips += 1;
+        Ok(Fence::new(
+            self.commands.clone(),
+            key.clone(),
+            self.holds.signals(),
+        ))
+    }
+
+    /// Maps a worker's error through [`Holds::fail`] (a session-fatal one
+    /// poisons the session).
+    pub(crate) fn fail(&mut self, err: SqliteError) -> shardlock_core::Error {
+        self.holds.fail(err)
     }
 
     /// Sends one command to the worker and waits for its answer. Errors are

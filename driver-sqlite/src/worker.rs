@@ -162,6 +162,16 @@ pub(crate) enum Command {
     /// the session believes it holds.
     Verify(usize, Reply<()>),
     Close(Reply<()>),
+    /// A session-fenced commit (see `fenced.rs`): check that the session is
+    /// alive and still holds the key's lock file, answer on the first
+    /// channel, and if it does, serve nothing else (no liveness check, no
+    /// release) until the committer signals (or drops) the second: the
+    /// lock stays held for the whole commit.
+    Pin(
+        LockKey,
+        mpsc::SyncSender<Result<(), SqliteError>>,
+        mpsc::Receiver<()>,
+    ),
     /// The session was dropped holding keys: shut down, then drop the
     /// ticket, which tells waiting workers the keys are free.
     Dropped(ReleaseTicket),
@@ -407,6 +417,7 @@ impl Worker {
             Command::Verify(expected, reply) => {
                 let _ = reply.send(self.verify(expected));
             }
+            Command::Pin(key, ready, done) => self.pin(&key, &ready, &done),
             Command::Close(reply) => return Some(reply),
             // Served by `run` before it gets here.
             Command::Dropped(ticket) => drop(ticket),
@@ -434,6 +445,40 @@ impl Worker {
         Err(SqliteError::SessionEnded {
             reason: reason.to_string(),
         })
+    }
+
+    /// Serves a [`Command::Pin`]: proves the session alive and `key`'s lock
+    /// file held (and still the file that was locked), answers on `ready`,
+    /// then, if it is held, blocks this thread until the committer is done
+    /// (`done` signalled or dropped). Only this thread ever frees the
+    /// session's locks (besides the process dying, which ends the commit
+    /// too), so the lock is held from the check until the commit ends.
+    fn pin(
+        &mut self,
+        key: &LockKey,
+        ready: &mpsc::SyncSender<Result<(), SqliteError>>,
+        done: &mpsc::Receiver<()>,
+    ) {
+        let held = self.alive().and_then(|()| match self.files.get(&key.id()) {
+            Some((_, file)) if file.intact() => Ok(()),
+            Some(_) => {
+                let reason = format!("the lock file of {key} is no longer held");
+                self.signals.fire_lost(reason.clone());
+                self.free_all();
+                Err(SqliteError::SessionEnded { reason })
+            }
+            None => Err(SqliteError::SessionEnded {
+                reason: format!("the session does not hold {key}"),
+            }),
+        });
+        let pinned = held.is_ok();
+        if ready.send(held).is_err() || !pinned {
+            return;
+        }
+        let started = Instant::now();
+        // Either a signal or the sender dropped: the commit is over.
+        let _ = done.recv();
+        debug!(%key, held_for = ?started.elapsed(), "fenced commit done; the worker resumes");
     }
 
     fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>, SqliteError> {
