@@ -4,20 +4,29 @@
 #
 #   shardlock-test/postgres:15   Debian bookworm + postgresql-15 (always)
 #   shardlock-test/postgres:17   Debian trixie   + postgresql-17 (with --pg17)
+#   shardlock-test/mariadb:10.11 Debian bookworm + mariadb-server 10.11 (always,
+#                                unless --only-pg17 / --no-mariadb)
 #
 # Method: `debootstrap --variant=minbase --include=postgresql-N SUITE DIR`
 # (cached under $SHARDLOCK_IMAGE_CACHE), then `tar -C DIR -c . | docker import`
 # (docs, man pages, translations, apt lists and the LLVM JIT left out) as
 # shardlock-test/postgres-rootfs:N, then scripts/images/postgres/Dockerfile on
 # top: an entrypoint that behaves like the official `postgres` image for
-# testcontainers-modules' `postgres::Postgres`.
+# testcontainers-modules' `postgres::Postgres`. MariaDB the same way:
+# `debootstrap --include=mariadb-server,mariadb-client bookworm`, imported as
+# shardlock-test/mariadb-rootfs:10.11, then scripts/images/mariadb/Dockerfile
+# (an entrypoint like the official `mariadb` image's, for
+# testcontainers-modules' `mariadb::Mariadb`).
 #
 # Idempotent: an image that already exists is left alone (unless --force), and
 # a finished debootstrap (marker file) is reused.
 #
-# Usage: scripts/build-images.sh [--pg17] [--only-pg17] [--force] [--refresh] [--verify]
+# Usage: scripts/build-images.sh [--pg17] [--only-pg17] [--no-mariadb] [--only-mariadb]
+#                                 [--force] [--refresh] [--verify]
 #   --pg17       also build shardlock-test/postgres:17 (Debian trixie)
 #   --only-pg17  build only shardlock-test/postgres:17
+#   --no-mariadb   leave shardlock-test/mariadb:10.11 out
+#   --only-mariadb build only shardlock-test/mariadb:10.11
 #   --force      rebuild the images even if they exist (reuses the debootstrap cache)
 #   --refresh    also redo the debootstrap (fresh packages); implies --force
 #   --verify     afterwards start each image, wait for it to be ready and run a
@@ -34,12 +43,15 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 cache=${SHARDLOCK_IMAGE_CACHE:-/var/cache/shardlock-images}
 context=$here/images/postgres
+mariadb_context=$here/images/mariadb
 
-want_15=1 want_17=0 force=0 refresh=0 verify=0
+want_15=1 want_17=0 want_mariadb=1 force=0 refresh=0 verify=0
 for arg in "$@"; do
     case "$arg" in
     --pg17) want_17=1 ;;
-    --only-pg17) want_15=0 want_17=1 ;;
+    --only-pg17) want_15=0 want_17=1 want_mariadb=0 ;;
+    --no-mariadb) want_mariadb=0 ;;
+    --only-mariadb) want_15=0 want_17=0 want_mariadb=1 ;;
     --force) force=1 ;;
     --refresh) force=1 refresh=1 ;;
     --verify) verify=1 ;;
@@ -83,7 +95,7 @@ ensure_host_tools() {
     # debootstrap checks the Release signature with gpgv and Debian's keyring
     # (both normally present: apt depends on them; named in case they are not).
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap debian-archive-keyring gpgv)
-    if [ "$verify" -eq 1 ] && ! command -v psql >/dev/null 2>&1; then
+    if [ "$verify" -eq 1 ] && [ "$want_15$want_17" != 00 ] && ! command -v psql >/dev/null 2>&1; then
         missing+=(postgresql-client)
     fi
     if [ "${#missing[@]}" -gt 0 ]; then
@@ -92,26 +104,27 @@ ensure_host_tools() {
     fi
 }
 
-# rootfs MAJOR SUITE: prints the path of a finished debootstrap of SUITE with
-# postgresql-MAJOR, running debootstrap only when the cache has none.
+# rootfs TAG SUITE PACKAGES: prints the path of a finished debootstrap of SUITE
+# with PACKAGES (comma-separated), running debootstrap only when the cache has
+# none. TAG names the cached tree (pg15, mariadb).
 rootfs() {
-    local major=$1 suite=$2 dir key marker log t0 status
-    dir=$cache/rootfs-$suite-pg$major
+    local tag=$1 suite=$2 packages=$3 dir key marker log t0 status
+    dir=$cache/rootfs-$suite-$tag
     marker=$dir/.shardlock-debootstrap-done
     # What the tree was built from: a change here (other packages) forces a rebuild.
-    key="suite=$suite variant=minbase include=postgresql-$major mirror=${SHARDLOCK_DEBIAN_MIRROR:-default}"
+    key="suite=$suite variant=minbase include=$packages mirror=${SHARDLOCK_DEBIAN_MIRROR:-default}"
     if [ "$refresh" -eq 0 ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$key" ]; then
         say "reusing cached debootstrap $dir"
         printf '%s\n' "$dir"
         return 0
     fi
     safe_rm_tree "$dir.partial"
-    log=$cache/debootstrap-$suite-pg$major.log
-    say "debootstrap $suite + postgresql-$major into $dir.partial (full log: $log)"
+    log=$cache/debootstrap-$suite-$tag.log
+    say "debootstrap $suite + $packages into $dir.partial (full log: $log)"
     t0=$(now)
     set +e
     # shellcheck disable=SC2086  # the mirror is an optional extra word
-    debootstrap --variant=minbase --include="postgresql-$major" "$suite" "$dir.partial" \
+    debootstrap --variant=minbase --include="$packages" "$suite" "$dir.partial" \
         ${SHARDLOCK_DEBIAN_MIRROR:-} 2>&1 |
         tee "$log" |
         { grep --line-buffered -E '^(E:|W:|I: (Resolving|Found|Retrieving Release|Checking Release|Installing core|Unpacking the base|Configuring the base|Base system))' |
@@ -143,7 +156,7 @@ build_pg() {
     t_all=$(now)
     say "building $image from Debian $suite"
 
-    dir=$(rootfs "$major" "$suite")
+    dir=$(rootfs "pg$major" "$suite" "postgresql-$major")
 
     t0=$(now)
     say "importing $dir as $rootfs_image (trimmed)"
@@ -238,6 +251,100 @@ verify_pg() {
     trap - EXIT
 }
 
+MARIADB_VERSION=10.11
+
+build_mariadb() {
+    local image rootfs_image dir t0 t_all
+    image=shardlock-test/mariadb:$MARIADB_VERSION
+    rootfs_image=shardlock-test/mariadb-rootfs:$MARIADB_VERSION
+    if [ "$force" -eq 0 ] && docker image inspect "$image" >/dev/null 2>&1; then
+        say "$image already exists (use --force to rebuild)"
+        return 0
+    fi
+    t_all=$(now)
+    say "building $image from Debian bookworm"
+
+    # bookworm's mariadb-server is 10.11; the client gives the entrypoint
+    # `mariadb` for its init scripts.
+    dir=$(rootfs mariadb bookworm mariadb-server,mariadb-client)
+
+    t0=$(now)
+    say "importing $dir as $rootfs_image (trimmed)"
+    # Left out: documentation, translations, apt's caches and the datadir that
+    # the package's postinst created (the entrypoint initialises its own).
+    tar -C "$dir" --numeric-owner \
+        --exclude=./.shardlock-debootstrap-done \
+        --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
+        --exclude='./usr/share/doc/*' --exclude='./usr/share/man/*' \
+        --exclude='./usr/share/info/*' --exclude='./usr/share/locale/*' \
+        --exclude='./usr/share/i18n/*' --exclude='./usr/share/lintian/*' \
+        --exclude='./var/cache/apt/*' --exclude='./var/lib/apt/lists/*' \
+        --exclude='./var/cache/debconf/*-old' --exclude='./var/log/*' \
+        --exclude='./var/lib/mysql/*' \
+        -c . |
+        docker import --message "debootstrap bookworm mariadb-server" - "$rootfs_image" >/dev/null
+    say "import done in $(since "$t0")"
+
+    t0=$(now)
+    say "docker build $image"
+    DOCKER_BUILDKIT=0 docker build -q \
+        --build-arg "ROOTFS=$rootfs_image" \
+        --label "org.shardlock.test-image=mariadb" \
+        -t "$image" "$mariadb_context" >/dev/null \
+        2> >(grep -v -E 'DEPRECATED: The legacy builder|BuildKit is currently disabled|^ *environment-variable\.$|^ *$' >&2 || true)
+    say "docker build done in $(since "$t0")"
+    docker image prune -f --filter "label=org.shardlock.test-image=mariadb" >/dev/null 2>&1 || true
+
+    say "$image built in $(since "$t_all"), size $(docker image inspect -f '{{.Size}}' "$image" |
+        awk '{ printf "%.0f MB", $1 / 1e6 }')"
+}
+
+# verify_mariadb: start the image the way testcontainers' `mariadb::Mariadb`
+# does (empty root password, database `test`), wait for its ready lines on
+# stderr, then query it over TCP with the image's own client (the host needs
+# no MySQL client).
+verify_mariadb() {
+    local image cid t0 out i ok=0 logs
+    image=shardlock-test/mariadb:$MARIADB_VERSION
+    t0=$(now)
+    cid=$(docker run -d -p 127.0.0.1::3306 -e MARIADB_DATABASE=test \
+        -e MARIADB_ALLOW_EMPTY_ROOT_PASSWORD=1 -e MARIADB_USER=shardlock \
+        -e MARIADB_PASSWORD=secret "$image")
+    # shellcheck disable=SC2064  # expand $cid now
+    trap "docker rm -f $cid >/dev/null 2>&1 || true" EXIT
+    for ((i = 0; i < 240; i++)); do
+        logs=$(docker logs "$cid" 2>&1 >/dev/null || true)
+        if grep -q 'mariadbd: ready for connections' <<<"$logs" && grep -q 'port: 3306' <<<"$logs"; then
+            ok=1
+            break
+        fi
+        if [ "$(docker inspect -f '{{.State.Running}}' "$cid")" != true ]; then
+            docker logs "$cid" 2>&1 | tail -n 30 | sed 's/^/[build-images]   /' >&2
+            die "$image: container exited before it was ready"
+        fi
+        sleep 0.25
+    done
+    if [ "$ok" -ne 1 ]; then
+        docker logs "$cid" 2>&1 | tail -n 30 | sed 's/^/[build-images]   /' >&2
+        die "$image: no ready line on stderr within 60s"
+    fi
+    say "$image: ready $(since "$t0") after docker run"
+    out=$(docker exec "$cid" mariadb --protocol=tcp -h 127.0.0.1 -u shardlock -psecret -N -B test \
+        -e "SELECT VERSION(), GET_LOCK('a', 0), GET_LOCK('b', 0), IS_USED_LOCK('a') = CONNECTION_ID()") ||
+        die "$image: query over TCP failed"
+    say "$image: mariadb via TCP -> $(printf '%s' "$out" | tr '\t\n' '  ')"
+    case "$out" in
+    "$MARIADB_VERSION"*) ;;
+    *) die "$image: unexpected answer from the server" ;;
+    esac
+    if docker exec "$cid" mariadb --protocol=tcp -h 127.0.0.1 -u shardlock -pwrong -e 'select 1' >/dev/null 2>&1; then
+        die "$image: a wrong password was accepted"
+    fi
+    say "$image: a wrong password is refused"
+    docker rm -f "$cid" >/dev/null
+    trap - EXIT
+}
+
 t_start=$(now)
 ensure_host_tools
 ensure_docker
@@ -251,8 +358,10 @@ fi
 
 if [ "$want_15" -eq 1 ]; then build_pg 15 bookworm; fi
 if [ "$want_17" -eq 1 ]; then build_pg 17 trixie; fi
+if [ "$want_mariadb" -eq 1 ]; then build_mariadb; fi
 if [ "$verify" -eq 1 ]; then
     if [ "$want_15" -eq 1 ]; then verify_pg 15; fi
     if [ "$want_17" -eq 1 ]; then verify_pg 17; fi
+    if [ "$want_mariadb" -eq 1 ]; then verify_mariadb; fi
 fi
 say "all done in $(since "$t_start")"

@@ -6,6 +6,9 @@
 #                              database images when they are missing)
 #   SHARDLOCK_PG_URL=postgres://user:pw@host/db scripts/test.sh
 #                              Postgres suite against your own server, no Docker
+#   SHARDLOCK_MYSQL_URL=mysql://user:pw@host/db scripts/test.sh
+#                              MySQL/MariaDB suite against your own server
+#                              (MySQL 8 included); with both URLs set, no Docker
 #   SHARDLOCK_NO_DOCKER=1      do not install/start Docker (real-database tests
 #                              then print SKIPPED lines)
 set -euo pipefail
@@ -34,17 +37,21 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 
-# Real databases: Docker engine and locally built images, unless a URL is
-# given or Docker is switched off.
-if [ -z "${SHARDLOCK_PG_URL:-}" ] && [ -z "${SHARDLOCK_NO_DOCKER:-}" ] && [ -f scripts/lib/docker.sh ]; then
+# Real databases: Docker engine and locally built images (Postgres 15 and
+# MariaDB 10.11), unless both URLs are given or Docker is switched off.
+if { [ -z "${SHARDLOCK_PG_URL:-}" ] || [ -z "${SHARDLOCK_MYSQL_URL:-}" ]; } &&
+    [ -z "${SHARDLOCK_NO_DOCKER:-}" ] && [ -f scripts/lib/docker.sh ]; then
     # shellcheck source=lib/docker.sh
     . scripts/lib/docker.sh
     ensure_docker
-    bash scripts/build-images.sh
+    images=()
+    if [ -n "${SHARDLOCK_PG_URL:-}" ]; then images+=(--only-mariadb); fi
+    if [ -n "${SHARDLOCK_MYSQL_URL:-}" ]; then images+=(--no-mariadb); fi
+    bash scripts/build-images.sh "${images[@]}"
 fi
 if [ "${CI:-}" = "true" ] && [ -z "${SHARDLOCK_REQUIRE+x}" ]; then
-    # In CI a skipped Postgres suite is a failure, not a pass.
-    export SHARDLOCK_REQUIRE=postgres
+    # In CI a skipped Postgres or MySQL suite is a failure, not a pass.
+    export SHARDLOCK_REQUIRE=postgres,mysql
 fi
 
 log "cargo fmt --check"
