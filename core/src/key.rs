@@ -126,11 +126,33 @@ impl LockKey {
         if full.chars().count() <= max_chars {
             return Cow::Owned(full);
         }
+        Cow::Owned(self.hashed_resource_name(max_chars))
+    }
+
+    /// The namespaced name cut like
+    /// [`bounded_resource_name`](Self::bounded_resource_name), but **always**
+    /// ending with `~` and the 16 hex digits of the id, even when it fits:
+    /// for databases that fold names (MySQL compares `GET_LOCK` names
+    /// case-insensitively), where two names that differ only in case must
+    /// still map to different resources. `max_chars` below 17 is raised to
+    /// 17.
+    ///
+    /// ```
+    /// use shardlock_core::LockKey;
+    ///
+    /// let key = LockKey::new("Orders")?;
+    /// let name = key.hashed_resource_name(64);
+    /// assert_eq!(name, format!("shardlock:v1:Orders~{:016x}", key.id_u64()));
+    /// assert_ne!(name.to_lowercase(), LockKey::new("orders")?.hashed_resource_name(64).to_lowercase());
+    /// # Ok::<(), shardlock_core::Error>(())
+    /// ```
+    pub fn hashed_resource_name(&self, max_chars: usize) -> String {
+        let full = self.resource_name();
         let suffix = format!("~{:016x}", self.id_u64());
         let keep = max_chars.max(suffix.len()) - suffix.len();
         let mut out: String = full.chars().take(keep).collect();
         out.push_str(&suffix);
-        Cow::Owned(out)
+        out
     }
 }
 
