@@ -181,6 +181,13 @@ pub async fn until_waiting(
     true
 }
 
+/// A loopback port nobody listens on (bound, then closed), for
+/// [`Harness::unreachable_driver`]; `None` when no port can be bound.
+pub fn closed_port() -> Option<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+    listener.local_addr().ok().map(|a| a.port())
+}
+
 /// A fresh name, unique per call: `<what>-<random>`.
 pub fn unique_name(what: &str) -> String {
     let suffix: String = (0..10).map(|_| fastrand::alphanumeric()).collect();

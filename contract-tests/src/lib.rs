@@ -62,7 +62,7 @@ mod scenarios;
 pub use balancing::*;
 pub use clauses::*;
 pub use harness::{
-    skip, unique_keys, unique_name, until_waiting, within, Harness, Holder, SessionOf, Timings,
+    closed_port, skip, unique_keys, unique_name, until_waiting, within, Harness, Holder, SessionOf, Timings,
     UNOBSERVED_WAIT,
 };
 pub use projection::*;
