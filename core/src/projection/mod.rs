@@ -53,7 +53,7 @@
 //! |---|---|---|
 //! | memory (`shardlock-memory`) | `MemoryCheckpoints::connect()` (a fresh in-process table; clones share it) | `MemoryCheckpoints::new()` (the same, not async) |
 //! | SQLite (`shardlock-sqlite`) | `SqliteCheckpoints::connect(path)` (the database file, e.g. the one holding the projection's tables) | — |
-//! | PostgreSQL (`shardlock-postgres`) | `PgCheckpoints::connect(&PgOptions)` (the database the options name; a small pool of its own) | `PgCheckpoints::from_pool(pool)` |
+//! | PostgreSQL (`shardlock-postgres`) | `PgCheckpoints::connect(&options, &database)` (the database the driver locks `database` in; a small pool of its own) | `PgCheckpoints::from_pool(pool)` |
 //!
 //! Every store answers the same errors: [`CheckpointError::NotClaimed`] for
 //! a save before any [`CheckpointStore::claim`] of the subscription,
@@ -61,6 +61,28 @@
 //! refused save changes nothing (a later [`CheckpointStore::load`] answers
 //! what it answered before, `None` included). The contract suite
 //! (`shardlock-contract-tests`) checks each store for all of it.
+
+//!
+//! # Session-fenced transactions
+//!
+//! The epoch stops a stale checkpoint once a newer leader has claimed; it
+//! cannot stop a leader whose session was ended from committing its
+//! projection's rows **before** anyone claimed. A session-fenced
+//! transaction can: the rows and the checkpoint commit only while the
+//! leader's session holds its lock ([`FencedError`] otherwise, nothing
+//! committed). Reach the session with
+//! [`LeadershipGuard::leader_session`](crate::LeadershipGuard::leader_session).
+//!
+//! | driver | how |
+//! |---|---|
+//! | PostgreSQL | `PgSession::transaction()`: a transaction on the very connection holding the advisory lock; a terminated backend cannot commit |
+//! | SQLite | `SqliteCheckpoints::fenced(session, key, work)`: the store's transaction commits while the session's worker, the only thing that frees its locks, is pinned after proving them held |
+//! | SQL Server, MySQL | not offered yet |
+//!
+//! The coordinator's per-set context ([`ProjectionAgent`]) does not offer
+//! one: every agent of a database shares its node's one session, so a
+//! transaction on it would serialize them all. Agents keep epoch fencing
+//! (and `save_in` on the store's own connections).
 
 mod agent;
 mod runner;
