@@ -132,6 +132,7 @@ impl Driver for MySqlDriver {
                 connection_id: established.watch.id,
                 main_id: established.main.id,
                 liveness: established.liveness.clone(),
+                node: node.to_string(),
             },
             signals.clone(),
         );

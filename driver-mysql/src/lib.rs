@@ -108,9 +108,27 @@
 //!
 //! - `tls` (off): TLS to the server through rustls (ring, webpki roots).
 //!
+//! # Checkpoints
+//!
+//! [`MySqlCheckpoints`] keeps projection checkpoints (InnoDB table
+//! `subscriptions`, with fencing epochs). It opens like every checkpoint
+//! store: [`MySqlCheckpoints::connect`]`(&options, &database).await` from
+//! the same inputs as the driver, or [`MySqlCheckpoints::from_pool`] with
+//! the application's pool; [`MySqlCheckpoints::save_in`] saves inside the
+//! application's own transaction.
+//!
+//! # Finding a node's sessions
+//!
+//! The watcher's waiting statement starts with a comment naming the node
+//! and the session's connection, `/* shardlock:<node> session=<id> */`
+//! (node characters other than `A-Z a-z 0-9 . _ : -` shown as `_`), so
+//! `SHOW PROCESSLIST` tells which node holds which connection; `KILL <id>`
+//! of the session ends it (the loss signal fires).
+//!
 //! The crate re-exports [`sqlx`], so users name the same version.
 #![doc(test(attr(deny(warnings))))]
 
+mod checkpoints;
 mod connection;
 mod error;
 mod options;
@@ -119,6 +137,7 @@ mod sql;
 mod wait;
 mod watch;
 
+pub use checkpoints::MySqlCheckpoints;
 pub use connection::{MySqlDriver, LOSS_DETECTION_BOUND, MIN_MARIADB_VERSION, MIN_MYSQL_VERSION};
 pub use error::{MySqlCause, MySqlError};
 pub use options::{

@@ -139,6 +139,23 @@ pub(crate) fn wait(name: &str) -> String {
     format!("SELECT GET_LOCK({}, {WAIT_FOREVER_SECS})", literal(name))
 }
 
+/// The watcher's wait for the liveness lock `name` of connection
+/// `session` of `node`, labelled for `SHOW PROCESSLIST` (see the crate
+/// docs, "Finding a node's sessions").
+pub(crate) fn watch(node: &str, session: u64, name: &str) -> String {
+    let node: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("/* shardlock:{node} session={session} */ {}", wait(name))
+}
+
 /// Gives `name` back if this connection holds it (a grant racing a cancel):
 /// 1 when released.
 pub(crate) fn give_back(name: &str) -> String {

@@ -64,6 +64,8 @@ pub(crate) struct Watched {
     pub(crate) main_id: u64,
     /// The liveness lock the main connection holds.
     pub(crate) liveness: String,
+    /// The node's name, for the statement's label.
+    pub(crate) node: String,
 }
 
 impl Watcher {
@@ -142,6 +144,7 @@ async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToke
         connection_id,
         main_id,
         liveness,
+        node,
     } = watched;
     let mut armed = Armed {
         signals,
@@ -149,7 +152,7 @@ async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToke
         main_id,
         armed: true,
     };
-    let statement = sql::wait(&liveness);
+    let statement = sql::watch(&node, main_id, &liveness);
     loop {
         let result = {
             let wait = conn.fetch_one(sqlx::raw_sql(&statement));
