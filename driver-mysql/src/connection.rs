@@ -10,7 +10,7 @@ use shardlock_core::{
     Capabilities, DatabaseId, Driver, Error, NodeId, Result, SessionSignals, Support,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
-use sqlx::{Connection, Executor, Row};
+use sqlx::{ConnectOptions, Connection, Executor, Row};
 use tokio::runtime::Handle;
 use tracing::debug;
 
@@ -172,9 +172,14 @@ impl Driver for MySqlDriver {
     }
 }
 
-/// sqlx's options for a connection to `database` (empty: the URL's).
+/// sqlx's options for a connection to `database` (empty: the URL's),
+/// without sqlx's statement logging: blocking waits (the watcher's for the
+/// session's whole life) would be logged as slow statements.
 fn connect_options(options: &MySqlOptions, database: &str) -> MySqlConnectOptions {
-    let connect = options.get_connect_options().clone();
+    let connect = options
+        .get_connect_options()
+        .clone()
+        .disable_statement_logging();
     if database.is_empty() {
         connect
     } else {
