@@ -110,4 +110,6 @@ any_driver! {
     Postgres(shardlock_postgres::PgDriver, shardlock_postgres::PgSession),
     #[cfg(feature = "sqlserver")]
     SqlServer(shardlock_sqlserver::MssqlDriver, shardlock_sqlserver::MssqlSession),
+    #[cfg(feature = "mysql")]
+    MySql(shardlock_mysql::MySqlDriver, shardlock_mysql::MySqlSession),
 }

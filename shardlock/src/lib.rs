@@ -8,14 +8,16 @@
     feature = "memory",
     feature = "sqlite",
     feature = "postgres",
-    feature = "sqlserver"
+    feature = "sqlserver",
+    feature = "mysql"
 ))]
 mod any;
 #[cfg(any(
     feature = "memory",
     feature = "sqlite",
     feature = "postgres",
-    feature = "sqlserver"
+    feature = "sqlserver",
+    feature = "mysql"
 ))]
 mod url;
 
@@ -23,7 +25,8 @@ mod url;
     feature = "memory",
     feature = "sqlite",
     feature = "postgres",
-    feature = "sqlserver"
+    feature = "sqlserver",
+    feature = "mysql"
 ))]
 pub use any::{AnyDriver, AnySession};
 pub use shardlock_core::*;
@@ -34,7 +37,8 @@ pub use shardlock_distributors::{
     feature = "memory",
     feature = "sqlite",
     feature = "postgres",
-    feature = "sqlserver"
+    feature = "sqlserver",
+    feature = "mysql"
 ))]
 pub use url::UrlError;
 
@@ -57,6 +61,11 @@ pub use shardlock_postgres as postgres;
 #[cfg(feature = "sqlserver")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlserver")))]
 pub use shardlock_sqlserver as sqlserver;
+
+/// The MySQL/MariaDB `GET_LOCK` driver (feature `mysql`).
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub use shardlock_mysql as mysql;
 
 /// eventcore projections with shardlock's leadership, fencing and loss
 /// signal (feature `eventcore`).

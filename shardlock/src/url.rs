@@ -9,13 +9,13 @@ use crate::AnyDriver;
 #[non_exhaustive]
 pub enum UrlError {
     /// The text has no `scheme:` prefix.
-    #[error("{url:?} is not a URL: expected e.g. postgres://, sqlserver://, sqlite://, memory:")]
+    #[error("{url:?} is not a URL: expected e.g. postgres://, mysql://, sqlserver://, sqlite://, memory:")]
     NoScheme {
         /// The rejected text, with any password removed.
         url: String,
     },
     /// No driver handles the scheme.
-    #[error("unknown scheme {scheme:?}: expected postgres, postgresql, sqlserver, mssql, sqlite or memory")]
+    #[error("unknown scheme {scheme:?}: expected postgres, postgresql, mysql, mariadb, sqlserver, mssql, sqlite or memory")]
     UnknownScheme {
         /// The scheme.
         scheme: String,
@@ -58,6 +58,7 @@ impl AnyDriver {
     /// | scheme | driver | feature |
     /// |---|---|---|
     /// | `postgres://`, `postgresql://` | [`PgDriver`](crate::postgres::PgDriver) from [`PgOptions`](crate::postgres::PgOptions) | `postgres` |
+    /// | `mysql://`, `mariadb://` | [`MySqlDriver`](crate::mysql::MySqlDriver) from [`MySqlOptions`](crate::mysql::MySqlOptions) | `mysql` |
     /// | `sqlserver://`, `mssql://` | [`MssqlDriver`](crate::sqlserver::MssqlDriver) from [`MssqlOptions`](crate::sqlserver::MssqlOptions) | `sqlserver` |
     /// | `sqlite://<dir>`, `sqlite:<dir>` | [`SqliteDriver`](crate::sqlite::SqliteDriver) on that lock directory | `sqlite` |
     /// | `memory:` | a fresh in-process [`MemoryServer`](crate::memory::MemoryServer) | `memory` |
@@ -84,6 +85,7 @@ impl AnyDriver {
         };
         match scheme.to_ascii_lowercase().as_str() {
             "postgres" | "postgresql" => postgres(url),
+            "mysql" | "mariadb" => mysql(url),
             "sqlserver" | "mssql" => sqlserver(url),
             "sqlite" => sqlite(rest.strip_prefix("//").unwrap_or(rest)),
             "memory" => memory(),
@@ -121,6 +123,18 @@ fn postgres(_url: &str) -> Result<AnyDriver> {
         feature: "postgres",
     }
     .into_error())
+}
+
+#[cfg(feature = "mysql")]
+fn mysql(url: &str) -> Result<AnyDriver> {
+    let options =
+        shardlock_mysql::MySqlOptions::parse(url).map_err(|e| config_error("mysql", e))?;
+    Ok(AnyDriver::MySql(shardlock_mysql::MySqlDriver::new(options)))
+}
+
+#[cfg(not(feature = "mysql"))]
+fn mysql(_url: &str) -> Result<AnyDriver> {
+    Err(UrlError::FeatureDisabled { feature: "mysql" }.into_error())
 }
 
 #[cfg(feature = "sqlserver")]
@@ -175,6 +189,16 @@ mod tests {
             "postgres://app:***@db/app"
         );
         assert_eq!(redact("postgres://db/app"), "postgres://db/app");
+    }
+
+    #[cfg(feature = "mysql")]
+    #[test]
+    fn mysql_and_mariadb_urls() {
+        use shardlock_core::Driver;
+        for url in ["mysql://app:pw@db:3306/app", "mariadb://app:pw@db/app"] {
+            let driver = AnyDriver::from_url(url).expect(url);
+            assert_eq!(driver.name(), "mysql");
+        }
     }
 
     #[test]
