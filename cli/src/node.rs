@@ -25,6 +25,8 @@ pub(crate) enum DriverKind {
     /// SQL Server application locks (`--url`: an ADO.NET connection string
     /// or `sqlserver://` URL).
     Sqlserver,
+    /// MySQL/MariaDB `GET_LOCK` named locks (`--url mysql://...`).
+    Mysql,
     /// In-process; only meaningful inside `demo`.
     Memory,
 }
@@ -38,8 +40,9 @@ pub(crate) struct DriverArgs {
     /// Lock directory (sqlite driver).
     #[arg(long)]
     pub(crate) dir: Option<PathBuf>,
-    /// Server URL: `postgres://user:pw@host:5432/app` (postgres), or an
-    /// ADO.NET connection string / `sqlserver://` URL (sqlserver).
+    /// Server URL: `postgres://user:pw@host:5432/app` (postgres),
+    /// `mysql://user:pw@host:3306/app` (mysql), or an ADO.NET connection
+    /// string / `sqlserver://` URL (sqlserver).
     #[arg(long)]
     pub(crate) url: Option<String>,
 }
@@ -51,6 +54,7 @@ pub(crate) enum OpenedDriver {
     Postgres(shardlock::postgres::PgDriver),
     Sqlite(shardlock::sqlite::SqliteDriver),
     Sqlserver(shardlock::sqlserver::MssqlDriver),
+    Mysql(shardlock::mysql::MySqlDriver),
 }
 
 impl DriverArgs {
@@ -93,6 +97,23 @@ impl DriverArgs {
                 let driver = shardlock::sqlite::SqliteDriver::open(dir)
                     .with_context(|| format!("opening lock directory {}", dir.display()))?;
                 Ok(OpenedDriver::Sqlite(driver))
+            }
+            DriverKind::Mysql => {
+                let Some(url) = &self.url else {
+                    bail!("--driver mysql needs --url mysql://user:password@host:port/database");
+                };
+                let mut options =
+                    shardlock::mysql::MySqlOptions::parse(url).context("invalid --url")?;
+                // Named locks are server-wide; the mapping decides which
+                // database a session connects to (checkpoints live there).
+                options = if fixed_database {
+                    options.database_mapping(shardlock::mysql::DatabaseMapping::ConnectionString)
+                } else {
+                    options.database_mapping(shardlock::mysql::DatabaseMapping::SameServer)
+                };
+                Ok(OpenedDriver::Mysql(shardlock::mysql::MySqlDriver::new(
+                    options,
+                )))
             }
             DriverKind::Sqlserver => {
                 let Some(url) = &self.url else {
@@ -402,6 +423,7 @@ pub(crate) async fn run(args: NodeArgs) -> Result<()> {
         OpenedDriver::Postgres(d) => serve(d, distributor, agent, &args, settings).await,
         OpenedDriver::Sqlite(d) => serve(d, distributor, agent, &args, settings).await,
         OpenedDriver::Sqlserver(d) => serve(d, distributor, agent, &args, settings).await,
+        OpenedDriver::Mysql(d) => serve(d, distributor, agent, &args, settings).await,
     }
 }
 

@@ -20,7 +20,11 @@ pub(crate) struct StatusArgs {
     /// Lock directory of the sqlite driver.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// PostgreSQL server URL: lists the advisory locks of its database.
+    /// Server URL: `postgres://...` lists the advisory locks of its
+    /// database; `mysql://...` / `mariadb://...` the server's `GET_LOCK`
+    /// locks (from `performance_schema.metadata_locks` on MySQL 8,
+    /// `information_schema.METADATA_LOCK_INFO` on MariaDB with that plugin,
+    /// else `IS_USED_LOCK` over the names the nodes' distributors build).
     #[arg(long, conflicts_with = "dir")]
     url: Option<String>,
     /// Database id used in lock names (to name Postgres locks).
@@ -77,6 +81,9 @@ pub(crate) async fn run(args: StatusArgs) -> Result<()> {
                 .collect::<Vec<_>>()
         }
         None => match &args.url {
+            Some(url) if url.starts_with("mysql://") || url.starts_with("mariadb://") => {
+                mysql_rows(url, &names(&args, &group)?).await?
+            }
             Some(url) => postgres_rows(url, &names(&args, &group)?).await?,
             None => {
                 bail!("say where the locks live: --dir <lock directory> or --url postgres://...")
@@ -375,6 +382,154 @@ async fn postgres_rows(url: &str, names: &HashMap<i64, String>) -> Result<Vec<Ro
             since: UNIX_EPOCH + std::time::Duration::from_secs_f64(since.unwrap_or(0.0).max(0.0)),
         })
         .collect())
+}
+
+/// `GET_LOCK` locks of shardlock keys on the URL's server: where the server
+/// can list them (MySQL 8's `performance_schema.metadata_locks`, MariaDB's
+/// `METADATA_LOCK_INFO` plugin) every one, else the names in `names` whose
+/// `IS_USED_LOCK` answers a connection. Holders are named from the
+/// sessions' watcher labels in the processlist.
+async fn mysql_rows(url: &str, names: &HashMap<i64, String>) -> Result<Vec<Row>> {
+    use shardlock::mysql::sqlx::{self, Connection as _, Row as _};
+    use shardlock::mysql::{lock_name, MySqlCause, MySqlOptions};
+
+    let options = MySqlOptions::parse(url).context("invalid --url")?;
+    let mut conn = sqlx::MySqlConnection::connect_with(options.get_connect_options())
+        .await
+        .map_err(MySqlCause::from)
+        .with_context(|| format!("connecting to {}", redact(url)))?;
+    let version: String = sqlx::query_scalar("SELECT VERSION()")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(MySqlCause::from)
+        .context("reading VERSION()")?;
+    // Lock name -> (key id, key name) for the names the nodes would use.
+    let mut known: HashMap<String, (i64, String)> = HashMap::new();
+    for (id, name) in names {
+        if let Ok(key) = LockKey::new(name.clone()) {
+            known.insert(lock_name(&key), (*id, name.clone()));
+        }
+    }
+    // (lock name, connection id) of every held shardlock lock.
+    let listed: Option<Vec<(String, i64)>> = if version.to_ascii_lowercase().contains("mariadb") {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT TABLE_SCHEMA, CAST(THREAD_ID AS SIGNED) FROM information_schema.METADATA_LOCK_INFO
+              WHERE LOCK_TYPE = 'User lock' AND TABLE_SCHEMA LIKE 'shardlock:v1:%'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .ok()
+    } else {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT m.OBJECT_NAME, CAST(t.PROCESSLIST_ID AS SIGNED)
+               FROM performance_schema.metadata_locks m
+               JOIN performance_schema.threads t ON t.THREAD_ID = m.OWNER_THREAD_ID
+              WHERE m.OBJECT_TYPE = 'USER LEVEL LOCK' AND m.LOCK_STATUS = 'GRANTED'
+                AND m.OBJECT_NAME LIKE 'shardlock:v1:%'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .ok()
+    };
+    let held: Vec<(String, u64)> = match listed {
+        Some(held) => held.into_iter().map(|(n, id)| (n, id as u64)).collect(),
+        None => {
+            let lock_names: Vec<&String> = known.keys().collect();
+            let mut held = Vec::new();
+            for chunk in lock_names.chunks(1000) {
+                let columns: Vec<String> = chunk
+                    .iter()
+                    .map(|n| format!("IS_USED_LOCK({})", hex_literal(n)))
+                    .collect();
+                let sql = format!("SELECT {}", columns.join(", "));
+                let row = sqlx::query(&sql)
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(MySqlCause::from)
+                    .context("reading IS_USED_LOCK")?;
+                for (i, name) in chunk.iter().enumerate() {
+                    let owner: Option<i64> = row
+                        .try_get::<Option<i64>, _>(i)
+                        .map_err(MySqlCause::from)
+                        .context("reading IS_USED_LOCK")?;
+                    if let Some(owner) = owner {
+                        held.push(((*name).clone(), owner as u64));
+                    }
+                }
+            }
+            held
+        }
+    };
+    // Connection id -> (host, database, node label).
+    let processes: Vec<(i64, String, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT ID, HOST, DB, INFO FROM information_schema.PROCESSLIST")
+            .fetch_all(&mut conn)
+            .await
+            .map_err(MySqlCause::from)
+            .context("reading the processlist")?;
+    let _ = conn.close().await;
+    let mut nodes: HashMap<u64, String> = HashMap::new();
+    let mut hosts: HashMap<u64, (String, String)> = HashMap::new();
+    for (id, host, db, info) in processes {
+        hosts.insert(id as u64, (host, db.unwrap_or_default()));
+        if let Some(label) = info
+            .as_deref()
+            .and_then(|i| i.strip_prefix("/* shardlock:"))
+        {
+            let mut parts = label.split_whitespace();
+            let node = parts.next().unwrap_or_default().to_string();
+            let session = parts
+                .next()
+                .and_then(|p| p.strip_prefix("session="))
+                .and_then(|p| p.parse::<u64>().ok());
+            if let Some(session) = session {
+                nodes.insert(session, format!("shardlock:{node}"));
+            }
+        }
+    }
+    let now = SystemTime::now();
+    let mut rows: Vec<Row> = held
+        .into_iter()
+        .map(|(lock, owner)| {
+            let (id, name) = match known.get(&lock) {
+                Some((id, name)) => (*id, Some(name.clone())),
+                None => (id_of_lock_name(&lock), Some(lock.clone())),
+            };
+            let (client, database) = hosts.get(&owner).cloned().unwrap_or_default();
+            Row {
+                database,
+                lock_id: id,
+                name,
+                holder: nodes.get(&owner).cloned().unwrap_or_default(),
+                client,
+                pid: owner.to_string(),
+                since: now,
+            }
+        })
+        .collect();
+    rows.sort_by_key(|r| r.lock_id);
+    Ok(rows)
+}
+
+/// `_utf8mb4 X'<hex>'`: a MySQL string literal nothing can escape from.
+fn hex_literal(text: &str) -> String {
+    let hex: String = text.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("_utf8mb4 X'{hex}'")
+}
+
+/// The key id of a MySQL lock name: the `~<16 hex>` suffix of a hashed
+/// name, else the id of the name after `shardlock:v1:`.
+fn id_of_lock_name(lock: &str) -> i64 {
+    if let Some((_, hex)) = lock.rsplit_once('~') {
+        if hex.len() == 16 {
+            if let Ok(id) = u64::from_str_radix(hex, 16) {
+                return id as i64;
+            }
+        }
+    }
+    lock.strip_prefix(shardlock::KEY_SCHEME)
+        .and_then(|name| LockKey::new(name).ok())
+        .map_or(0, |key| key.id())
 }
 
 /// The URL without its password, for messages.

@@ -31,6 +31,10 @@ pub(crate) enum DemoDriver {
     /// (`--url`): one killed with SIGKILL, one stopped gracefully, one
     /// started mid-run.
     Postgres,
+    /// Real `shardlock node` processes on MySQL/MariaDB `GET_LOCK` named
+    /// locks (`--url mysql://...`): one killed with SIGKILL, one stopped
+    /// gracefully, one started mid-run.
+    Mysql,
 }
 
 /// How the demo's nodes share the shards.
@@ -73,7 +77,7 @@ pub(crate) struct DemoArgs {
     /// the output is not a terminal).
     #[arg(long)]
     pub(crate) plain: bool,
-    /// Server URL for `--driver postgres`.
+    /// Server URL for `--driver postgres` or `--driver mysql`.
     #[arg(long)]
     pub(crate) url: Option<String>,
     /// Keep the demo's working directory (node logs, records, lock
@@ -99,9 +103,15 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode> {
         DemoDriver::Memory => memory::run(&args).await,
         DemoDriver::Sqlite => processes::run(&args, None).await,
         DemoDriver::Postgres => match &args.url {
-            Some(url) => processes::run(&args, Some(url)).await,
+            Some(url) => processes::run(&args, Some(("postgres", url))).await,
             None => {
                 bail!("--driver postgres needs --url postgres://user:password@host:port/database")
+            }
+        },
+        DemoDriver::Mysql => match &args.url {
+            Some(url) => processes::run(&args, Some(("mysql", url))).await,
+            None => {
+                bail!("--driver mysql needs --url mysql://user:password@host:port/database")
             }
         },
     }

@@ -104,22 +104,19 @@ impl Spawner {
     }
 }
 
-pub(crate) async fn run(args: &DemoArgs, url: Option<&str>) -> Result<ExitCode> {
+/// `server`: the driver (`postgres`, `mysql`) and URL of a real server;
+/// `None`: a sqlite lock directory.
+pub(crate) async fn run(args: &DemoArgs, server: Option<(&str, &str)>) -> Result<ExitCode> {
     let plain = args.plain || !std::io::stdout().is_terminal();
     let work = std::env::temp_dir().join(format!("shardlock-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let (locks, records_dir) = (work.join("locks"), work.join("records"));
     std::fs::create_dir_all(&records_dir)
         .with_context(|| format!("creating {}", records_dir.display()))?;
-    let (driver_args, driver_label): (Vec<std::ffi::OsString>, String) = match url {
-        Some(url) => (
-            vec![
-                "--driver".into(),
-                "postgres".into(),
-                "--url".into(),
-                url.into(),
-            ],
-            "postgres".into(),
+    let (driver_args, driver_label): (Vec<std::ffi::OsString>, String) = match server {
+        Some((driver, url)) => (
+            vec!["--driver".into(), driver.into(), "--url".into(), url.into()],
+            driver.into(),
         ),
         None => (
             vec![
