@@ -62,8 +62,8 @@ mod scenarios;
 pub use balancing::*;
 pub use clauses::*;
 pub use harness::{
-    closed_port, skip, unique_keys, unique_name, until_waiting, within, Harness, Holder, SessionOf, Timings,
-    UNOBSERVED_WAIT,
+    closed_port, skip, unique_keys, unique_name, until_waiting, within, Harness, Holder, SessionOf,
+    Timings, UNOBSERVED_WAIT,
 };
 pub use projection::*;
 pub use recorder::{Recorder, RecordingAgent, ShardRun};
