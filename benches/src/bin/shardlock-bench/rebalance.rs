@@ -626,11 +626,11 @@ async fn graceful<D: Driver>(
         verdict: target.judge_duration(ours.p50()),
         note: None,
     };
-    row.note = Some(handoff_note(name, &row, &first, &raw, overlaps));
+    row.note = Some(handoff_note(name, &row, &first, overlaps));
     Ok(row)
 }
 
-fn handoff_note(driver: &str, row: &Row, first: &Samples, raw: &Samples, overlaps: u64) -> String {
+fn handoff_note(driver: &str, row: &Row, first: &Samples, overlaps: u64) -> String {
     let mut note = match driver {
         "memory" => "Coordinator handoff on memory (no target): the release and its \
             announcement are one call on the in-process server, which wakes the survivors' \
@@ -652,31 +652,30 @@ fn handoff_note(driver: &str, row: &Row, first: &Samples, raw: &Samples, overlap
              registry) would bring it to the memory row's level.",
             fmt_duration(shardlock_sqlite::RELEASE_HINT_BOUND)
         ),
-        _ => "Coordinator handoff on Postgres with the default poll (5 s): the stopping node \
-            unlocks with `pg_notify` in the same statement; each survivor's LISTEN connection \
-            gets the notification and the survivor cycles at once (verify, member probe from \
-            `pg_locks`, batched try-acquire: three round trips) and starts the sets without the \
-            takeover delay (the release was announced clean); with three nodes the survivor that \
-            won more than its new share of 6 gives the rest back (another NOTIFY) and the third \
-            node takes them in one more cycle. The raw column is one bare unlock → waiter \
-            handoff, the floor of a single hop."
-            .to_string(),
+        _ => format!(
+            "Coordinator handoff on Postgres with the default poll (5 s): the stopping node \
+             unlocks with `pg_notify` in the same statement and each survivor's LISTEN \
+             connection wakes it at once (so the poll does not show), but a hop is a full cycle \
+             of each survivor, not one round trip: verify and member probe each read `pg_locks` \
+             (a scan of every backend slot, about 0.4 ms here with max_connections = 400), then \
+             the batched try; the first hop overlaps the stopping node's three connections \
+             (session, watcher, listener) ending, a few milliseconds of work on the server's \
+             one CPU during which `pg_locks` reads wait; and with three nodes a second hop \
+             follows: the survivor whose try won more than its new share of 6 gives the rest \
+             back (another NOTIFY) and the third node takes them in one more cycle. First set \
+             running elsewhere (one hop): p50 {}; the raw column is one bare unlock → waiter \
+             handoff. A lighter cycle on a wake-up (one `pg_locks` read for verify and probe \
+             together, or trying the announced keys first) would shorten every hop.",
+            p50_text(first)
+        ),
     };
     if row.verdict == shardlock_benches::Verdict::Missed {
-        note.push_str(&format!(
-            " Missed: a run the announcement did not wake waited for the next poll (see the \
-             wake-up count in the setup column); otherwise the first hop alone (first set \
-             running elsewhere) took p50 {} against p50 {} for the bare raw handoff. A hop is the \
-             NOTIFY's delivery and a full cycle of each survivor: verify and probe each read \
-             `pg_locks`, then the batched try (three round trips), while the server is ending the \
-             stopping node's three backends (session, watcher, listener) and the client runs all \
-             the nodes on the harness's one thread; on this shared 2-core machine every blocking \
-             round trip can also wait for a CPU slice, so compare with a quieter run before \
-             reading it as the library's cost. One `pg_locks` read per cycle (the probe folded \
-             into the verify) or trying the announced keys at once would shorten a hop.",
-            p50_text(first),
-            p50_text(raw)
-        ));
+        note.push_str(
+            " Missed: check the wake-up count in the setup column first (a run not woken \
+             waited for the next poll); otherwise it is the hops above, stretched by whatever \
+             else runs on this shared 2-core machine (see the load average in the setup \
+             column).",
+        );
     }
     if overlaps > 0 {
         note.push_str(&format!(
