@@ -23,7 +23,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use shardlock_benches::{fmt_duration, RawMemoryLocks, RawPg, RawSqlite, Row, Samples, Target};
+use shardlock_benches::{
+    fmt_duration, RawMemoryLocks, RawPg, RawSqlite, Row, Samples, Target, Verdict,
+};
 use shardlock_core::{
     Agent, AgentContext, AgentError, Capabilities, Coordinator, CoordinatorHandle, DatabaseId,
     Driver, LockKey, NodeId, ShardId, Support,
@@ -626,11 +628,17 @@ async fn graceful<D: Driver>(
         verdict: target.judge_duration(ours.p50()),
         note: None,
     };
-    row.note = Some(handoff_note(name, &row, &first, overlaps));
+    row.note = Some(handoff_note(name, &row, ours.p50(), &first, overlaps));
     Ok(row)
 }
 
-fn handoff_note(driver: &str, row: &Row, first: &Samples, overlaps: u64) -> String {
+fn handoff_note(
+    driver: &str,
+    row: &Row,
+    p50: Option<Duration>,
+    first: &Samples,
+    overlaps: u64,
+) -> String {
     let mut note = match driver {
         "memory" => "Coordinator handoff on memory (no target): the release and its \
             announcement are one call on the in-process server, which wakes the survivors' \
@@ -669,7 +677,17 @@ fn handoff_note(driver: &str, row: &Row, first: &Samples, overlaps: u64) -> Stri
             p50_text(first)
         ),
     };
-    if row.verdict == shardlock_benches::Verdict::Missed {
+    let close_call = match (row.target, row.verdict, p50) {
+        (Target::AtMost(max), Verdict::Met, Some(p50)) => p50 > max.mul_f64(0.9),
+        _ => false,
+    };
+    if close_call {
+        note.push_str(
+            " Met with little margin (p50 within 10 % of the target): more load on this shared \
+             machine can tip it; the first hop is the part to shrink.",
+        );
+    }
+    if row.verdict == Verdict::Missed {
         note.push_str(
             " Missed: check the wake-up count in the setup column first (a run not woken \
              waited for the next poll); otherwise it is the hops above, stretched by whatever \
@@ -1040,7 +1058,7 @@ async fn join<D: Driver>(
         raw: p50_max(&raw),
         ratio: ratio_of(&ours, &raw),
         target: Target::None,
-        verdict: shardlock_benches::Verdict::NoTarget,
+        verdict: Verdict::NoTarget,
         note: Some(join_note(name, driver.capabilities(), &raw, overlaps)),
     };
     let (moved, started, window_cycles, fair) = stable.unwrap_or((0, 0, 0, false));
@@ -1064,7 +1082,7 @@ async fn join<D: Driver>(
         verdict: target.judge_count(Some((moved + started) as f64)),
         note: None,
     };
-    if stable_row.verdict == shardlock_benches::Verdict::Missed || !fair {
+    if stable_row.verdict == Verdict::Missed || !fair {
         stable_row.note = Some(format!(
             "A settled cluster moved sets or restarted agents within {} on {name}: the \
              hysteresis (surplus released only once seen on 2 cycles in a row) or the member \
