@@ -189,6 +189,7 @@ impl Driver for PgDriver {
         Capabilities::none()
             .with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
             .with_release_hint(Support::Native)
+            .with_probe(Support::Native)
     }
 
     /// [`PgOptions::connect_timeout`] (10 s by default): the coordinator

@@ -828,6 +828,11 @@ async fn probe_answers_from_pg_locks_in_one_round_trip_and_takes_nothing() {
 async fn announced_release_reaches_other_sessions_in_one_round_trip() {
     let Some(h) = harness().await else { return };
     assert_eq!(h.driver().capabilities().release_hint, Support::Native);
+    assert_eq!(
+        h.driver().capabilities().probe,
+        Support::Native,
+        "the probe reads pg_locks and takes nothing"
+    );
     let keys = unique_keys("announce", 3);
     let (k1, k2, marker) = (keys[0].clone(), keys[1].clone(), keys[2].clone());
     let mut a = open(&h, &unique_name("announce-a")).await;

@@ -831,7 +831,13 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             if self.balance.above >= balancing.settle_cycles.max(1) {
                 let surplus = (held - share).min(balancing.max_moves_per_cycle);
                 self.release_surplus(surplus, share).await;
-                self.balance.hurry |= held - surplus > share;
+                let left = held - surplus > share;
+                self.balance.hurry |= left;
+                if !left {
+                    // Settled: a later surplus must be seen anew on
+                    // `settle_cycles` cycles before anything moves.
+                    self.balance.above = 0;
+                }
             } else {
                 debug!(
                     held,
