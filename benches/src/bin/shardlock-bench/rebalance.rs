@@ -663,17 +663,17 @@ fn handoff_note(
         _ => format!(
             "Coordinator handoff on Postgres with the default poll (5 s): the stopping node \
              unlocks with `pg_notify` in the same statement and each survivor's LISTEN \
-             connection wakes it at once (so the poll does not show), but a hop is a full cycle \
-             of each survivor, not one round trip: verify and member probe each read `pg_locks` \
-             (a scan of every backend slot, about 0.4 ms here with max_connections = 400), then \
-             the batched try; the first hop overlaps the stopping node's three connections \
-             (session, watcher, listener) ending, a few milliseconds of work on the server's \
-             one CPU during which `pg_locks` reads wait; and with three nodes a second hop \
-             follows: the survivor whose try won more than its new share of 6 gives the rest \
-             back (another NOTIFY) and the third node takes them in one more cycle. First set \
-             running elsewhere (one hop): p50 {}; the raw column is one bare unlock → waiter \
-             handoff. A lighter cycle on a wake-up (one `pg_locks` read for verify and probe \
-             together, or trying the announced keys first) would shorten every hop.",
+             connection wakes it at once (so the poll does not show), but a hop is a cycle of each \
+             survivor, not one round trip: a woken survivor skips its verify (one ran within the \
+             poll), reads `pg_locks` once for the member probe (a scan of every backend slot, \
+             about 0.4 ms here with max_connections = 400), then sends the batched try; the \
+             first hop overlaps the stopping node's three connections (session, watcher, \
+             listener) ending, a few milliseconds of work on the server's one CPU during which \
+             `pg_locks` reads wait; and with three nodes a second hop follows: the survivor whose \
+             try won more than its new share of 6 gives the rest back (another NOTIFY) and the \
+             third node takes them in one more cycle. First set running elsewhere (one hop): p50 \
+             {}; the raw column is one bare unlock → waiter handoff. Trying the announced keys \
+             first (without the probe) would shorten every hop further.",
             p50_text(first)
         ),
     };
