@@ -480,9 +480,18 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         if departed.is_empty() {
             return;
         }
+        for set in self.retire(departed).await {
+            info!(key = %set.key, database = %set.database, "set left the distribution: agents stopped");
+        }
+    }
+
+    /// Stops the agents of the owned sets `keys` **then** releases the held
+    /// ones, announced, each marked clean when its agents had been allowed
+    /// to start (see [`Owned::clean`]). Answers the sets that left.
+    async fn retire(&mut self, keys: Vec<LockKey>) -> Vec<LockSet> {
         let mut leaving = Vec::new();
         let mut stopping = Vec::new();
-        for key in departed {
+        for key in keys {
             if let Some(owned) = self.owned.remove(&key) {
                 stopping.push(owned.agents);
                 leaving.push((owned.set, owned.held, owned.clean_from));
@@ -490,19 +499,21 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
         stop_all(stopping, self.config.stop_timeout).await;
         let mut by_db: HashMap<DatabaseId, Vec<(LockKey, bool)>> = HashMap::new();
+        let mut sets = Vec::with_capacity(leaving.len());
         for (set, held, clean_from) in leaving {
-            info!(key = %set.key, database = %set.database, "set left the distribution: agents stopped");
             if held {
                 let clean = Instant::now() >= clean_from;
                 by_db
-                    .entry(set.database)
+                    .entry(set.database.clone())
                     .or_default()
-                    .push((set.key, clean));
+                    .push((set.key.clone(), clean));
             }
+            sets.push(set);
         }
         for (db, keys) in by_db {
             self.release_keys(&db, &keys).await;
         }
+        sets
     }
 
     /// Releases `keys` in `db` in one call (one round trip where the driver
@@ -918,33 +929,16 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             .map(|(k, o)| (o.since, k.clone()))
             .collect();
         candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
-        let mut leaving = Vec::new();
-        let mut stopping = Vec::new();
-        for (_, key) in candidates.into_iter().take(count) {
-            if let Some(owned) = self.owned.remove(&key) {
-                stopping.push(owned.agents);
-                leaving.push((owned.set, owned.clean_from));
-            }
-        }
-        stop_all(stopping, self.config.stop_timeout).await;
-        let mut by_db: HashMap<DatabaseId, Vec<(LockKey, bool)>> = HashMap::new();
-        for (set, clean_from) in leaving {
-            by_db
-                .entry(set.database)
-                .or_default()
-                .push((set.key, Instant::now() >= clean_from));
-        }
-        let moved: usize = by_db.values().map(Vec::len).sum();
+        let keys: Vec<LockKey> = candidates.into_iter().take(count).map(|(_, k)| k).collect();
+        let moved = keys.len();
         info!(
             moved,
             share,
             members = self.balance.members,
-            "above fair share: agents stopped, releasing surplus sets"
+            "above fair share: stopping agents, releasing surplus sets"
         );
         self.balance.moves += moved as u64;
-        for (db, keys) in by_db {
-            self.release_keys(&db, &keys).await;
-        }
+        self.retire(keys).await;
     }
 
     /// One line per cycle, not one per lock: 10,000 sets must not mean
