@@ -56,7 +56,7 @@ pub use projection::{
     ProjectionAgent, ProjectionBackend, ProjectionError, ProjectionOptions, ProjectionRunner,
     Projector, ProjectorCoordinator, DEFAULT_LEAD_POLL,
 };
-pub use signals::SessionSignals;
+pub use signals::{SessionSignals, WatchGuard};
 
 /// Re-exported so agents and drivers name the same token type.
 pub use tokio_util::sync::CancellationToken;

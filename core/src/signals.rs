@@ -101,9 +101,75 @@ impl fmt::Debug for SessionSignals {
     }
 }
 
+/// Held by a driver's watching task: fires the loss signal if the task ends
+/// (e.g. its runtime shuts down) before it was stopped or had fired, so an
+/// unwatched session never passes for a healthy one.
+#[derive(Debug)]
+pub struct WatchGuard {
+    signals: SessionSignals,
+    stop: CancellationToken,
+    vanished: String,
+    armed: bool,
+}
+
+impl WatchGuard {
+    /// Guards `signals` until `stop` fires; `vanished` is the reason given
+    /// if the watching task ends unstopped.
+    pub fn new(signals: SessionSignals, stop: CancellationToken, vanished: String) -> Self {
+        Self {
+            signals,
+            stop,
+            vanished,
+            armed: true,
+        }
+    }
+
+    /// Fires the loss signal with `reason`, unless the watch was stopped;
+    /// disarms the guard either way.
+    pub fn fire(&mut self, reason: String) {
+        self.armed = false;
+        if !self.stop.is_cancelled() {
+            self.signals.fire_lost(reason);
+        }
+    }
+
+    /// Ends the watch without firing (the watcher was stopped on purpose).
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        if self.armed && !self.stop.is_cancelled() {
+            self.signals.fire_lost(std::mem::take(&mut self.vanished));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unstopped_watch_that_vanishes_fires() {
+        let signals = SessionSignals::new();
+        let stop = CancellationToken::new();
+        drop(WatchGuard::new(
+            signals.clone(),
+            stop.clone(),
+            "watcher of 42 gone".into(),
+        ));
+        assert!(signals.is_lost());
+        assert!(signals.reason().unwrap_or_default().contains("42"));
+
+        let quiet = SessionSignals::new();
+        stop.cancel();
+        let mut guard = WatchGuard::new(quiet.clone(), stop, "gone".into());
+        guard.fire("granted".into());
+        drop(guard);
+        assert!(!quiet.is_lost(), "a stopped watch never fires");
+    }
 
     #[test]
     fn fires_once_and_keeps_the_first_reason() {

@@ -31,7 +31,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use shardlock_core::{CancellationToken, SessionSignals};
+use shardlock_core::{CancellationToken, SessionSignals, WatchGuard};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{Connection, Executor, Row};
 use tokio::runtime::Handle;
@@ -106,36 +106,6 @@ impl fmt::Debug for Watcher {
     }
 }
 
-/// Fires `lost` if the task is dropped before it finished and nobody
-/// stopped it: an unwatched session must not pass for a healthy one.
-struct Armed {
-    signals: SessionSignals,
-    stop: CancellationToken,
-    main_id: u64,
-    armed: bool,
-}
-
-impl Armed {
-    fn fire(&mut self, reason: String) {
-        self.armed = false;
-        if !self.stop.is_cancelled() {
-            self.signals.fire_lost(reason);
-        }
-    }
-}
-
-impl Drop for Armed {
-    fn drop(&mut self) {
-        if self.armed && !self.stop.is_cancelled() {
-            self.signals.fire_lost(format!(
-                "the task watching connection {} stopped (its runtime shut down), so the end of \
-                 the session can no longer be seen",
-                self.main_id
-            ));
-        }
-    }
-}
-
 /// The watching task: waits in `GET_LOCK(liveness)` until the main
 /// connection ends (granted), the watcher's connection fails, or `stop`.
 async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToken) {
@@ -146,12 +116,11 @@ async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToke
         liveness,
         node,
     } = watched;
-    let mut armed = Armed {
+    let mut armed = WatchGuard::new(
         signals,
-        stop: stop.clone(),
-        main_id,
-        armed: true,
-    };
+        stop.clone(),
+        format!("the task watching connection {main_id} stopped (its runtime shut down), so the end of the session can no longer be seen"),
+    );
     let statement = sql::watch(&node, main_id, &liveness);
     loop {
         let result = {
@@ -165,7 +134,7 @@ async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToke
         let Some(result) = result else {
             // Stopped: the session closes; dropping the connection ends the
             // watcher's server thread once the liveness lock is freed.
-            armed.armed = false;
+            armed.disarm();
             debug!(main_id, connection_id, "watcher stopped");
             return;
         };

@@ -39,7 +39,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use shardlock_core::{CancellationToken, DatabaseId, NodeId, SessionSignals};
+use shardlock_core::{CancellationToken, DatabaseId, NodeId, SessionSignals, WatchGuard};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tokio::runtime::Handle;
@@ -148,36 +148,6 @@ impl fmt::Debug for Watcher {
     }
 }
 
-/// Fires `lost` if the task is dropped before it finished and nobody
-/// stopped it: an unwatched session must not pass for a healthy one.
-struct Armed {
-    signals: SessionSignals,
-    stop: CancellationToken,
-    main_pid: i32,
-    armed: bool,
-}
-
-impl Armed {
-    fn fire(&mut self, reason: String) {
-        self.armed = false;
-        if !self.stop.is_cancelled() {
-            self.signals.fire_lost(reason);
-        }
-    }
-}
-
-impl Drop for Armed {
-    fn drop(&mut self) {
-        if self.armed && !self.stop.is_cancelled() {
-            self.signals.fire_lost(format!(
-                "the task watching backend {} stopped (its runtime shut down), so the end of the \
-                 session can no longer be seen",
-                self.main_pid
-            ));
-        }
-    }
-}
-
 /// The watching task: waits in `pg_advisory_lock(liveness)` until the main
 /// backend ends (granted), the watcher's connection fails, or `stop`.
 async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToken) {
@@ -188,12 +158,11 @@ async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToke
         liveness,
         database,
     } = watched;
-    let mut armed = Armed {
+    let mut armed = WatchGuard::new(
         signals,
-        stop: stop.clone(),
-        main_pid,
-        armed: true,
-    };
+        stop.clone(),
+        format!("the task watching backend {main_pid} stopped (its runtime shut down), so the end of the session can no longer be seen"),
+    );
     let result = {
         let wait = sqlx::query(sql::WATCH_LIVENESS)
             .bind(liveness.hi)
@@ -206,13 +175,13 @@ async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToke
         }
     };
     let Some(result) = result else {
-        armed.armed = false;
+        armed.disarm();
         debug!(%database, main_pid, watcher_pid = pid, "session watcher stopped");
         return;
     };
     if stop.is_cancelled() {
         // The session is closing and freed the lock itself.
-        armed.armed = false;
+        armed.disarm();
         return;
     }
     match result {
@@ -246,31 +215,5 @@ mod tests {
         assert_eq!(distinct.len(), keys.len(), "no repeats in 1,000 draws");
         let his: std::collections::HashSet<_> = keys.iter().map(|k| k.hi).collect();
         assert!(his.len() > 900, "both halves vary: {}", his.len());
-    }
-
-    #[test]
-    fn an_unstopped_watcher_that_vanishes_fires() {
-        let signals = SessionSignals::new();
-        let stop = CancellationToken::new();
-        drop(Armed {
-            signals: signals.clone(),
-            stop: stop.clone(),
-            main_pid: 42,
-            armed: true,
-        });
-        assert!(signals.is_lost());
-        assert!(signals.reason().unwrap_or_default().contains("42"));
-
-        let quiet = SessionSignals::new();
-        stop.cancel();
-        let mut armed = Armed {
-            signals: quiet.clone(),
-            stop,
-            main_pid: 42,
-            armed: true,
-        };
-        armed.fire("granted".into());
-        drop(armed);
-        assert!(!quiet.is_lost(), "a stopped watcher never fires");
     }
 }
