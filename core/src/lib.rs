@@ -31,6 +31,7 @@ mod lock_set;
 mod mapping;
 mod projection;
 mod signals;
+pub mod wait;
 
 pub use agent::{Agent, AgentContext, AgentError};
 pub use balancing::{fair_share, Balancing};
