@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardlock_core::{DriverError, ErrorKind, SessionSignals};
-use tiberius::{Client, Query, Row, SqlBrowser};
+use tiberius::{Client, ColumnData, Query, Row, SqlBrowser};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -84,6 +84,33 @@ pub(crate) trait Wire: Send + 'static {
 
     /// Closes the connection gracefully.
     fn close(self) -> impl Future<Output = Result<(), tiberius::error::Error>> + Send;
+
+    /// Runs `sql` as a plain batch (no parameters, not through
+    /// `sp_executesql`, so `SET` options and an opened transaction outlive
+    /// it), draining its results.
+    fn plain(
+        &mut self,
+        sql: &str,
+    ) -> impl Future<Output = Result<(), tiberius::error::Error>> + Send;
+
+    /// Runs one statement of a fenced transaction with its parameters
+    /// (`@P1`, ...): the rows of its first result set when `rows`, else the
+    /// rows it affected.
+    fn statement(
+        &mut self,
+        sql: &str,
+        params: Vec<ColumnData<'static>>,
+        rows: bool,
+    ) -> impl Future<Output = Result<Statement, tiberius::error::Error>> + Send;
+}
+
+/// What a statement of a fenced transaction answered.
+#[derive(Debug, Default)]
+pub(crate) struct Statement {
+    /// The rows of its first result set (for a query).
+    pub(crate) rows: Vec<Row>,
+    /// The rows it affected (for an `execute`).
+    pub(crate) affected: u64,
 }
 
 impl<S> Wire for Client<Compat<S>>
@@ -103,6 +130,33 @@ where
 
     async fn close(self) -> Result<(), tiberius::error::Error> {
         Client::close(self).await
+    }
+
+    async fn plain(&mut self, sql: &str) -> Result<(), tiberius::error::Error> {
+        self.simple_query(sql).await?.into_results().await?;
+        Ok(())
+    }
+
+    async fn statement(
+        &mut self,
+        sql: &str,
+        params: Vec<ColumnData<'static>>,
+        rows: bool,
+    ) -> Result<Statement, tiberius::error::Error> {
+        let mut query = Query::new(sql.to_string());
+        for param in params {
+            query.bind(param);
+        }
+        if rows {
+            let rows = query.query(self).await?.into_first_result().await?;
+            Ok(Statement { rows, affected: 0 })
+        } else {
+            let affected = query.execute(self).await?.total();
+            Ok(Statement {
+                rows: Vec::new(),
+                affected,
+            })
+        }
     }
 }
 
@@ -351,6 +405,22 @@ pub(crate) enum Op {
     Verify(Vec<String>),
     /// Release these, then close the connection.
     Close(Vec<String>),
+    /// Opens a fenced transaction ([`sql::BEGIN_FENCED`]).
+    Begin,
+    /// One statement inside the fenced transaction.
+    Statement {
+        /// The T-SQL text, parameters as `@P1`, ...
+        sql: String,
+        /// The parameters, owned.
+        params: Vec<ColumnData<'static>>,
+        /// Whether the caller wants rows (a query) or a count (an execute).
+        rows: bool,
+    },
+    /// Commits the fenced transaction ([`sql::COMMIT_FENCED`]).
+    Commit,
+    /// Rolls the fenced transaction back, if one is open
+    /// ([`sql::ROLLBACK_FENCED`]).
+    Rollback,
 }
 
 impl Op {
@@ -361,6 +431,10 @@ impl Op {
             Self::Release(_) => "release",
             Self::Verify(_) => "verify",
             Self::Close(_) => "close",
+            Self::Begin => "begin a fenced transaction",
+            Self::Statement { .. } => "a statement of a fenced transaction",
+            Self::Commit => "commit a fenced transaction",
+            Self::Rollback => "roll back a fenced transaction",
         }
     }
 }
@@ -388,6 +462,10 @@ pub(crate) enum Reply {
     },
     /// The connection is closed.
     Closed,
+    /// A transaction batch ran (begin, commit, rollback).
+    Done,
+    /// A statement of a fenced transaction ran.
+    Statement(Statement),
 }
 
 type Answer = Result<Reply, MssqlError>;
@@ -474,6 +552,15 @@ impl Connection {
             operation,
             source: None,
         }))
+    }
+
+    /// Queues `op` without waiting for its answer: it runs before anything
+    /// sent later (the rollback of a fenced transaction dropped unfinished).
+    /// A failure that breaks the connection still fires the loss signal.
+    pub(crate) fn send_detached(&self, op: Op) {
+        let (reply, _answer) = oneshot::channel();
+        // A closed task has closed the connection: the server rolled back.
+        let _ = self.tx.send(Request::Op(op, reply));
     }
 }
 
@@ -689,7 +776,43 @@ impl Task {
                 }
                 Ok(Reply::Closed)
             }
+            Op::Begin => {
+                self.control(client, sql::BEGIN_FENCED, "begin a fenced transaction")
+                    .await
+            }
+            Op::Commit => {
+                self.control(client, sql::COMMIT_FENCED, "commit a fenced transaction")
+                    .await
+            }
+            Op::Rollback => {
+                self.control(
+                    client,
+                    sql::ROLLBACK_FENCED,
+                    "roll back a fenced transaction",
+                )
+                .await
+            }
+            Op::Statement { sql, params, rows } => {
+                const OP: &str = "a statement of a fenced transaction";
+                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                client
+                    .statement(&sql, params, rows)
+                    .await
+                    .map(Reply::Statement)
+                    .map_err(|e| MssqlError::from_query(OP, e))
+            }
         }
+    }
+
+    /// Runs a fenced transaction's control batch (no parameters, no user
+    /// data). A failure is a query error unless the connection is gone.
+    async fn control<W: Wire>(&self, client: &mut W, sql: &str, operation: &'static str) -> Answer {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        client
+            .plain(sql)
+            .await
+            .map(|()| Reply::Done)
+            .map_err(|e| MssqlError::from_query(operation, e))
     }
 
     /// Runs one batch (one round trip) and classifies its failure.

@@ -272,6 +272,16 @@ pub enum MssqlError {
         failure: AppLockFailure,
     },
 
+    /// A session-fenced transaction can no longer commit: one of its
+    /// statements failed (the server rolled the whole transaction back,
+    /// `XACT_ABORT ON`) or was abandoned while running. Nothing was
+    /// committed; the session and its locks are unaffected.
+    #[error("the fenced transaction cannot commit: {reason}")]
+    TransactionAborted {
+        /// What happened.
+        reason: String,
+    },
+
     /// A result did not have the expected shape (row count, order, types).
     #[error("unexpected result from {operation}: {detail}")]
     UnexpectedResult {
@@ -327,6 +337,7 @@ impl MssqlError {
             | Self::LockStateUnknown { source, .. }
             | Self::Query { source, .. } => Some(source),
             Self::ConnectTimeout { .. }
+            | Self::TransactionAborted { .. }
             | Self::LockRequest { .. }
             | Self::Release { .. }
             | Self::UnexpectedResult { .. } => None,
@@ -363,7 +374,8 @@ impl MssqlError {
 /// | [`InvalidConnectionString`](MssqlError::InvalidConnectionString), [`LoginFailed`](MssqlError::LoginFailed) (18456, 18452), [`DatabaseUnavailable`](MssqlError::DatabaseUnavailable) (4060, 911), [`NotSqlServer`](MssqlError::NotSqlServer) | configuration | retrying fails the same way until someone changes a setting |
 /// | [`Handshake`](MssqlError::Handshake) | configuration, or session-fatal when the socket failed during it | TLS settings or a peer that is not SQL Server are configuration; a reset is a connection failure |
 /// | [`LockRequest`](MssqlError::LockRequest) (-2 cancelled, -3 deadlock victim, -999) | other | the key was not granted and nothing else changed: a session-owned application lock taken outside a transaction has no transaction to roll back, so the session keeps every lock it held |
-/// | [`Query`](MssqlError::Query) | other | a read-only query failed; `verify` reports it as a loss itself |
+/// | [`Query`](MssqlError::Query) | other | a read-only query (or a statement of a fenced transaction) failed; `verify` reports it as a loss itself |
+/// | [`TransactionAborted`](MssqlError::TransactionAborted) | other | a fenced transaction cannot commit; the session and its locks are untouched |
 impl DriverError for MssqlError {
     fn driver(&self) -> &'static str {
         DRIVER
@@ -388,7 +400,9 @@ impl DriverError for MssqlError {
                     ErrorKind::Config
                 }
             }
-            Self::LockRequest { .. } | Self::Query { .. } => ErrorKind::Other,
+            Self::LockRequest { .. } | Self::Query { .. } | Self::TransactionAborted { .. } => {
+                ErrorKind::Other
+            }
         }
     }
 }

@@ -79,6 +79,10 @@ struct State {
     hang_up: HashMap<i32, oneshot::Sender<Vec<u8>>>,
     /// Requests waiting server-side, per resource.
     waiting: HashMap<String, usize>,
+    /// Fenced-transaction batches per connection, in order (`begin`,
+    /// `commit`, `rollback`, or the statement's text): logged, not
+    /// interpreted.
+    transactions: HashMap<i32, Vec<String>>,
 }
 
 impl FakeServer {
@@ -163,6 +167,15 @@ impl FakeServer {
     /// How many requests wait server-side for `resource`.
     pub(crate) fn waiters(&self, resource: &str) -> usize {
         self.lock().waiting.get(resource).copied().unwrap_or(0)
+    }
+
+    /// The fenced-transaction batches `spid` sent, in order.
+    pub(crate) fn transaction_log(&self, spid: i32) -> Vec<String> {
+        self.lock()
+            .transactions
+            .get(&spid)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub(crate) fn batches(&self, kind: &str) -> usize {
@@ -477,6 +490,64 @@ impl Wire for FakeWire {
             self.server.inner.freed.notify_waiters();
         }
         Ok(rows)
+    }
+
+    /// Fenced-transaction control batches are recognised and logged only:
+    /// the fake proves their order and the plumbing, not the T-SQL.
+    async fn plain(&mut self, sql: &str) -> Result<(), tiberius::error::Error> {
+        let dead = self.is_dead(&self.server.lock());
+        if dead {
+            return Err(self.killed().await);
+        }
+        let kind = if sql == sql::BEGIN_FENCED {
+            "begin"
+        } else if sql == sql::COMMIT_FENCED {
+            "commit"
+        } else if sql == sql::ROLLBACK_FENCED {
+            "rollback"
+        } else {
+            return Err(tiberius::error::Error::Protocol(
+                format!("fake server: unknown plain batch {sql}").into(),
+            ));
+        };
+        self.count(kind);
+        let mut state = self.server.lock();
+        state
+            .transactions
+            .entry(self.spid)
+            .or_default()
+            .push(kind.to_string());
+        Ok(())
+    }
+
+    /// A statement is logged; one whose text contains `fail` fails as a
+    /// statement error would (the connection stays usable).
+    async fn statement(
+        &mut self,
+        sql: &str,
+        _params: Vec<ColumnData<'static>>,
+        _rows: bool,
+    ) -> Result<crate::connection::Statement, tiberius::error::Error> {
+        let dead = self.is_dead(&self.server.lock());
+        if dead {
+            return Err(self.killed().await);
+        }
+        self.count("statement");
+        self.server
+            .lock()
+            .transactions
+            .entry(self.spid)
+            .or_default()
+            .push(sql.to_string());
+        if sql.contains("fail") {
+            return Err(tiberius::error::Error::Conversion(
+                "injected statement failure".into(),
+            ));
+        }
+        Ok(crate::connection::Statement {
+            rows: Vec::new(),
+            affected: 1,
+        })
     }
 
     async fn close(mut self) -> Result<(), tiberius::error::Error> {
@@ -1107,5 +1178,112 @@ mod tests {
             "waited over more than one slice"
         );
         assert_eq!(b.held(), vec![k]);
+    }
+
+    /// The fenced transaction's plumbing (not its T-SQL): begin, statements
+    /// and commit run in order on the session's own connection; a dropped
+    /// transaction queues its rollback ahead of the next request; a failed
+    /// statement makes commit roll back instead; the session keeps its
+    /// locks throughout.
+    #[tokio::test]
+    async fn fenced_transactions_run_on_the_sessions_connection_in_order() {
+        let (driver, db) = setup(KeyList::Json);
+        let mut a = driver.open(&db);
+        let k = key("leader");
+        assert!(a.try_acquire(std::slice::from_ref(&k)).await.unwrap()[0]);
+        let spid = a.spid();
+        let mut tx = a.transaction().await.unwrap();
+        assert_eq!(tx.spid(), spid);
+        assert_eq!(
+            tx.execute("INSERT INTO fx VALUES (@P1)", &[&1i64])
+                .await
+                .unwrap(),
+            1
+        );
+        tx.commit().await.unwrap();
+        assert_eq!(
+            driver.server.transaction_log(spid),
+            vec!["begin", "INSERT INTO fx VALUES (@P1)", "commit"]
+        );
+
+        // Dropped unfinished: the rollback runs before the next request.
+        {
+            let mut tx = a.transaction().await.unwrap();
+            tx.execute("INSERT INTO fx VALUES (2)", &[]).await.unwrap();
+        }
+        a.verify().await.unwrap();
+        assert_eq!(
+            driver.server.transaction_log(spid)[3..],
+            ["begin", "INSERT INTO fx VALUES (2)", "rollback"]
+        );
+
+        // A failed statement: later ones are refused without a round trip,
+        // and commit rolls back instead, leaving the session sound.
+        let mut tx = a.transaction().await.unwrap();
+        let failed = tx.execute("fail here", &[]).await.unwrap_err();
+        assert!(!failed.is_session_fatal(), "{failed:?}");
+        let refused = tx.execute("INSERT INTO fx VALUES (3)", &[]).await;
+        assert!(
+            matches!(
+                refused.as_ref().map_err(driver_error),
+                Err(Some(MssqlError::TransactionAborted { .. }))
+            ),
+            "{refused:?}"
+        );
+        let e = tx.commit().await.unwrap_err();
+        assert!(
+            matches!(
+                driver_error(&e),
+                Some(MssqlError::TransactionAborted { .. })
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            driver.server.transaction_log(spid)[6..],
+            ["begin", "fail here", "rollback"]
+        );
+        a.verify()
+            .await
+            .expect("the session and its lock are intact");
+        assert_eq!(driver.server.holder(&resource(&k)).map(|h| h.0), Some(spid));
+        a.close().await.unwrap();
+    }
+
+    /// A killed session cannot commit: once its loss signal fired the
+    /// commit is refused without being sent; sent anyway (before the
+    /// signal), it fails as a lost connection. Nothing reaches the server's
+    /// log as committed.
+    #[tokio::test]
+    async fn a_killed_session_cannot_commit_its_fenced_transaction() {
+        for wait_for_signal in [true, false] {
+            let (driver, db) = setup(KeyList::Json);
+            let mut a = driver.open(&db);
+            let signals = a.signals();
+            let spid = a.spid();
+            let mut tx = a.transaction().await.unwrap();
+            tx.execute("INSERT INTO fx VALUES (1)", &[]).await.unwrap();
+            driver.server.kill(spid);
+            if wait_for_signal {
+                tokio::time::timeout(Duration::from_secs(5), signals.lost().cancelled())
+                    .await
+                    .expect("the loss signal fires");
+            }
+            let e = tx.commit().await.unwrap_err();
+            assert!(
+                matches!(e, Error::SessionLost { .. }),
+                "waited {wait_for_signal}: {e:?}"
+            );
+            assert!(
+                !driver
+                    .server
+                    .transaction_log(spid)
+                    .contains(&"commit".to_string()),
+                "waited {wait_for_signal}: a commit ran on a killed session"
+            );
+            assert!(matches!(
+                a.transaction().await,
+                Err(Error::SessionLost { .. })
+            ));
+        }
     }
 }

@@ -162,19 +162,23 @@
 
 #![doc(test(attr(deny(warnings))))]
 
+mod checkpoints;
 mod connection;
 mod driver;
 mod error;
 #[cfg(test)]
 mod fake;
+mod fenced;
 mod options;
 mod session;
 mod sql;
 mod watch;
 
+pub use checkpoints::{MssqlCheckpoints, MAX_SUBSCRIPTION_NAME};
 pub use connection::TdsClient;
 pub use driver::MssqlDriver;
 pub use error::{AppLockFailure, MssqlError};
+pub use fenced::{MssqlExecutor, MssqlTransaction};
 pub use options::{
     MssqlOptions, DEFAULT_ACQUIRE_SLICE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LOSS_SIGNAL_BOUND,
     DEFAULT_SERVER_KEEPALIVE,
@@ -205,4 +209,63 @@ pub use tiberius;
 /// ```
 pub fn resource_name(key: &shardlock_core::LockKey) -> String {
     sql::resource_name(key)
+}
+
+/// How many characters of a resource name the lock manager keeps in plain
+/// text: `sys.dm_tran_locks.resource_description` shows an application lock
+/// as `<principal id>:<up to 32 characters of the name>:(<hash>)`
+/// (<https://learn.microsoft.com/sql/relational-databases/system-dynamic-management-views/sys-dm-tran-locks-transact-sql>,
+/// "Resource description format").
+pub const TRAN_LOCKS_NAME_CHARS: usize = 32;
+
+/// The part of `key`'s resource name that `sys.dm_tran_locks` shows: its
+/// first [`TRAN_LOCKS_NAME_CHARS`] characters. Keys whose resource names
+/// share those characters look alike there.
+///
+/// ```
+/// use shardlock_core::LockKey;
+///
+/// let key = LockKey::new("main:app:orders:00")?;
+/// assert_eq!(shardlock_sqlserver::tran_locks_name(&key), "shardlock:v1:main:app:orders:00");
+/// let long = LockKey::new("main:app:a-rather-long-lock-set-name")?;
+/// assert_eq!(shardlock_sqlserver::tran_locks_name(&long), "shardlock:v1:main:app:a-rather-l");
+/// # Ok::<(), shardlock_core::Error>(())
+/// ```
+pub fn tran_locks_name(key: &shardlock_core::LockKey) -> String {
+    resource_name(key)
+        .chars()
+        .take(TRAN_LOCKS_NAME_CHARS)
+        .collect()
+}
+
+/// The resource-name part of an application lock's
+/// `sys.dm_tran_locks.resource_description`
+/// (`<principal id>:<name>:(<hash>)`, the name possibly in brackets), or
+/// `None` when `description` does not have that shape. Compare it with
+/// [`tran_locks_name`].
+///
+/// ```
+/// assert_eq!(
+///     shardlock_sqlserver::applock_description_name("0:[shardlock:v1:main:app:orders:00]:(8d4e2f0a)"),
+///     Some("shardlock:v1:main:app:orders:00")
+/// );
+/// assert_eq!(shardlock_sqlserver::applock_description_name("5:form1:(1f2e3d4c)"), Some("form1"));
+/// assert_eq!(shardlock_sqlserver::applock_description_name("1:1234:5"), None);
+/// ```
+pub fn applock_description_name(description: &str) -> Option<&str> {
+    let description = description.trim();
+    let (principal, rest) = description.split_once(':')?;
+    if principal.is_empty() || !principal.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (name, hash) = rest.rsplit_once(':')?;
+    if !(hash.starts_with('(') && hash.ends_with(')')) {
+        return None;
+    }
+    let name = name.trim_end();
+    Some(
+        name.strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .unwrap_or(name),
+    )
 }

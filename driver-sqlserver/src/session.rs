@@ -10,6 +10,7 @@ use tracing::debug;
 
 use crate::connection::{Connection, Op, Reply};
 use crate::error::{map_get_code, map_release_code, MssqlError, ReleaseOutcome};
+use crate::fenced::MssqlTransaction;
 use crate::sql::resource_name;
 
 /// A session on SQL Server: one dedicated connection in one database, whose
@@ -86,6 +87,59 @@ impl MssqlSession {
     /// [`resource_name`](crate::resource_name)).
     pub fn resource_name(key: &LockKey) -> String {
         resource_name(key)
+    }
+
+    /// Opens a **session-fenced transaction** (`SET XACT_ABORT ON; BEGIN
+    /// TRANSACTION`, one round trip) on the session's own connection, the
+    /// one whose server session owns its application locks: write the
+    /// projection's rows through it ([`MssqlTransaction::execute`]), save the
+    /// checkpoint in it
+    /// ([`MssqlCheckpoints::save_in`](crate::MssqlCheckpoints::save_in)`(&mut tx, ..)`),
+    /// then [`commit`](MssqlTransaction::commit) (or both at once with
+    /// [`commit_checkpoint`](MssqlTransaction::commit_checkpoint)). A leader
+    /// whose session was killed cannot commit: `KILL` rolls the open
+    /// transaction back before the session ends and frees its locks, and the
+    /// commit runs on that very session, after the loss signal is checked
+    /// (see the [`fenced`](crate::MssqlTransaction) docs). From a leadership
+    /// guard: `guard.leader_session()?.transaction().await?`.
+    ///
+    /// While the transaction is open the session is borrowed, so no lock
+    /// call runs on the connection meanwhile. The tables live in the
+    /// database the session locks in (the one
+    /// [`MssqlCheckpoints::connect`](crate::MssqlCheckpoints::connect) opens
+    /// for the same options and id). Keep it short: its row locks block the
+    /// next leader's claim of the same subscription until it ends.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] when the session is lost or poisoned (nothing
+    /// is sent) or the connection fails at `BEGIN` (then it is poisoned);
+    /// [`Error::Driver`] when the server refused to begin (a transaction was
+    /// already open on the connection; it is rolled back).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped while `BEGIN` is in flight, the session is
+    /// poisoned at its next call (and dropping it closes the connection,
+    /// which rolls back).
+    pub async fn transaction(&mut self) -> Result<MssqlTransaction<'_>> {
+        self.holds.begin("begin a fenced transaction")?;
+        let answer = self.conn.call(Op::Begin).await;
+        self.holds.end();
+        match answer {
+            Ok(Reply::Done) => {
+                let spid = self.spid();
+                Ok(MssqlTransaction::new(&self.conn, &mut self.holds, spid))
+            }
+            Ok(other) => Err(self.unexpected("begin a fenced transaction", &other)),
+            Err(e) => {
+                if !e.is_connection_lost() {
+                    // Whatever was open is rolled back before the next call.
+                    self.conn.send_detached(Op::Rollback);
+                }
+                Err(self.fail(e))
+            }
+        }
     }
 
     /// How many batches this session has sent to the server since it opened

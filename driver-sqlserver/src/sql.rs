@@ -143,6 +143,34 @@ SELECT CAST(@@SPID AS int) AS spid,
     (SELECT CAST(compatibility_level AS int) FROM sys.databases WHERE database_id = DB_ID())
         AS compatibility_level;";
 
+/// Opens a session-fenced transaction on a lock session's connection, as a
+/// plain batch (so the `SET` and the transaction outlive it).
+///
+/// `XACT_ABORT ON`: a run-time error in any statement terminates and rolls
+/// back the whole transaction, instead of only the failing statement
+/// (<https://learn.microsoft.com/sql/t-sql/statements/set-xact-abort-transact-sql>),
+/// so a failed write can never be committed with the checkpoint. A
+/// transaction already open (`@@TRANCOUNT > 0`) is refused rather than
+/// nested: `COMMIT` of a nested transaction commits nothing.
+pub(crate) const BEGIN_FENCED: &str = "IF @@TRANCOUNT > 0
+    THROW 51000, N'shardlock: a transaction is already open on this session', 1;
+SET XACT_ABORT ON;
+BEGIN TRANSACTION;";
+
+/// Commits the fenced transaction, only if it is the one open transaction
+/// and still committable (`XACT_STATE() = 1`: an error under
+/// `XACT_ABORT ON` has already rolled it back, and `COMMIT` would then
+/// fail with 3902), then restores the session's `XACT_ABORT OFF`.
+pub(crate) const COMMIT_FENCED: &str = "IF XACT_STATE() <> 1 OR @@TRANCOUNT <> 1
+    THROW 51001, N'shardlock: no committable fenced transaction is open (an error rolled it back, or it was nested)', 1;
+COMMIT TRANSACTION;
+SET XACT_ABORT OFF;";
+
+/// Rolls back whatever transaction is open (all nesting levels) and
+/// restores the session's `XACT_ABORT OFF`. Harmless when none is open.
+pub(crate) const ROLLBACK_FENCED: &str = "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION;
+SET XACT_ABORT OFF;";
+
 /// One round trip proving the connection is alive, for a session that holds
 /// nothing. Column: `spid`.
 pub(crate) const PING: &str = "SELECT CAST(@@SPID AS int) AS spid;";
