@@ -117,6 +117,21 @@
 //! the application's pool; [`MySqlCheckpoints::save_in`] saves inside the
 //! application's own transaction.
 //!
+//! # Session-fenced transactions
+//!
+//! [`MySqlSession::transaction`] opens a [`MySqlTransaction`] on the
+//! session's own connection, the one holding its locks: a projection
+//! leader writes its rows and its checkpoint there and commits both at
+//! once ([`MySqlTransaction::commit_checkpoint`]). A leader whose
+//! connection was killed cannot commit a stale effect: the commit can only
+//! run on that connection, and the server rolls a killed connection's
+//! transaction back before it frees its named locks (`THD::cleanup` in
+//! MariaDB's and MySQL's source; see [`MySqlTransaction`], "Why it
+//! fences"), so a follower takes over only after the rollback. From a
+//! leadership guard: `guard.leader_session()?.transaction().await?`.
+//! **InnoDB tables only**: writes to a non-transactional table (MyISAM)
+//! are neither atomic with the checkpoint nor rolled back.
+//!
 //! # Finding a node's sessions
 //!
 //! The watcher's waiting statement starts with a comment naming the node
@@ -131,6 +146,7 @@
 mod checkpoints;
 mod connection;
 mod error;
+mod fenced;
 mod options;
 mod session;
 mod sql;
@@ -140,6 +156,7 @@ mod watch;
 pub use checkpoints::MySqlCheckpoints;
 pub use connection::{MySqlDriver, LOSS_DETECTION_BOUND, MIN_MARIADB_VERSION, MIN_MYSQL_VERSION};
 pub use error::{MySqlCause, MySqlError};
+pub use fenced::MySqlTransaction;
 pub use options::{
     MySqlOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_NET_TIMEOUT,
 };

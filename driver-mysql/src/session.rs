@@ -245,6 +245,64 @@ impl MySqlSession {
         self.holds.clear();
         Some(conn)
     }
+
+    /// Opens a **session-fenced transaction** (`BEGIN`, one round trip) on
+    /// the session's own connection, the one holding its `GET_LOCK` locks:
+    /// write the projection's rows through it (`.execute(&mut *tx)`, InnoDB
+    /// tables), save the checkpoint in it
+    /// ([`MySqlCheckpoints::save_in`](crate::MySqlCheckpoints::save_in)`(&mut tx, ..)`),
+    /// then [`commit`](crate::MySqlTransaction::commit) (or both at once with
+    /// [`commit_checkpoint`](crate::MySqlTransaction::commit_checkpoint)). A
+    /// leader whose connection was killed cannot commit: the commit runs on
+    /// that very connection, the server rolls a killed connection's
+    /// transaction back before it frees its named locks, and the session's
+    /// loss signal is checked right before the commit (see
+    /// [`MySqlTransaction`](crate::MySqlTransaction)). From a leadership guard:
+    /// `guard.leader_session()?.transaction().await?`.
+    ///
+    /// While the transaction is open the session is borrowed, so no lock
+    /// call can run on the connection meanwhile (a blocking
+    /// [`acquire`](Session::acquire) still waiting is taken back first).
+    /// The tables live in the database the session connects to (the one
+    /// [`MySqlCheckpoints::connect`](crate::MySqlCheckpoints::connect)
+    /// opens for the same options and id). Keep it short: the session's
+    /// `wait_timeout` ([`idle_timeout`](crate::MySqlOptions::idle_timeout))
+    /// ends a connection idle that long inside a transaction too, and with
+    /// it the session's locks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] when the session is lost or poisoned (nothing
+    /// is sent) or the connection fails at `BEGIN` (then it is poisoned).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped while `BEGIN` is in flight, the session is
+    /// poisoned at its next call.
+    pub async fn transaction(&mut self) -> Result<crate::MySqlTransaction<'_>> {
+        self.ready().await?;
+        self.holds.begin("begin a fenced transaction")?;
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let Some(conn) = self.conn.as_mut() else {
+            self.holds.end();
+            return Err(self.holds.poison("the connection is closed"));
+        };
+        let begun = conn.begin().await;
+        self.holds.end();
+        match begun {
+            Ok(tx) => Ok(crate::MySqlTransaction::new(
+                tx,
+                &mut self.holds,
+                self.id,
+                &self.round_trips,
+            )),
+            // Session-fatal errors poison the session; its next call (or
+            // close) drops the connection.
+            Err(e) => Err(self
+                .holds
+                .fail(MySqlError::from_query("begin a fenced transaction", e))),
+        }
+    }
 }
 
 /// Every column of every row as an optional integer.
