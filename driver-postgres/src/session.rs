@@ -219,6 +219,39 @@ impl PgSession {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Per id of `asked`, whether the server listed it (the keys a batch
+    /// was granted). A list naming a key not asked, or one twice, poisons
+    /// the session: what the backend holds is unknown then.
+    fn listed(
+        &mut self,
+        operation: &str,
+        asked: &[i64],
+        listed: Option<Vec<i64>>,
+    ) -> Result<Vec<bool>> {
+        let listed = listed.unwrap_or_default();
+        match sql::mark_listed(asked, &listed) {
+            Some(marks) => Ok(marks),
+            None => Err(self.holds.poison(format!(
+                "the server's answer to {operation} ({} keys) does not match the {} keys asked",
+                listed.len(),
+                asked.len()
+            ))),
+        }
+    }
+
+    /// Per id of `asked`, whether the server released it, from the keys an
+    /// unlock statement lists as **not** released (see [`listed`](Self::listed)).
+    fn released(
+        &mut self,
+        operation: &str,
+        asked: &[i64],
+        kept: Option<Vec<i64>>,
+    ) -> Result<Vec<bool>> {
+        let mut marks = self.listed(operation, asked, kept)?;
+        marks.iter_mut().for_each(|m| *m = !*m);
+        Ok(marks)
+    }
+
     /// Takes the connection back from a finished or abandoned wait.
     async fn reclaim(&mut self) {
         let Some(wait) = self.waiting.clone() else {
@@ -333,7 +366,8 @@ impl Session for PgSession {
     }
 
     /// `pg_try_advisory_lock` for every key not held yet, deduplicated, in
-    /// one statement (`unnest($1::bigint[]) WITH ORDINALITY`); held keys
+    /// one statement (`unnest($1::bigint[])`, answering the keys granted, no
+    /// sort on the server); held keys
     /// answer `true` without a round trip, and a batch of only held keys
     /// sends nothing.
     ///
@@ -363,9 +397,9 @@ impl Session for PgSession {
                 .bind(id)
                 .fetch_one(conn)
                 .await
-                .map(|granted| vec![granted])
+                .map(|granted| granted.then(|| vec![id]))
         } else {
-            sqlx::query_scalar::<_, Vec<bool>>(sql::TRY_MANY)
+            sqlx::query_scalar::<_, Option<Vec<i64>>>(sql::TRY_MANY)
                 .bind(&ids)
                 .fetch_one(conn)
                 .await
@@ -383,6 +417,7 @@ impl Session for PgSession {
                 return Err(err);
             }
         };
+        let granted = self.listed("try_acquire", &ids, granted)?;
         self.holds.finish_acquire(keys, &ask, &granted)
     }
 
@@ -491,12 +526,13 @@ impl Session for PgSession {
         self.holds.begin("release_many")?;
         self.sent();
         let conn = self.conn()?;
-        let result = sqlx::query_scalar::<_, Vec<bool>>(sql::UNLOCK_MANY)
+        let result = sqlx::query_scalar::<_, Option<Vec<i64>>>(sql::UNLOCK_MANY)
             .bind(&ids)
             .fetch_one(conn)
             .await;
         self.holds.end();
-        let released = result.map_err(|e| self.fail(PgError::from_query("release_many", e)))?;
+        let kept = result.map_err(|e| self.fail(PgError::from_query("release_many", e)))?;
+        let released = self.released("release_many", &ids, kept)?;
         Ok(self.holds.record_released(keys, &ask, &released))
     }
 
@@ -528,14 +564,15 @@ impl Session for PgSession {
         self.holds.begin("release_announced")?;
         self.sent();
         let conn = self.conn()?;
-        let result = sqlx::query_as::<_, (Vec<bool>, i64)>(sql::RELEASE_ANNOUNCED)
+        let result = sqlx::query_as::<_, (Option<Vec<i64>>, i64)>(sql::RELEASE_ANNOUNCED)
             .bind(&ids)
             .bind(&marks)
             .fetch_one(conn)
             .await;
         self.holds.end();
-        let (released, notifications) =
+        let (kept, notifications) =
             result.map_err(|e| self.fail(PgError::from_query("release_announced", e)))?;
+        let released = self.released("release_announced", &ids, kept)?;
         debug!(
             pid = self.pid,
             keys = ids.len(),
@@ -611,15 +648,16 @@ impl Session for PgSession {
         self.holds.begin("release_all")?;
         self.sent();
         let conn = self.conn()?;
-        let result = sqlx::query_scalar::<_, Vec<bool>>(sql::UNLOCK_MANY)
+        let result = sqlx::query_scalar::<_, Option<Vec<i64>>>(sql::UNLOCK_MANY)
             .bind(&ids)
             .fetch_one(conn)
             .await;
         self.holds.end();
-        let released = result.map_err(|e| self.fail(PgError::from_query("release_all", e)))?;
-        if released.iter().any(|r| !r) {
+        let kept = result.map_err(|e| self.fail(PgError::from_query("release_all", e)))?;
+        if let Some(kept) = kept {
             warn!(
                 pid = self.pid,
+                keys = kept.len(),
                 "the server did not show every key this session held"
             );
         }

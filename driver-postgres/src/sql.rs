@@ -97,10 +97,14 @@ pub(crate) const IDENTIFY: &str =
 /// Try one key without waiting.
 pub(crate) const TRY_ONE: &str = "SELECT pg_try_advisory_lock($1)";
 
-/// Try many keys without waiting, in one round trip: one `bool[]` in the
-/// order of `$1` (one row decodes faster than one row per key).
-pub(crate) const TRY_MANY: &str = "SELECT array_agg(pg_try_advisory_lock(t.k) ORDER BY t.i) \
-     FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)";
+/// Try many keys (distinct) without waiting, in one round trip: the keys
+/// of `$1` granted, as one `bigint[]` (NULL when none was), read with
+/// [`mark_listed`]. One row decodes faster than one row per key, and no
+/// `ORDER BY` means no sort on the server: the filter runs once per row of
+/// the `unnest` scan, which keeps the order of `$1` (matched in one pass),
+/// and any other order is still answered right.
+pub(crate) const TRY_MANY: &str = "SELECT array_agg(t.k) FROM unnest($1::bigint[]) AS t(k) \
+     WHERE pg_try_advisory_lock(t.k)";
 
 /// Wait for one key.
 pub(crate) const LOCK: &str = "SELECT pg_advisory_lock($1)";
@@ -108,9 +112,12 @@ pub(crate) const LOCK: &str = "SELECT pg_advisory_lock($1)";
 /// Release one key held once.
 pub(crate) const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
 
-/// Releases many keys in one statement, one answer per key in order.
-pub(crate) const UNLOCK_MANY: &str = "SELECT array_agg(pg_advisory_unlock(t.k) ORDER BY t.i) \
-     FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)";
+/// Releases many keys (distinct, held) in one statement: the keys of `$1`
+/// the server did **not** release, as one `bigint[]` (NULL, the usual
+/// answer, when it released them all), read with [`mark_listed`]. No sort
+/// on the server, and nothing to decode in the usual case.
+pub(crate) const UNLOCK_MANY: &str = "SELECT array_agg(t.k) FROM unnest($1::bigint[]) AS t(k) \
+     WHERE NOT pg_advisory_unlock(t.k)";
 
 /// Probe: per key of `$1` (keys this session does not hold, deduplicated),
 /// whether another session of the database holds it, in one statement and
@@ -129,8 +136,11 @@ pub(crate) const PROBE: &str = concat!(
 /// once) like [`UNLOCK_MANY`] and, for those the server actually released,
 /// `pg_notify`s [`RELEASE_CHANNEL`] with their ids, `c`-prefixed when
 /// `$2` marks them clean, comma-separated, [`KEYS_PER_NOTIFICATION`] per
-/// notification. Answers the unlock results in the order of `$1` and the
-/// number of notifications queued (none when nothing was released).
+/// notification. Answers the keys **not** released (NULL when all were, as
+/// [`UNLOCK_MANY`]) and the number of notifications queued (none when
+/// nothing was released). Only a payload is ordered (by position in `$1`,
+/// at most [`KEYS_PER_NOTIFICATION`] keys a sort), so it reads the same on
+/// every run.
 ///
 /// The unlocks take effect at once; the notifications are delivered when
 /// the statement's implicit transaction commits, so a listener that hears
@@ -139,7 +149,7 @@ pub(crate) const PROBE: &str = concat!(
 pub(crate) const RELEASE_ANNOUNCED: &str = concat!(
     "WITH u AS (SELECT t.i, t.k, t.c, pg_advisory_unlock(t.k) AS ok \
      FROM unnest($1::bigint[], $2::bool[]) WITH ORDINALITY AS t(k, c, i)) \
-     SELECT (SELECT array_agg(u.ok ORDER BY u.i) FROM u), \
+     SELECT (SELECT array_agg(u.k) FROM u WHERE NOT u.ok), \
      (SELECT count(pg_notify('",
     release_channel!(),
     "', p.payload)) FROM (SELECT string_agg(CASE WHEN u.c THEN 'c' ELSE '' END || u.k::text, \
@@ -232,9 +242,65 @@ pub(crate) fn join_key(classid: u32, objid: u32) -> i64 {
     high * (1_i64 << 32) + i64::from(objid)
 }
 
+/// Per key of `asked` (distinct), whether the server listed it in `listed`
+/// (the answer of [`TRY_MANY`], [`UNLOCK_MANY`] or [`RELEASE_ANNOUNCED`]).
+/// A list in the order of `asked`, as an unsorted `unnest` scan returns it,
+/// is matched in one pass without hashing; any other order through a set.
+/// `None` when the list names a key that was not asked or names one twice:
+/// the server's answer cannot be trusted then.
+pub(crate) fn mark_listed(asked: &[i64], listed: &[i64]) -> Option<Vec<bool>> {
+    let mut marks = vec![false; asked.len()];
+    if listed.is_empty() {
+        return Some(marks);
+    }
+    if listed.len() > asked.len() {
+        return None;
+    }
+    let mut next = listed.iter().peekable();
+    for (mark, key) in marks.iter_mut().zip(asked) {
+        if next.peek() == Some(&key) {
+            *mark = true;
+            next.next();
+        }
+    }
+    if next.peek().is_none() {
+        return Some(marks);
+    }
+    // Another order: match through a set.
+    let mut wanted: std::collections::HashSet<i64> = std::collections::HashSet::new();
+    if !listed.iter().all(|k| wanted.insert(*k)) {
+        return None;
+    }
+    for (mark, key) in marks.iter_mut().zip(asked) {
+        *mark = wanted.remove(key);
+    }
+    wanted.is_empty().then_some(marks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_keys_are_marked_in_any_order_and_strangers_refused() {
+        let asked = [5, -3, 9, 1 << 40, 0];
+        assert_eq!(mark_listed(&asked, &[]), Some(vec![false; 5]));
+        assert_eq!(
+            mark_listed(&asked, &[-3, 1 << 40]),
+            Some(vec![false, true, false, true, false]),
+            "in order: one pass"
+        );
+        assert_eq!(
+            mark_listed(&asked, &[0, 5, 9]),
+            Some(vec![true, false, true, false, true]),
+            "out of order: through the set"
+        );
+        assert_eq!(mark_listed(&asked, &asked), Some(vec![true; 5]));
+        assert_eq!(mark_listed(&asked, &[5, 7]), None, "7 was not asked");
+        assert_eq!(mark_listed(&asked, &[9, 5, 9]), None, "9 twice");
+        assert_eq!(mark_listed(&[1], &[1, 1]), None, "longer than asked");
+        assert_eq!(mark_listed(&[], &[]), Some(vec![]));
+    }
 
     #[test]
     fn key_split_and_join_round_trip_including_negative_keys() {
@@ -352,6 +418,72 @@ mod tests {
         conn.close().await.expect("close");
     }
 
+    /// `TRY_MANY` and `UNLOCK_MANY` against a live server: each key is
+    /// tried exactly once (a second evaluation would stack the lock, and one
+    /// unlock would then leave it held), only granted keys are listed, and
+    /// an unlock lists only the keys it could not release. Needs
+    /// `SHARDLOCK_PG_URL` (the contract suite covers both through the
+    /// session API).
+    #[tokio::test]
+    async fn live_batches_list_granted_and_unreleased_keys() {
+        use sqlx::Connection;
+        let Ok(url) = std::env::var("SHARDLOCK_PG_URL") else {
+            eprintln!("live part not run: set SHARDLOCK_PG_URL");
+            return;
+        };
+        let mut ours = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let mut other = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let salt = (crate::watch::random_u64("sql-batch") >> 20) as i64;
+        let keys: Vec<i64> = (0..500).map(|i| salt + i * 7919 - 250).collect();
+        let taken: bool = sqlx::query_scalar(TRY_ONE)
+            .bind(keys[123])
+            .fetch_one(&mut other)
+            .await
+            .expect("lock");
+        assert!(taken);
+        let granted: Option<Vec<i64>> = sqlx::query_scalar(TRY_MANY)
+            .bind(&keys)
+            .fetch_one(&mut ours)
+            .await
+            .expect("try many");
+        let granted = granted.expect("some granted");
+        let marks = mark_listed(&keys, &granted).expect("only asked keys");
+        let expected: Vec<bool> = (0..keys.len()).map(|i| i != 123).collect();
+        assert_eq!(marks, expected, "every key but the other's");
+        let mut held: Vec<i64> = sqlx::query_scalar(HELD_KEYS)
+            .fetch_all(&mut ours)
+            .await
+            .expect("held keys");
+        assert_eq!(held.len(), keys.len() - 1, "each key held once");
+        held.dedup();
+        assert_eq!(held.len(), keys.len() - 1);
+        let denied: Option<Vec<i64>> = sqlx::query_scalar(TRY_MANY)
+            .bind(&keys[123..124])
+            .fetch_one(&mut ours)
+            .await
+            .expect("try the other's key");
+        assert_eq!(denied, None, "nothing granted: NULL");
+        let unreleased: Option<Vec<i64>> = sqlx::query_scalar(UNLOCK_MANY)
+            .bind(&granted)
+            .fetch_one(&mut ours)
+            .await
+            .expect("unlock many");
+        assert_eq!(unreleased, None, "all released");
+        let held: Vec<i64> = sqlx::query_scalar(HELD_KEYS)
+            .fetch_all(&mut ours)
+            .await
+            .expect("held keys");
+        assert!(held.is_empty(), "one unlock each was enough: {held:?}");
+        let unreleased: Option<Vec<i64>> = sqlx::query_scalar(UNLOCK_MANY)
+            .bind(&keys[..3])
+            .fetch_one(&mut ours)
+            .await
+            .expect("unlock of keys not held");
+        assert_eq!(unreleased, Some(keys[..3].to_vec()));
+        ours.close().await.expect("close");
+        other.close().await.expect("close");
+    }
+
     /// `PROBE` and `RELEASE_ANNOUNCED` against a live server, below the
     /// session's bookkeeping: a backend's own keys never count as held by
     /// another, edge keys are matched, and only keys actually released are
@@ -393,13 +525,13 @@ mod tests {
             .expect("probe");
         assert_eq!(seen, [true, true, true, false]);
         // keys[3] is not held: the server answers false and does not name it.
-        let (released, sent): (Vec<bool>, i64) = sqlx::query_as(RELEASE_ANNOUNCED)
+        let (unreleased, sent): (Option<Vec<i64>>, i64) = sqlx::query_as(RELEASE_ANNOUNCED)
             .bind(&keys[..])
             .bind([true, false, true, true])
             .fetch_one(&mut holder)
             .await
             .expect("release announced");
-        assert_eq!(released, [true, true, true, false]);
+        assert_eq!(unreleased, Some(vec![keys[3]]), "only keys[3] stays");
         assert_eq!(sent, 1);
         let expected = format!("c{},{},c{}", keys[0], keys[1], keys[2]);
         let heard = tokio::time::timeout(std::time::Duration::from_secs(10), async {
@@ -413,17 +545,24 @@ mod tests {
         .await
         .expect("the announcement arrives");
         assert_eq!(heard.channel(), RELEASE_CHANNEL);
-        let (released, sent): (Vec<bool>, i64) = sqlx::query_as(RELEASE_ANNOUNCED)
+        let (unreleased, sent): (Option<Vec<i64>>, i64) = sqlx::query_as(RELEASE_ANNOUNCED)
             .bind(&keys[3..])
             .bind([true])
             .fetch_one(&mut holder)
             .await
             .expect("release of nothing");
         assert_eq!(
-            (released, sent),
-            (vec![false], 0),
+            (unreleased, sent),
+            (Some(vec![keys[3]]), 0),
             "nothing released, nothing sent"
         );
+        let (unreleased, sent): (Option<Vec<i64>>, i64) = sqlx::query_as(RELEASE_ANNOUNCED)
+            .bind(&keys[..0])
+            .bind([false; 0])
+            .fetch_one(&mut holder)
+            .await
+            .expect("release of no keys");
+        assert_eq!((unreleased, sent), (None, 0));
         holder.close().await.expect("close");
         other.close().await.expect("close");
     }
@@ -452,6 +591,12 @@ mod tests {
 
     #[test]
     fn statements_are_well_formed() {
+        // Batches sort nothing on the server (issue 17); only an announced
+        // release's payloads are ordered.
+        assert!(!TRY_MANY.contains("ORDER BY"));
+        assert!(!UNLOCK_MANY.contains("ORDER BY"));
+        assert_eq!(RELEASE_ANNOUNCED.matches("ORDER BY").count(), 1);
+        assert!(RELEASE_ANNOUNCED.contains("string_agg(CASE"));
         assert!(VERIFY.contains("EXCEPT"));
         assert!(VERIFY.contains("l.objsubid = 1"));
         assert!(VERIFY.contains("l.objsubid = 2"));
