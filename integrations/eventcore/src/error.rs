@@ -183,7 +183,10 @@ pub struct OpenError {
 }
 
 impl OpenError {
-    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "sqlite", feature = "mysql")),
+        allow(dead_code)
+    )]
     pub(crate) fn new(place: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Self {
             place: place.into(),
@@ -191,7 +194,7 @@ impl OpenError {
         }
     }
 
-    /// Where: the database file, or `postgres`.
+    /// Where: the database file, or `postgres` / `mysql`.
     pub fn place(&self) -> &str {
         &self.place
     }

@@ -1,6 +1,6 @@
 //! [eventcore](https://docs.rs/eventcore) projections with shardlock's
 //! leadership, fencing and loss signal, on any shardlock driver (memory,
-//! SQLite, PostgreSQL, SQL Server) and checkpoint store. Use it through
+//! SQLite, PostgreSQL, MySQL/MariaDB, SQL Server) and checkpoint store. Use it through
 //! `shardlock` with feature `eventcore` (`shardlock::eventcore`).
 //!
 //! - [`ShardlockCoordinator`]: eventcore's `ProjectorCoordinator`;
@@ -125,6 +125,8 @@ pub use backend::{BackendGuard, ShardlockBackend};
 pub use checkpoints::ShardlockCheckpoints;
 pub use coordinator::{leadership_key, ShardlockCoordinator, ShardlockGuard};
 pub use error::{CheckpointStoreError, CoordinationError, OpenError, ReadError, RunError};
+#[cfg(feature = "mysql")]
+pub use positions::MySqlPositions;
 #[cfg(feature = "postgres")]
 pub use positions::PgPositions;
 #[cfg(feature = "sqlite")]

@@ -18,11 +18,15 @@ use std::sync::{Arc, Mutex};
 use eventcore_types::StreamPosition;
 use shardlock_core::BoxError;
 
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlPositions;
 #[cfg(feature = "postgres")]
 pub use postgres::PgPositions;
 #[cfg(feature = "sqlite")]
@@ -51,8 +55,8 @@ pub fn position_prefix(position: StreamPosition) -> i64 {
 /// per subscription name, moved forward only.
 ///
 /// Implemented by [`MemoryPositions`], and by `PgPositions` (feature
-/// `postgres`) and `SqlitePositions` (feature `sqlite`), which keep the
-/// table `eventcore_positions(subscription_name, position, updated_at)`
+/// `postgres`), `SqlitePositions` (feature `sqlite`) and `MySqlPositions`
+/// (feature `mysql`), which keep the table `eventcore_positions(subscription_name, position, updated_at)`
 /// beside shardlock's `subscriptions`.
 pub trait PositionTable: Send + Sync {
     /// The stored position, if any.
