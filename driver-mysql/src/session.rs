@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 use crate::connection::SideConnect;
 use crate::error::MySqlError;
 use crate::sql::{self, lock_name};
-use crate::wait::{Outcome, Returned, Wait};
+use crate::wait::{GetLockWait, Outcome, Returned, Wait};
 use crate::watch::Watcher;
 
 /// How long a dropped session's background close may take before the
@@ -399,9 +399,7 @@ impl Session for MySqlSession {
         };
         let started = Wait::start(
             conn,
-            lock_name(key),
-            self.id,
-            Arc::clone(&self.side),
+            GetLockWait::new(key.clone(), lock_name(key), self.id, Arc::clone(&self.side)),
             Arc::clone(&self.round_trips),
         );
         let wait = match started {
@@ -414,16 +412,7 @@ impl Session for MySqlSession {
             }
         };
         self.waiting = Some(Arc::clone(&wait));
-        let mut guard = AbandonOnDrop(Some(Arc::clone(&wait)));
-        let returned = tokio::select! {
-            biased;
-            returned = wait.returned() => returned,
-            () = cancel.cancelled() => match wait.abandon() {
-                Some(returned) => returned,
-                None => wait.returned().await,
-            },
-        };
-        guard.0 = None;
+        let returned = wait.finish(cancel).await;
         self.waiting = None;
         self.absorb(Some(key), returned)
     }
@@ -591,17 +580,6 @@ impl Session for MySqlSession {
             debug!(error = %err, "closing the connection failed after releasing its locks");
         }
         Ok(())
-    }
-}
-
-/// Abandons a wait when the acquire future is dropped before it ended.
-struct AbandonOnDrop(Option<Arc<Wait>>);
-
-impl Drop for AbandonOnDrop {
-    fn drop(&mut self) {
-        if let Some(wait) = self.0.take() {
-            wait.abandon_on_drop();
-        }
     }
 }
 

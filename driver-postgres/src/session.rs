@@ -38,7 +38,7 @@ use crate::error::PgError;
 use crate::fenced::PgTransaction;
 use crate::listen::Listener;
 use crate::sql;
-use crate::wait::{Outcome, Returned, Wait};
+use crate::wait::{AdvisoryWait, Outcome, Returned, Wait};
 use crate::watch::{Liveness, Watcher};
 
 /// How long a dropped session's background close may take before the
@@ -259,7 +259,7 @@ impl PgSession {
         };
         let returned = wait.returned().await;
         self.waiting = None;
-        let key = wait.key().clone();
+        let key = wait.lock().key().clone();
         if let Err(err) = self.absorb(&key, returned) {
             debug!(error = %err, "an abandoned wait ended with an error");
         }
@@ -452,9 +452,7 @@ impl Session for PgSession {
         };
         let started = Wait::start(
             conn,
-            key.clone(),
-            self.pid,
-            Arc::clone(&self.side),
+            AdvisoryWait::new(key.clone(), self.pid, Arc::clone(&self.side)),
             Arc::clone(&self.round_trips),
         );
         let wait = match started {
@@ -467,16 +465,7 @@ impl Session for PgSession {
             }
         };
         self.waiting = Some(Arc::clone(&wait));
-        let mut guard = AbandonOnDrop(Some(Arc::clone(&wait)));
-        let returned = tokio::select! {
-            biased;
-            returned = wait.returned() => returned,
-            () = cancel.cancelled() => match wait.abandon() {
-                Some(returned) => returned,
-                None => wait.returned().await,
-            },
-        };
-        guard.0 = None;
+        let returned = wait.finish(cancel).await;
         self.waiting = None;
         self.absorb(key, returned)
     }
@@ -759,17 +748,6 @@ impl Session for PgSession {
 fn clean_marks(keys: &[LockKey], clean: &[bool], ids: &[i64]) -> Vec<bool> {
     let marked = shardlock_core::clean_ids(keys, clean);
     ids.iter().map(|id| marked.contains(id)).collect()
-}
-
-/// Abandons a wait when the acquire future is dropped before it ended.
-struct AbandonOnDrop(Option<Arc<Wait>>);
-
-impl Drop for AbandonOnDrop {
-    fn drop(&mut self) {
-        if let Some(wait) = self.0.take() {
-            wait.abandon_on_drop();
-        }
-    }
 }
 
 impl Drop for PgSession {
