@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use shardlock_core::{BoxError, Checkpoint, CheckpointError, CheckpointStore, DatabaseId};
+use shardlock_core::{Checkpoint, CheckpointError, CheckpointStore, DatabaseId};
 use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::{Connection, Row};
 
@@ -31,10 +31,6 @@ const SAVE: &str = "UPDATE subscriptions
 const EPOCH: &str = "SELECT epoch FROM subscriptions WHERE subscription_name = ?";
 
 const LOAD: &str = "SELECT last_position, epoch FROM subscriptions WHERE subscription_name = ?";
-
-fn store_err(e: impl Into<BoxError>) -> CheckpointError {
-    CheckpointError::Store(e.into())
-}
 
 /// Checkpoints in the table `subscriptions(subscription_name varchar(255)
 /// primary key, last_position bigint, epoch bigint, updated_at
@@ -94,7 +90,7 @@ impl MySqlCheckpoints {
             .acquire_timeout(options.get_connect_timeout())
             .connect_with(connect)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         Self::from_pool(pool).await
     }
 
@@ -109,7 +105,7 @@ impl MySqlCheckpoints {
         sqlx::query(SCHEMA)
             .execute(&pool)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         Ok(Self { pool })
     }
 
@@ -135,18 +131,14 @@ impl MySqlCheckpoints {
         epoch: i64,
         position: i64,
     ) -> Result<(), CheckpointError> {
-        if epoch < 1 {
-            return Err(CheckpointError::NotClaimed {
-                subscription: subscription.to_string(),
-            });
-        }
+        CheckpointError::check_save_epoch(subscription, epoch)?;
         let done = sqlx::query(SAVE)
             .bind(position)
             .bind(subscription)
             .bind(epoch)
             .execute(&mut *conn)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         if done.rows_affected() == 1 {
             return Ok(());
         }
@@ -156,40 +148,30 @@ impl MySqlCheckpoints {
             .bind(subscription)
             .fetch_optional(&mut *conn)
             .await
-            .map_err(store_err)?;
-        match current {
-            Some(current) if current == epoch => Ok(()),
-            Some(current) => Err(CheckpointError::FencedOff {
-                subscription: subscription.to_string(),
-                ours: epoch,
-                current,
-            }),
-            None => Err(CheckpointError::NotClaimed {
-                subscription: subscription.to_string(),
-            }),
-        }
+            .map_err(CheckpointError::store)?;
+        CheckpointError::unchanged_save(subscription, epoch, current)
     }
 }
 
 impl CheckpointStore for MySqlCheckpoints {
     async fn claim(&self, subscription: &str) -> Result<Checkpoint, CheckpointError> {
-        let mut conn = self.pool.acquire().await.map_err(store_err)?;
-        let mut tx = conn.begin().await.map_err(store_err)?;
+        let mut conn = self.pool.acquire().await.map_err(CheckpointError::store)?;
+        let mut tx = conn.begin().await.map_err(CheckpointError::store)?;
         sqlx::query(CLAIM)
             .bind(subscription)
             .execute(&mut *tx)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         let row = sqlx::query(LOAD)
             .bind(subscription)
             .fetch_one(&mut *tx)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         let checkpoint = Checkpoint {
-            position: row.try_get(0).map_err(store_err)?,
-            epoch: row.try_get(1).map_err(store_err)?,
+            position: row.try_get(0).map_err(CheckpointError::store)?,
+            epoch: row.try_get(1).map_err(CheckpointError::store)?,
         };
-        tx.commit().await.map_err(store_err)?;
+        tx.commit().await.map_err(CheckpointError::store)?;
         Ok(checkpoint)
     }
 
@@ -198,11 +180,11 @@ impl CheckpointStore for MySqlCheckpoints {
             .bind(subscription)
             .fetch_optional(&self.pool)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         row.map(|r| {
             Ok(Checkpoint {
-                position: r.try_get(0).map_err(store_err)?,
-                epoch: r.try_get(1).map_err(store_err)?,
+                position: r.try_get(0).map_err(CheckpointError::store)?,
+                epoch: r.try_get(1).map_err(CheckpointError::store)?,
             })
         })
         .transpose()
@@ -214,7 +196,7 @@ impl CheckpointStore for MySqlCheckpoints {
         epoch: i64,
         position: i64,
     ) -> Result<(), CheckpointError> {
-        let mut conn = self.pool.acquire().await.map_err(store_err)?;
+        let mut conn = self.pool.acquire().await.map_err(CheckpointError::store)?;
         Self::save_in(&mut conn, subscription, epoch, position).await
     }
 }

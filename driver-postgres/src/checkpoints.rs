@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use shardlock_core::{BoxError, Checkpoint, CheckpointError, CheckpointStore, DatabaseId};
+use shardlock_core::{Checkpoint, CheckpointError, CheckpointStore, DatabaseId};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::Row;
 
@@ -36,10 +36,6 @@ const SAVE: &str = "UPDATE subscriptions
 const EPOCH: &str = "SELECT epoch FROM subscriptions WHERE subscription_name = $1";
 
 const LOAD: &str = "SELECT last_position, epoch FROM subscriptions WHERE subscription_name = $1";
-
-fn store_err(e: impl Into<BoxError>) -> CheckpointError {
-    CheckpointError::Store(e.into())
-}
 
 /// Checkpoints in the table `subscriptions(subscription_name text primary
 /// key, last_position bigint, epoch bigint, updated_at timestamptz)`,
@@ -107,7 +103,7 @@ impl PgCheckpoints {
             .acquire_timeout(options.get_connect_timeout())
             .connect_with(connect)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         Self::from_pool(pool).await
     }
 
@@ -122,7 +118,7 @@ impl PgCheckpoints {
         sqlx::query(SCHEMA)
             .execute(&pool)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         Ok(Self { pool })
     }
 
@@ -159,18 +155,14 @@ impl PgCheckpoints {
         epoch: i64,
         position: i64,
     ) -> Result<(), CheckpointError> {
-        if epoch < 1 {
-            return Err(CheckpointError::NotClaimed {
-                subscription: subscription.to_string(),
-            });
-        }
+        CheckpointError::check_save_epoch(subscription, epoch)?;
         let done = sqlx::query(SAVE)
             .bind(subscription)
             .bind(epoch)
             .bind(position)
             .execute(&mut *conn)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         if done.rows_affected() == 1 {
             return Ok(());
         }
@@ -178,17 +170,8 @@ impl PgCheckpoints {
             .bind(subscription)
             .fetch_optional(&mut *conn)
             .await
-            .map_err(store_err)?;
-        Err(match current {
-            Some(current) => CheckpointError::FencedOff {
-                subscription: subscription.to_string(),
-                ours: epoch,
-                current,
-            },
-            None => CheckpointError::NotClaimed {
-                subscription: subscription.to_string(),
-            },
-        })
+            .map_err(CheckpointError::store)?;
+        CheckpointError::unchanged_save(subscription, epoch, current)
     }
 }
 
@@ -198,10 +181,10 @@ impl CheckpointStore for PgCheckpoints {
             .bind(subscription)
             .fetch_one(&self.pool)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         Ok(Checkpoint {
-            position: row.try_get(0).map_err(store_err)?,
-            epoch: row.try_get(1).map_err(store_err)?,
+            position: row.try_get(0).map_err(CheckpointError::store)?,
+            epoch: row.try_get(1).map_err(CheckpointError::store)?,
         })
     }
 
@@ -210,11 +193,11 @@ impl CheckpointStore for PgCheckpoints {
             .bind(subscription)
             .fetch_optional(&self.pool)
             .await
-            .map_err(store_err)?;
+            .map_err(CheckpointError::store)?;
         row.map(|r| {
             Ok(Checkpoint {
-                position: r.try_get(0).map_err(store_err)?,
-                epoch: r.try_get(1).map_err(store_err)?,
+                position: r.try_get(0).map_err(CheckpointError::store)?,
+                epoch: r.try_get(1).map_err(CheckpointError::store)?,
             })
         })
         .transpose()
@@ -226,7 +209,7 @@ impl CheckpointStore for PgCheckpoints {
         epoch: i64,
         position: i64,
     ) -> Result<(), CheckpointError> {
-        let mut conn = self.pool.acquire().await.map_err(store_err)?;
+        let mut conn = self.pool.acquire().await.map_err(CheckpointError::store)?;
         Self::save_in(&mut conn, subscription, epoch, position).await
     }
 }

@@ -56,10 +56,6 @@ impl fmt::Debug for SqliteCheckpoints {
     }
 }
 
-fn store_err(e: impl Into<shardlock_core::BoxError>) -> CheckpointError {
-    CheckpointError::Store(e.into())
-}
-
 impl SqliteCheckpoints {
     /// Opens (creating if needed) the SQLite database file at `path` and its
     /// `subscriptions` table, on Tokio's blocking pool: the SQLite form of
@@ -73,8 +69,8 @@ impl SqliteCheckpoints {
         let path = path.as_ref().to_path_buf();
         tokio::task::spawn_blocking(move || Self::open_blocking(path))
             .await
-            .map_err(store_err)?
-            .map_err(store_err)
+            .map_err(CheckpointError::store)?
+            .map_err(CheckpointError::store)
     }
 
     /// The synchronous form of [`connect`](Self::connect), kept for
@@ -270,7 +266,7 @@ impl SqliteCheckpoints {
             f(&mut conn)
         })
         .await
-        .map_err(store_err)?
+        .map_err(CheckpointError::store)?
     }
 }
 
@@ -288,18 +284,14 @@ fn save(
     epoch: i64,
     position: i64,
 ) -> Result<(), CheckpointError> {
-    if epoch < 1 {
-        return Err(CheckpointError::NotClaimed {
-            subscription: subscription.to_string(),
-        });
-    }
+    CheckpointError::check_save_epoch(subscription, epoch)?;
     let changed = conn
         .execute(
             "UPDATE subscriptions SET last_position = MAX(last_position, ?3), updated_at = CURRENT_TIMESTAMP
              WHERE subscription_name = ?1 AND epoch = ?2",
             params![subscription, epoch, position],
         )
-        .map_err(store_err)?;
+        .map_err(CheckpointError::store)?;
     if changed == 1 {
         return Ok(());
     }
@@ -310,17 +302,8 @@ fn save(
             |r| r.get(0),
         )
         .optional()
-        .map_err(store_err)?;
-    Err(match current {
-        Some(current) => CheckpointError::FencedOff {
-            subscription: subscription.to_string(),
-            ours: epoch,
-            current,
-        },
-        None => CheckpointError::NotClaimed {
-            subscription: subscription.to_string(),
-        },
-    })
+        .map_err(CheckpointError::store)?;
+    CheckpointError::unchanged_save(subscription, epoch, current)
 }
 
 impl CheckpointStore for SqliteCheckpoints {
@@ -335,7 +318,7 @@ impl CheckpointStore for SqliteCheckpoints {
                 params![name],
                 |r| Ok(Checkpoint { position: r.get(0)?, epoch: r.get(1)? }),
             )
-            .map_err(store_err)
+            .map_err(CheckpointError::store)
         })
         .await
     }
@@ -354,7 +337,7 @@ impl CheckpointStore for SqliteCheckpoints {
                 },
             )
             .optional()
-            .map_err(store_err)
+            .map_err(CheckpointError::store)
         })
         .await
     }

@@ -85,6 +85,7 @@
 //! (and `save_in` on the store's own connections).
 
 mod agent;
+mod fencing;
 mod runner;
 
 pub use agent::{CoordinatorLed, ProjectionAgent};
