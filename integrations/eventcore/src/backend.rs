@@ -131,6 +131,18 @@ impl<S: Session> BackendGuard<S> {
     pub fn leadership(&self) -> &ShardlockGuard<S> {
         &self.guard
     }
+
+    /// The session holding the lock, for a session-fenced transaction
+    /// (see [`ShardlockGuard::leader_session`]); save the checkpoint in it
+    /// with [`epoch`](Self::epoch).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`](shardlock_core::Error::SessionLost) when the
+    /// session was lost: stop leading.
+    pub fn leader_session(&mut self) -> Result<&mut S, shardlock_core::Error> {
+        self.guard.leader_session()
+    }
 }
 
 impl<S: Session> fmt::Debug for BackendGuard<S> {

@@ -264,6 +264,22 @@ impl<S: Session> ShardlockGuard<S> {
         &self.inner
     }
 
+    /// The session holding the key, while it is sound: open a
+    /// **session-fenced transaction** with it (`PgSession::transaction`,
+    /// `MySqlSession::transaction`; on SQLite `SqliteCheckpoints::fenced`)
+    /// so the projection's writes and its checkpoint commit together, and
+    /// only while the lock is held: a leader whose session ended cannot
+    /// commit a stale effect (see the crate docs, "Transactional
+    /// projections").
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] when the session was lost or released: stop
+    /// leading.
+    pub fn leader_session(&mut self) -> Result<&mut S, Error> {
+        self.inner.leader_session()
+    }
+
     /// Releases leadership, awaiting the release.
     ///
     /// # Errors

@@ -34,10 +34,45 @@
 //! [`run_projection`] it stops at the next checkpoint save, i.e. after at
 //! most the event being applied when the loss was seen. Effects a stale
 //! leader writes elsewhere are not fenced by either, only its checkpoint
-//! is (session-fenced transactions would close that). Events after the
-//! last saved checkpoint are applied again by the next leader
+//! is (a session-fenced transaction closes that: see below). Events after
+//! the last saved checkpoint are applied again by the next leader
 //! (at-least-once; eventcore saves after every event, so a killed leader
 //! leaves at most one).
+//!
+//! # Transactional projections (no stale effect)
+//!
+//! eventcore 2.1's transactional projections, where the effect and the
+//! progress commit in one transaction on the connection holding the
+//! leadership lock (eventcore-testing's `leadership_loss_fencing_contract`:
+//! "stale effect must not commit"), are eventcore-postgres' own runner
+//! (`eventcore::postgres::projections`, feature `postgres`): it owns its
+//! pool, its advisory lock and its progress table. eventcore publishes no
+//! trait a coordinator or checkpoint store could implement to join it:
+//! eventcore-types has only the vocabulary and the event-source side
+//! (`ProjectionSource`), and eventcore-testing's transactional contracts
+//! take a *fixture* standing for a whole runner (`TransactionalProjectionFixture`:
+//! retry policy, after-commit hooks, source and selection identities,
+//! reset and replay, commit-acknowledgement loss), so passing them would
+//! mean writing a second runner, and eventcore's legacy `Projector::apply`
+//! is synchronous, so `run_projection` cannot write inside a transaction.
+//!
+//! The same guarantee on shardlock, on every driver with session-fenced
+//! transactions (PostgreSQL, MySQL/MariaDB, SQL Server; SQLite through
+//! `SqliteCheckpoints::fenced`): take leadership with
+//! [`ShardlockBackend::acquire`] (the lock and a claimed fencing epoch),
+//! read a batch through the backend, then
+//! [`leader_session`](BackendGuard::leader_session)`()?.transaction()`,
+//! write the effects through it, advance the exact position in it
+//! (`PgPositions::advance_in` / `MySqlPositions::advance_in`) and
+//! `commit_checkpoint(name, guard.epoch(), position_prefix(last))`. The
+//! commit runs on the connection that holds the lock, so a leader whose
+//! session ended gets `SessionLost` and commits nothing; a superseded
+//! epoch rolls the batch back. `PgPositions::advance_in` shows the whole
+//! loop as a compiled example; the tests `fenced_batch_*` in this crate's
+//! `tests/postgres.rs` and `tests/mysql.rs` kill the leader's connection
+//! mid-batch and assert what `leadership_loss_fencing_contract` asserts:
+//! the stale leader fails with a lost leadership, no stale effect and no
+//! stale progress committed.
 //!
 //! # Example
 //!

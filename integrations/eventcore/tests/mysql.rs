@@ -307,3 +307,190 @@ async fn projection_failover_mysql_kill() {
          stopped with {led:?}); b waited in the database, resumed at {b_first} through {EVENTS}"
     );
 }
+
+// ===== a fenced batch: no stale effect, no stale progress =====
+
+use eventcore_types::{BatchSize, CheckpointStore as _, EventFilter, EventPage, EventReader as _};
+use shardlock_core::{Error, FencedError};
+use shardlock_eventcore::{position_prefix, BackendGuard};
+use shardlock_mysql::{MySqlSession, MySqlTransaction};
+
+type MySqlBackend<'e> =
+    ShardlockBackend<&'e InMemoryEventStore, MySqlDriver, MySqlCheckpoints, MySqlPositions>;
+
+/// Reads the next batch (after the committed position) through `backend`
+/// and stages it in a fenced transaction on the leader's connection: one
+/// effect row per tick, the exact position and the checkpoint. Answers the
+/// open transaction, the batch's last position and its size.
+async fn stage<'g>(
+    backend: &MySqlBackend<'_>,
+    lead: &'g mut BackendGuard<MySqlSession>,
+    name: &str,
+    table: &str,
+    node: &str,
+) -> (MySqlTransaction<'g>, StreamPosition, usize) {
+    let page = match backend.load(name).await.unwrap_or_else(|e| panic!("{e}")) {
+        Some(after) => EventPage::after(after, BatchSize::new(10)),
+        None => EventPage::first(BatchSize::new(10)),
+    };
+    let batch = backend
+        .read_events::<common::Tick>(EventFilter::all(), page)
+        .await
+        .unwrap_or_else(|e| panic!("read: {e}"));
+    let &(_, last) = batch.last().unwrap_or_else(|| panic!("an empty batch"));
+    let epoch = lead.epoch();
+    let mut tx = lead
+        .leader_session()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .transaction()
+        .await
+        .unwrap_or_else(|e| panic!("begin: {e}"));
+    for (tick, _) in &batch {
+        sqlx::query(&format!("INSERT INTO {table} (n, node) VALUES (?, ?)"))
+            .bind(tick.n as i64)
+            .bind(node)
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("effect: {e}"));
+    }
+    MySqlPositions::advance_in(&mut tx, name, last)
+        .await
+        .unwrap_or_else(|e| panic!("position: {e}"));
+    MySqlCheckpoints::save_in(&mut tx, name, epoch, position_prefix(last))
+        .await
+        .unwrap_or_else(|e| panic!("checkpoint: {e}"));
+    (tx, last, batch.len())
+}
+
+/// Effect rows (committed only), by node.
+async fn effects_by(url: &str, table: &str, node: &str) -> i64 {
+    let mut conn = MySqlConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("side connection: {e}"));
+    let n = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table} WHERE node = ?"))
+        .bind(node)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("count: {e}"));
+    let _ = conn.close().await;
+    n
+}
+
+/// What eventcore-testing's `leadership_loss_fencing_contract` asserts of
+/// eventcore-postgres' transactional runner, on shardlock's MySQL fenced
+/// transaction: the leader writes a batch's effects, exact position and
+/// checkpoint in one transaction on its lock's connection; the connection
+/// is killed before the commit; the leader fails with a lost leadership,
+/// and neither its effects nor its progress committed. The follower then
+/// takes over and resumes from the last committed batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_batch_killed_leader_commits_nothing() {
+    let Some((url, options, database)) = server().await else {
+        return;
+    };
+    let name = shardlock_contract_tests::unique_name("eventcore-fenced");
+    let table = format!("fx_{}", name.replace('-', "_").to_lowercase());
+    let events = InMemoryEventStore::new();
+    seed(&events, 30).await;
+    let ticks = common::positions(&events).await;
+    let checkpoints = checkpoints(&url).await;
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (n BIGINT PRIMARY KEY, node VARCHAR(8) NOT NULL) ENGINE = InnoDB"
+    ))
+    .execute(checkpoints.store().pool())
+    .await
+    .unwrap_or_else(|e| panic!("effects table: {e}"));
+    let node = |_: &str| {
+        ShardlockBackend::new(
+            &events,
+            ShardlockCoordinator::new(MySqlDriver::new(options.clone()), database.clone()),
+            checkpoints.clone(),
+        )
+    };
+
+    // a leads and commits the first batch.
+    let a = node("a");
+    let mut lead = a.acquire(&name).await.unwrap_or_else(|e| panic!("{e}"));
+    let (tx, last, n) = stage(&a, &mut lead, &name, &table, "a").await;
+    tx.commit().await.unwrap_or_else(|e| panic!("commit: {e}"));
+    assert_eq!((last, n), (ticks[9], 10));
+
+    // a stages the second batch; its connection is killed before it commits.
+    let (tx, _, _) = stage(&a, &mut lead, &name, &table, "a").await;
+    let id = tx.connection_id();
+    let mut side = MySqlConnection::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("side connection: {e}"));
+    sqlx::query(&format!("KILL CONNECTION {id}"))
+        .execute(&mut side)
+        .await
+        .unwrap_or_else(|e| panic!("KILL CONNECTION {id}: {e}"));
+    let _ = side.close().await;
+    let failure = tx.commit().await;
+    assert!(
+        matches!(failure, Err(Error::SessionLost { .. })),
+        "the stale leader's commit answered {failure:?}"
+    );
+    drop(lead);
+    assert_eq!(
+        effects_by(&url, &table, "a").await,
+        10,
+        "stale effect must not commit"
+    );
+    assert_eq!(
+        a.load(&name).await.unwrap_or_else(|e| panic!("{e}")),
+        Some(ticks[9]),
+        "stale progress must not commit"
+    );
+
+    // b takes over at once and resumes after the last committed batch.
+    let b = node("b");
+    let started = Instant::now();
+    let mut lead = loop {
+        match b.acquire(&name).await {
+            Ok(lead) => break lead,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "b did not take over: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for expected in [ticks[19], ticks[29]] {
+        let (tx, last, _) = stage(&b, &mut lead, &name, &table, "b").await;
+        assert_eq!(last, expected);
+        tx.commit()
+            .await
+            .unwrap_or_else(|e| panic!("b commits: {e}"));
+    }
+    assert_eq!(effects_by(&url, &table, "b").await, 20);
+    assert_eq!(
+        b.load(&name).await.unwrap_or_else(|e| panic!("{e}")),
+        Some(ticks[29])
+    );
+    // A superseded epoch rolls a whole batch back (FencedOff).
+    let newer = shardlock_core::CheckpointStore::claim(a.checkpoints().store(), &name).await;
+    assert!(newer.is_ok(), "{newer:?}");
+    let epoch = lead.epoch();
+    let session = lead.leader_session().unwrap_or_else(|e| panic!("{e}"));
+    let mut tx = session
+        .transaction()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(&format!("INSERT INTO {table} (n, node) VALUES (31, 'b')"))
+        .execute(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = tx.commit_checkpoint(&name, epoch, i64::MAX).await;
+    assert!(
+        matches!(refused, Err(FencedError::Checkpoint(_))),
+        "{refused:?}"
+    );
+    assert_eq!(effects_by(&url, &table, "b").await, 20, "rolled back");
+    println!(
+        "mysql fenced batch: connection {id} killed before its commit; stale effects 0, \
+         progress stayed at tick 10, b resumed at tick 11"
+    );
+}

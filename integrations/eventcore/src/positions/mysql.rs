@@ -4,7 +4,10 @@ use std::fmt;
 
 use eventcore_types::StreamPosition;
 use shardlock_core::BoxError;
-use shardlock_mysql::sqlx::{self, mysql::MySqlPool};
+use shardlock_mysql::sqlx::{
+    self,
+    mysql::{MySqlConnection, MySqlPool},
+};
 
 use super::PositionTable;
 use crate::error::OpenError;
@@ -59,6 +62,46 @@ impl MySqlPositions {
     }
 }
 
+impl MySqlPositions {
+    /// Advances the position of `subscription` on `conn`, typically inside
+    /// the session-fenced transaction that writes the projection's rows and
+    /// saves its checkpoint (`MySqlTransaction::commit_checkpoint` with
+    /// [`position_prefix`](crate::position_prefix)`(position)`), so the
+    /// exact position commits with them or not at all. Like
+    /// [`PositionTable::advance`], never moves backwards. The table must
+    /// exist ([`from_pool`](Self::from_pool) creates it: it is DDL, which
+    /// would commit a transaction implicitly).
+    ///
+    /// # Errors
+    ///
+    /// The database's error; roll the transaction back.
+    pub async fn advance_in(
+        conn: &mut MySqlConnection,
+        subscription: &str,
+        position: StreamPosition,
+    ) -> Result<(), BoxError> {
+        advance(conn, subscription, position).await
+    }
+}
+
+/// The one upsert of [`ADVANCE`], on any executor.
+async fn advance<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::MySql>,
+    subscription: &str,
+    position: StreamPosition,
+) -> Result<(), BoxError> {
+    let bits: uuid::Uuid = position.into_inner();
+    let bytes = bits.as_bytes().as_slice();
+    sqlx::query(ADVANCE)
+        .bind(subscription)
+        .bind(bytes)
+        .bind(bytes)
+        .bind(bytes)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
 impl PositionTable for MySqlPositions {
     async fn load(&self, subscription: &str) -> Result<Option<StreamPosition>, BoxError> {
         let bytes: Option<Vec<u8>> = sqlx::query_scalar(LOAD)
@@ -71,15 +114,6 @@ impl PositionTable for MySqlPositions {
     }
 
     async fn advance(&self, subscription: &str, position: StreamPosition) -> Result<(), BoxError> {
-        let bits: uuid::Uuid = position.into_inner();
-        let bytes = bits.as_bytes().as_slice();
-        sqlx::query(ADVANCE)
-            .bind(subscription)
-            .bind(bytes)
-            .bind(bytes)
-            .bind(bytes)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        advance(&self.pool, subscription, position).await
     }
 }

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use eventcore_types::StreamPosition;
 use shardlock_core::BoxError;
-use shardlock_postgres::sqlx::{self, postgres::PgPool};
+use shardlock_postgres::sqlx::{
+    self,
+    postgres::{PgConnection, PgPool},
+};
 
 use super::PositionTable;
 use crate::error::OpenError;
@@ -64,6 +67,120 @@ impl PgPositions {
     }
 }
 
+impl PgPositions {
+    /// Advances the position of `subscription` on `conn`, typically inside
+    /// the session-fenced transaction that writes the projection's rows and
+    /// saves its checkpoint (`PgTransaction::commit_checkpoint` with
+    /// [`position_prefix`](crate::position_prefix)`(position)`), so the
+    /// exact position commits with them or not at all. Like
+    /// [`PositionTable::advance`], never moves backwards. The table must
+    /// exist ([`from_pool`](Self::from_pool) creates it).
+    ///
+    /// A fenced batch, the way an eventcore user gets eventcore-postgres'
+    /// transactional guarantee ("stale effect must not commit") with
+    /// shardlock: leadership (lock + claimed epoch), then the events read,
+    /// applied, and committed with their position on the lock's own
+    /// connection. A leader whose backend was terminated gets
+    /// `FencedError::SessionLost` at the commit, and nothing of the batch is
+    /// committed; the next leader resumes from the last committed position.
+    ///
+    /// ```no_run
+    /// use eventcore_memory::InMemoryEventStore;
+    /// use eventcore_types::{
+    ///     BatchSize, CheckpointStore as _, Event, EventFilter, EventPage, EventReader as _,
+    ///     StreamId,
+    /// };
+    /// use shardlock_core::DatabaseId;
+    /// use shardlock_eventcore::{
+    ///     position_prefix, PgPositions, ShardlockBackend, ShardlockCheckpoints,
+    ///     ShardlockCoordinator,
+    /// };
+    /// use shardlock_postgres::{sqlx, PgCheckpoints, PgDriver, PgOptions};
+    ///
+    /// #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    /// struct Deposited {
+    ///     account: StreamId,
+    ///     amount: i64,
+    /// }
+    ///
+    /// impl Event for Deposited {
+    ///     fn stream_id(&self) -> &StreamId {
+    ///         &self.account
+    ///     }
+    ///     fn event_type_name() -> &'static str {
+    ///         "Deposited"
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// let options = PgOptions::parse("postgres://app:secret@localhost/app")?;
+    /// let database = DatabaseId::new("app");
+    /// let store = PgCheckpoints::connect(&options, &database).await?;
+    /// let positions = PgPositions::from_pool(store.pool().clone()).await?;
+    /// let events = InMemoryEventStore::new(); // your eventcore EventReader
+    /// let backend = ShardlockBackend::new(
+    ///     &events,
+    ///     ShardlockCoordinator::new(PgDriver::new(options), database),
+    ///     ShardlockCheckpoints::new(store, positions),
+    /// );
+    ///
+    /// let name = "account-totals";
+    /// let mut lead = backend.acquire(name).await?; // the lock and a claimed epoch
+    /// let page = match backend.load(name).await? {
+    ///     Some(after) => EventPage::after(after, BatchSize::new(500)),
+    ///     None => EventPage::first(BatchSize::new(500)),
+    /// };
+    /// let batch = backend
+    ///     .read_events::<Deposited>(EventFilter::all(), page)
+    ///     .await?;
+    /// if let Some(&(_, last)) = batch.last() {
+    ///     let epoch = lead.epoch();
+    ///     let mut tx = lead.leader_session()?.transaction().await?;
+    ///     for (deposit, _) in &batch {
+    ///         sqlx::query("UPDATE totals SET total = total + $1 WHERE account = $2")
+    ///             .bind(deposit.amount)
+    ///             .bind(deposit.account.to_string())
+    ///             .execute(&mut *tx)
+    ///             .await?;
+    ///     }
+    ///     PgPositions::advance_in(&mut tx, name, last).await?;
+    ///     // Effects, position and checkpoint commit together, only while
+    ///     // the lock is held; a superseded epoch rolls them all back.
+    ///     tx.commit_checkpoint(name, epoch, position_prefix(last))
+    ///         .await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The database's error; roll the transaction back.
+    pub async fn advance_in(
+        conn: &mut PgConnection,
+        subscription: &str,
+        position: StreamPosition,
+    ) -> Result<(), BoxError> {
+        advance(conn, subscription, position).await
+    }
+}
+
+/// The one upsert of [`ADVANCE`], on any executor.
+async fn advance<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Postgres>,
+    subscription: &str,
+    position: StreamPosition,
+) -> Result<(), BoxError> {
+    let bits: uuid::Uuid = position.into_inner();
+    sqlx::query(ADVANCE)
+        .bind(subscription)
+        .bind(bits.hyphenated().to_string())
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
 impl PositionTable for PgPositions {
     async fn load(&self, subscription: &str) -> Result<Option<StreamPosition>, BoxError> {
         let text: Option<String> = sqlx::query_scalar(LOAD)
@@ -75,12 +192,6 @@ impl PositionTable for PgPositions {
     }
 
     async fn advance(&self, subscription: &str, position: StreamPosition) -> Result<(), BoxError> {
-        let bits: uuid::Uuid = position.into_inner();
-        sqlx::query(ADVANCE)
-            .bind(subscription)
-            .bind(bits.hyphenated().to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        advance(&self.pool, subscription, position).await
     }
 }
