@@ -160,6 +160,72 @@
 //! session is in use (if it shuts down, the connection closes and the session
 //! reports itself lost).
 
+//!
+//! # Projections: checkpoints and session-fenced transactions
+//!
+//! [`MssqlCheckpoints`] is the SQL Server checkpoint store, opened like
+//! every other store: `MssqlCheckpoints::connect(&options, &database)` (the
+//! driver's options and the id whose locks the projection uses), answering
+//! `Result<_, CheckpointError>`. It keeps the table `subscriptions
+//! (subscription_name nvarchar(450) primary key, compared binary,
+//! last_position bigint, epoch bigint, updated_at datetime2)`, created when
+//! missing, with the semantics of every store: a claim bumps the epoch
+//! (`MERGE … WITH (HOLDLOCK) … OUTPUT`, so two claimants never get the same
+//! epoch and a missing row is inserted once); a save is conditional on the
+//! epoch (`UPDATE … WHERE epoch = @P2`) and never moves backwards; a refused
+//! save writes nothing and answers `NotClaimed` or `FencedOff`. It holds one
+//! connection (tiberius has no pool) behind an async mutex, reopened when it
+//! breaks.
+//!
+//! To commit a projection's rows with its checkpoint, use the leader's
+//! **session-fenced transaction**: [`MssqlSession::transaction`] opens
+//! `SET XACT_ABORT ON; BEGIN TRANSACTION` on the very connection whose
+//! server session owns the leadership lock; write through
+//! [`MssqlTransaction::execute`], then
+//! [`commit_checkpoint`](MssqlTransaction::commit_checkpoint) (or
+//! [`MssqlCheckpoints::save_in`] and [`commit`](MssqlTransaction::commit)).
+//! A leader whose session was `KILL`ed cannot commit: `KILL` rolls the open
+//! transaction back before the session ends, and session-owned application
+//! locks are freed only when the session ends, so no follower can claim
+//! before the rollback; the commit runs on that session and is refused as
+//! soon as the loss signal fired (see [`MssqlTransaction`]).
+//! [`MssqlCheckpoints::save_in`] also takes a tiberius client of your own
+//! inside your own transaction ([`MssqlExecutor`]).
+//!
+//! ```no_run
+//! use shardlock_core::{acquire_leadership, projection_leadership_key, CheckpointStore, DatabaseId, NodeId};
+//! use shardlock_sqlserver::{MssqlCheckpoints, MssqlDriver, MssqlOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let options = MssqlOptions::parse("Server=tcp:db.internal,1433;User Id=app;Password=secret")?;
+//! let database = DatabaseId::new("orders");
+//! let store = MssqlCheckpoints::connect(&options, &database).await?;
+//! let key = projection_leadership_key("orders-view")?;
+//! let mut guard =
+//!     acquire_leadership(&MssqlDriver::new(options), &database, &NodeId::generate(), key).await?;
+//! let claimed = store.claim("orders-view").await?;
+//! let mut tx = guard.leader_session()?.transaction().await?;
+//! tx.execute("UPDATE totals SET amount = amount + @P1 WHERE id = 1", &[&42i64]).await?;
+//! tx.commit_checkpoint("orders-view", claimed.epoch, 1).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # `shardlock status`
+//!
+//! `shardlock status --url "server=tcp:host,1433;…"` (or `--driver
+//! sqlserver`) lists the session-owned application locks of the database
+//! from `sys.dm_tran_locks` (holder = the session's `program_name`,
+//! `shardlock:<node>`), mapping the 32 characters the view shows of each
+//! resource name ([`tran_locks_name`], [`applock_description_name`]) back to
+//! the names the nodes' distributors build. Reading the view needs `VIEW
+//! SERVER STATE` (`VIEW SERVER PERFORMANCE STATE` on SQL Server 2022, `VIEW
+//! DATABASE STATE` on Azure SQL Database); without it, or on a server
+//! without the view, status falls back to `APPLOCK_TEST(N'public', name,
+//! N'Exclusive', N'Session')` over those names, which tells which are held
+//! but not by whom, and says which source it used (also in `--json`).
+
 #![doc(test(attr(deny(warnings))))]
 
 mod checkpoints;
