@@ -13,8 +13,12 @@
 # Otherwise the script starts Docker (scripts/lib/docker.sh), builds the local
 # image (scripts/build-images.sh) and runs a throw-away container of
 # SHARDLOCK_PG_IMAGE (default shardlock-test/postgres:15) that is removed at
-# the end. SHARDLOCK_NO_DOCKER=1 skips that: the Postgres rows then say
-# "not measured" and why. scripts/test.sh does not run this script.
+# the end. MySQL/MariaDB the same way: SHARDLOCK_MYSQL_URL=mysql://user:pw@host:port/db
+# uses your server (nothing else should use it while the bench runs: statement
+# counts are the server's global counters), else a throw-away container of
+# SHARDLOCK_MYSQL_IMAGE (default shardlock-test/mariadb:10.11). SHARDLOCK_NO_DOCKER=1
+# skips the containers: those rows then say "not measured" and why.
+# scripts/test.sh does not run this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "[bench.sh] $*" >&2; }
@@ -51,16 +55,19 @@ started=$(date +%s)
 
 log "building the harness, the benches and the holder binaries (release)"
 cargo build --release -p shardlock-benches --bins
-cargo build --release -p shardlock-sqlite -p shardlock-postgres --examples
+cargo build --release -p shardlock-sqlite -p shardlock-postgres -p shardlock-mysql --examples
 cargo bench -p shardlock-benches --bench micro --no-run
 
 # ----- Postgres -----------------------------------------------------------
 cid=
+mysql_cid=
 cleanup() {
-    if [ -n "$cid" ]; then
-        log "removing the bench container ${cid:0:12}"
-        docker rm -f "$cid" >/dev/null 2>&1 || true
-    fi
+    for c in "$cid" "$mysql_cid"; do
+        if [ -n "$c" ]; then
+            log "removing the bench container ${c:0:12}"
+            docker rm -f "$c" >/dev/null 2>&1 || true
+        fi
+    done
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -68,6 +75,28 @@ trap 'exit 130' INT TERM
 pg_skip=
 pin_server=()
 pin_client=()
+# CPU placement: on this 2-core machine a round trip between two processes
+# costs ~25 µs when the scheduler keeps them on one core and ~75 µs across
+# cores, and each connection's server thread settles in one mode or the
+# other, which biased ratios by up to 3x between two otherwise identical
+# connections. So the servers get the last CPU and the benchmarks the others
+# (taskset): every round trip crosses cores, the same for shardlock and raw.
+pin() {
+    if [ "${#pin_server[@]}" -eq 0 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
+        last=$(($(nproc) - 1))
+        pin_server=(--cpuset-cpus="$last")
+        pin_client=(taskset -c "0-$((last - 1))")
+    fi
+}
+# A free local TCP port in [$1, $1 + 99], or nothing.
+free_port() {
+    for candidate in $(seq "$1" "$(($1 + 99))"); do
+        if ! ss -Hltn "sport = :$candidate" 2>/dev/null | grep -q .; then
+            echo "$candidate"
+            return
+        fi
+    done
+}
 if [ -n "${SHARDLOCK_PG_URL:-}" ]; then
     log "Postgres: using SHARDLOCK_PG_URL"
 elif [ -n "${SHARDLOCK_NO_DOCKER:-}" ]; then
@@ -86,27 +115,10 @@ else
         # copy loop, into every round trip. Fall back to -p if it fails.
         # fsync off: a throw-away server; lock-table room for the 10,000-key
         # rows plus a raw baseline; connections for 100 tenants twice.
-        # CPU placement: on this 2-core machine a round trip between two
-        # processes costs ~25 µs when the scheduler keeps them on one core and
-        # ~75 µs across cores, and each connection's backend settles in one
-        # mode or the other, which biased ratios by up to 3x between two
-        # otherwise identical connections. So the server gets the last CPU and
-        # the benchmarks the others (taskset): every round trip crosses cores,
-        # the same for shardlock and raw.
-        if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
-            last=$(($(nproc) - 1))
-            pin_server=(--cpuset-cpus="$last")
-            pin_client=(taskset -c "0-$((last - 1))")
-        fi
+        pin
         pg_args=(-c fsync=off -c shared_preload_libraries=pg_stat_statements
             -c max_locks_per_transaction=256 -c max_connections=400)
-        port=
-        for candidate in $(seq 56432 56531); do
-            if ! ss -Hltn "sport = :$candidate" 2>/dev/null | grep -q .; then
-                port=$candidate
-                break
-            fi
-        done
+        port=$(free_port 56432)
         if [ -n "$port" ]; then
             log "Postgres: starting a container of $image (host network, 127.0.0.1:$port)"
             cid=$(docker run -d --network host "${pin_server[@]}" -e POSTGRES_PASSWORD=postgres \
@@ -137,6 +149,63 @@ fi
 if [ -n "$pg_skip" ]; then
     log "Postgres rows will not be measured: $pg_skip"
     export SHARDLOCK_BENCH_PG_SKIP="$pg_skip"
+fi
+
+# ----- MySQL / MariaDB ------------------------------------------------------
+mysql_skip=
+if [ -n "${SHARDLOCK_MYSQL_URL:-}" ]; then
+    log "MySQL: using SHARDLOCK_MYSQL_URL"
+elif [ -n "${SHARDLOCK_NO_DOCKER:-}" ]; then
+    mysql_skip="SHARDLOCK_NO_DOCKER is set and SHARDLOCK_MYSQL_URL is not"
+else
+    # shellcheck source=scripts/lib/docker.sh
+    . scripts/lib/docker.sh
+    mysql_image=${SHARDLOCK_MYSQL_IMAGE:-shardlock-test/mariadb:10.11}
+    if ! ensure_docker; then
+        mysql_skip="no Docker engine could be started (see ${TMPDIR:-/tmp}/shardlock-dockerd.log); set SHARDLOCK_MYSQL_URL"
+    elif [ "$mysql_image" = "shardlock-test/mariadb:10.11" ] && ! bash scripts/build-images.sh --only-mariadb; then
+        mysql_skip="the local image $mysql_image could not be built (scripts/build-images.sh); set SHARDLOCK_MYSQL_URL"
+    else
+        # The same placement as Postgres (both servers share the last CPU;
+        # the measures use one server at a time): host network, pinned.
+        # Root without a password and a database of the bench's own (the
+        # image's entrypoint follows the official image's variables; args
+        # starting with - go to mariadbd and override its defaults).
+        pin
+        port=$(free_port 53306)
+        mysql_env=(-e MARIADB_ALLOW_EMPTY_ROOT_PASSWORD=1 -e MARIADB_DATABASE=shardlock_bench)
+        mysql_args=(--max-connections=500)
+        if [ -n "$port" ]; then
+            log "MySQL: starting a container of $mysql_image (host network, 127.0.0.1:$port)"
+            mysql_cid=$(docker run -d --network host "${pin_server[@]}" "${mysql_env[@]}" \
+                --label shardlock.bench=mysql "$mysql_image" "${mysql_args[@]}" \
+                --bind-address=127.0.0.1 --port="$port") || mysql_cid=
+        fi
+        if [ -z "$mysql_cid" ]; then
+            log "MySQL: host networking unavailable; publishing a port instead"
+            mysql_cid=$(docker run -d -p 127.0.0.1::3306 "${pin_server[@]}" "${mysql_env[@]}" \
+                --label shardlock.bench=mysql "$mysql_image" "${mysql_args[@]}") || mysql_cid=
+            port=
+            for _ in $(seq 1 100); do
+                [ -n "$mysql_cid" ] || break
+                port=$(docker port "$mysql_cid" 3306/tcp 2>/dev/null | head -n 1 | sed 's/.*://')
+                [ -n "$port" ] && break
+                sleep 0.1
+            done
+        fi
+        if [ -z "$mysql_cid" ] || [ -z "$port" ]; then
+            mysql_skip="docker run $mysql_image failed"
+        else
+            # The harness waits until a real query succeeds (the first start
+            # initialises the data directory: a few seconds).
+            export SHARDLOCK_MYSQL_URL="mysql://root@127.0.0.1:$port/shardlock_bench"
+            log "MySQL: container ${mysql_cid:0:12} on 127.0.0.1:$port"
+        fi
+    fi
+fi
+if [ -n "$mysql_skip" ]; then
+    log "MySQL rows will not be measured: $mysql_skip"
+    export SHARDLOCK_BENCH_MYSQL_SKIP="$mysql_skip"
 fi
 
 # ----- the latency harness --------------------------------------------------
@@ -199,14 +268,16 @@ operation done directly over one connection of the same kind (sqlx on one
 \`tokio::sync::Mutex\`). Rounds of shardlock and raw are interleaved (the
 order alternates each round) so that the noise of this shared 2-core machine
 hits both sides alike. **ratio** = shardlock's p50 / raw's p50 (lower is
-better; 1.00× means no overhead). The Postgres server runs in a local Docker
-container on the host network (reached on 127.0.0.1 without docker-proxy),
-with \`fsync=off\`, pinned to the last CPU while the benchmarks run on the
-others (\`$pinning\`): on 2 cores a round trip costs about 25 µs when
-client and server share a core and 75 µs across cores, and an unpinned
-connection settles in either mode, which skewed ratios by up to 3×.
-Statement counts are the server's own (\`pg_stat_statements\`, read from a
-separate connection in another database). The harness is
+better; 1.00× means no overhead). The Postgres and MariaDB servers run in
+local Docker containers on the host network (reached on 127.0.0.1 without
+docker-proxy), Postgres with \`fsync=off\`, both pinned to the last CPU
+while the benchmarks run on the others (\`$pinning\`): on 2 cores a round
+trip costs about 25 µs when client and server share a core and 75 µs across
+cores, and an unpinned connection settles in either mode, which skewed
+ratios by up to 3×. Statement counts are the servers' own
+(\`pg_stat_statements\`, read from a separate connection in another
+database; MariaDB's global \`Com_select\` and \`Questions\`, read from a
+separate connection on the otherwise idle server). The harness is
 \`benches/src/bin/shardlock-bench\`; the criterion benches are
 \`benches/benches/micro.rs\`.
 

@@ -7,7 +7,8 @@
 //! (`benches/micro.rs`) and the latency harness (`shardlock-bench`) share:
 //! the raw baselines, the PostgreSQL bench environment (server-side statement
 //! counts from `pg_stat_statements`, connections per node from
-//! `pg_stat_activity`), sample statistics, process CPU time and the
+//! `pg_stat_activity`), the MySQL/MariaDB one (statement counts from the
+//! server's global status, waiters from the processlist), sample statistics, process CPU time and the
 //! Markdown report. `scripts/bench.sh` runs both and writes `BENCHMARKS.md`.
 //!
 //! ```
@@ -28,12 +29,14 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod cpu;
+mod mysql;
 mod pg;
 mod raw;
 mod report;
 mod stats;
 
 pub use cpu::process_cpu_time;
+pub use mysql::{MySqlEnv, RawMySql, ServerStatements, StatusCounts, MYSQL_URL_ENV};
 pub use pg::{PgEnv, StatementCalls, StatementCounter, URL_ENV};
 pub use raw::{RawMemoryLocks, RawPg, RawSqlite};
 pub use report::{Report, Row, Target, Verdict};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
 use anyhow::{bail, Context as _, Result};
-use shardlock_benches::{RawPg, RawSqlite, URL_ENV};
+use shardlock_benches::{RawMySql, RawPg, RawSqlite, MYSQL_URL_ENV, URL_ENV};
 use shardlock_postgres::sqlx::postgres::PgConnectOptions;
 
 /// A child process that holds a key until it is killed.
@@ -99,6 +99,32 @@ pub(crate) fn raw_pg_holder(args: &[String]) -> Result<()> {
         let mut raw = RawPg::connect(&options).await?;
         if !raw.try_lock(key).await? {
             bail!("key {key} is held elsewhere");
+        }
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "READY")?;
+        out.flush()?;
+        drop(out);
+        std::future::pending::<()>().await;
+        drop(raw);
+        Ok(())
+    })
+}
+
+/// `raw-mysql-holder <name>`: `GET_LOCK(name, 0)` over a plain sqlx
+/// connection to `SHARDLOCK_MYSQL_URL`, prints `READY`, and holds it until
+/// killed.
+pub(crate) fn raw_mysql_holder(args: &[String]) -> Result<()> {
+    let name = args.first().context("usage: raw-mysql-holder <name>")?;
+    let url = std::env::var(MYSQL_URL_ENV).with_context(|| format!("set {MYSQL_URL_ENV}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut raw = RawMySql::connect_url(&url)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        if !raw.try_lock(name).await? {
+            bail!("lock {name} is held elsewhere");
         }
         let mut out = std::io::stdout().lock();
         writeln!(out, "READY")?;

@@ -8,14 +8,17 @@
 //!
 //! Writes the results table (Markdown) to `--out` (default
 //! `target/bench/harness.md`) and progress to stderr. PostgreSQL rows need
-//! `SHARDLOCK_PG_URL` (`scripts/bench.sh` starts a container and sets it);
-//! without it they say "not measured" and why. The crash measure needs the
-//! holder examples `shardlock-sqlite-holder` and `shardlock-pg-holder` in
-//! `examples/` next to this binary (`cargo build --release -p
-//! shardlock-sqlite -p shardlock-postgres --examples`).
+//! `SHARDLOCK_PG_URL`, MySQL/MariaDB rows (measures 1-4) need
+//! `SHARDLOCK_MYSQL_URL` (`scripts/bench.sh` starts a container of each and
+//! sets them); without one its rows say "not measured" and why. The crash
+//! measure needs the holder examples `shardlock-sqlite-holder`,
+//! `shardlock-pg-holder` and `shardlock-mysql-holder` in `examples/` next
+//! to this binary (`cargo build --release -p shardlock-sqlite -p
+//! shardlock-postgres -p shardlock-mysql --examples`).
 //!
 //! Hidden sub-commands used as child processes by the crash measure:
-//! `raw-pg-holder <key-id>` and `raw-sqlite-holder <file>`; and
+//! `raw-pg-holder <key-id>`, `raw-mysql-holder <name>` and
+//! `raw-sqlite-holder <file>`; and
 //! `criterion-summary <target/criterion>` prints criterion's medians as a
 //! Markdown table.
 
@@ -32,7 +35,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use shardlock_benches::{PgEnv, Report, StatementCounter};
+use shardlock_benches::{MySqlEnv, PgEnv, Report, ServerStatements, StatementCounter};
 
 /// The database the measures lock in.
 pub(crate) const BENCH_DB: &str = "shardlock_bench";
@@ -42,6 +45,9 @@ pub(crate) const RAW_DB: &str = "shardlock_bench_raw";
 
 /// Why there is no server, when `scripts/bench.sh` could not start one.
 const SKIP_ENV: &str = "SHARDLOCK_BENCH_PG_SKIP";
+/// Why there is no MySQL/MariaDB server, when `scripts/bench.sh` could not
+/// start one.
+const MYSQL_SKIP_ENV: &str = "SHARDLOCK_BENCH_MYSQL_SKIP";
 
 /// Run-wide settings.
 pub(crate) struct Config {
@@ -71,6 +77,10 @@ pub(crate) struct Ctx {
     pub(crate) pg: Result<PgEnv, String>,
     /// The statement counter, or why there is none.
     pub(crate) counter: Result<StatementCounter, String>,
+    /// The MySQL/MariaDB server, or why there is none.
+    pub(crate) mysql: Result<MySqlEnv, String>,
+    /// Its statement counter (global status), or why there is none.
+    pub(crate) mysql_counter: Result<ServerStatements, String>,
     /// A fresh lock directory root for the SQLite driver.
     pub(crate) sqlite_root: PathBuf,
     pub(crate) report: Report,
@@ -80,6 +90,11 @@ impl Ctx {
     /// The server and the counter, or why the Postgres rows are not measured.
     pub(crate) fn pg(&mut self) -> Result<&mut PgEnv, String> {
         self.pg.as_mut().map_err(|why| why.clone())
+    }
+
+    /// The MySQL/MariaDB server, or why its rows are not measured.
+    pub(crate) fn mysql(&mut self) -> Result<&mut MySqlEnv, String> {
+        self.mysql.as_mut().map_err(|why| why.clone())
     }
 
     /// A fresh lock directory for one measure.
@@ -128,6 +143,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("raw-pg-holder") => return holders::raw_pg_holder(&args[1..]),
         Some("raw-sqlite-holder") => return holders::raw_sqlite_holder(&args[1..]),
+        Some("raw-mysql-holder") => return holders::raw_mysql_holder(&args[1..]),
         Some("criterion-summary") => {
             let dir = args.get(1).context("usage: criterion-summary <dir>")?;
             print!("{}", criterion_summary::summary(std::path::Path::new(dir))?);
@@ -188,10 +204,29 @@ async fn run(config: Config) -> Result<(String, Report)> {
             })),
         Err(why) => Err(why),
     };
+    let mysql = match MySqlEnv::from_env(Duration::from_secs(90)).await {
+        Ok(Some(env)) => Ok(env),
+        Ok(None) => Err(std::env::var(MYSQL_SKIP_ENV)
+            .ok()
+            .filter(|why| !why.trim().is_empty())
+            .unwrap_or_else(|| {
+                format!(
+                    "no server: set {} (scripts/bench.sh starts one with Docker)",
+                    shardlock_benches::MYSQL_URL_ENV
+                )
+            })),
+        Err(why) => Err(why),
+    };
+    let mysql_counter = match &mysql {
+        Ok(env) => env.statement_counter().await,
+        Err(why) => Err(why.clone()),
+    };
     let mut ctx = Ctx {
         config,
         pg,
         counter: Err(String::new()),
+        mysql,
+        mysql_counter,
         sqlite_root: std::env::temp_dir().join(format!("shardlock-bench-{}", std::process::id())),
         report: Report::default(),
     };
@@ -216,8 +251,21 @@ async fn run(config: Config) -> Result<(String, Report)> {
         }
         Err(why) => format!("PostgreSQL: not measured: {why}"),
     };
+    let mysql_server = match &ctx.mysql {
+        Ok(env) => format!(
+            "MySQL/MariaDB: {}; statement counts: {}.",
+            env.version(),
+            match &ctx.mysql_counter {
+                Ok(_) => "the server's global `Com_select` and `Questions`, read from a \
+                          separate connection (nothing else uses the server)"
+                    .to_string(),
+                Err(why) => format!("not available ({why})"),
+            }
+        ),
+        Err(why) => format!("MySQL/MariaDB: not measured: {why}."),
+    };
     let preamble = format!(
-        "{server}; statement counts: {}.\n",
+        "{server}; statement counts: {}.\n\n{mysql_server}\n",
         match &ctx.counter {
             Ok(_) => "pg_stat_statements".to_string(),
             Err(why) => format!("not available ({why})"),
@@ -227,6 +275,11 @@ async fn run(config: Config) -> Result<(String, Report)> {
         (Ok(_), Ok(_)) => progress("postgres: server and pg_stat_statements ready"),
         (Ok(_), Err(why)) => progress(format!("postgres: no statement counts: {why}")),
         (Err(why), _) => progress(format!("postgres rows not measured: {why}")),
+    }
+    match (&ctx.mysql, &ctx.mysql_counter) {
+        (Ok(env), Ok(_)) => progress(format!("mysql: {} ready", env.version())),
+        (Ok(_), Err(why)) => progress(format!("mysql: no statement counts: {why}")),
+        (Err(why), _) => progress(format!("mysql rows not measured: {why}")),
     }
 
     if ctx.config.wants(1) {
