@@ -145,10 +145,24 @@ rootfs() {
     printf '%s\n' "$dir"
 }
 
-build_pg() {
-    local major=$1 suite=$2 image rootfs_image dir t0 t_all
-    image=shardlock-test/postgres:$major
-    rootfs_image=shardlock-test/postgres-rootfs:$major
+# build_image KIND VERSION TAG SUITE PACKAGES CONTEXT [TAR-EXCLUDE...] [-- BUILD-ARG...]:
+# builds shardlock-test/KIND:VERSION (unless it exists and no --force) from a
+# debootstrap of SUITE with PACKAGES (cached as TAG, see rootfs), imported
+# trimmed as shardlock-test/KIND-rootfs:VERSION, then CONTEXT's Dockerfile on
+# top. TAR-EXCLUDEs (--exclude=...) leave more out of the import; BUILD-ARGs
+# go to docker build.
+build_image() {
+    local kind=$1 version=$2 tag=$3 suite=$4 packages=$5 context_dir=$6
+    local image rootfs_image dir t0 t_all excludes=() build_args=()
+    shift 6
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do
+        excludes+=("$1")
+        shift
+    done
+    if [ $# -gt 0 ]; then shift; fi
+    build_args=("$@")
+    image=shardlock-test/$kind:$version
+    rootfs_image=shardlock-test/$kind-rootfs:$version
     if [ "$force" -eq 0 ] && docker image inspect "$image" >/dev/null 2>&1; then
         say "$image already exists (use --force to rebuild)"
         return 0
@@ -156,19 +170,13 @@ build_pg() {
     t_all=$(now)
     say "building $image from Debian $suite"
 
-    dir=$(rootfs "pg$major" "$suite" "postgresql-$major")
+    dir=$(rootfs "$tag" "$suite" "$packages")
 
     t0=$(now)
     say "importing $dir as $rootfs_image (trimmed)"
-    # Left out of the image: documentation, man/info pages, translations and
-    # locale sources (C.UTF-8 is built into glibc), apt's caches, Debian's own
-    # `main` cluster that postgresql-common created, and the LLVM JIT (with its
-    # plugin gone PostgreSQL silently runs without JIT; libLLVM and libz3 are
-    # ~130 MB that nothing else uses), and perl beyond perl-base (~50 MB; only
-    # Debian's /usr/bin wrappers such as /usr/bin/psql -> pg_wrapper need it,
-    # and the image's PATH puts /usr/lib/postgresql/N/bin first, so `psql`,
-    # `pg_isready`, `pg_ctl` are the real binaries). /dev, /proc, /sys are
-    # provided by docker.
+    # Left out of every image: documentation, man/info pages, translations and
+    # locale sources (C.UTF-8 is built into glibc), apt's caches and logs.
+    # /dev, /proc, /sys are provided by docker.
     tar -C "$dir" --numeric-owner \
         --exclude=./.shardlock-debootstrap-done \
         --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
@@ -177,6 +185,37 @@ build_pg() {
         --exclude='./usr/share/i18n/*' --exclude='./usr/share/lintian/*' \
         --exclude='./var/cache/apt/*' --exclude='./var/lib/apt/lists/*' \
         --exclude='./var/cache/debconf/*-old' --exclude='./var/log/*' \
+        "${excludes[@]}" \
+        -c . |
+        docker import --message "debootstrap $suite $packages" - "$rootfs_image" >/dev/null
+    say "import done in $(since "$t0")"
+
+    t0=$(now)
+    say "docker build $image"
+    # The legacy builder is enough (one RUN, one COPY) and needs no buildx plugin.
+    DOCKER_BUILDKIT=0 docker build -q \
+        --build-arg "ROOTFS=$rootfs_image" "${build_args[@]}" \
+        --label "org.shardlock.test-image=$kind" \
+        -t "$image" "$context_dir" >/dev/null \
+        2> >(grep -v -E 'DEPRECATED: The legacy builder|BuildKit is currently disabled|^ *environment-variable\.$|^ *$' >&2 || true)
+    say "docker build done in $(since "$t0")"
+    # Earlier builds of the same tag are left dangling: drop them.
+    docker image prune -f --filter "label=org.shardlock.test-image=$kind" >/dev/null 2>&1 || true
+
+    say "$image built in $(since "$t_all"), size $(docker image inspect -f '{{.Size}}' "$image" |
+        awk '{ printf "%.0f MB", $1 / 1e6 }')"
+}
+
+build_pg() {
+    local major=$1 suite=$2
+    # Also left out: Debian's own `main` cluster that postgresql-common
+    # created, the LLVM JIT (with its plugin gone PostgreSQL silently runs
+    # without JIT; libLLVM and libz3 are ~130 MB that nothing else uses), and
+    # perl beyond perl-base (~50 MB; only Debian's /usr/bin wrappers such as
+    # /usr/bin/psql -> pg_wrapper need it, and the image's PATH puts
+    # /usr/lib/postgresql/N/bin first, so `psql`, `pg_isready`, `pg_ctl` are
+    # the real binaries).
+    build_image postgres "$major" "pg$major" "$suite" "postgresql-$major" "$context" \
         --exclude="./var/lib/postgresql/$major/main" \
         --exclude="./etc/postgresql/$major/main" \
         --exclude="./usr/lib/postgresql/$major/lib/llvmjit*" \
@@ -184,41 +223,17 @@ build_pg() {
         --exclude='./usr/lib/*/libLLVM*' --exclude='./usr/lib/*/libz3.so*' \
         --exclude='./usr/share/perl/*' --exclude='./usr/lib/*/perl/*' \
         --exclude='./usr/lib/*/libperl.so*' \
-        -c . |
-        docker import --message "debootstrap $suite postgresql-$major" - "$rootfs_image" >/dev/null
-    say "import done in $(since "$t0")"
-
-    t0=$(now)
-    say "docker build $image"
-    # The legacy builder is enough (one RUN, one COPY) and needs no buildx plugin.
-    DOCKER_BUILDKIT=0 docker build -q \
-        --build-arg "ROOTFS=$rootfs_image" --build-arg "PG_MAJOR=$major" \
-        --label "org.shardlock.test-image=postgres" \
-        -t "$image" "$context" >/dev/null \
-        2> >(grep -v -E 'DEPRECATED: The legacy builder|BuildKit is currently disabled|^ *environment-variable\.$|^ *$' >&2 || true)
-    say "docker build done in $(since "$t0")"
-    # Earlier builds of the same tag are left dangling: drop them.
-    docker image prune -f --filter "label=org.shardlock.test-image=postgres" >/dev/null 2>&1 || true
-
-    say "$image built in $(since "$t_all"), size $(docker image inspect -f '{{.Size}}' "$image" |
-        awk '{ printf "%.0f MB", $1 / 1e6 }')"
+        -- --build-arg "PG_MAJOR=$major"
 }
 
-# verify_pg MAJOR: start the image the way testcontainers does, wait for the
-# ready line on stdout AND stderr, query it through the published port.
-verify_pg() {
-    local major=$1 image cid port t0 out n_out n_err i ok=0
-    image=shardlock-test/postgres:$major
-    t0=$(now)
-    cid=$(docker run -d -p 127.0.0.1::5432 -e POSTGRES_PASSWORD=postgres "$image" -c fsync=off)
-    # shellcheck disable=SC2064  # expand $cid now
-    trap "docker rm -f $cid >/dev/null 2>&1 || true" EXIT
+# await_ready CID IMAGE PREDICATE WHAT: polls PREDICATE CID every 0.25 s for up
+# to 60 s; dies with the container's last log lines if it exits first or WHAT
+# (the ready condition, for the message) never shows.
+await_ready() {
+    local cid=$1 image=$2 ready=$3 what=$4 i
     for ((i = 0; i < 240; i++)); do
-        n_out=$(docker logs "$cid" 2>/dev/null | grep -c 'database system is ready to accept connections' || true)
-        n_err=$(docker logs "$cid" 2>&1 >/dev/null | grep -c 'database system is ready to accept connections' || true)
-        if [ "$n_out" -ge 1 ] && [ "$n_err" -ge 1 ]; then
-            ok=1
-            break
+        if "$ready" "$cid"; then
+            return 0
         fi
         if [ "$(docker inspect -f '{{.State.Running}}' "$cid")" != true ]; then
             docker logs "$cid" 2>&1 | tail -n 30 | sed 's/^/[build-images]   /' >&2
@@ -226,11 +241,36 @@ verify_pg() {
         fi
         sleep 0.25
     done
-    if [ "$ok" -ne 1 ]; then
-        docker logs "$cid" 2>&1 | tail -n 30 | sed 's/^/[build-images]   /' >&2
-        die "$image: no ready line on both stdout and stderr within 60s"
-    fi
-    say "$image: ready (stdout $n_out, stderr $n_err ready lines) $(since "$t0") after docker run"
+    docker logs "$cid" 2>&1 | tail -n 30 | sed 's/^/[build-images]   /' >&2
+    die "$image: no $what within 60s"
+}
+
+# pg_ready CID: the ready line on stdout AND stderr, as testcontainers waits.
+pg_ready() {
+    local line='database system is ready to accept connections'
+    # grep without -q reads to the end: no SIGPIPE for docker under pipefail.
+    docker logs "$1" 2>/dev/null | grep -F "$line" >/dev/null &&
+        docker logs "$1" 2>&1 >/dev/null | grep -F "$line" >/dev/null
+}
+
+# mariadb_ready CID: the final ready line (port 3306, not the init server's).
+mariadb_ready() {
+    local logs
+    logs=$(docker logs "$1" 2>&1 >/dev/null || true)
+    grep -q 'mariadbd: ready for connections' <<<"$logs" && grep -q 'port: 3306' <<<"$logs"
+}
+
+# verify_pg MAJOR: start the image the way testcontainers does, wait for the
+# ready line on stdout AND stderr, query it through the published port.
+verify_pg() {
+    local major=$1 image cid port t0 out
+    image=shardlock-test/postgres:$major
+    t0=$(now)
+    cid=$(docker run -d -p 127.0.0.1::5432 -e POSTGRES_PASSWORD=postgres "$image" -c fsync=off)
+    # shellcheck disable=SC2064  # expand $cid now
+    trap "docker rm -f $cid >/dev/null 2>&1 || true" EXIT
+    await_ready "$cid" "$image" pg_ready "a ready line on both stdout and stderr"
+    say "$image: ready $(since "$t0") after docker run"
     port=$(docker port "$cid" 5432/tcp | head -n 1 | sed 's/.*://')
     out=$(PGPASSWORD=postgres PGCONNECT_TIMEOUT=10 psql -X -A -t -v ON_ERROR_STOP=1 \
         -h 127.0.0.1 -p "$port" -U postgres -d postgres \
@@ -254,49 +294,11 @@ verify_pg() {
 MARIADB_VERSION=10.11
 
 build_mariadb() {
-    local image rootfs_image dir t0 t_all
-    image=shardlock-test/mariadb:$MARIADB_VERSION
-    rootfs_image=shardlock-test/mariadb-rootfs:$MARIADB_VERSION
-    if [ "$force" -eq 0 ] && docker image inspect "$image" >/dev/null 2>&1; then
-        say "$image already exists (use --force to rebuild)"
-        return 0
-    fi
-    t_all=$(now)
-    say "building $image from Debian bookworm"
-
     # bookworm's mariadb-server is 10.11; the client gives the entrypoint
-    # `mariadb` for its init scripts.
-    dir=$(rootfs mariadb bookworm mariadb-server,mariadb-client)
-
-    t0=$(now)
-    say "importing $dir as $rootfs_image (trimmed)"
-    # Left out: documentation, translations, apt's caches and the datadir that
-    # the package's postinst created (the entrypoint initialises its own).
-    tar -C "$dir" --numeric-owner \
-        --exclude=./.shardlock-debootstrap-done \
-        --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
-        --exclude='./usr/share/doc/*' --exclude='./usr/share/man/*' \
-        --exclude='./usr/share/info/*' --exclude='./usr/share/locale/*' \
-        --exclude='./usr/share/i18n/*' --exclude='./usr/share/lintian/*' \
-        --exclude='./var/cache/apt/*' --exclude='./var/lib/apt/lists/*' \
-        --exclude='./var/cache/debconf/*-old' --exclude='./var/log/*' \
-        --exclude='./var/lib/mysql/*' \
-        -c . |
-        docker import --message "debootstrap bookworm mariadb-server" - "$rootfs_image" >/dev/null
-    say "import done in $(since "$t0")"
-
-    t0=$(now)
-    say "docker build $image"
-    DOCKER_BUILDKIT=0 docker build -q \
-        --build-arg "ROOTFS=$rootfs_image" \
-        --label "org.shardlock.test-image=mariadb" \
-        -t "$image" "$mariadb_context" >/dev/null \
-        2> >(grep -v -E 'DEPRECATED: The legacy builder|BuildKit is currently disabled|^ *environment-variable\.$|^ *$' >&2 || true)
-    say "docker build done in $(since "$t0")"
-    docker image prune -f --filter "label=org.shardlock.test-image=mariadb" >/dev/null 2>&1 || true
-
-    say "$image built in $(since "$t_all"), size $(docker image inspect -f '{{.Size}}' "$image" |
-        awk '{ printf "%.0f MB", $1 / 1e6 }')"
+    # `mariadb` for its init scripts. Also left out: the datadir that the
+    # package's postinst created (the entrypoint initialises its own).
+    build_image mariadb "$MARIADB_VERSION" mariadb bookworm mariadb-server,mariadb-client \
+        "$mariadb_context" --exclude='./var/lib/mysql/*'
 }
 
 # verify_mariadb: start the image the way testcontainers' `mariadb::Mariadb`
@@ -304,7 +306,7 @@ build_mariadb() {
 # stderr, then query it over TCP with the image's own client (the host needs
 # no MySQL client).
 verify_mariadb() {
-    local image cid t0 out i ok=0 logs
+    local image cid t0 out
     image=shardlock-test/mariadb:$MARIADB_VERSION
     t0=$(now)
     cid=$(docker run -d -p 127.0.0.1::3306 -e MARIADB_DATABASE=test \
@@ -312,22 +314,7 @@ verify_mariadb() {
         -e MARIADB_PASSWORD=secret "$image")
     # shellcheck disable=SC2064  # expand $cid now
     trap "docker rm -f $cid >/dev/null 2>&1 || true" EXIT
-    for ((i = 0; i < 240; i++)); do
-        logs=$(docker logs "$cid" 2>&1 >/dev/null || true)
-        if grep -q 'mariadbd: ready for connections' <<<"$logs" && grep -q 'port: 3306' <<<"$logs"; then
-            ok=1
-            break
-        fi
-        if [ "$(docker inspect -f '{{.State.Running}}' "$cid")" != true ]; then
-            docker logs "$cid" 2>&1 | tail -n 30 | sed 's/^/[build-images]   /' >&2
-            die "$image: container exited before it was ready"
-        fi
-        sleep 0.25
-    done
-    if [ "$ok" -ne 1 ]; then
-        docker logs "$cid" 2>&1 | tail -n 30 | sed 's/^/[build-images]   /' >&2
-        die "$image: no ready line on stderr within 60s"
-    fi
+    await_ready "$cid" "$image" mariadb_ready "a ready line on stderr"
     say "$image: ready $(since "$t0") after docker run"
     out=$(docker exec "$cid" mariadb --protocol=tcp -h 127.0.0.1 -u shardlock -psecret -N -B test \
         -e "SELECT VERSION(), GET_LOCK('a', 0), GET_LOCK('b', 0), IS_USED_LOCK('a') = CONNECTION_ID()") ||
