@@ -82,7 +82,7 @@ SELECT @saved AS saved,
 const LOAD: &str = "SELECT last_position, epoch FROM subscriptions WHERE subscription_name = @P1;";
 
 fn store_err(e: impl Into<BoxError>) -> CheckpointError {
-    CheckpointError::Store(e.into())
+    CheckpointError::store(e)
 }
 
 fn query_err(e: tiberius::error::Error) -> CheckpointError {
@@ -125,16 +125,9 @@ fn saved(rows: &[Row], subscription: &str, epoch: i64) -> Result<(), CheckpointE
     if saved == 1 {
         return Ok(());
     }
-    match row.try_get::<i64, _>(1).map_err(query_err)? {
-        Some(current) => Err(CheckpointError::FencedOff {
-            subscription: subscription.to_string(),
-            ours: epoch,
-            current,
-        }),
-        None => Err(CheckpointError::NotClaimed {
-            subscription: subscription.to_string(),
-        }),
-    }
+    // SQL Server counts matched rows, so 0 means no row had our epoch.
+    let current = row.try_get::<i64, _>(1).map_err(query_err)?;
+    CheckpointError::unchanged_save(subscription, epoch, current)
 }
 
 /// Checkpoints in the table `subscriptions(subscription_name nvarchar(450)
@@ -340,11 +333,7 @@ impl MssqlCheckpoints {
         epoch: i64,
         position: i64,
     ) -> Result<(), CheckpointError> {
-        if epoch < 1 {
-            return Err(CheckpointError::NotClaimed {
-                subscription: subscription.to_string(),
-            });
-        }
+        CheckpointError::check_save_epoch(subscription, epoch)?;
         check_name(subscription)?;
         let rows = conn
             .fetch_rows(SAVE, &[&subscription, &epoch, &position])
@@ -382,11 +371,7 @@ impl CheckpointStore for MssqlCheckpoints {
         epoch: i64,
         position: i64,
     ) -> Result<(), CheckpointError> {
-        if epoch < 1 {
-            return Err(CheckpointError::NotClaimed {
-                subscription: subscription.to_string(),
-            });
-        }
+        CheckpointError::check_save_epoch(subscription, epoch)?;
         check_name(subscription)?;
         let rows = self
             .fetch(SAVE, &[&subscription, &epoch, &position])
