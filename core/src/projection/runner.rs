@@ -10,6 +10,7 @@ use super::{
     ProjectionOptions, Projector, ProjectorCoordinator,
 };
 use crate::error::BoxError;
+use crate::metrics::ProjectionMetrics;
 
 /// Runs `projector` against `backend` until `cancel` fires, with default
 /// options and no dead-letter hook.
@@ -223,6 +224,7 @@ where
             .map_err(|e| self.checkpoint_error(e))?;
         let (epoch, mut position) = (claimed.epoch, claimed.position);
         info!(projector = name, epoch, position, "projection leading");
+        let metrics = ProjectionMetrics::new(name);
         let mut idle = self.options.idle_backoff;
         while !cancel.is_cancelled() {
             let batch = tokio::select! {
@@ -246,7 +248,7 @@ where
                 if cancel.is_cancelled() {
                     break;
                 }
-                match self.apply_with_retries(name, event, cancel).await {
+                match self.apply_with_retries(name, event, cancel, &metrics).await {
                     Ok(true) => position = event.position,
                     Ok(false) => break, // cancelled while retrying
                     Err(e) => {
@@ -259,7 +261,12 @@ where
                 self.backend
                     .save(name, epoch, position)
                     .await
-                    .map_err(|e| self.checkpoint_error(e))?;
+                    .map_err(|e| {
+                        if matches!(e, CheckpointError::FencedOff { .. }) {
+                            metrics.fenced();
+                        }
+                        self.checkpoint_error(e)
+                    })?;
                 debug!(projector = name, position, "checkpoint saved");
             }
             if let Some(e) = failure {
@@ -275,12 +282,16 @@ where
         name: &str,
         event: &Positioned<P::Event>,
         cancel: &CancellationToken,
+        metrics: &ProjectionMetrics,
     ) -> Result<bool, ProjectionError> {
         let mut delay = self.options.retry_backoff;
         let mut attempt = 1;
         loop {
             let error = match self.projector.apply(event).await {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    metrics.applied(1);
+                    return Ok(true);
+                }
                 Err(e) => e,
             };
             if cancel.is_cancelled() {
@@ -292,7 +303,10 @@ where
                         warn!(projector = name, position = event.position, error = %error, "event dead-lettered after {attempt} attempts");
                         hook.record(name, event, &error)
                             .await
-                            .map(|()| true)
+                            .map(|()| {
+                                metrics.dead_lettered();
+                                true
+                            })
                             .map_err(|e| self.store_error("dead-letter hook", e))
                     }
                     None => Err(ProjectionError::Apply {
