@@ -70,7 +70,6 @@ impl Health {
     }
 
     /// Degraded with `reasons`, or healthy when there are none.
-    #[allow(dead_code)] // wired into the coordinator next
     pub(crate) fn from_reasons(reasons: Vec<String>) -> Self {
         if reasons.is_empty() {
             Self::Healthy

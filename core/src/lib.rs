@@ -42,8 +42,8 @@ pub use coordinator::{
 };
 pub use distributor::{Distributor, SharedTenants, TenantSource};
 pub use driver::{Capabilities, Driver, Session, Support};
-pub use health::Health;
 pub use error::{BoxError, DriverError, Error, ErrorKind, InvalidName, Result};
+pub use health::Health;
 pub use hints::{clean_ids, ReleaseHints, CLEAN_MARK_TTL};
 pub use holds::Holds;
 pub use ids::{DatabaseId, NodeId, ShardId};

@@ -103,7 +103,6 @@ pub const ALL: [&str; 18] = [
 ];
 
 /// Why a session was given up, the `cause` label of [`LOSSES`].
-#[allow(dead_code)] // wired into the coordinator next
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LossCause {
     /// A verify found a key or the session gone.
@@ -116,7 +115,6 @@ pub(crate) enum LossCause {
     Error,
 }
 
-#[allow(dead_code)] // wired into the coordinator next
 impl LossCause {
     fn label(self) -> &'static str {
         match self {
@@ -129,7 +127,6 @@ impl LossCause {
 }
 
 /// One database's registered handles.
-#[allow(dead_code)] // wired into the coordinator next
 struct DatabaseMetrics {
     labels: Vec<Label>,
     owned: Gauge,
@@ -147,7 +144,6 @@ struct DatabaseMetrics {
     ownerless: Histogram,
 }
 
-#[allow(dead_code)] // wired into the coordinator next
 impl DatabaseMetrics {
     fn new(labels: Vec<Label>) -> Self {
         Self {
@@ -171,7 +167,6 @@ impl DatabaseMetrics {
 
 /// A coordinator's metrics: handles registered once per database, so a
 /// cycle costs a few atomic operations per database.
-#[allow(dead_code)] // wired into the coordinator next
 pub(crate) struct CoordinatorMetrics {
     node: String,
     driver: &'static str,
@@ -179,7 +174,6 @@ pub(crate) struct CoordinatorMetrics {
     databases: HashMap<DatabaseId, DatabaseMetrics>,
 }
 
-#[allow(dead_code)] // wired into the coordinator next
 impl CoordinatorMetrics {
     pub(crate) fn new(node: &NodeId, driver: &'static str) -> Self {
         let node = node.to_string();
@@ -249,9 +243,7 @@ impl CoordinatorMetrics {
     }
 
     pub(crate) fn stopped_after_loss(&mut self, database: &DatabaseId, took: Duration) {
-        self.db(database)
-            .loss_to_stopped
-            .record(took.as_secs_f64());
+        self.db(database).loss_to_stopped.record(took.as_secs_f64());
     }
 
     pub(crate) fn agent_failed(&mut self, database: &DatabaseId) {

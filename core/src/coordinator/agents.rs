@@ -40,6 +40,17 @@ pub(super) struct SetAgents {
     cancel: CancellationToken,
 }
 
+/// What one [`SetAgents::supervise`] call saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Supervised {
+    /// Agents waiting for their restart.
+    pub(super) waiting: usize,
+    /// Agents found ended (failed, or returned before being cancelled).
+    pub(super) failed: usize,
+    /// Agents restarted.
+    pub(super) restarted: usize,
+}
+
 impl SetAgents {
     /// Starts one agent per shard of `set`, each after `delay` (the takeover
     /// delay; zero for sets that need none).
@@ -65,16 +76,17 @@ impl SetAgents {
     }
 
     /// Restarts agents that ended on their own, with exponential backoff.
-    /// Answers how many agents are waiting for a restart.
+    /// Answers how many are waiting for a restart, and how many failed and
+    /// restarted in this call.
     pub(super) fn supervise<A: Agent>(
         &mut self,
         agent: &Arc<A>,
         set: &LockSet,
         epoch: u64,
         config: &CoordinatorConfig,
-    ) -> usize {
+    ) -> Supervised {
         let now = Instant::now();
-        let mut waiting = 0;
+        let mut out = Supervised::default();
         for (shard, slot) in &mut self.slots {
             if let SlotState::Running { task, started, .. } = &mut slot.state {
                 if !task.is_finished() {
@@ -84,6 +96,7 @@ impl SetAgents {
                     continue;
                 }
                 let outcome = finished_outcome(task);
+                out.failed += 1;
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = config.backoff(config.restart_backoff, slot.failures - 1);
                 match outcome {
@@ -101,6 +114,7 @@ impl SetAgents {
             if let SlotState::Waiting { restart_at } = slot.state {
                 if restart_at <= now {
                     info!(%shard, key = %set.key, failures = slot.failures, "agent restarted");
+                    out.restarted += 1;
                     slot.state = spawn(
                         agent,
                         set,
@@ -111,11 +125,11 @@ impl SetAgents {
                         Duration::ZERO,
                     );
                 } else {
-                    waiting += 1;
+                    out.waiting += 1;
                 }
             }
         }
-        waiting
+        out
     }
 
     /// Cancels every agent without waiting (the first half of [`stop_all`]).

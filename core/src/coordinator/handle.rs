@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Assignment;
 use crate::error::{Error, Result};
+use crate::health::Health;
 use crate::ids::NodeId;
 
 /// Controls a running coordinator.
@@ -20,6 +21,7 @@ pub struct CoordinatorHandle {
     stop: CancellationToken,
     wake: Arc<Notify>,
     assignment: watch::Receiver<Assignment>,
+    health: watch::Receiver<Health>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -29,6 +31,7 @@ impl CoordinatorHandle {
         stop: CancellationToken,
         wake: Arc<Notify>,
         assignment: watch::Receiver<Assignment>,
+        health: watch::Receiver<Health>,
         task: JoinHandle<()>,
     ) -> Self {
         Self {
@@ -36,6 +39,7 @@ impl CoordinatorHandle {
             stop,
             wake,
             assignment,
+            health,
             task: Some(task),
         }
     }
@@ -48,6 +52,31 @@ impl CoordinatorHandle {
     /// A receiver of the node's assignment, updated after every cycle.
     pub fn assignment(&self) -> watch::Receiver<Assignment> {
         self.assignment.clone()
+    }
+
+    /// The coordinator's health, for liveness and readiness probes: updated
+    /// after every cycle and at once when a session is lost, so it turns
+    /// within one poll interval of a database going away or coming back
+    /// (reconnects are tried at least once per poll). `Degraded` until the
+    /// first cycle has run; `Stopped` once the loop has ended.
+    pub fn health(&self) -> Health {
+        if self.is_finished() {
+            let health = self.health.borrow().clone();
+            if let Health::Stopped { .. } = health {
+                return health;
+            }
+            return Health::Stopped {
+                reason: "the coordinator task ended".to_string(),
+            };
+        }
+        self.health.borrow().clone()
+    }
+
+    /// A receiver of [`health`](Self::health) changes (it never reports the
+    /// loop's task ending without a `Stopped` value; check
+    /// [`is_finished`](Self::is_finished) too).
+    pub fn health_changes(&self) -> watch::Receiver<Health> {
+        self.health.clone()
     }
 
     /// Runs the next cycle now instead of after the current pause.

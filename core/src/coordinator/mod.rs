@@ -103,6 +103,7 @@ use crate::agent::Agent;
 use crate::distributor::Distributor;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::health::Health;
 use crate::ids::NodeId;
 
 /// A node's coordinator. Build it with [`Coordinator::builder`], then
@@ -183,6 +184,9 @@ impl<D: Driver, S: Distributor, A: Agent> Coordinator<D, S, A> {
         let stop = CancellationToken::new();
         let wake = Arc::new(Notify::new());
         let (tx, rx) = watch::channel(Assignment::new(self.config.node_id.clone()));
+        let (health_tx, health_rx) = watch::channel(Health::Degraded {
+            reasons: vec!["starting: no cycle has run yet".to_string()],
+        });
         let runner = cycle::Runner::new(
             parts.driver,
             parts.distributor,
@@ -190,7 +194,7 @@ impl<D: Driver, S: Distributor, A: Agent> Coordinator<D, S, A> {
             Arc::clone(&self.config),
             stop.clone(),
             Arc::clone(&wake),
-            tx,
+            (tx, health_tx),
         );
         let task = runtime.spawn(runner.run());
         Ok(CoordinatorHandle::new(
@@ -198,6 +202,7 @@ impl<D: Driver, S: Distributor, A: Agent> Coordinator<D, S, A> {
             stop,
             wake,
             rx,
+            health_rx,
             task,
         ))
     }
