@@ -855,3 +855,75 @@ async fn connect_deadline_stays_above_the_drivers_own() {
         "a driver timeout below the default leaves the default"
     );
 }
+
+// ===== scale: 10,000-set steady state, batched agent start =====
+
+/// Counts agent starts, and ends every running agent (with an error) when
+/// told to.
+#[derive(Clone, Default)]
+struct Quitting {
+    starts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    quit: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Agent for Quitting {
+    async fn run(&self, _shard: &ShardId, ctx: AgentContext) -> Result<(), AgentError> {
+        let quit = self.quit.notified();
+        self.starts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => Ok(()),
+            _ = quit => Err("told to quit".into()),
+        }
+    }
+}
+
+/// More sets than one batch of agent starts: every agent starts exactly
+/// once; a cycle that changes nothing publishes the very same owned list
+/// (shared, not copied); and agents that end in the steady state are still
+/// seen and restarted (supervision no longer walks every set each cycle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sets_start_in_batches_and_steady_cycles_copy_nothing() {
+    const N: usize = 700;
+    let server = MemoryServer::new();
+    let agent = Quitting::default();
+    let handle = Coordinator::builder(server.driver(), single("db", N), agent.clone())
+        .node_id(NodeId::new("a"))
+        .poll_interval(Duration::from_millis(50))
+        .pause_interval(Duration::from_millis(50))
+        .start_jitter(Duration::ZERO)
+        .restart_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .build()
+        .expect("valid config")
+        .start()
+        .expect("start");
+    let starts = || agent.starts.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while starts() < N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(starts(), N, "every agent started");
+    let mut rx = handle.assignment();
+    let first = rx.borrow_and_update().clone();
+    assert_eq!(first.owned.len(), N);
+    assert!(first.owned.iter().all(|s| s.held));
+    let mut later = first.clone();
+    while later.cycles < first.cycles + 2 {
+        rx.changed().await.expect("running");
+        later = rx.borrow_and_update().clone();
+    }
+    assert!(
+        std::sync::Arc::ptr_eq(&first.owned, &later.owned),
+        "steady cycles publish the same owned list"
+    );
+    assert_eq!(starts(), N, "no agent started twice");
+    agent.quit.notify_waiters();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while starts() < 2 * N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(starts(), 2 * N, "every agent that ended was restarted");
+    let now = rx.borrow_and_update().clone();
+    assert_eq!(now.owned.len(), N, "no set was lost meanwhile");
+    handle.stop().await.expect("stop");
+}

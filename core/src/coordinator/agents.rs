@@ -1,6 +1,7 @@
 //! Running, supervising and stopping the agents of one lock set.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,11 @@ use crate::lock_set::LockSet;
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 enum SlotState {
+    /// Recorded, not spawned yet: [`SetAgents::launch`] spawns it, and it
+    /// runs the agent from `start_at` (the grant plus the takeover delay).
+    Pending {
+        start_at: Instant,
+    },
     Running {
         cancel: CancellationToken,
         task: JoinHandle<Result<(), AgentError>>,
@@ -38,65 +44,124 @@ pub(super) struct SetAgents {
     slots: BTreeMap<ShardId, Slot>,
     /// Parent of every agent's token: cancelling it stops them all.
     cancel: CancellationToken,
+    /// Agents recorded but not spawned yet.
+    pending: usize,
 }
 
-/// What one [`SetAgents::supervise`] call saw.
-#[derive(Debug, Default, Clone, Copy)]
-pub(super) struct Supervised {
-    /// Agents waiting for their restart.
-    pub(super) waiting: usize,
-    /// Agents found ended (failed, or returned before being cancelled).
-    pub(super) failed: usize,
-    /// Agents restarted.
-    pub(super) restarted: usize,
+/// Set when an agent's task ends (returned, failed, panicked, cancelled or
+/// aborted), so the coordinator walks its sets' agents only when there is
+/// something to supervise, not every cycle.
+#[derive(Clone, Default)]
+pub(super) struct Ended(Arc<AtomicBool>);
+
+impl Ended {
+    /// Whether an agent ended since the last call; clears the mark.
+    pub(super) fn take(&self) -> bool {
+        self.0.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// Marks [`Ended`] when the task holding it finishes or is dropped.
+struct MarkEnded(Ended);
+
+impl Drop for MarkEnded {
+    fn drop(&mut self) {
+        (self.0).0.store(true, Ordering::Release);
+    }
 }
 
 impl SetAgents {
-    /// Starts one agent per shard of `set`, each after `delay` (the takeover
-    /// delay; zero for sets that need none).
+    /// Records one agent per shard of `set`, each to run the agent `delay`
+    /// from now (the takeover delay; zero for sets that need none). Nothing
+    /// is spawned until [`launch`](Self::launch), so a cycle that wins
+    /// 10,000 sets can start their agents in bounded batches.
     ///
     /// The agents' tokens are children of `parent`: for an exclusive set the
     /// session's loss token, so the agents are cancelled the instant the
-    /// driver signals the loss, before the coordinator even wakes up.
-    pub(super) fn start<A: Agent>(
+    /// driver signals the loss, before the coordinator even wakes up; one
+    /// not spawned yet then never is.
+    pub(super) fn new(set: &LockSet, parent: &CancellationToken, delay: Duration) -> Self {
+        let cancel = parent.child_token();
+        let start_at = Instant::now() + delay;
+        let slots: BTreeMap<ShardId, Slot> = set
+            .shards
+            .iter()
+            .map(|shard| {
+                let state = SlotState::Pending { start_at };
+                (shard.clone(), Slot { state, failures: 0 })
+            })
+            .collect();
+        let pending = slots.len();
+        Self {
+            slots,
+            cancel,
+            pending,
+        }
+    }
+
+    /// Spawns pending agents, one unit of `budget` each, while the budget
+    /// lasts. Answers whether none is left pending. Agents of a cancelled
+    /// set are not spawned (the set is being stopped).
+    pub(super) fn launch<A: Agent>(
+        &mut self,
         agent: &Arc<A>,
         set: &LockSet,
         epoch: u64,
         config: &CoordinatorConfig,
-        parent: &CancellationToken,
-        delay: Duration,
-    ) -> Self {
-        let cancel = parent.child_token();
-        let mut slots = BTreeMap::new();
-        for shard in &set.shards {
-            let state = spawn(agent, set, shard, epoch, config, &cancel, delay);
-            slots.insert(shard.clone(), Slot { state, failures: 0 });
+        ended: &Ended,
+        budget: &mut usize,
+    ) -> bool {
+        if self.pending == 0 {
+            return true;
         }
-        Self { slots, cancel }
+        if self.cancel.is_cancelled() {
+            return true;
+        }
+        for (shard, slot) in &mut self.slots {
+            if *budget == 0 {
+                return false;
+            }
+            if let SlotState::Pending { start_at } = slot.state {
+                slot.state = spawn(
+                    agent,
+                    set,
+                    shard,
+                    epoch,
+                    config,
+                    &self.cancel,
+                    Some(start_at),
+                    ended,
+                );
+                self.pending -= 1;
+                *budget -= 1;
+            }
+        }
+        true
     }
 
     /// Restarts agents that ended on their own, with exponential backoff.
-    /// Answers how many are waiting for a restart, and how many failed and
-    /// restarted in this call.
+    /// Answers how many agents are waiting for a restart.
     pub(super) fn supervise<A: Agent>(
         &mut self,
         agent: &Arc<A>,
         set: &LockSet,
         epoch: u64,
         config: &CoordinatorConfig,
-    ) -> Supervised {
+        ended: &Ended,
+    ) -> usize {
         let now = Instant::now();
-        let mut out = Supervised::default();
+        let mut waiting = 0;
         for (shard, slot) in &mut self.slots {
             if let SlotState::Running { task, started, .. } = &mut slot.state {
+                // A long healthy run forgets earlier failures (checked here,
+                // when the agent ended, as supervision runs only then).
+                if started.elapsed() >= HEALTHY_RUN {
+                    slot.failures = 0;
+                }
                 if !task.is_finished() {
-                    if started.elapsed() >= HEALTHY_RUN {
-                        slot.failures = 0;
-                    }
                     continue;
                 }
                 let outcome = finished_outcome(task);
-                out.failed += 1;
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = config.backoff(config.restart_backoff, slot.failures - 1);
                 match outcome {
@@ -114,22 +179,13 @@ impl SetAgents {
             if let SlotState::Waiting { restart_at } = slot.state {
                 if restart_at <= now {
                     info!(%shard, key = %set.key, failures = slot.failures, "agent restarted");
-                    out.restarted += 1;
-                    slot.state = spawn(
-                        agent,
-                        set,
-                        shard,
-                        epoch,
-                        config,
-                        &self.cancel,
-                        Duration::ZERO,
-                    );
+                    slot.state = spawn(agent, set, shard, epoch, config, &self.cancel, None, ended);
                 } else {
-                    out.waiting += 1;
+                    waiting += 1;
                 }
             }
         }
-        out
+        waiting
     }
 
     /// Cancels every agent without waiting (the first half of [`stop_all`]).
@@ -167,6 +223,7 @@ pub(super) async fn stop_all(sets: Vec<SetAgents>, stop_timeout: Duration) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn<A: Agent>(
     agent: &Arc<A>,
     set: &LockSet,
@@ -174,7 +231,8 @@ fn spawn<A: Agent>(
     epoch: u64,
     config: &CoordinatorConfig,
     parent: &CancellationToken,
-    delay: Duration,
+    start_at: Option<Instant>,
+    ended: &Ended,
 ) -> SlotState {
     let cancel = parent.child_token();
     let ctx = AgentContext {
@@ -186,13 +244,15 @@ fn spawn<A: Agent>(
     };
     let agent = Arc::clone(agent);
     let shard = shard.clone();
+    let ended = MarkEnded(ended.clone());
     let task = tokio::spawn(async move {
-        if !delay.is_zero() {
+        let _ended = ended;
+        if let Some(start_at) = start_at.filter(|at| *at > Instant::now()) {
             // Lock-delay: whoever held the key before may not have noticed
             // its loss yet; give it the driver's detection bound to stop.
             tokio::select! {
                 _ = ctx.cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep_until(start_at) => {}
             }
         }
         agent.run(&shard, ctx).await

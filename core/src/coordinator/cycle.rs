@@ -13,18 +13,16 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use super::agents::{stop_all, SetAgents};
+use super::agents::{stop_all, Ended, SetAgents};
 use super::{Assignment, CoordinatorConfig, OwnedSet};
 use crate::agent::Agent;
 use crate::balancing::{fair_share, Balancing};
 use crate::distributor::Distributor;
 use crate::driver::{Driver, Session, Support};
 use crate::error::Error;
-use crate::health::Health;
 use crate::ids::DatabaseId;
 use crate::key::LockKey;
 use crate::lock_set::{Guard, LockSet};
-use crate::metrics::{CoordinatorMetrics, LossCause};
 use crate::signals::SessionSignals;
 
 /// A database's connection slot.
@@ -44,8 +42,6 @@ struct Conn<S> {
     seen: HashSet<u32>,
     failures: u32,
     retry_at: Instant,
-    /// Why the database has no session (for [`Health`]).
-    last_error: Option<String>,
 }
 
 impl<S> Conn<S> {
@@ -58,7 +54,6 @@ impl<S> Conn<S> {
             seen: HashSet::new(),
             failures: 0,
             retry_at,
-            last_error: None,
         }
     }
 
@@ -88,18 +83,85 @@ type RoundTask<D, T> = JoinHandle<(
 type Slots = Vec<(u32, LockKey)>;
 
 /// What to try per database: sets, and member slots.
-type TryPlan = HashMap<DatabaseId, (Vec<LockSet>, Slots)>;
+type TryPlan = HashMap<DatabaseId, (Vec<Arc<LockSet>>, Slots)>;
 
 /// What one database answered to a batched `try_acquire`.
 struct TryOutcome {
     db: DatabaseId,
-    sets: Vec<(LockSet, bool)>,
+    sets: Vec<(Arc<LockSet>, bool)>,
     slots: Vec<((u32, LockKey), bool)>,
+}
+
+/// Agents spawned per batch when a cycle starts many sets' agents: the
+/// coordinator yields to the runtime between batches, so winning 10,000 sets
+/// never makes 10,000 tasks runnable at once.
+const AGENT_START_BATCH: usize = 256;
+
+/// The distributor's sets as last listed, and what the cycle derives from
+/// them: built (deduplicated, shuffled, grouped) once per change of the
+/// list, not every cycle.
+#[derive(Default)]
+struct Distribution {
+    /// The list as the distributor gave it, to tell a change.
+    listed: Vec<Arc<LockSet>>,
+    /// Per database, the indices into `listed` of its sets (each key once,
+    /// the first listing wins), in a random order: nodes started together
+    /// do not all try the same sets first.
+    by_db: Vec<(DatabaseId, Vec<usize>)>,
+    /// The keys wanted.
+    keys: HashSet<LockKey>,
+    /// Sets wanted (each key once), and how many of them are exclusive.
+    wanted: usize,
+    exclusive: usize,
+    /// Whether any set is a sentinel.
+    sentinels: bool,
+}
+
+impl Distribution {
+    /// Takes the distributor's new list; answers whether it differs from
+    /// the last one (then everything derived is rebuilt).
+    fn update(&mut self, sets: Vec<LockSet>) -> bool {
+        let same = sets.len() == self.listed.len()
+            && sets
+                .iter()
+                .zip(&self.listed)
+                .all(|(new, old)| new == &**old);
+        if same {
+            return false;
+        }
+        self.listed = sets.into_iter().map(Arc::new).collect();
+        self.keys = HashSet::with_capacity(self.listed.len());
+        let mut groups: HashMap<DatabaseId, Vec<usize>> = HashMap::new();
+        let (mut exclusive, mut sentinels) = (0, false);
+        for (i, set) in self.listed.iter().enumerate() {
+            if self.keys.insert(set.key.clone()) {
+                groups.entry(set.database.clone()).or_default().push(i);
+                match set.guard {
+                    Guard::Exclusive => exclusive += 1,
+                    Guard::Sentinel => sentinels = true,
+                }
+            }
+        }
+        self.by_db = groups.into_iter().collect();
+        self.by_db.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, sets) in &mut self.by_db {
+            fastrand::shuffle(sets);
+        }
+        self.wanted = self.keys.len();
+        self.exclusive = exclusive;
+        self.sentinels = sentinels;
+        true
+    }
+
+    /// Whether `db` has wanted sets.
+    fn wants_database(&self, db: &DatabaseId) -> bool {
+        self.by_db.iter().any(|(d, _)| d == db)
+    }
 }
 
 /// A set this node runs.
 struct Owned {
-    set: LockSet,
+    set: Arc<LockSet>,
     /// Whether the session holds the key (false only for a sentinel set whose
     /// sentinel is held elsewhere or whose session is down).
     held: bool,
@@ -149,6 +211,13 @@ pub(super) struct Runner<D: Driver, S, A> {
     /// aborted the agents are aborted before the sessions (and their locks)
     /// go.
     owned: BTreeMap<LockKey, Owned>,
+    /// `owned` as last published; `None` once `owned` changed since.
+    published: Option<Arc<[OwnedSet]>>,
+    /// Some owned set has agents recorded but not spawned yet.
+    launch_pending: bool,
+    /// Marked when an agent's task ends: supervision has work.
+    agents_ended: Ended,
+    distribution: Distribution,
     conns: HashMap<DatabaseId, Conn<D::Session>>,
     epochs: HashMap<LockKey, u64>,
     /// Sentinel keys found held by another node, so the error is logged once.
@@ -163,12 +232,6 @@ pub(super) struct Runner<D: Driver, S, A> {
     woken_by_hint: bool,
     /// When the sessions were last verified.
     last_verify: Instant,
-    metrics: CoordinatorMetrics,
-    health: watch::Sender<Health>,
-    /// Sets the distributor gave each database in the last cycle.
-    wanted_per_db: HashMap<DatabaseId, usize>,
-    /// Why the distributor failed in the last cycle, if it did.
-    distributor_error: Option<String>,
 }
 
 impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
@@ -179,9 +242,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         config: Arc<CoordinatorConfig>,
         stop: CancellationToken,
         wake: Arc<Notify>,
-        (tx, health): (watch::Sender<Assignment>, watch::Sender<Health>),
+        tx: watch::Sender<Assignment>,
     ) -> Self {
-        let metrics = CoordinatorMetrics::new(&config.node_id, driver.name());
         Self {
             driver,
             distributor,
@@ -193,6 +255,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             hinted: Arc::new(Notify::new()),
             tx,
             owned: BTreeMap::new(),
+            published: None,
+            launch_pending: false,
+            agents_ended: Ended::default(),
+            distribution: Distribution::default(),
             conns: HashMap::new(),
             epochs: HashMap::new(),
             sentinel_conflicts: HashSet::new(),
@@ -204,10 +270,6 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             wakeups: 0,
             woken_by_hint: false,
             last_verify: Instant::now(),
-            metrics,
-            health,
-            wanted_per_db: HashMap::new(),
-            distributor_error: None,
         }
     }
 
@@ -223,6 +285,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             while !self.stop.is_cancelled() {
                 let started = Instant::now();
                 self.cycle().await;
+                self.launch_agents().await;
                 self.publish(started.elapsed(), false);
                 let pause = if self.failing > 0 || self.reconnect_pending() {
                     self.config.pause_interval
@@ -277,35 +340,17 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             Ok(Ok(sets)) => sets,
             Ok(Err(e)) => {
                 warn!(error = %e.report(), "distributor failed; keeping the current assignment");
-                self.distributor_error = Some(e.report().to_string());
                 self.verify_sessions().await;
                 return;
             }
             Err(_) => {
                 warn!("distributor did not answer in time; keeping the current assignment");
-                self.distributor_error = Some(format!(
-                    "did not answer within {:?}",
-                    self.config.lock_loss_timeout
-                ));
                 self.verify_sessions().await;
                 return;
             }
         };
-        self.distributor_error = None;
         let balancing = self.distributor.balancing().cloned();
-        let mut wanted: Vec<LockSet> = Vec::with_capacity(sets.len());
-        let mut seen = HashSet::with_capacity(sets.len());
-        for set in sets {
-            if seen.insert(set.key.clone()) {
-                wanted.push(set);
-            }
-        }
-        fastrand::shuffle(&mut wanted);
-        let wanted_dbs: HashSet<DatabaseId> = wanted.iter().map(|s| s.database.clone()).collect();
-        self.wanted_per_db.clear();
-        for set in &wanted {
-            *self.wanted_per_db.entry(set.database.clone()).or_default() += 1;
-        }
+        let changed = self.distribution.update(sets);
 
         // Sessions first: a lost session's agents stop before anything else.
         // A cycle woken by another node's announcement skips the verify if
@@ -319,16 +364,20 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             self.last_verify = Instant::now();
         }
         self.woken_by_hint = false;
-        self.release_departed(&seen).await;
+        // Every owned set comes from the distribution, so none can have
+        // left it unless it changed.
+        if changed {
+            self.release_departed().await;
+        }
         self.supervise_agents();
         match balancing {
-            Some(balancing) => self.acquire_balanced(wanted, &balancing).await,
+            Some(balancing) => self.acquire_balanced(&balancing).await,
             None => {
                 self.balance = Balance::default();
-                self.acquire_missing(wanted).await;
+                self.acquire_missing().await;
             }
         }
-        self.close_idle_sessions(&wanted_dbs).await;
+        self.close_idle_sessions().await;
     }
 
     /// Verifies every open session in parallel under the lock-loss deadline;
@@ -342,9 +391,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             if let Some(mut session) = conn.session.take() {
                 let task_db = db.clone();
                 let task = tokio::spawn(async move {
-                    let started = Instant::now();
                     let result = guarded("verify", &task_db, deadline, session.verify()).await;
-                    (session, result.map(|()| started.elapsed()))
+                    (session, result)
                 });
                 checks.push((db.clone(), task));
             }
@@ -352,8 +400,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let mut lost = Vec::new();
         for (db, task) in checks {
             match join(task).await {
-                Ok((session, Ok(took))) => {
-                    self.metrics.verified(&db, took);
+                Ok((session, Ok(()))) => {
                     if let Some(conn) = self.conns.get_mut(&db) {
                         conn.session = Some(session);
                     }
@@ -363,8 +410,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             }
         }
         for (db, session, reason) in lost {
-            let cause = cause_of(&reason, LossCause::Verify);
-            self.lose_session(&db, session, &reason, cause).await;
+            self.lose_session(&db, session, &reason).await;
         }
     }
 
@@ -388,8 +434,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 .and_then(SessionSignals::reason)
                 .unwrap_or_else(|| "the connection ended".to_string());
             let error = Error::session_lost(&db, format!("loss signalled by the driver: {reason}"));
-            self.lose_session(&db, session, &error, LossCause::Signal)
-                .await;
+            self.lose_session(&db, session, &error).await;
         }
     }
 
@@ -451,14 +496,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     /// Stops the agents of every exclusive set in `db`, **then** drops the
     /// session, and schedules a reconnect.
-    async fn lose_session(
-        &mut self,
-        db: &DatabaseId,
-        session: Option<D::Session>,
-        reason: &Error,
-        cause: LossCause,
-    ) {
-        let seen = Instant::now();
+    async fn lose_session(&mut self, db: &DatabaseId, session: Option<D::Session>, reason: &Error) {
         let keys: Vec<LockKey> = self
             .owned
             .iter()
@@ -479,10 +517,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 owned.held = false;
             }
         }
+        if !keys.is_empty() {
+            self.published = None;
+        }
         let stopped = stopping.len();
         stop_all(stopping, self.config.stop_timeout).await;
-        self.metrics.stopped_after_loss(db, seen.elapsed());
-        self.metrics.lost(db, cause);
         drop(session);
         self.sessions_lost += 1;
         let names: Vec<&str> = keys.iter().map(LockKey::name).collect();
@@ -501,13 +540,16 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             conn.members.clear();
             conn.seen.clear();
             conn.failures = conn.failures.saturating_add(1);
-            conn.retry_at = Instant::now() + reconnect_delay(&self.config, conn.failures);
-            conn.last_error = Some(reason.report().to_string());
+            conn.retry_at = Instant::now()
+                + self
+                    .config
+                    .backoff(self.config.pause_interval, conn.failures - 1);
         }
     }
 
     /// Sets no longer distributed: stop their agents, then release the keys.
-    async fn release_departed(&mut self, wanted: &HashSet<LockKey>) {
+    async fn release_departed(&mut self) {
+        let wanted = &self.distribution.keys;
         let departed: Vec<LockKey> = self
             .owned
             .keys()
@@ -525,7 +567,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     /// Stops the agents of the owned sets `keys` **then** releases the held
     /// ones, announced, each marked clean when its agents had been allowed
     /// to start (see [`Owned::clean`]). Answers the sets that left.
-    async fn retire(&mut self, keys: Vec<LockKey>) -> Vec<LockSet> {
+    async fn retire(&mut self, keys: Vec<LockKey>) -> Vec<Arc<LockSet>> {
         let mut leaving = Vec::new();
         let mut stopping = Vec::new();
         for key in keys {
@@ -533,6 +575,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 stopping.push(owned.agents);
                 leaving.push((owned.set, owned.held, owned.clean_from));
             }
+        }
+        if !leaving.is_empty() {
+            self.published = None;
         }
         stop_all(stopping, self.config.stop_timeout).await;
         let mut by_db: HashMap<DatabaseId, Vec<(LockKey, bool)>> = HashMap::new();
@@ -548,7 +593,6 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             sets.push(set);
         }
         for (db, keys) in by_db {
-            self.metrics.handed_off(&db, keys.len());
             self.release_keys(&db, &keys).await;
         }
         sets
@@ -580,25 +624,50 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 },
             };
         let session = conn.session.take();
-        let cause = cause_of(&failure, LossCause::Error);
-        self.lose_session(db, session, &failure, cause).await;
+        self.lose_session(db, session, &failure).await;
     }
 
+    /// Restarts agents that ended on their own. Walks the sets only when an
+    /// agent ended since the last walk or one waits for its restart: a
+    /// steady cycle with 10,000 sets does not look at 10,000 tasks.
     fn supervise_agents(&mut self) {
+        if self.failing == 0 && !self.agents_ended.take() {
+            return;
+        }
         let mut failing = 0;
         for owned in self.owned.values_mut() {
-            let seen = owned
-                .agents
-                .supervise(&self.agent, &owned.set, owned.epoch, &self.config);
-            failing += seen.waiting;
-            for _ in 0..seen.failed {
-                self.metrics.agent_failed(&owned.set.database);
-            }
-            for _ in 0..seen.restarted {
-                self.metrics.agent_restarted(&owned.set.database);
-            }
+            failing += owned.agents.supervise(
+                &self.agent,
+                &owned.set,
+                owned.epoch,
+                &self.config,
+                &self.agents_ended,
+            );
         }
         self.failing = failing;
+    }
+
+    /// Spawns the agents of sets granted this cycle, [`AGENT_START_BATCH`]
+    /// at a time, yielding to the runtime between batches. Each agent still
+    /// runs from its set's grant plus takeover delay, not from its spawn.
+    async fn launch_agents(&mut self) {
+        if !std::mem::take(&mut self.launch_pending) {
+            return;
+        }
+        let mut budget = AGENT_START_BATCH;
+        for owned in self.owned.values_mut() {
+            while !owned.agents.launch(
+                &self.agent,
+                &owned.set,
+                owned.epoch,
+                &self.config,
+                &self.agents_ended,
+                &mut budget,
+            ) {
+                tokio::task::yield_now().await;
+                budget = AGENT_START_BATCH;
+            }
+        }
     }
 
     /// Runs `round` on `db`'s session, connecting first if it has none,
@@ -662,28 +731,20 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                     }
                     if let Some(conn) = self.conns.get_mut(&db) {
                         conn.failures = 0;
-                        conn.last_error = None;
                     }
                     done.push((db, extra, value));
                 }
                 Err(e) if connect_failed => {
-                    let delay = reconnect_delay(
-                        &self.config,
-                        self.conns
-                            .get(&db)
-                            .map_or(1, |c| c.failures.saturating_add(1)),
-                    );
                     if let Some(conn) = self.conns.get_mut(&db) {
                         conn.failures = conn.failures.saturating_add(1);
+                        let delay = self
+                            .config
+                            .backoff(self.config.pause_interval, conn.failures - 1);
                         conn.retry_at = Instant::now() + delay;
-                        conn.last_error = Some(format!("cannot connect: {}", e.report()));
                         warn!(database = %db, error = %e.report(), retry_in = ?delay, "cannot connect");
                     }
                 }
-                Err(e) => {
-                    let cause = cause_of(&e, LossCause::Error);
-                    self.lose_session(&db, session, &e, cause).await;
-                }
+                Err(e) => self.lose_session(&db, session, &e).await,
             }
         }
         done
@@ -699,7 +760,6 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         for (db, (sets, slots)) in plan {
             let mut keys: Vec<LockKey> = sets.iter().map(|s| s.key.clone()).collect();
             keys.extend(slots.iter().map(|(_, k)| k.clone()));
-            self.metrics.batch(&db, keys.len());
             let task_db = db.clone();
             let task = self.spawn_round(&db, move |mut session| async move {
                 let result = guarded(
@@ -733,20 +793,31 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         (outcomes, unreached + asked - answered)
     }
 
-    /// The sets of `wanted` this node does not hold, by database.
-    fn missing(&mut self, wanted: Vec<LockSet>) -> HashMap<DatabaseId, Vec<LockSet>> {
-        let mut by_db: HashMap<DatabaseId, Vec<LockSet>> = HashMap::new();
-        for set in wanted {
-            let needs_lock = match self.owned.get(&set.key) {
-                None => true,
-                Some(owned) => !owned.held,
-            };
-            if needs_lock {
-                by_db.entry(set.database.clone()).or_default().push(set);
+    /// The wanted sets this node does not hold, by database. Costs one
+    /// pass over the owned sets when it holds them all (the steady state).
+    fn missing(&mut self) -> HashMap<DatabaseId, Vec<Arc<LockSet>>> {
+        let mut by_db: HashMap<DatabaseId, Vec<Arc<LockSet>>> = HashMap::new();
+        // Owned sets are all wanted (see `release_departed`), and only a
+        // sentinel set can be owned without being held: as many owned as
+        // wanted, every one held, means none is missing.
+        if self.owned.len() == self.distribution.wanted
+            && (!self.distribution.sentinels || self.owned.values().all(|o| o.held))
+        {
+            return by_db;
+        }
+        for (db, indices) in &self.distribution.by_db {
+            let sets: Vec<Arc<LockSet>> = indices
+                .iter()
+                .map(|i| &self.distribution.listed[*i])
+                .filter(|set| self.owned.get(&set.key).is_none_or(|o| !o.held))
+                .cloned()
+                .collect();
+            if !sets.is_empty() {
+                by_db.insert(db.clone(), sets);
             }
         }
         // Sentinel sets run whether or not the sentinel can be taken.
-        let sentinels: Vec<LockSet> = by_db
+        let sentinels: Vec<Arc<LockSet>> = by_db
             .values()
             .flatten()
             .filter(|s| s.guard == Guard::Sentinel && !self.owned.contains_key(&s.key))
@@ -761,30 +832,25 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     /// Without balancing: batched try-acquire of every wanted set not held,
     /// one round trip per database, databases in parallel; starts the agents
     /// of granted sets.
-    async fn acquire_missing(&mut self, wanted: Vec<LockSet>) {
+    async fn acquire_missing(&mut self) {
         let plan = self
-            .missing(wanted)
+            .missing()
             .into_iter()
             .map(|(db, sets)| (db, (sets, Vec::new())))
             .collect();
         let (outcomes, mut denied) = self.try_round(plan).await;
         let mut acquired = 0usize;
         for outcome in outcomes {
-            let (mut here_acquired, mut here_denied) = (0, 0);
             for (set, ok) in outcome.sets {
                 let clean = self.take_clean(&outcome.db, &set.key);
                 if ok {
-                    here_acquired += 1;
+                    acquired += 1;
                     self.granted(set, clean);
                 } else {
-                    here_denied += 1;
+                    denied += 1;
                     self.denied_set(&set);
                 }
             }
-            self.metrics
-                .acquired(&outcome.db, here_acquired, here_denied);
-            acquired += here_acquired;
-            denied += here_denied;
         }
         self.tally(acquired, denied);
     }
@@ -792,19 +858,21 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     /// With balancing: learn the live members, release a lasting surplus,
     /// take free sets up to this node's share and give back at once any
     /// taken beyond it (announced, so nodes with room take them).
-    async fn acquire_balanced(&mut self, wanted: Vec<LockSet>, balancing: &Balancing) {
+    async fn acquire_balanced(&mut self, balancing: &Balancing) {
         let member_keys = match balancing.member_keys() {
             Ok(keys) => keys,
             Err(e) => {
                 warn!(error = %e.report(), "invalid balancing group: balancing off this cycle");
-                return self.acquire_missing(wanted).await;
+                return self.acquire_missing().await;
             }
         };
-        let total = wanted
+        let total = self.distribution.exclusive;
+        let dbs: BTreeSet<DatabaseId> = self
+            .distribution
+            .by_db
             .iter()
-            .filter(|s| s.guard == Guard::Exclusive)
-            .count();
-        let dbs: BTreeSet<DatabaseId> = wanted.iter().map(|s| s.database.clone()).collect();
+            .map(|(db, _)| db.clone())
+            .collect();
 
         // 1. Probe the member slots in every database (connecting first).
         let deadline = self.config.lock_loss_timeout;
@@ -924,8 +992,14 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         // 4. Take free sets up to the share (and the slots still missing).
         let mut room = share.saturating_sub(held);
         let mut plan: TryPlan = HashMap::new();
-        for (db, sets) in self.missing(wanted) {
-            let sets: Vec<LockSet> = if room > 0 {
+        // At its share, a node tries only sentinel sets (if there are any).
+        let missing = if room > 0 || self.distribution.sentinels {
+            self.missing()
+        } else {
+            HashMap::new()
+        };
+        for (db, sets) in missing {
+            let sets: Vec<Arc<LockSet>> = if room > 0 {
                 sets
             } else {
                 sets.into_iter()
@@ -951,27 +1025,22 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 }
             }
             let mut giving_back = Vec::new();
-            let (mut here_acquired, mut here_denied) = (0, 0);
             for (set, ok) in outcome.sets {
                 let clean = self.take_clean(&outcome.db, &set.key);
                 if !ok {
-                    here_denied += 1;
+                    denied += 1;
                     self.denied_set(&set);
                 } else if set.guard == Guard::Sentinel {
                     self.granted(set, clean);
                 } else if room > 0 {
                     room -= 1;
-                    here_acquired += 1;
+                    acquired += 1;
                     self.granted(set, clean);
                 } else {
                     // Won beyond the share: never started, handed on.
-                    giving_back.push((set.key, clean));
+                    giving_back.push((set.key.clone(), clean));
                 }
             }
-            self.metrics
-                .acquired(&outcome.db, here_acquired, here_denied);
-            acquired += here_acquired;
-            denied += here_denied;
             if !giving_back.is_empty() {
                 extras.push((outcome.db, giving_back));
             }
@@ -1024,7 +1093,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     /// Starts a granted set's agents: after the takeover delay, or at once
     /// when its previous holder announced a clean handover.
-    fn granted(&mut self, set: LockSet, clean: bool) {
+    fn granted(&mut self, set: Arc<LockSet>, clean: bool) {
         let key = set.key.clone();
         let epoch = {
             let e = self.epochs.entry(key.clone()).or_insert(0);
@@ -1038,6 +1107,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             if let Some(owned) = self.owned.get_mut(&key) {
                 owned.held = true;
                 owned.epoch = epoch;
+                self.published = None;
                 return;
             }
         }
@@ -1047,10 +1117,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             self.config.takeover_delay
         };
         debug!(%key, database = %set.database, shards = set.shards.len(), epoch, clean, "lock acquired: starting agents");
-        self.metrics.ownerless(&set.database, delay);
         self.owned.remove(&key);
         let parent = self.parent_token(&set.database);
-        let agents = SetAgents::start(&self.agent, &set, epoch, &self.config, &parent, delay);
+        let agents = SetAgents::new(&set, &parent, delay);
+        self.launch_pending = true;
+        self.published = None;
         self.owned.insert(
             key,
             Owned {
@@ -1074,17 +1145,12 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
     }
 
-    fn start_sentinel(&mut self, set: LockSet) {
+    fn start_sentinel(&mut self, set: Arc<LockSet>) {
         let key = set.key.clone();
         // A sentinel set runs whether or not its session lives.
-        let agents = SetAgents::start(
-            &self.agent,
-            &set,
-            0,
-            &self.config,
-            &CancellationToken::new(),
-            Duration::ZERO,
-        );
+        let agents = SetAgents::new(&set, &CancellationToken::new(), Duration::ZERO);
+        self.launch_pending = true;
+        self.published = None;
         self.owned.insert(
             key,
             Owned {
@@ -1100,12 +1166,13 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     /// Closes sessions of databases this node no longer runs anything in
     /// (e.g. a removed tenant).
-    async fn close_idle_sessions(&mut self, wanted: &HashSet<DatabaseId>) {
+    async fn close_idle_sessions(&mut self) {
         let idle: Vec<DatabaseId> = self
             .conns
             .keys()
             .filter(|db| {
-                !wanted.contains(*db) && !self.owned.values().any(|o| &o.set.database == *db)
+                !self.distribution.wants_database(db)
+                    && !self.owned.values().any(|o| &o.set.database == *db)
             })
             .cloned()
             .collect();
@@ -1123,21 +1190,21 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     /// Agents first, then locks, then sessions.
     async fn shutdown(&mut self) {
         let owned = std::mem::take(&mut self.owned);
+        self.published = None;
         let mut stopping = Vec::new();
         let mut held: HashMap<DatabaseId, Vec<(LockKey, bool)>> = HashMap::new();
         for (key, o) in owned {
             let clean = o.clean();
             stopping.push(o.agents);
             if o.held {
-                held.entry(o.set.database).or_default().push((key, clean));
+                held.entry(o.set.database.clone())
+                    .or_default()
+                    .push((key, clean));
             }
         }
         let agents = stopping.len();
         stop_all(stopping, self.config.stop_timeout).await;
         info!(sets = agents, "agents stopped; releasing locks");
-        for (db, keys) in &held {
-            self.metrics.handed_off(db, keys.len());
-        }
         // Member slots go in the same round trip as the sets, so the nodes
         // the announcement wakes already count one member less.
         for (db, conn) in &self.conns {
@@ -1150,8 +1217,6 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             self.release_keys(&db, &keys).await;
         }
         for (db, conn) in self.conns.drain() {
-            self.metrics.owned(&db, 0);
-            self.metrics.session_open(&db, false);
             if let Some(session) = conn.session {
                 match tokio::time::timeout(self.config.lock_loss_timeout, session.close()).await {
                     Ok(Ok(())) => {}
@@ -1168,45 +1233,26 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         if !stopped {
             self.cycles += 1;
         }
-        if cycle > Duration::ZERO {
-            self.metrics.cycle(cycle);
-        }
-        let mut held_per_db: HashMap<&DatabaseId, usize> = HashMap::new();
-        let owned = self
-            .owned
-            .values()
-            .map(|o| {
-                if o.held {
-                    *held_per_db.entry(&o.set.database).or_default() += 1;
-                }
-                OwnedSet {
-                    key: o.set.key.clone(),
-                    database: o.set.database.clone(),
-                    shards: o.set.shards.clone(),
-                    guard: o.set.guard,
-                    held: o.held,
-                    epoch: o.epoch,
-                    since: o.since,
-                }
-            })
-            .collect();
-        let held_per_db: Vec<(DatabaseId, usize)> = held_per_db
-            .into_iter()
-            .map(|(db, n)| (db.clone(), n))
-            .collect();
-        self.record_gauges(&held_per_db);
-        let health = self.health_now(stopped);
-        self.health.send_if_modified(|old| {
-            let changed = *old != health;
-            if changed {
-                match &health {
-                    Health::Healthy => info!("health: healthy"),
-                    other => warn!(health = %other, "health changed"),
-                }
-                *old = health;
+        let owned = match &self.published {
+            Some(owned) => Arc::clone(owned),
+            None => {
+                let owned: Arc<[OwnedSet]> = self
+                    .owned
+                    .values()
+                    .map(|o| OwnedSet {
+                        key: o.set.key.clone(),
+                        database: o.set.database.clone(),
+                        shards: o.set.shards.clone(),
+                        guard: o.set.guard,
+                        held: o.held,
+                        epoch: o.epoch,
+                        since: o.since,
+                    })
+                    .collect();
+                self.published = Some(Arc::clone(&owned));
+                owned
             }
-            changed
-        });
+        };
         let assignment = Assignment {
             node: self.config.node_id.clone(),
             owned,
@@ -1223,86 +1269,6 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             wakeups: self.wakeups,
         };
         self.tx.send_replace(assignment);
-    }
-
-    /// The per-database gauges: sets held and wanted, members, sessions.
-    fn record_gauges(&mut self, held_per_db: &[(DatabaseId, usize)]) {
-        let dbs: HashSet<DatabaseId> = self
-            .conns
-            .keys()
-            .chain(self.wanted_per_db.keys())
-            .cloned()
-            .collect();
-        for db in &dbs {
-            let held = held_per_db
-                .iter()
-                .find(|(d, _)| d == db)
-                .map_or(0, |(_, n)| *n);
-            self.metrics.owned(db, held);
-            // Balancing: the node's share of the group (one group per
-            // deployment, usually in one database); else all it is given.
-            let wanted = match self.balance.share {
-                Some(share) => share,
-                None => self.wanted_per_db.get(db).copied().unwrap_or(0),
-            };
-            self.metrics.wanted(db, wanted);
-            if self.balance.share.is_some() {
-                self.metrics.members(db, self.balance.members);
-            }
-            let open = self.conns.get(db).is_some_and(|c| c.session.is_some());
-            self.metrics.session_open(db, open);
-        }
-    }
-
-    /// Health from what the last cycle saw.
-    fn health_now(&self, stopped: bool) -> Health {
-        if stopped {
-            return Health::Stopped {
-                reason: "stopped".to_string(),
-            };
-        }
-        let mut reasons = Vec::new();
-        if let Some(e) = &self.distributor_error {
-            reasons.push(format!("distributor failed: {e}"));
-        }
-        let mut dbs: Vec<&DatabaseId> = self.wanted_per_db.keys().collect();
-        dbs.sort();
-        for db in dbs {
-            match self.conns.get(db) {
-                Some(conn) if conn.session.is_some() => {}
-                Some(conn) => reasons.push(format!(
-                    "database {db} unreachable: {}",
-                    conn.last_error.as_deref().unwrap_or("reconnecting")
-                )),
-                None => reasons.push(format!("database {db}: not connected yet")),
-            }
-        }
-        if self.failing > 0 {
-            reasons.push(format!(
-                "{} agents failing (restarting with backoff)",
-                self.failing
-            ));
-        }
-        Health::from_reasons(reasons)
-    }
-}
-
-/// How long a database waits before the next connect after `failures`
-/// failures in a row: doubling from the pause interval, but never more than
-/// a poll, so a database that returns is back (and health turns healthy)
-/// within one poll interval.
-fn reconnect_delay(config: &CoordinatorConfig, failures: u32) -> Duration {
-    config
-        .backoff(config.pause_interval, failures.saturating_sub(1))
-        .min(config.poll_interval)
-}
-
-/// The loss cause of a failed round trip: a missed deadline, else `other`.
-fn cause_of(error: &Error, other: LossCause) -> LossCause {
-    if matches!(error, Error::Timeout { .. }) {
-        LossCause::Deadline
-    } else {
-        other
     }
 }
 
