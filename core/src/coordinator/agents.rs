@@ -70,6 +70,17 @@ impl Drop for MarkEnded {
     }
 }
 
+/// What one [`SetAgents::supervise`] call saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Supervised {
+    /// Agents waiting for their restart.
+    pub(super) waiting: usize,
+    /// Agents found ended (failed, or returned before being cancelled).
+    pub(super) failed: usize,
+    /// Agents restarted.
+    pub(super) restarted: usize,
+}
+
 impl SetAgents {
     /// Records one agent per shard of `set`, each to run the agent `delay`
     /// from now (the takeover delay; zero for sets that need none). Nothing
@@ -140,7 +151,8 @@ impl SetAgents {
     }
 
     /// Restarts agents that ended on their own, with exponential backoff.
-    /// Answers how many agents are waiting for a restart.
+    /// Answers how many are waiting for a restart, and how many failed and
+    /// restarted in this call.
     pub(super) fn supervise<A: Agent>(
         &mut self,
         agent: &Arc<A>,
@@ -148,9 +160,9 @@ impl SetAgents {
         epoch: u64,
         config: &CoordinatorConfig,
         ended: &Ended,
-    ) -> usize {
+    ) -> Supervised {
         let now = Instant::now();
-        let mut waiting = 0;
+        let mut out = Supervised::default();
         for (shard, slot) in &mut self.slots {
             if let SlotState::Running { task, started, .. } = &mut slot.state {
                 // A long healthy run forgets earlier failures (checked here,
@@ -162,6 +174,7 @@ impl SetAgents {
                     continue;
                 }
                 let outcome = finished_outcome(task);
+                out.failed += 1;
                 slot.failures = slot.failures.saturating_add(1);
                 let delay = config.backoff(config.restart_backoff, slot.failures - 1);
                 match outcome {
@@ -179,13 +192,14 @@ impl SetAgents {
             if let SlotState::Waiting { restart_at } = slot.state {
                 if restart_at <= now {
                     info!(%shard, key = %set.key, failures = slot.failures, "agent restarted");
+                    out.restarted += 1;
                     slot.state = spawn(agent, set, shard, epoch, config, &self.cancel, None, ended);
                 } else {
-                    waiting += 1;
+                    out.waiting += 1;
                 }
             }
         }
-        waiting
+        out
     }
 
     /// Cancels every agent without waiting (the first half of [`stop_all`]).

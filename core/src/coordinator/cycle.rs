@@ -20,9 +20,11 @@ use crate::balancing::{fair_share, Balancing};
 use crate::distributor::Distributor;
 use crate::driver::{Driver, Session, Support};
 use crate::error::Error;
+use crate::health::Health;
 use crate::ids::DatabaseId;
 use crate::key::LockKey;
 use crate::lock_set::{Guard, LockSet};
+use crate::metrics::{CoordinatorMetrics, LossCause};
 use crate::signals::SessionSignals;
 
 /// A database's connection slot.
@@ -42,6 +44,8 @@ struct Conn<S> {
     seen: HashSet<u32>,
     failures: u32,
     retry_at: Instant,
+    /// Why the database has no session (for [`Health`]).
+    last_error: Option<String>,
 }
 
 impl<S> Conn<S> {
@@ -54,6 +58,7 @@ impl<S> Conn<S> {
             seen: HashSet::new(),
             failures: 0,
             retry_at,
+            last_error: None,
         }
     }
 
@@ -213,6 +218,8 @@ pub(super) struct Runner<D: Driver, S, A> {
     owned: BTreeMap<LockKey, Owned>,
     /// `owned` as last published; `None` once `owned` changed since.
     published: Option<Arc<[OwnedSet]>>,
+    /// Held sets per database, counted with `published`.
+    held_per_db: Vec<(DatabaseId, usize)>,
     /// Some owned set has agents recorded but not spawned yet.
     launch_pending: bool,
     /// Marked when an agent's task ends: supervision has work.
@@ -232,6 +239,12 @@ pub(super) struct Runner<D: Driver, S, A> {
     woken_by_hint: bool,
     /// When the sessions were last verified.
     last_verify: Instant,
+    metrics: CoordinatorMetrics,
+    health: watch::Sender<Health>,
+    /// Sets the distributor gave each database in the last cycle.
+    wanted_per_db: HashMap<DatabaseId, usize>,
+    /// Why the distributor failed in the last cycle, if it did.
+    distributor_error: Option<String>,
 }
 
 impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
@@ -242,8 +255,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         config: Arc<CoordinatorConfig>,
         stop: CancellationToken,
         wake: Arc<Notify>,
-        tx: watch::Sender<Assignment>,
+        (tx, health): (watch::Sender<Assignment>, watch::Sender<Health>),
     ) -> Self {
+        let metrics = CoordinatorMetrics::new(&config.node_id, driver.name());
         Self {
             driver,
             distributor,
@@ -256,6 +270,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             tx,
             owned: BTreeMap::new(),
             published: None,
+            held_per_db: Vec::new(),
             launch_pending: false,
             agents_ended: Ended::default(),
             distribution: Distribution::default(),
@@ -270,6 +285,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             wakeups: 0,
             woken_by_hint: false,
             last_verify: Instant::now(),
+            metrics,
+            health,
+            wanted_per_db: HashMap::new(),
+            distributor_error: None,
         }
     }
 
@@ -340,17 +359,31 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             Ok(Ok(sets)) => sets,
             Ok(Err(e)) => {
                 warn!(error = %e.report(), "distributor failed; keeping the current assignment");
+                self.distributor_error = Some(e.report().to_string());
                 self.verify_sessions().await;
                 return;
             }
             Err(_) => {
                 warn!("distributor did not answer in time; keeping the current assignment");
+                self.distributor_error = Some(format!(
+                    "did not answer within {:?}",
+                    self.config.lock_loss_timeout
+                ));
                 self.verify_sessions().await;
                 return;
             }
         };
+        self.distributor_error = None;
         let balancing = self.distributor.balancing().cloned();
         let changed = self.distribution.update(sets);
+        if changed {
+            self.wanted_per_db = self
+                .distribution
+                .by_db
+                .iter()
+                .map(|(db, sets)| (db.clone(), sets.len()))
+                .collect();
+        }
 
         // Sessions first: a lost session's agents stop before anything else.
         // A cycle woken by another node's announcement skips the verify if
@@ -391,8 +424,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             if let Some(mut session) = conn.session.take() {
                 let task_db = db.clone();
                 let task = tokio::spawn(async move {
+                    let started = Instant::now();
                     let result = guarded("verify", &task_db, deadline, session.verify()).await;
-                    (session, result)
+                    (session, result.map(|()| started.elapsed()))
                 });
                 checks.push((db.clone(), task));
             }
@@ -400,7 +434,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let mut lost = Vec::new();
         for (db, task) in checks {
             match join(task).await {
-                Ok((session, Ok(()))) => {
+                Ok((session, Ok(took))) => {
+                    self.metrics.verified(&db, took);
                     if let Some(conn) = self.conns.get_mut(&db) {
                         conn.session = Some(session);
                     }
@@ -410,7 +445,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             }
         }
         for (db, session, reason) in lost {
-            self.lose_session(&db, session, &reason).await;
+            let cause = cause_of(&reason, LossCause::Verify);
+            self.lose_session(&db, session, &reason, cause).await;
         }
     }
 
@@ -434,7 +470,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 .and_then(SessionSignals::reason)
                 .unwrap_or_else(|| "the connection ended".to_string());
             let error = Error::session_lost(&db, format!("loss signalled by the driver: {reason}"));
-            self.lose_session(&db, session, &error).await;
+            self.lose_session(&db, session, &error, LossCause::Signal)
+                .await;
         }
     }
 
@@ -496,7 +533,14 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     /// Stops the agents of every exclusive set in `db`, **then** drops the
     /// session, and schedules a reconnect.
-    async fn lose_session(&mut self, db: &DatabaseId, session: Option<D::Session>, reason: &Error) {
+    async fn lose_session(
+        &mut self,
+        db: &DatabaseId,
+        session: Option<D::Session>,
+        reason: &Error,
+        cause: LossCause,
+    ) {
+        let seen = Instant::now();
         let keys: Vec<LockKey> = self
             .owned
             .iter()
@@ -522,6 +566,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
         let stopped = stopping.len();
         stop_all(stopping, self.config.stop_timeout).await;
+        self.metrics.stopped_after_loss(db, seen.elapsed());
+        self.metrics.lost(db, cause);
         drop(session);
         self.sessions_lost += 1;
         let names: Vec<&str> = keys.iter().map(LockKey::name).collect();
@@ -540,10 +586,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             conn.members.clear();
             conn.seen.clear();
             conn.failures = conn.failures.saturating_add(1);
-            conn.retry_at = Instant::now()
-                + self
-                    .config
-                    .backoff(self.config.pause_interval, conn.failures - 1);
+            conn.retry_at = Instant::now() + reconnect_delay(&self.config, conn.failures);
+            conn.last_error = Some(reason.report().to_string());
         }
     }
 
@@ -593,6 +637,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             sets.push(set);
         }
         for (db, keys) in by_db {
+            self.metrics.handed_off(&db, keys.len());
             self.release_keys(&db, &keys).await;
         }
         sets
@@ -624,7 +669,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 },
             };
         let session = conn.session.take();
-        self.lose_session(db, session, &failure).await;
+        let cause = cause_of(&failure, LossCause::Error);
+        self.lose_session(db, session, &failure, cause).await;
     }
 
     /// Restarts agents that ended on their own. Walks the sets only when an
@@ -636,13 +682,20 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
         let mut failing = 0;
         for owned in self.owned.values_mut() {
-            failing += owned.agents.supervise(
+            let seen = owned.agents.supervise(
                 &self.agent,
                 &owned.set,
                 owned.epoch,
                 &self.config,
                 &self.agents_ended,
             );
+            failing += seen.waiting;
+            for _ in 0..seen.failed {
+                self.metrics.agent_failed(&owned.set.database);
+            }
+            for _ in 0..seen.restarted {
+                self.metrics.agent_restarted(&owned.set.database);
+            }
         }
         self.failing = failing;
     }
@@ -731,20 +784,28 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                     }
                     if let Some(conn) = self.conns.get_mut(&db) {
                         conn.failures = 0;
+                        conn.last_error = None;
                     }
                     done.push((db, extra, value));
                 }
                 Err(e) if connect_failed => {
+                    let delay = reconnect_delay(
+                        &self.config,
+                        self.conns
+                            .get(&db)
+                            .map_or(1, |c| c.failures.saturating_add(1)),
+                    );
                     if let Some(conn) = self.conns.get_mut(&db) {
                         conn.failures = conn.failures.saturating_add(1);
-                        let delay = self
-                            .config
-                            .backoff(self.config.pause_interval, conn.failures - 1);
                         conn.retry_at = Instant::now() + delay;
+                        conn.last_error = Some(format!("cannot connect: {}", e.report()));
                         warn!(database = %db, error = %e.report(), retry_in = ?delay, "cannot connect");
                     }
                 }
-                Err(e) => self.lose_session(&db, session, &e).await,
+                Err(e) => {
+                    let cause = cause_of(&e, LossCause::Error);
+                    self.lose_session(&db, session, &e, cause).await;
+                }
             }
         }
         done
@@ -760,6 +821,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         for (db, (sets, slots)) in plan {
             let mut keys: Vec<LockKey> = sets.iter().map(|s| s.key.clone()).collect();
             keys.extend(slots.iter().map(|(_, k)| k.clone()));
+            self.metrics.batch(&db, keys.len());
             let task_db = db.clone();
             let task = self.spawn_round(&db, move |mut session| async move {
                 let result = guarded(
@@ -841,16 +903,21 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let (outcomes, mut denied) = self.try_round(plan).await;
         let mut acquired = 0usize;
         for outcome in outcomes {
+            let (mut here_acquired, mut here_denied) = (0, 0);
             for (set, ok) in outcome.sets {
                 let clean = self.take_clean(&outcome.db, &set.key);
                 if ok {
-                    acquired += 1;
+                    here_acquired += 1;
                     self.granted(set, clean);
                 } else {
-                    denied += 1;
+                    here_denied += 1;
                     self.denied_set(&set);
                 }
             }
+            self.metrics
+                .acquired(&outcome.db, here_acquired, here_denied);
+            acquired += here_acquired;
+            denied += here_denied;
         }
         self.tally(acquired, denied);
     }
@@ -1025,22 +1092,27 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 }
             }
             let mut giving_back = Vec::new();
+            let (mut here_acquired, mut here_denied) = (0, 0);
             for (set, ok) in outcome.sets {
                 let clean = self.take_clean(&outcome.db, &set.key);
                 if !ok {
-                    denied += 1;
+                    here_denied += 1;
                     self.denied_set(&set);
                 } else if set.guard == Guard::Sentinel {
                     self.granted(set, clean);
                 } else if room > 0 {
                     room -= 1;
-                    acquired += 1;
+                    here_acquired += 1;
                     self.granted(set, clean);
                 } else {
                     // Won beyond the share: never started, handed on.
                     giving_back.push((set.key.clone(), clean));
                 }
             }
+            self.metrics
+                .acquired(&outcome.db, here_acquired, here_denied);
+            acquired += here_acquired;
+            denied += here_denied;
             if !giving_back.is_empty() {
                 extras.push((outcome.db, giving_back));
             }
@@ -1117,6 +1189,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             self.config.takeover_delay
         };
         debug!(%key, database = %set.database, shards = set.shards.len(), epoch, clean, "lock acquired: starting agents");
+        self.metrics.ownerless(&set.database, delay);
         self.owned.remove(&key);
         let parent = self.parent_token(&set.database);
         let agents = SetAgents::new(&set, &parent, delay);
@@ -1205,6 +1278,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let agents = stopping.len();
         stop_all(stopping, self.config.stop_timeout).await;
         info!(sets = agents, "agents stopped; releasing locks");
+        for (db, keys) in &held {
+            self.metrics.handed_off(db, keys.len());
+        }
         // Member slots go in the same round trip as the sets, so the nodes
         // the announcement wakes already count one member less.
         for (db, conn) in &self.conns {
@@ -1217,6 +1293,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             self.release_keys(&db, &keys).await;
         }
         for (db, conn) in self.conns.drain() {
+            self.metrics.owned(&db, 0);
+            self.metrics.session_open(&db, false);
             if let Some(session) = conn.session {
                 match tokio::time::timeout(self.config.lock_loss_timeout, session.close()).await {
                     Ok(Ok(())) => {}
@@ -1233,26 +1311,57 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         if !stopped {
             self.cycles += 1;
         }
+        if cycle > Duration::ZERO {
+            self.metrics.cycle(cycle);
+        }
+        // Rebuilt only when the owned sets changed: a steady cycle copies
+        // and counts nothing.
         let owned = match &self.published {
             Some(owned) => Arc::clone(owned),
             None => {
+                let mut held_per_db: HashMap<&DatabaseId, usize> = HashMap::new();
                 let owned: Arc<[OwnedSet]> = self
                     .owned
                     .values()
-                    .map(|o| OwnedSet {
-                        key: o.set.key.clone(),
-                        database: o.set.database.clone(),
-                        shards: o.set.shards.clone(),
-                        guard: o.set.guard,
-                        held: o.held,
-                        epoch: o.epoch,
-                        since: o.since,
+                    .map(|o| {
+                        if o.held {
+                            *held_per_db.entry(&o.set.database).or_default() += 1;
+                        }
+                        OwnedSet {
+                            key: o.set.key.clone(),
+                            database: o.set.database.clone(),
+                            shards: o.set.shards.clone(),
+                            guard: o.set.guard,
+                            held: o.held,
+                            epoch: o.epoch,
+                            since: o.since,
+                        }
                     })
                     .collect();
+                let held_per_db: Vec<(DatabaseId, usize)> = held_per_db
+                    .into_iter()
+                    .map(|(db, n)| (db.clone(), n))
+                    .collect();
+                self.held_per_db = held_per_db;
                 self.published = Some(Arc::clone(&owned));
                 owned
             }
         };
+        let held_per_db = std::mem::take(&mut self.held_per_db);
+        self.record_gauges(&held_per_db);
+        self.held_per_db = held_per_db;
+        let health = self.health_now(stopped);
+        self.health.send_if_modified(|old| {
+            let changed = *old != health;
+            if changed {
+                match &health {
+                    Health::Healthy => info!("health: healthy"),
+                    other => warn!(health = %other, "health changed"),
+                }
+                *old = health;
+            }
+            changed
+        });
         let assignment = Assignment {
             node: self.config.node_id.clone(),
             owned,
@@ -1269,6 +1378,86 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             wakeups: self.wakeups,
         };
         self.tx.send_replace(assignment);
+    }
+
+    /// The per-database gauges: sets held and wanted, members, sessions.
+    fn record_gauges(&mut self, held_per_db: &[(DatabaseId, usize)]) {
+        let dbs: HashSet<DatabaseId> = self
+            .conns
+            .keys()
+            .chain(self.wanted_per_db.keys())
+            .cloned()
+            .collect();
+        for db in &dbs {
+            let held = held_per_db
+                .iter()
+                .find(|(d, _)| d == db)
+                .map_or(0, |(_, n)| *n);
+            self.metrics.owned(db, held);
+            // Balancing: the node's share of the group (one group per
+            // deployment, usually in one database); else all it is given.
+            let wanted = match self.balance.share {
+                Some(share) => share,
+                None => self.wanted_per_db.get(db).copied().unwrap_or(0),
+            };
+            self.metrics.wanted(db, wanted);
+            if self.balance.share.is_some() {
+                self.metrics.members(db, self.balance.members);
+            }
+            let open = self.conns.get(db).is_some_and(|c| c.session.is_some());
+            self.metrics.session_open(db, open);
+        }
+    }
+
+    /// Health from what the last cycle saw.
+    fn health_now(&self, stopped: bool) -> Health {
+        if stopped {
+            return Health::Stopped {
+                reason: "stopped".to_string(),
+            };
+        }
+        let mut reasons = Vec::new();
+        if let Some(e) = &self.distributor_error {
+            reasons.push(format!("distributor failed: {e}"));
+        }
+        let mut dbs: Vec<&DatabaseId> = self.wanted_per_db.keys().collect();
+        dbs.sort();
+        for db in dbs {
+            match self.conns.get(db) {
+                Some(conn) if conn.session.is_some() => {}
+                Some(conn) => reasons.push(format!(
+                    "database {db} unreachable: {}",
+                    conn.last_error.as_deref().unwrap_or("reconnecting")
+                )),
+                None => reasons.push(format!("database {db}: not connected yet")),
+            }
+        }
+        if self.failing > 0 {
+            reasons.push(format!(
+                "{} agents failing (restarting with backoff)",
+                self.failing
+            ));
+        }
+        Health::from_reasons(reasons)
+    }
+}
+
+/// How long a database waits before the next connect after `failures`
+/// failures in a row: doubling from the pause interval, but never more than
+/// a poll, so a database that returns is back (and health turns healthy)
+/// within one poll interval.
+fn reconnect_delay(config: &CoordinatorConfig, failures: u32) -> Duration {
+    config
+        .backoff(config.pause_interval, failures.saturating_sub(1))
+        .min(config.poll_interval)
+}
+
+/// The loss cause of a failed round trip: a missed deadline, else `other`.
+fn cause_of(error: &Error, other: LossCause) -> LossCause {
+    if matches!(error, Error::Timeout { .. }) {
+        LossCause::Deadline
+    } else {
+        other
     }
 }
 
