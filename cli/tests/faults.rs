@@ -2,7 +2,9 @@
 //! twelve shards, random faults from a fixed seed, and a check, from the
 //! nodes' own `--records`, that no shard ever ran on two nodes at once.
 //!
-//! Faults (Postgres: all; SQLite: the first three):
+//! Faults (Postgres: all but the MySQL `KILL`; MySQL/MariaDB: the same with
+//! `KILL` for `pg_terminate_backend` and no held cut; SQLite: the first
+//! three and its own):
 //!
 //! | kind | what |
 //! |---|---|
@@ -10,14 +12,17 @@
 //! | `SIGTERM` | graceful stop, restart |
 //! | `SIGSTOP` | freeze a node longer than its lock-loss timeout, then SIGCONT |
 //! | `pg_terminate_backend` | the server ends the node's sessions (found by `application_name = shardlock:<node>`) |
-//! | `server restart` | `docker restart` of the Postgres container |
+//! | `KILL <connection>` (MySQL) | the server ends the node's sessions, found in the processlist by their watchers' labelled wait (`/* shardlock:<node> session=<id> */`): half the time the session alone, half the time the watcher too |
+//! | `server restart` | `docker restart` of the Postgres / MariaDB container |
 //! | `network cut` | drop the node's existing TCP connections to the server on loopback, both directions, no RST (iptables, chain `SHARDLOCK_CHAOS_<pid>`), until the node has fenced itself, then heal |
-//! | `network cut, held` | the same, held until another node runs one of its shards (the server freed the locks) |
+//! | `network cut, held` | the same, held until another node runs one of its shards (the server freed the locks; not on MySQL, which frees them only after `wait_timeout`, 60 s) |
 //!
 //! Tests:
 //!
 //! - `faults_short_postgres`, `faults_short_sqlite`: 50 faults each at
 //!   `--poll-ms 300`, a few minutes; fail on any overlap and print the table.
+//! - `faults_short_mysql`: 30 faults at `--poll-ms 300` against MariaDB
+//!   (about a minute); the same checks.
 //! - `chaos_long` (a loud SKIPPED line unless `SHARDLOCK_CHAOS_LONG=1`;
 //!   `scripts/chaos.sh` runs it): 300 faults per setting, writes
 //!   `RELIABILITY.md`.
@@ -30,7 +35,11 @@
 //! records; it is always kept on failure); `SHARDLOCK_PG_URL` uses your
 //! server (no server restart then); `SHARDLOCK_PG_IMAGE` the image
 //! (default `shardlock-test/postgres:15`, run with host networking so a
-//! network cut reaches the server without docker-proxy in between).
+//! network cut reaches the server without docker-proxy in between);
+//! `SHARDLOCK_MYSQL_URL` / `SHARDLOCK_MYSQL_IMAGE` (default
+//! `shardlock-test/mariadb:10.11`) the same for MySQL. Without a server a
+//! run prints a `SKIPPED` line, and fails instead when `SHARDLOCK_REQUIRE`
+//! names its database.
 //!
 //! Everything started here is undone on exit, on failure and on ctrl-c /
 //! SIGTERM (a signal thread): nodes killed, the firewall chain flushed and
@@ -46,6 +55,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shardlock::postgres::sqlx::{self, Connection};
+
+#[path = "faults/mysql.rs"]
+mod mysql;
 
 const SHARDS: usize = 12;
 const NODES: usize = 3;
@@ -361,14 +373,15 @@ fn connection_ports(pid: u32, server_port: u16) -> Vec<u16> {
 // ---------------------------------------------------------------------------
 // PostgreSQL: a container on the host network, or SHARDLOCK_PG_URL
 
+/// A database server: Postgres or MySQL/MariaDB.
 #[derive(Debug)]
-struct PgServer {
+struct Server {
     url: String,
     port: u16,
     container: Option<String>,
 }
 
-impl Drop for PgServer {
+impl Drop for Server {
     fn drop(&mut self) {
         if let Some(id) = self.container.take() {
             let _ = run_cmd("docker", &["rm", "-f", &id]);
@@ -415,7 +428,7 @@ fn pg_ready(url: &str, bound: Duration) -> bool {
     wait_until(bound, || sql_i64(url, "SELECT 1::bigint", None).is_ok())
 }
 
-fn pg_skip(why: &str) -> Option<PgServer> {
+fn pg_skip(why: &str) -> Option<Server> {
     eprintln!("SKIPPED: postgres (fault injection): {why}, set SHARDLOCK_PG_URL to run");
     if std::env::var("SHARDLOCK_REQUIRE").is_ok_and(|v| v.contains("postgres")) {
         panic!("postgres is required (SHARDLOCK_REQUIRE) but skipped: {why}");
@@ -465,7 +478,7 @@ fn remove_stale_containers() {
     }
 }
 
-fn pg_server() -> Option<PgServer> {
+fn pg_server() -> Option<Server> {
     if let Ok(url) = std::env::var("SHARDLOCK_PG_URL") {
         if !url.trim().is_empty() {
             let port = url
@@ -478,7 +491,7 @@ fn pg_server() -> Option<PgServer> {
             if !pg_ready(&url, Duration::from_secs(30)) {
                 panic!("SHARDLOCK_PG_URL is not reachable");
             }
-            return Some(PgServer {
+            return Some(Server {
                 url,
                 port,
                 container: None,
@@ -526,7 +539,7 @@ fn pg_server() -> Option<PgServer> {
         .unwrap_or_else(|p| p.into_inner())
         .containers
         .insert(id.clone());
-    let server = PgServer {
+    let server = Server {
         url: format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"),
         port,
         container: Some(id),
@@ -663,6 +676,7 @@ enum Kind {
     Term,
     Stop,
     Terminate,
+    KillConn,
     Unlink,
     Restart,
     Cut,
@@ -676,6 +690,7 @@ impl Kind {
             Kind::Term => "SIGTERM (graceful)",
             Kind::Stop => "SIGSTOP > loss timeout",
             Kind::Terminate => "pg_terminate_backend",
+            Kind::KillConn => "KILL <connection> (MySQL)",
             Kind::Unlink => "session file deleted (SQLite)",
             Kind::Restart => "server restart",
             Kind::Cut => "network cut",
@@ -926,6 +941,7 @@ fn table(a: &Analysis) -> String {
 enum Backend {
     Postgres,
     Sqlite,
+    MySql,
 }
 
 #[derive(Debug, Clone)]
@@ -939,7 +955,8 @@ struct Setting {
     gap_ms: (u64, u64),
     /// Fault kinds and their weights.
     weights: Vec<(Kind, u64)>,
-    /// Every n-th network cut is held until the server frees the locks.
+    /// Every n-th network cut is held until the server frees the locks
+    /// (0: none is).
     held_every: usize,
     /// Longest wait for the cluster to settle before the next fault.
     max_settle: Duration,
@@ -970,15 +987,27 @@ impl Setting {
                     (Kind::Stop, 1),
                     (Kind::Unlink, 5),
                 ],
+                Backend::MySql => vec![
+                    (Kind::Kill, 4),
+                    (Kind::Term, 3),
+                    (Kind::Stop, 1),
+                    (Kind::KillConn, 6),
+                    (Kind::Restart, 1),
+                    (Kind::Cut, 2),
+                ],
             },
-            held_every: 6,
+            // MySQL frees a cut-off node's locks only after the session's
+            // wait_timeout (60 s): no held cuts there.
+            held_every: if backend == Backend::MySql { 0 } else { 6 },
             max_settle: Duration::from_secs(30),
         }
     }
 
     /// One held cut only (the first), for runs that must stay short.
     fn short(mut self) -> Self {
-        self.held_every = usize::MAX;
+        if self.held_every != 0 {
+            self.held_every = usize::MAX;
+        }
         self
     }
 
@@ -986,6 +1015,7 @@ impl Setting {
         let driver = match self.backend {
             Backend::Postgres => "--driver postgres --url <server>",
             Backend::Sqlite => "--driver sqlite --dir <tmp>",
+            Backend::MySql => "--driver mysql --url <server>",
         };
         let extra = if self.node_args.is_empty() {
             "(default timings)".to_string()
@@ -1039,7 +1069,7 @@ struct Chaos {
     work: PathBuf,
     records: PathBuf,
     bin: PathBuf,
-    pg: Option<PgServer>,
+    server: Option<Server>,
     firewall: Option<Firewall>,
     nodes: Vec<Node>,
     incarnations: usize,
@@ -1061,14 +1091,36 @@ impl Chaos {
         self.notes.push(line);
     }
 
+    /// The server's URL (empty for SQLite).
+    fn server_url(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|p| p.url.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the server answers a query again, up to `bound`.
+    fn server_ready(&self, bound: Duration) -> bool {
+        let url = self.server_url();
+        match self.setting.backend {
+            Backend::Postgres => pg_ready(&url, bound),
+            Backend::MySql => mysql::ready(&url, bound),
+            Backend::Sqlite => true,
+        }
+    }
+
     fn spawn(&mut self, slot: usize) {
         self.incarnations += 1;
         let id = format!("n{}-{}", slot + 1, self.incarnations);
         let mut args: Vec<String> = vec!["node".into()];
         match self.setting.backend {
             Backend::Postgres => {
-                let url = self.pg.as_ref().map(|p| p.url.clone()).unwrap_or_default();
+                let url = self.server_url();
                 args.extend(["--driver".into(), "postgres".into(), "--url".into(), url]);
+            }
+            Backend::MySql => {
+                let url = self.server_url();
+                args.extend(["--driver".into(), "mysql".into(), "--url".into(), url]);
             }
             Backend::Sqlite => {
                 args.extend([
@@ -1225,7 +1277,7 @@ impl Chaos {
     }
 
     fn kinds(&self) -> Vec<(Kind, u64)> {
-        let restart = self.pg.as_ref().is_some_and(|p| p.container.is_some());
+        let restart = self.server.as_ref().is_some_and(|p| p.container.is_some());
         let cut = self.firewall.is_some();
         self.setting
             .weights
@@ -1252,7 +1304,8 @@ impl Chaos {
             x -= w;
         }
         if kind == Kind::Cut {
-            if self.cuts.is_multiple_of(self.setting.held_every.max(1)) {
+            let every = self.setting.held_every;
+            if every != 0 && self.cuts.is_multiple_of(every) {
                 kind = Kind::CutHeld;
             }
             self.cuts += 1;
@@ -1317,7 +1370,7 @@ impl Chaos {
                 std::thread::sleep(self.poll + Duration::from_millis(500));
             }
             Kind::Terminate => {
-                let url = self.pg.as_ref().map(|p| p.url.clone()).unwrap_or_default();
+                let url = self.server_url();
                 // Half the time the session alone (its watcher must notice),
                 // half the time every backend of the node (watcher too).
                 let all = self.rng.below(2) == 0;
@@ -1346,6 +1399,26 @@ impl Chaos {
                     Err(e) => {
                         fault.note = Some(format!("pg_terminate_backend failed: {e}"));
                         fault.at = before;
+                    }
+                }
+            }
+            Kind::KillConn => {
+                // Half the time the session alone (its watcher must notice),
+                // half the time the watcher too.
+                let all = self.rng.below(2) == 0;
+                let before = now_ns();
+                match mysql::kill_sessions(&self.server_url(), &target, all) {
+                    Ok(0) => {
+                        fault.note = Some(format!("no session of {target} to KILL"));
+                        fault.at = before;
+                        fault.counted = false;
+                    }
+                    Ok(_) => fault.at = before,
+                    Err(e) => {
+                        // Not injected: counted against the run's share.
+                        fault.note = Some(format!("KILL failed: {e}"));
+                        fault.at = before;
+                        fault.counted = false;
                     }
                 }
             }
@@ -1386,7 +1459,7 @@ impl Chaos {
                     .map(|r| (r.node, r.shard, r.start))
                     .collect();
                 let id = self
-                    .pg
+                    .server
                     .as_ref()
                     .and_then(|p| p.container.clone())
                     .unwrap_or_default();
@@ -1394,13 +1467,12 @@ impl Chaos {
                 if let Err(e) = run_cmd("docker", &["restart", "-t", "10", &id]) {
                     fault.note = Some(format!("docker restart failed: {e}"));
                 }
-                let url = self.pg.as_ref().map(|p| p.url.clone()).unwrap_or_default();
-                if !pg_ready(&url, Duration::from_secs(60)) {
-                    panic!("Postgres did not come back within 60 s of a restart");
+                if !self.server_ready(Duration::from_secs(60)) {
+                    panic!("the server did not come back within 60 s of a restart");
                 }
             }
             Kind::Cut | Kind::CutHeld => {
-                let server_port = self.pg.as_ref().map_or(0, |p| p.port);
+                let server_port = self.server.as_ref().map_or(0, |p| p.port);
                 let ports = connection_ports(pid, server_port);
                 if ports.is_empty() {
                     fault.note = Some(format!("{target} had no connection to cut"));
@@ -1504,15 +1576,16 @@ impl Drop for Chaos {
 
 fn run_setting(setting: Setting, seed: u64) -> Option<Outcome> {
     let _ = cleanup(); // the signal thread
-    let pg = match setting.backend {
+    let server = match setting.backend {
         Backend::Postgres => Some(pg_server()?),
+        Backend::MySql => Some(mysql::server()?),
         Backend::Sqlite => None,
     };
     let mut skipped_kinds = Vec::new();
     let firewall = match setting.backend {
         Backend::Sqlite => None,
-        Backend::Postgres => {
-            let local = pg
+        Backend::Postgres | Backend::MySql => {
+            let local = server
                 .as_ref()
                 .is_some_and(|p| p.url.contains("@127.") || p.url.contains("@localhost"));
             if !local {
@@ -1532,8 +1605,8 @@ fn run_setting(setting: Setting, seed: u64) -> Option<Outcome> {
             }
         }
     };
-    if pg.as_ref().is_some_and(|p| p.container.is_none()) {
-        skipped_kinds.push("server restart (SHARDLOCK_PG_URL: no container to restart)".into());
+    if server.as_ref().is_some_and(|p| p.container.is_none()) {
+        skipped_kinds.push("server restart (a server of your own: no container to restart)".into());
     }
     let work = std::env::temp_dir().join(format!(
         "shardlock-chaos-{}-{}",
@@ -1560,7 +1633,7 @@ fn run_setting(setting: Setting, seed: u64) -> Option<Outcome> {
         work: work.clone(),
         records,
         bin,
-        pg,
+        server,
         firewall,
         nodes: Vec::new(),
         incarnations: 0,
@@ -1797,6 +1870,23 @@ fn faults_short_postgres() {
     );
 }
 
+/// 30 faults on MySQL/MariaDB at `--poll-ms 300`: kill -9, SIGTERM,
+/// SIGSTOP, `KILL` of the node's connections, server restart, network cuts
+/// (none held: the server would keep the locks for its 60 s
+/// `wait_timeout`).
+#[test]
+fn faults_short_mysql() {
+    short(
+        Setting::new(
+            "mysql-poll300",
+            Backend::MySql,
+            &["--poll-ms", "300"],
+            faults_from_env(30),
+        )
+        .short(),
+    );
+}
+
 /// 50 faults on SQLite at `--poll-ms 300`: kill -9, SIGTERM, SIGSTOP.
 #[test]
 fn faults_short_sqlite() {
@@ -1867,6 +1957,7 @@ fn chaos_long() {
                 Setting::new(name, Backend::Postgres, &["--poll-ms", "300"], faults)
             }
             "sqlite-default" => Setting::new(name, Backend::Sqlite, &[], faults),
+            "mysql-poll300" => Setting::new(name, Backend::MySql, &["--poll-ms", "300"], faults),
             "sqlite-poll300" => Setting::new(name, Backend::Sqlite, &["--poll-ms", "300"], faults),
             other => panic!("unknown setting {other:?}"),
         };
@@ -1970,7 +2061,7 @@ fn reliability_md(outcomes: &[Outcome], base: u64) -> String {
     let _ = writeln!(out, "- seed: `{base}` (setting *i* uses seed + *i*; replay with `SHARDLOCK_CHAOS_SEED={base} {command}`)");
     let _ = writeln!(
         out,
-        "- machine: {} CPUs, one host (nodes, harness and the Postgres container share it)",
+        "- machine: {} CPUs, one host (nodes, harness and the server container share it)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let _ = writeln!(
@@ -1992,7 +2083,7 @@ fn reliability_md(outcomes: &[Outcome], base: u64) -> String {
     let _ = writeln!(out, "- **takeover**: fault → the next run of that shard started (on any node, the same node's new session included).");
     let _ = writeln!(out, "- **kept**: runs that went on through the fault because the lock was never lost (SIGSTOP: the kernel keeps the frozen process's sockets and file locks).");
     let _ = writeln!(out, "- **max ownerless**: the longest stretch a shard ran nowhere, charged to the latest fault before it.\n");
-    let _ = writeln!(out, "Faults: `kill -9` (SIGKILL, restart); `SIGTERM` (graceful stop, restart); `SIGSTOP` longer than the lock-loss timeout, then SIGCONT; `pg_terminate_backend` of the node's sessions (found by `application_name`); `server restart` (`docker restart` of the container); `network cut`: the node's existing TCP connections to the server dropped on loopback in both directions with iptables (no FIN, no RST reaches either side) until the node has stopped its agents, then healed; `network cut, held`: the same, held until another node runs one of the node's shards, i.e. until the server noticed the dead connection and freed the locks.\n");
+    let _ = writeln!(out, "Faults: `kill -9` (SIGKILL, restart); `SIGTERM` (graceful stop, restart); `SIGSTOP` longer than the lock-loss timeout, then SIGCONT; `pg_terminate_backend` of the node's sessions (found by `application_name`); `KILL <connection>` on MySQL/MariaDB (the node's sessions found in the processlist by their watchers' labelled waits; half the time the watchers too); `server restart` (`docker restart` of the container); `network cut`: the node's existing TCP connections to the server dropped on loopback in both directions with iptables (no FIN, no RST reaches either side) until the node has stopped its agents, then healed; `network cut, held`: the same, held until another node runs one of the node's shards, i.e. until the server noticed the dead connection and freed the locks.\n");
     for o in outcomes {
         let _ = writeln!(out, "## `{}`\n", o.setting.name);
         let _ = writeln!(
