@@ -109,17 +109,25 @@ pub trait Harness: Send + Sync + 'static {
         None
     }
 
+    /// The suite's patience with this server (default [`Timings::DEFAULT`];
+    /// a harness that measured its server's round trip answers
+    /// [`Timings::from_round_trip`]). [`settle`](Self::settle) and
+    /// [`slack`](Self::slack) read it.
+    fn timings(&self) -> Timings {
+        Timings::DEFAULT
+    }
+
     /// How long an eventually-true condition (a dropped session's locks
     /// freed in the background, a waiter woken) may take before the suite
     /// calls it broken; also the hang guard of single awaits.
     fn settle(&self) -> Duration {
-        Timings::DEFAULT.settle
+        self.timings().settle
     }
 
     /// Slack on top of computed bounds (scenarios: "within two poll
     /// intervals plus the takeover delay").
     fn slack(&self) -> Duration {
-        Timings::DEFAULT.slack
+        self.timings().slack
     }
 
     /// The factor on the driver's stated
@@ -181,6 +189,99 @@ pub async fn until_waiting(
     true
 }
 
+/// The deadline and messages of a [`Harness::wait_until_waiting`] for a
+/// server-backed driver, which reads how many sessions the server shows
+/// waiting for a key (on a side connection, e.g. from `pg_locks` or the
+/// processlist) until one does:
+///
+/// ```ignore
+/// let poll = WaiterPoll::new(limit, &key, "pg_locks");
+/// while !poll.seen(waiters(&mut conn, &key).await).await {}
+/// ```
+#[derive(Debug)]
+pub struct WaiterPoll {
+    key: LockKey,
+    place: String,
+    limit: Duration,
+    started: std::time::Instant,
+}
+
+impl WaiterPoll {
+    /// Starts the clock: a waiter must show up in `place` within `limit`.
+    pub fn new(limit: Duration, key: &LockKey, place: impl Into<String>) -> Self {
+        Self {
+            key: key.clone(),
+            place: place.into(),
+            limit,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Judges one reading of the waiter count: `true` once it is above
+    /// zero; otherwise sleeps 5 ms and answers `false` (read again). Panics
+    /// with a clear message when the count cannot be read or `limit` has
+    /// passed.
+    pub async fn seen<E: fmt::Display>(&self, count: Result<i64, E>) -> bool {
+        let (key, place, limit) = (&self.key, &self.place, self.limit);
+        match count {
+            Err(e) => panic!("reading {place} failed: {e}"),
+            Ok(n) if n > 0 => true,
+            Ok(_) => {
+                assert!(
+                    self.started.elapsed() < limit,
+                    "no session waits for {key} in {place} after {limit:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                false
+            }
+        }
+    }
+}
+
+/// Tries `attempt` (typically: connect and measure the round trip with
+/// [`median_round_trip`]) until it succeeds, each try limited to 5 s and
+/// tried again 200 ms after a failure, for a server that may still be
+/// starting (a reused container, or one restarting after its setup).
+/// After `limit` the last failure is the answer.
+///
+/// # Errors
+///
+/// The last try's error (or `timed out`) once `limit` has passed.
+pub async fn until_ready<T, E: fmt::Display>(
+    limit: Duration,
+    mut attempt: impl AsyncFnMut() -> Result<T, E>,
+) -> Result<T, String> {
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), attempt()).await {
+            Ok(Ok(ready)) => return Ok(ready),
+            Ok(Err(e)) if started.elapsed() > limit => return Err(e.to_string()),
+            Err(_) if started.elapsed() > limit => return Err("timed out".into()),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// The median of five timed `ping`s (e.g. `SELECT 1` on one connection):
+/// the round trip [`Timings::from_round_trip`] derives a harness's
+/// patience from.
+///
+/// # Errors
+///
+/// The first failed ping's error.
+pub async fn median_round_trip<E>(
+    mut ping: impl AsyncFnMut() -> Result<(), E>,
+) -> Result<Duration, E> {
+    let mut times = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let sent = std::time::Instant::now();
+        ping().await?;
+        times.push(sent.elapsed());
+    }
+    times.sort_unstable();
+    Ok(times[2])
+}
+
 /// A loopback port nobody listens on (bound, then closed), for
 /// [`Harness::unreachable_driver`]; `None` when no port can be bound.
 pub fn closed_port() -> Option<u16> {
@@ -227,4 +328,69 @@ pub async fn within<T>(
         Ok(value) => value,
         Err(_) => panic!("HANG: {what} did not finish within {limit:?}"),
     }
+}
+
+/// Implements [`Harness`] for a wrapper by forwarding every method to its
+/// field holding the driver's own harness: the projection harnesses of the
+/// server drivers add a checkpoint store (and `kill_node`) to the harness
+/// their contract suite uses, and need nothing else from it.
+///
+/// ```ignore
+/// struct PgProjectionHarness { inner: common::PgHarness, checkpoints: PgCheckpoints }
+/// shardlock_contract_tests::forward_harness!(PgProjectionHarness => inner: common::PgHarness);
+/// ```
+#[macro_export]
+macro_rules! forward_harness {
+    ($wrapper:ty => $field:ident : $inner:ty) => {
+        impl $crate::Harness for $wrapper {
+            type Driver = <$inner as $crate::Harness>::Driver;
+
+            fn driver(&self) -> Self::Driver {
+                $crate::Harness::driver(&self.$field)
+            }
+
+            fn database(&self) -> $crate::__core::DatabaseId {
+                $crate::Harness::database(&self.$field)
+            }
+
+            fn terminate(
+                &self,
+                session: &$crate::SessionOf<Self>,
+            ) -> impl ::std::future::Future<Output = ()> + Send {
+                $crate::Harness::terminate(&self.$field, session)
+            }
+
+            fn spawn_holder(
+                &self,
+                keys: ::std::vec::Vec<$crate::__core::LockKey>,
+            ) -> impl ::std::future::Future<
+                Output = ::std::result::Result<$crate::Holder, $crate::__core::BoxError>,
+            > + Send {
+                $crate::Harness::spawn_holder(&self.$field, keys)
+            }
+
+            fn round_trips(&self, session: &$crate::SessionOf<Self>) -> Option<u64> {
+                $crate::Harness::round_trips(&self.$field, session)
+            }
+
+            fn wait_until_waiting(
+                &self,
+                key: &$crate::__core::LockKey,
+            ) -> impl ::std::future::Future<Output = bool> + Send {
+                $crate::Harness::wait_until_waiting(&self.$field, key)
+            }
+
+            fn unreachable_driver(&self) -> Option<Self::Driver> {
+                $crate::Harness::unreachable_driver(&self.$field)
+            }
+
+            fn timings(&self) -> $crate::Timings {
+                $crate::Harness::timings(&self.$field)
+            }
+
+            fn loss_bound_factor(&self) -> f64 {
+                $crate::Harness::loss_bound_factor(&self.$field)
+            }
+        }
+    };
 }

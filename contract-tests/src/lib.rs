@@ -62,12 +62,16 @@ mod scenarios;
 pub use balancing::*;
 pub use clauses::*;
 pub use harness::{
-    closed_port, skip, unique_keys, unique_name, until_waiting, within, Harness, Holder, SessionOf,
-    Timings, UNOBSERVED_WAIT,
+    closed_port, median_round_trip, skip, unique_keys, unique_name, until_ready, until_waiting,
+    within, Harness, Holder, SessionOf, Timings, WaiterPoll, UNOBSERVED_WAIT,
 };
 pub use projection::*;
 pub use recorder::{Recorder, RecordingAgent, ShardRun};
 pub use scenarios::*;
+
+/// For the macros: `shardlock_core` as the suite names it.
+#[doc(hidden)]
+pub use shardlock_core as __core;
 
 /// Instantiates every contract clause and coordinator scenario as a
 /// `#[tokio::test]` for a driver.

@@ -4,50 +4,18 @@
 
 mod common;
 
-use shardlock_contract_tests::{
-    assert_fenced_off, assert_not_claimed, Harness, Holder, ProjectionHarness,
-};
-use shardlock_core::{BoxError, CheckpointStore, DatabaseId, LockKey, NodeId};
+use shardlock_contract_tests::{assert_fenced_off, assert_not_claimed, Harness, ProjectionHarness};
+use shardlock_core::{CheckpointStore, NodeId};
 use shardlock_memory::MemoryEventLog;
 use shardlock_postgres::sqlx::{self, Connection};
-use shardlock_postgres::{PgCheckpoints, PgDriver, PgSession};
+use shardlock_postgres::PgCheckpoints;
 
 struct PgProjectionHarness {
     inner: common::PgHarness,
     checkpoints: PgCheckpoints,
 }
 
-impl Harness for PgProjectionHarness {
-    type Driver = PgDriver;
-
-    fn driver(&self) -> PgDriver {
-        self.inner.driver()
-    }
-
-    fn database(&self) -> DatabaseId {
-        self.inner.database()
-    }
-
-    async fn terminate(&self, session: &PgSession) {
-        self.inner.terminate(session).await;
-    }
-
-    async fn spawn_holder(&self, keys: Vec<LockKey>) -> Result<Holder, BoxError> {
-        self.inner.spawn_holder(keys).await
-    }
-
-    fn wait_until_waiting(&self, key: &LockKey) -> impl std::future::Future<Output = bool> + Send {
-        self.inner.wait_until_waiting(key)
-    }
-
-    fn settle(&self) -> std::time::Duration {
-        self.inner.settle()
-    }
-
-    fn slack(&self) -> std::time::Duration {
-        self.inner.slack()
-    }
-}
+shardlock_contract_tests::forward_harness!(PgProjectionHarness => inner: common::PgHarness);
 
 impl ProjectionHarness for PgProjectionHarness {
     type Events = MemoryEventLog<i64>;

@@ -20,10 +20,12 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shardlock_contract_tests::container::{self, SharedContainer, Spec};
-use shardlock_contract_tests::{closed_port, holder, Harness, Holder, Timings};
+use shardlock_contract_tests::{
+    closed_port, holder, median_round_trip, until_ready, Harness, Holder, Timings, WaiterPoll,
+};
 use shardlock_core::{BoxError, DatabaseId, LockKey};
 use shardlock_mysql::sqlx::mysql::MySqlConnection;
 use shardlock_mysql::sqlx::{self, Connection, Executor};
@@ -179,23 +181,14 @@ impl Harness for MySqlHarness {
                 Ok(conn) => conn,
                 Err(e) => panic!("side connection failed: {e}"),
             };
-            let started = Instant::now();
-            loop {
-                let waiting = match waiters(&mut conn, &key).await {
-                    Ok(n) => n,
-                    Err(e) => panic!("reading the processlist failed: {e}"),
-                };
-                if waiting > 0 {
-                    let _ = conn.close().await;
-                    return true;
-                }
-                assert!(
-                    started.elapsed() < limit,
-                    "no connection waits for {key} ({}) after {limit:?}",
-                    lock_name(&key)
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let poll = WaiterPoll::new(
+                limit,
+                &key,
+                format!("the processlist (lock {})", lock_name(&key)),
+            );
+            while !poll.seen(waiters(&mut conn, &key).await).await {}
+            let _ = conn.close().await;
+            true
         }
     }
 
@@ -210,37 +203,20 @@ impl Harness for MySqlHarness {
         Some(MySqlDriver::new(options))
     }
 
-    fn settle(&self) -> Duration {
-        self.timings.settle
-    }
-
-    fn slack(&self) -> Duration {
-        self.timings.slack
+    fn timings(&self) -> Timings {
+        self.timings
     }
 }
 
 /// Waits until a real query succeeds (a reused container may still be
 /// starting), then answers the median of five `SELECT 1` round trips.
 async fn wait_ready(url: &str, limit: Duration) -> Result<Duration, String> {
-    let started = Instant::now();
-    loop {
-        let attempt = async {
-            let mut conn = MySqlConnection::connect(url).await?;
-            let mut times = Vec::with_capacity(5);
-            for _ in 0..5 {
-                let sent = Instant::now();
-                conn.execute("SELECT 1").await?;
-                times.push(sent.elapsed());
-            }
-            let _ = conn.close().await;
-            times.sort_unstable();
-            Ok::<Duration, sqlx::Error>(times[2])
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Ok(round_trip)) => return Ok(round_trip),
-            Ok(Err(e)) if started.elapsed() > limit => return Err(e.to_string()),
-            Err(_) if started.elapsed() > limit => return Err("timed out".into()),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    until_ready(limit, async || {
+        let mut conn = MySqlConnection::connect(url).await?;
+        let round_trip =
+            median_round_trip(async || conn.execute("SELECT 1").await.map(drop)).await?;
+        let _ = conn.close().await;
+        Ok::<Duration, sqlx::Error>(round_trip)
+    })
+    .await
 }

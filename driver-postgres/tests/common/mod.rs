@@ -22,12 +22,14 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shardlock_contract_tests::container::testcontainers::runners::SyncRunner;
 use shardlock_contract_tests::container::testcontainers::ImageExt;
 use shardlock_contract_tests::container::{self, split_image, SharedContainer, Spec};
-use shardlock_contract_tests::{holder, Harness, Holder, Timings};
+use shardlock_contract_tests::{
+    closed_port, holder, median_round_trip, until_ready, Harness, Holder, Timings, WaiterPoll,
+};
 use shardlock_core::{BoxError, DatabaseId, LockKey};
 use shardlock_postgres::sqlx::postgres::PgConnection;
 use shardlock_postgres::sqlx::{self, Connection};
@@ -177,23 +179,10 @@ impl Harness for PgHarness {
                 Ok(conn) => conn,
                 Err(e) => panic!("side connection failed: {e}"),
             };
-            let started = Instant::now();
-            loop {
-                let waiting = match waiters(&mut conn, &key).await {
-                    Ok(n) => n,
-                    Err(e) => panic!("reading pg_locks failed: {e}"),
-                };
-                if waiting > 0 {
-                    let _ = conn.close().await;
-                    return true;
-                }
-                assert!(
-                    started.elapsed() < limit,
-                    "no backend waits for {key} (id {}) in pg_locks after {limit:?}",
-                    key.id()
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let poll = WaiterPoll::new(limit, &key, format!("pg_locks (id {})", key.id()));
+            while !poll.seen(waiters(&mut conn, &key).await).await {}
+            let _ = conn.close().await;
+            true
         }
     }
 
@@ -208,12 +197,8 @@ impl Harness for PgHarness {
         Some(PgDriver::new(options))
     }
 
-    fn settle(&self) -> Duration {
-        self.timings.settle
-    }
-
-    fn slack(&self) -> Duration {
-        self.timings.slack
+    fn timings(&self) -> Timings {
+        self.timings
     }
 }
 
@@ -248,38 +233,23 @@ pub fn split_key(id: i64) -> (i64, i64) {
     ((bits >> 32) as i64, (bits & 0xffff_ffff) as i64)
 }
 
-/// A loopback port nobody listens on (bound, then closed), or `None` when
-/// no port can be bound.
-pub fn closed_port() -> Option<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-    listener.local_addr().ok().map(|a| a.port())
-}
-
 /// Waits until a real query succeeds (a reused container may still be
 /// starting, or restarting after initdb), then answers the median of five
 /// `SELECT 1` round trips, from which the suite's patience is derived.
 async fn wait_ready(url: &str, limit: Duration) -> Result<Duration, String> {
-    let started = Instant::now();
-    loop {
-        let attempt = async {
-            let mut conn = PgConnection::connect(url).await?;
-            let mut times = Vec::with_capacity(5);
-            for _ in 0..5 {
-                let sent = Instant::now();
-                let _: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await?;
-                times.push(sent.elapsed());
-            }
-            let _ = conn.close().await;
-            times.sort_unstable();
-            Ok::<Duration, sqlx::Error>(times[2])
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Ok(round_trip)) => return Ok(round_trip),
-            Ok(Err(e)) if started.elapsed() > limit => return Err(e.to_string()),
-            Err(_) if started.elapsed() > limit => return Err("timed out".into()),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    until_ready(limit, async || {
+        let mut conn = PgConnection::connect(url).await?;
+        let round_trip = median_round_trip(async || {
+            sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(&mut conn)
+                .await
+                .map(drop)
+        })
+        .await?;
+        let _ = conn.close().await;
+        Ok::<Duration, sqlx::Error>(round_trip)
+    })
+    .await
 }
 
 /// A container of its own for one test, with extra server arguments; removed

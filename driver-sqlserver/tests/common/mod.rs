@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use shardlock_contract_tests::container::{self, SharedContainer, Spec};
-use shardlock_contract_tests::{holder, Harness, Holder, Timings};
+use shardlock_contract_tests::{closed_port, holder, median_round_trip, Harness, Holder, Timings};
 use shardlock_core::{BoxError, DatabaseId, LockKey};
 use shardlock_sqlserver::{DatabaseMapping, MssqlDriver, MssqlOptions, MssqlSession, TdsClient};
 use testcontainers_modules::mssql_server::MssqlServer;
@@ -182,20 +182,9 @@ impl Harness for MssqlHarness {
         Some(MssqlDriver::new(options))
     }
 
-    fn settle(&self) -> Duration {
-        self.timings.settle
+    fn timings(&self) -> Timings {
+        self.timings
     }
-
-    fn slack(&self) -> Duration {
-        self.timings.slack
-    }
-}
-
-/// A loopback port nobody listens on (bound, then closed), or `None` when
-/// no port can be bound.
-pub fn closed_port() -> Option<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-    listener.local_addr().ok().map(|a| a.port())
 }
 
 /// Waits until the server accepts logins (a reused container may still be
@@ -236,19 +225,12 @@ END;";
             return Err(format!("cannot create database {database:?}: {e}"));
         }
     }
-    let mut times = Vec::with_capacity(5);
-    for _ in 0..5 {
-        let sent = Instant::now();
-        let answered = match client.simple_query("SELECT 1").await {
-            Ok(stream) => stream.into_results().await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = answered {
-            return Err(format!("SELECT 1 failed: {e}"));
-        }
-        times.push(sent.elapsed());
-    }
-    times.sort_unstable();
+    let round_trip = median_round_trip(async || match client.simple_query("SELECT 1").await {
+        Ok(stream) => stream.into_results().await.map(drop),
+        Err(e) => Err(e),
+    })
+    .await
+    .map_err(|e| format!("SELECT 1 failed: {e}"))?;
     let _ = client.close().await;
-    Ok(times[2])
+    Ok(round_trip)
 }
