@@ -1423,7 +1423,7 @@ fn write_rows(out: &mut String, rows: &[Row], now: SystemTime) {
     }
     let _ = writeln!(out, "{} locks held", rows.len());
     if rows.iter().any(|r| r.client != "local") {
-        let _ = writeln!(out, "(PostgreSQL does not record when a lock was taken: `since` is when the holder's session started)");
+        let _ = writeln!(out, "(the server does not record when a lock was taken: `since` is when the holder's session started; blank on MySQL, which does not say)");
     }
 }
 

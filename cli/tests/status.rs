@@ -102,9 +102,33 @@ fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> (Option<T
     }
 }
 
-// ---------------------------------------------------------------- Postgres
+// ------------------------------------------------------ Postgres and MySQL
+
+/// Which real server a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Postgres,
+    Mysql,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
+        }
+    }
+
+    fn url_env(self) -> &'static str {
+        match self {
+            Self::Postgres => "SHARDLOCK_PG_URL",
+            Self::Mysql => "SHARDLOCK_MYSQL_URL",
+        }
+    }
+}
 
 struct Server {
+    kind: Kind,
     url: String,
     container: Option<String>,
 }
@@ -120,10 +144,14 @@ impl Drop for Server {
     }
 }
 
-fn skip(why: &str) -> Option<Server> {
-    eprintln!("SKIPPED: postgres (cli status): {why}, set SHARDLOCK_PG_URL to run");
-    if std::env::var("SHARDLOCK_REQUIRE").is_ok_and(|v| v.contains("postgres")) {
-        panic!("postgres is required (SHARDLOCK_REQUIRE) but skipped: {why}");
+fn skip(kind: Kind, why: &str) -> Option<Server> {
+    let name = kind.name();
+    eprintln!(
+        "SKIPPED: {name} (cli status): {why}, set {} to run",
+        kind.url_env()
+    );
+    if std::env::var("SHARDLOCK_REQUIRE").is_ok_and(|v| v.contains(name)) {
+        panic!("{name} is required (SHARDLOCK_REQUIRE) but skipped: {why}");
     }
     None
 }
@@ -140,131 +168,165 @@ fn docker(args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// The test server (same harness as `tests/postgres.rs`).
-fn server() -> Option<Server> {
-    if let Ok(url) = std::env::var("SHARDLOCK_PG_URL") {
+/// The test server: the URL in `SHARDLOCK_PG_URL` / `SHARDLOCK_MYSQL_URL`,
+/// else a throw-away container of the local image (as `tests/postgres.rs`
+/// does), ready once a query answers.
+fn server(kind: Kind) -> Option<Server> {
+    if let Ok(url) = std::env::var(kind.url_env()) {
         if !url.trim().is_empty() {
             return Some(Server {
+                kind,
                 url,
                 container: None,
             });
         }
     }
-    let image =
-        std::env::var("SHARDLOCK_PG_IMAGE").unwrap_or_else(|_| "shardlock-test/postgres:15".into());
+    let (image_env, default_image, port, env) = match kind {
+        Kind::Postgres => (
+            "SHARDLOCK_PG_IMAGE",
+            "shardlock-test/postgres:15",
+            "5432",
+            "POSTGRES_PASSWORD=postgres",
+        ),
+        Kind::Mysql => (
+            "SHARDLOCK_MYSQL_IMAGE",
+            "shardlock-test/mariadb:10.11",
+            "3306",
+            "MARIADB_ALLOW_EMPTY_ROOT_PASSWORD=1",
+        ),
+    };
+    let image = std::env::var(image_env).unwrap_or_else(|_| default_image.into());
     if let Err(e) = docker(&["image", "inspect", &image]) {
-        return skip(&format!("no Docker or no image {image} ({e})"));
+        return skip(kind, &format!("no Docker or no image {image} ({e})"));
     }
+    let label = format!("shardlock.test={}-cli-status", kind.name());
+    let publish = format!("127.0.0.1::{port}");
     let id = match docker(&[
-        "run",
-        "-d",
-        "--label",
-        "shardlock.test=postgres-cli-status",
-        "-p",
-        "127.0.0.1::5432",
-        "-e",
-        "POSTGRES_PASSWORD=postgres",
-        &image,
+        "run", "-d", "--label", &label, "-p", &publish, "-e", env, &image,
     ]) {
         Ok(id) => id,
-        Err(e) => return skip(&format!("cannot start {image}: {e}")),
+        Err(e) => return skip(kind, &format!("cannot start {image}: {e}")),
     };
     let mut server = Server {
+        kind,
         url: String::new(),
         container: Some(id.clone()),
     };
-    let port = docker(&["port", &id, "5432/tcp"]).expect("mapped port");
-    let port = port
+    let mapped = docker(&["port", &id, &format!("{port}/tcp")]).expect("mapped port");
+    let mapped = mapped
         .lines()
         .next()
         .and_then(|l| l.rsplit(':').next())
         .expect("port")
         .to_string();
-    // Ready when the second "ready to accept connections" line is out (the
-    // first one comes from the entrypoint's temporary init server).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let logs = Command::new("docker")
-            .args(["logs", &id])
-            .output()
-            .expect("docker logs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&logs.stdout),
-            String::from_utf8_lossy(&logs.stderr)
-        );
-        if text.matches("ready to accept connections").count() >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "postgres container did not become ready:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    server.url = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres");
+    server.url = match kind {
+        Kind::Postgres => format!("postgres://postgres:postgres@127.0.0.1:{mapped}/postgres"),
+        Kind::Mysql => format!("mysql://root@127.0.0.1:{mapped}/mysql"),
+    };
+    // Ready when a query answers (the images' entrypoints run a temporary
+    // server first, so an early answer is retried until it stays up).
+    wait_for(
+        Duration::from_secs(120),
+        &format!("{} container did not become ready", kind.name()),
+        || match sql(kind, &server.url, &["SELECT 1".to_string()]) {
+            Ok(()) => {
+                std::thread::sleep(Duration::from_millis(500));
+                let again = sql(kind, &server.url, &["SELECT 1".to_string()]);
+                (again.ok(), "second query failed".to_string())
+            }
+            Err(e) => (None, e),
+        },
+    );
     Some(server)
 }
 
 /// Runs SQL statements (one each) on the server, outside a transaction
 /// (`CREATE DATABASE` refuses one).
-fn sql(url: &str, statements: &[String]) -> Result<(), String> {
-    use shardlock::postgres::sqlx::{self, Connection as _};
+fn sql(kind: Kind, url: &str, statements: &[String]) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let mut conn = sqlx::PgConnection::connect(url)
-            .await
-            .map_err(|e| e.to_string())?;
-        for statement in statements {
-            sqlx::raw_sql(statement)
-                .execute(&mut conn)
-                .await
-                .map_err(|e| format!("{statement}: {e}"))?;
+        match kind {
+            Kind::Postgres => {
+                use shardlock::postgres::sqlx::{self, Connection as _};
+                let mut conn = sqlx::PgConnection::connect(url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for statement in statements {
+                    sqlx::raw_sql(statement)
+                        .execute(&mut conn)
+                        .await
+                        .map_err(|e| format!("{statement}: {e}"))?;
+                }
+                let _ = conn.close().await;
+            }
+            Kind::Mysql => {
+                use shardlock::mysql::sqlx::{self, Connection as _};
+                let mut conn = sqlx::MySqlConnection::connect(url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for statement in statements {
+                    sqlx::raw_sql(statement)
+                        .execute(&mut conn)
+                        .await
+                        .map_err(|e| format!("{statement}: {e}"))?;
+                }
+                let _ = conn.close().await;
+            }
         }
-        let _ = conn.close().await;
         Ok(())
     })
 }
 
 /// Tenant databases made for one test, dropped at the end.
 struct Tenants<'a> {
-    url: &'a str,
+    server: &'a Server,
     names: Vec<String>,
 }
 
 impl<'a> Tenants<'a> {
-    fn create(url: &'a str, n: usize) -> Self {
-        // Unique per run: a shared SHARDLOCK_PG_URL server may run others.
+    fn create(server: &'a Server, n: usize) -> Self {
+        // Unique per run: a shared server (a URL given) may run others.
         let names: Vec<String> = (1..=n)
             .map(|i| format!("sl_status_{}_t{i}", std::process::id()))
             .collect();
-        let tenants = Self { url, names };
+        let tenants = Self { server, names };
         let statements: Vec<String> = tenants
             .names
             .iter()
             .flat_map(|db| {
                 [
-                    format!("DROP DATABASE IF EXISTS \"{db}\""),
-                    format!("CREATE DATABASE \"{db}\""),
+                    format!("DROP DATABASE IF EXISTS {}", tenants.quoted(db)),
+                    format!("CREATE DATABASE {}", tenants.quoted(db)),
                 ]
             })
             .collect();
-        sql(url, &statements).expect("create the tenant databases");
+        sql(server.kind, &server.url, &statements).expect("create the tenant databases");
         tenants
+    }
+
+    fn quoted(&self, db: &str) -> String {
+        match self.server.kind {
+            Kind::Postgres => format!("\"{db}\""),
+            Kind::Mysql => format!("`{db}`"),
+        }
     }
 }
 
 impl Drop for Tenants<'_> {
     fn drop(&mut self) {
+        let force = match self.server.kind {
+            Kind::Postgres => " WITH (FORCE)",
+            Kind::Mysql => "",
+        };
         let statements: Vec<String> = self
             .names
             .iter()
-            .map(|db| format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .map(|db| format!("DROP DATABASE IF EXISTS {}{force}", self.quoted(db)))
             .collect();
-        let _ = sql(self.url, &statements);
+        let _ = sql(self.server.kind, &self.server.url, &statements);
     }
 }
 
@@ -301,18 +363,34 @@ fn status_json(args: &[&str]) -> (Value, String) {
 }
 
 /// A multi-tenanted node holds one lock in each of three tenant databases
-/// of the server; `status --url .../postgres` (another database) lists all
-/// three with their database, named, with `--tenants` and without, and
+/// of the server; `status --url` naming another database lists all three
+/// with their database, named, with `--tenants` and without, and
 /// `--tenants` restricts the list.
 #[test]
 fn postgres_status_lists_every_tenant_database() {
-    let Some(server) = server() else { return };
+    let Some(server) = server(Kind::Postgres) else {
+        return;
+    };
+    status_lists_every_tenant_database(&server);
+}
+
+/// The same on MySQL/MariaDB, whose `GET_LOCK` names are server-wide: a
+/// lock's database is its session's.
+#[test]
+fn mysql_status_lists_every_tenant_database() {
+    let Some(server) = server(Kind::Mysql) else {
+        return;
+    };
+    status_lists_every_tenant_database(&server);
+}
+
+fn status_lists_every_tenant_database(server: &Server) {
     let url = server.url.as_str();
-    let tenants = Tenants::create(url, 3);
+    let tenants = Tenants::create(server, 3);
     let list = tenants.names.join(",");
     let node = Node::start(&[
         "--driver",
-        "postgres",
+        server.kind.name(),
         "--url",
         url,
         "--distributor",
