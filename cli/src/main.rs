@@ -4,6 +4,7 @@
 mod demo;
 mod node;
 mod records;
+mod serve;
 mod status;
 mod tracker;
 

@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use shardlock::{
-    Agent, AgentContext, AgentError, Assignment, Balanced, Balancing, Coordinator, DatabaseId,
-    Distributor, Driver, LockSet, MultiTenanted, NodeId, ShardId, SingleTenant, Solo,
+    Agent, AgentContext, AgentError, Assignment, Balanced, Balancing, CancellationToken,
+    Coordinator, DatabaseId, Distributor, Driver, LockSet, MultiTenanted, NodeId, ShardId,
+    SingleTenant, Solo,
 };
 use tokio::sync::watch;
 use tracing::info;
@@ -204,6 +205,12 @@ pub(crate) struct NodeArgs {
     /// Keep each shard's tick count here (one file per shard).
     #[arg(long)]
     pub(crate) checkpoints: Option<PathBuf>,
+    /// Serve Prometheus metrics on `/metrics` and health on `/healthz`
+    /// (200 when healthy, 503 when degraded or stopped) and `/livez` (503
+    /// only when stopped) at this address, e.g. `127.0.0.1:9464`. Off by
+    /// default.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// Stop gracefully when standard input closes (for supervisors).
     #[arg(long)]
     pub(crate) stop_on_stdin_eof: bool,
@@ -445,6 +452,15 @@ async fn serve<D: Driver>(
 ) -> Result<()> {
     let Settings { node, balancing } = settings;
     let records = agent.records.clone();
+    // Before the coordinator is built: metric handles registered earlier
+    // would stay no-ops.
+    let exporter = match args.metrics_addr {
+        Some(addr) => Some((
+            crate::serve::install_recorder()?,
+            crate::serve::bind(addr).await?,
+        )),
+        None => None,
+    };
     let mut builder = Coordinator::builder(driver, distributor, agent)
         .node_id(node.clone())
         .poll_interval(Duration::from_millis(args.poll_ms))
@@ -485,9 +501,20 @@ async fn serve<D: Driver>(
         info!(%node, "node running; ctrl-c or SIGTERM stops it gracefully");
     }
     let watcher = tokio::spawn(report_assignments(handle.assignment(), records));
+    let serving = CancellationToken::new();
+    if let Some((metrics, listener)) = exporter {
+        let health = handle.health_changes();
+        let endpoints = crate::serve::Endpoints {
+            metrics,
+            health: Box::new(move || health.borrow().clone()),
+        };
+        drop(crate::serve::spawn(listener, endpoints, serving.clone()));
+    }
     wait_for_shutdown(args.stop_on_stdin_eof).await;
     info!(%node, "stopping: agents first, then locks");
-    handle.stop().await?;
+    let stopped = handle.stop().await;
+    serving.cancel();
+    stopped?;
     // The coordinator is gone, so the watch is closed and the reporter ends
     // after the final assignment.
     if tokio::time::timeout(Duration::from_secs(1), watcher)
