@@ -54,6 +54,8 @@
 //! | memory (`shardlock-memory`) | `MemoryCheckpoints::connect()` (a fresh in-process table; clones share it) | `MemoryCheckpoints::new()` (the same, not async) |
 //! | SQLite (`shardlock-sqlite`) | `SqliteCheckpoints::connect(path)` (the database file, e.g. the one holding the projection's tables) | — |
 //! | PostgreSQL (`shardlock-postgres`) | `PgCheckpoints::connect(&options, &database)` (the database the driver locks `database` in; a small pool of its own) | `PgCheckpoints::from_pool(pool)` |
+//! | MySQL / MariaDB (`shardlock-mysql`) | `MySqlCheckpoints::connect(&options, &database)` (InnoDB; a small pool of its own) | `MySqlCheckpoints::from_pool(pool)` |
+//! | SQL Server (`shardlock-sqlserver`) | `MssqlCheckpoints::connect(&options, &database)` (one reconnecting connection) | `MssqlCheckpoints::from_client(client)` |
 //!
 //! Every store answers the same errors: [`CheckpointError::NotClaimed`] for
 //! a save before any [`CheckpointStore::claim`] of the subscription,
@@ -77,7 +79,8 @@
 //! |---|---|
 //! | PostgreSQL | `PgSession::transaction()`: a transaction on the very connection holding the advisory lock; a terminated backend cannot commit |
 //! | SQLite | `SqliteCheckpoints::fenced(session, key, work)`: the store's transaction commits while the session's worker, the only thing that frees its locks, is pinned after proving them held |
-//! | SQL Server, MySQL | not offered yet |
+//! | MySQL / MariaDB | `MySqlSession::transaction()`: on the connection holding the `GET_LOCK` locks; a killed connection's transaction is rolled back before its locks are freed (InnoDB tables) |
+//! | SQL Server | `MssqlSession::transaction()`: on the session that owns the `sp_getapplock` session locks; `KILL` rolls it back, and the locks go only when the session ends |
 //!
 //! The coordinator's per-set context ([`ProjectionAgent`]) does not offer
 //! one: every agent of a database shares its node's one session, so a
