@@ -76,16 +76,24 @@ pub enum SqliteError {
     /// The process ran out of file descriptors while locking a key: each
     /// held key keeps one file open, so the open-file limit bounds how many
     /// keys one process can hold. The batch that hit it was rolled back.
+    /// [`SqliteDriver::open`](crate::SqliteDriver::open) already raised the
+    /// soft limit to the hard one, so it is the hard limit to raise.
     #[error(
         "too many open files while locking {path} (this session held {held} keys; each held key \
-         keeps one file open): raise the process's open-file limit (`ulimit -n`, or \
-         `LimitNOFILE=` for a systemd service) above the number of keys a node may hold, plus a margin"
+         keeps one file open; {}): raise the process's hard open-file limit (`ulimit -Hn` before \
+         starting it, `LimitNOFILE=` for a systemd service, `nofile` in limits.conf) above the \
+         number of keys a node may hold, plus a margin; the driver raises the soft limit (`ulimit \
+         -n`) to the hard one itself",
+        limit_text(*.limit)
     )]
     TooManyOpenFiles {
         /// The lock file that could not be opened.
         path: PathBuf,
         /// How many keys the session held at that moment.
         held: usize,
+        /// The process's open-file limit then, soft and hard (`None` where
+        /// it cannot be read).
+        limit: Option<(u64, u64)>,
         /// The operating system's error (`EMFILE` / `ENFILE`).
         #[source]
         source: std::io::Error,
@@ -131,6 +139,56 @@ impl DriverError for SqliteError {
     }
 }
 
+/// The open-file limit as the error message shows it.
+fn limit_text(limit: Option<(u64, u64)>) -> String {
+    match limit {
+        Some((soft, hard)) if soft == hard => format!("the open-file limit is {soft}"),
+        Some((soft, hard)) => format!("the open-file limit is {soft} (hard limit {hard})"),
+        None => "the open-file limit is unknown".to_string(),
+    }
+}
+
+/// The process's open-file limit (`RLIMIT_NOFILE`): soft and hard; `None`
+/// where there is no such limit or it cannot be read.
+pub(crate) fn open_file_limit() -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        rlimit::Resource::NOFILE.get().ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, once per process: each
+/// held key keeps a file open, and a soft limit of 1,024 (a common default)
+/// would cap a node at about a thousand keys although the hard limit allows
+/// far more. Answers the limit in force, soft and hard.
+pub(crate) fn raise_open_file_limit() -> Option<(u64, u64)> {
+    static RAISED: std::sync::Once = std::sync::Once::new();
+    RAISED.call_once(|| {
+        let before = open_file_limit();
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(now) => {
+                if before.is_some_and(|(soft, _)| soft < now) {
+                    tracing::debug!(
+                        from = before.map(|(soft, _)| soft),
+                        to = now,
+                        "raised the soft open-file limit to the hard limit"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                limit = ?before,
+                "cannot raise the soft open-file limit; each held key keeps a file open"
+            ),
+        }
+    });
+    open_file_limit()
+}
+
 /// Whether an I/O error says the process (`EMFILE`) or the system
 /// (`ENFILE`) ran out of file descriptors.
 pub(crate) fn is_too_many_open_files(e: &std::io::Error) -> bool {
@@ -153,9 +211,17 @@ mod tests {
         let err = SqliteError::TooManyOpenFiles {
             path: PathBuf::from("/locks/main/keys/00.lock"),
             held: 1021,
+            limit: Some((1024, 4096)),
             source: std::io::Error::from_raw_os_error(24),
         };
-        assert!(err.to_string().contains("ulimit -n"), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("ulimit -Hn"), "{text}");
+        assert!(text.contains("LimitNOFILE="), "{text}");
+        assert!(
+            text.contains("the open-file limit is 1024 (hard limit 4096)"),
+            "{text}"
+        );
+        assert!(limit_text(Some((7, 7))).ends_with("is 7"));
         assert_eq!(err.kind(), ErrorKind::Config);
         let mapped = shardlock_core::Error::from_driver(&shardlock_core::DatabaseId::new("m"), err);
         assert!(!mapped.is_session_fatal());

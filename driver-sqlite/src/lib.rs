@@ -15,13 +15,13 @@
 //! | try-acquire batch | one call to the session's worker for any number of keys |
 //! | blocking acquire | SQLite's busy handler, retrying every 5 ms; cancel, a dropped waiter and the liveness file checked every 50 ms |
 //! | crash release | immediate (the kernel drops the file locks) |
-//! | files | one per key ever used, one per live session; each held key keeps one file open (no journal), so the open-file limit (`ulimit -n`) bounds the keys one process can hold |
+//! | files | one per key ever used, one per live session; each held key keeps one file open (no journal), so the open-file limit bounds the keys one process can hold; [`SqliteDriver::open`] raises the soft limit (`ulimit -n`, often 1,024) to the hard one, so 10,000 keys per process work wherever the hard limit allows |
 //! | status | `registry.db` records holder node, pid and since; `status()` checks liveness |
 //! | ending a session from outside | delete its liveness file `<database>/sessions/<name>.lock` (Unix): within 50 ms its worker fires the session's loss signal and frees every lock; later calls fail with `SessionLost` |
 //! | loss signal | emulated: the worker `stat`s its liveness file every 50 ms, idle or waiting in `acquire`; bound stated in [`capabilities`]: [`LOSS_DETECTION_BOUND`] (100 ms); also fires if the worker thread dies |
 //! | probe | native (takes nothing): one worker call, one indexed query on `registry.db`'s holders, each holder session found checked alive (its liveness file still locked, tens of µs each); takes no key lock (see below) |
 //! | release hints | emulated: an announced release writes a row to `registry.db` in the transaction that records the release; every worker reads newer rows at its 50 ms check, idle or waiting in `acquire`: at most 50 ms (25 ms on average) when idle, [`RELEASE_HINT_BOUND`] (100 ms) stated |
-//! | too many keys | [`SqliteError::TooManyOpenFiles`] names `ulimit -n`; the batch that hit the limit is rolled back |
+//! | too many keys | [`SqliteError::TooManyOpenFiles`] names the limit and what to raise (`ulimit -Hn`, systemd `LimitNOFILE=`); the batch that hit the limit is rolled back |
 //! | checkpoints | [`SqliteCheckpoints`]: table `subscriptions` with fencing epochs, opened like every checkpoint store with [`SqliteCheckpoints::connect`]`(path).await` (the database file, e.g. your application's); [`SqliteCheckpoints::save_in`] writes inside your own transaction |
 //! | session-fenced transactions | [`SqliteCheckpoints::fenced`]: the projection's writes and the checkpoint commit in the store's database while the session's worker is *pinned* (it has just proved the liveness file and the key's lock file held, and frees nothing until the `COMMIT` is over); a session ended before the pin cannot commit. Not on the lock's own connection: committing there would free the lock |
 //!
@@ -188,7 +188,9 @@ struct Inner {
 }
 
 impl SqliteDriver {
-    /// Uses `dir` as the lock directory, creating it if missing.
+    /// Uses `dir` as the lock directory, creating it if missing. The first
+    /// call in a process also raises the soft open-file limit
+    /// (`RLIMIT_NOFILE`) to the hard limit: each held key keeps a file open.
     ///
     /// # Errors
     ///
@@ -198,6 +200,7 @@ impl SqliteDriver {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, SqliteError> {
         let dir = dir.as_ref().to_path_buf();
         layout::prepare(&dir)?;
+        error::raise_open_file_limit();
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,
@@ -345,4 +348,70 @@ fn fastrand_u16() -> u16 {
             .unwrap_or(0),
     );
     h.finish() as u16
+}
+
+/// The open-file limit, in child processes whose soft limit is lowered with
+/// the shell's `ulimit -S -n` (no `unsafe` needed here).
+#[cfg(all(test, unix))]
+mod open_file_limit_tests {
+    use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
+
+    use crate::SqliteDriver;
+
+    const CHILD: &str = "SHARDLOCK_SQLITE_SOFT_LIMIT_CHILD";
+
+    #[test]
+    fn opening_the_driver_raises_the_soft_limit_to_the_hard_one() {
+        if let Some(dir) = std::env::var_os(CHILD) {
+            return child(dir.into());
+        }
+        let dir =
+            std::env::temp_dir().join(format!("shardlock-unit-nofile-{}", std::process::id()));
+        let exe = std::env::current_exe().unwrap();
+        // A soft limit of 64 under a hard limit of at least 300; where the
+        // hard limit is lower the child cannot show anything.
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("[ \"$(ulimit -Hn)\" = unlimited ] || [ \"$(ulimit -Hn)\" -ge 300 ] || exit 3; ulimit -S -n 64 && exec \"$0\" \"$@\"")
+            .arg(exe)
+            .args([
+                "--exact",
+                "open_file_limit_tests::opening_the_driver_raises_the_soft_limit_to_the_hard_one",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &dir)
+            .status()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        if status.code() == Some(3) {
+            eprintln!("SKIPPED: the hard open-file limit is below 300 here, so a raised soft limit cannot be shown");
+            return;
+        }
+        assert!(status.success(), "child: {status:?}");
+    }
+
+    fn child(dir: std::path::PathBuf) {
+        let (soft, hard) = crate::error::open_file_limit().expect("a limit");
+        assert_eq!(soft, 64, "the shell lowered the soft limit");
+        assert!(hard >= 300, "hard limit {hard}");
+        let driver = SqliteDriver::open(&dir).unwrap();
+        let (soft, hard_now) = crate::error::open_file_limit().expect("a limit");
+        assert_eq!((soft, hard_now), (hard, hard), "soft raised to hard");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let db = DatabaseId::new("nofile");
+            let mut s = driver.connect(&db, &NodeId::new("n")).await.unwrap();
+            // More keys than the soft limit the process started with.
+            let keys: Vec<LockKey> = (0..200)
+                .map(|i| LockKey::new(format!("nofile-{i}")).unwrap())
+                .collect();
+            let granted = s.try_acquire(&keys).await.unwrap();
+            assert_eq!(granted, vec![true; 200]);
+            s.close().await.unwrap();
+        });
+    }
 }

@@ -246,6 +246,7 @@ fn open_failed(path: &Path, source: rusqlite::Error, held: usize) -> SqliteError
                 return SqliteError::TooManyOpenFiles {
                     path: path.to_path_buf(),
                     held,
+                    limit: crate::error::open_file_limit(),
                     source: io,
                 };
             }
