@@ -29,6 +29,7 @@ mod handoff;
 mod holders;
 mod loss;
 mod micro;
+mod peers;
 mod rebalance;
 
 use std::path::PathBuf;
@@ -303,6 +304,9 @@ async fn run(config: Config) -> Result<(String, Report)> {
     }
     if ctx.config.wants(8) {
         rebalance::run(&mut ctx).await;
+    }
+    if ctx.config.wants(9) {
+        peers::run(&mut ctx).await;
     }
     let _ = std::fs::remove_dir_all(&ctx.sqlite_root);
     Ok((preamble, ctx.report))
