@@ -22,6 +22,7 @@ mod coordinator;
 mod distributor;
 mod driver;
 mod error;
+pub mod fenced;
 mod health;
 mod hints;
 mod holds;

@@ -3,11 +3,11 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
+use shardlock_core::fenced::{FencedTransaction, FencedTx};
 use shardlock_core::{FencedError, Holds, Result};
 use sqlx::mysql::{MySql, MySqlConnection};
-use tracing::{debug, warn};
 
 use crate::checkpoints::MySqlCheckpoints;
 use crate::error::MySqlError;
@@ -80,10 +80,28 @@ use crate::error::MySqlError;
 ///   `LOCK TABLES`, `START TRANSACTION` inside the transaction, ...) commit
 ///   what was written so far on the spot; only what follows stays fenced.
 pub struct MySqlTransaction<'s> {
-    tx: sqlx::Transaction<'s, MySql>,
-    holds: &'s mut Holds,
-    id: u64,
-    round_trips: &'s AtomicU64,
+    inner: FencedTransaction<'s, MySqlTx<'s>>,
+}
+
+/// The sqlx transaction, ended by core's fenced decisions.
+struct MySqlTx<'s>(sqlx::Transaction<'s, MySql>);
+
+impl FencedTx for MySqlTx<'_> {
+    type Error = MySqlError;
+
+    async fn commit(self, op: &'static str) -> std::result::Result<(), MySqlError> {
+        self.0
+            .commit()
+            .await
+            .map_err(|e| MySqlError::from_query(op, e))
+    }
+
+    async fn rollback(self, op: &'static str) -> std::result::Result<(), MySqlError> {
+        self.0
+            .rollback()
+            .await
+            .map_err(|e| MySqlError::from_query(op, e))
+    }
 }
 
 impl<'s> MySqlTransaction<'s> {
@@ -94,17 +112,14 @@ impl<'s> MySqlTransaction<'s> {
         round_trips: &'s AtomicU64,
     ) -> Self {
         Self {
-            tx,
-            holds,
-            id,
-            round_trips,
+            inner: FencedTransaction::new(MySqlTx(tx), holds, round_trips, id),
         }
     }
 
     /// The server's id of the session's connection (`CONNECTION_ID()`),
     /// which runs this transaction.
     pub fn connection_id(&self) -> u64 {
-        self.id
+        self.inner.connection()
     }
 
     /// Commits, if the session is still sound: its loss signal has not
@@ -128,34 +143,7 @@ impl<'s> MySqlTransaction<'s> {
     /// committed is unknown, and the session is poisoned at its next call
     /// (leadership is given up).
     pub async fn commit(self) -> Result<()> {
-        let Self {
-            tx,
-            holds,
-            id,
-            round_trips,
-        } = self;
-        if let Err(lost) = holds.ready() {
-            warn!(connection_id = id, error = %lost, "the session was lost: the fenced transaction is rolled back");
-            // Dropping queues the rollback; the connection is gone or going.
-            drop(tx);
-            return Err(lost);
-        }
-        holds.begin("commit a fenced transaction")?;
-        round_trips.fetch_add(1, Ordering::Relaxed);
-        let committed = tx.commit().await;
-        holds.end();
-        match committed {
-            Ok(()) => {
-                debug!(connection_id = id, "fenced transaction committed");
-                Ok(())
-            }
-            Err(e) => {
-                let err = MySqlError::from_query("commit a fenced transaction", e);
-                let err = holds.fail(err);
-                warn!(connection_id = id, error = %err, "fenced transaction not committed");
-                Err(err)
-            }
-        }
+        self.inner.commit().await
     }
 
     /// Saves the checkpoint in this transaction
@@ -177,22 +165,9 @@ impl<'s> MySqlTransaction<'s> {
         epoch: i64,
         position: i64,
     ) -> std::result::Result<(), FencedError> {
-        if let Err(refused) =
-            MySqlCheckpoints::save_in(&mut self.tx, subscription, epoch, position).await
-        {
-            // A save that failed because the connection is gone is a lost
-            // session, not a checkpoint problem.
-            if let Err(lost) = self.holds.ready() {
-                return Err(FencedError::SessionLost(lost));
-            }
-            return match self.rollback().await {
-                Err(lost) if lost.is_session_fatal() => Err(FencedError::SessionLost(lost)),
-                Err(e) => {
-                    debug!(error = %e, "rolling back after a refused checkpoint failed");
-                    Err(FencedError::Checkpoint(refused))
-                }
-                Ok(()) => Err(FencedError::Checkpoint(refused)),
-            };
+        let tx = &mut self.inner.tx_mut().0;
+        if let Err(refused) = MySqlCheckpoints::save_in(tx, subscription, epoch, position).await {
+            return Err(self.inner.refused_save(refused).await);
         }
         self.commit().await.map_err(FencedError::from)
     }
@@ -204,17 +179,7 @@ impl<'s> MySqlTransaction<'s> {
     /// The driver's, e.g. [`SessionLost`](shardlock_core::Error::SessionLost)
     /// when the connection is gone (then the server rolled back already).
     pub async fn rollback(self) -> Result<()> {
-        let Self {
-            tx,
-            holds,
-            round_trips,
-            ..
-        } = self;
-        holds.begin("roll back a fenced transaction")?;
-        round_trips.fetch_add(1, Ordering::Relaxed);
-        let rolled = tx.rollback().await;
-        holds.end();
-        rolled.map_err(|e| holds.fail(MySqlError::from_query("roll back a fenced transaction", e)))
+        self.inner.rollback().await
     }
 }
 
@@ -222,21 +187,21 @@ impl Deref for MySqlTransaction<'_> {
     type Target = MySqlConnection;
 
     fn deref(&self) -> &MySqlConnection {
-        &self.tx
+        &self.inner.tx().0
     }
 }
 
 impl DerefMut for MySqlTransaction<'_> {
     fn deref_mut(&mut self) -> &mut MySqlConnection {
-        &mut self.tx
+        &mut self.inner.tx_mut().0
     }
 }
 
 impl fmt::Debug for MySqlTransaction<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MySqlTransaction")
-            .field("connection_id", &self.id)
-            .field("lost", &self.holds.is_broken())
+            .field("connection_id", &self.inner.connection())
+            .field("lost", &self.inner.is_lost())
             .finish()
     }
 }

@@ -18,11 +18,11 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
+use shardlock_core::fenced::{FencedTransaction, FencedTx};
 use shardlock_core::{FencedError, Holds, Result};
 use sqlx::postgres::{PgConnection, Postgres};
-use tracing::{debug, warn};
 
 use crate::checkpoints::PgCheckpoints;
 use crate::error::PgError;
@@ -51,10 +51,29 @@ use crate::error::PgError;
 /// match the server; the next [`verify`](shardlock_core::Session::verify)
 /// notices a missing key or liveness lock and poisons the session.
 pub struct PgTransaction<'s> {
-    tx: sqlx::Transaction<'s, Postgres>,
-    holds: &'s mut Holds,
+    inner: FencedTransaction<'s, PgTx<'s>>,
     pid: i32,
-    round_trips: &'s AtomicU64,
+}
+
+/// The sqlx transaction, ended by core's fenced decisions.
+struct PgTx<'s>(sqlx::Transaction<'s, Postgres>);
+
+impl FencedTx for PgTx<'_> {
+    type Error = PgError;
+
+    async fn commit(self, op: &'static str) -> std::result::Result<(), PgError> {
+        self.0
+            .commit()
+            .await
+            .map_err(|e| PgError::from_query(op, e))
+    }
+
+    async fn rollback(self, op: &'static str) -> std::result::Result<(), PgError> {
+        self.0
+            .rollback()
+            .await
+            .map_err(|e| PgError::from_query(op, e))
+    }
 }
 
 impl<'s> PgTransaction<'s> {
@@ -64,11 +83,10 @@ impl<'s> PgTransaction<'s> {
         pid: i32,
         round_trips: &'s AtomicU64,
     ) -> Self {
+        let connection = u64::from(pid.unsigned_abs());
         Self {
-            tx,
-            holds,
+            inner: FencedTransaction::new(PgTx(tx), holds, round_trips, connection),
             pid,
-            round_trips,
         }
     }
 
@@ -98,34 +116,7 @@ impl<'s> PgTransaction<'s> {
     /// committed is unknown, and the session is poisoned at its next call
     /// (leadership is given up).
     pub async fn commit(self) -> Result<()> {
-        let Self {
-            tx,
-            holds,
-            pid,
-            round_trips,
-        } = self;
-        if let Err(lost) = holds.ready() {
-            warn!(pid, error = %lost, "the session was lost: the fenced transaction is rolled back");
-            // Dropping queues the rollback; the backend is gone or going.
-            drop(tx);
-            return Err(lost);
-        }
-        holds.begin("commit a fenced transaction")?;
-        round_trips.fetch_add(1, Ordering::Relaxed);
-        let committed = tx.commit().await;
-        holds.end();
-        match committed {
-            Ok(()) => {
-                debug!(pid, "fenced transaction committed");
-                Ok(())
-            }
-            Err(e) => {
-                let err = PgError::from_query("commit a fenced transaction", e);
-                let err = holds.fail(err);
-                warn!(pid, error = %err, "fenced transaction not committed");
-                Err(err)
-            }
-        }
+        self.inner.commit().await
     }
 
     /// Saves the checkpoint in this transaction
@@ -147,22 +138,9 @@ impl<'s> PgTransaction<'s> {
         epoch: i64,
         position: i64,
     ) -> std::result::Result<(), FencedError> {
-        if let Err(refused) =
-            PgCheckpoints::save_in(&mut self.tx, subscription, epoch, position).await
-        {
-            // A save that failed because the backend is gone is a lost
-            // session, not a checkpoint problem.
-            if let Err(lost) = self.holds.ready() {
-                return Err(FencedError::SessionLost(lost));
-            }
-            return match self.rollback().await {
-                Err(lost) if lost.is_session_fatal() => Err(FencedError::SessionLost(lost)),
-                Err(e) => {
-                    debug!(error = %e, "rolling back after a refused checkpoint failed");
-                    Err(FencedError::Checkpoint(refused))
-                }
-                Ok(()) => Err(FencedError::Checkpoint(refused)),
-            };
+        let tx = &mut self.inner.tx_mut().0;
+        if let Err(refused) = PgCheckpoints::save_in(tx, subscription, epoch, position).await {
+            return Err(self.inner.refused_save(refused).await);
         }
         self.commit().await.map_err(FencedError::from)
     }
@@ -174,17 +152,7 @@ impl<'s> PgTransaction<'s> {
     /// The driver's, e.g. [`SessionLost`](shardlock_core::Error::SessionLost) when the connection is
     /// gone (then the server rolled back already).
     pub async fn rollback(self) -> Result<()> {
-        let Self {
-            tx,
-            holds,
-            round_trips,
-            ..
-        } = self;
-        holds.begin("roll back a fenced transaction")?;
-        round_trips.fetch_add(1, Ordering::Relaxed);
-        let rolled = tx.rollback().await;
-        holds.end();
-        rolled.map_err(|e| holds.fail(PgError::from_query("roll back a fenced transaction", e)))
+        self.inner.rollback().await
     }
 }
 
@@ -192,13 +160,13 @@ impl Deref for PgTransaction<'_> {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        &self.tx
+        &self.inner.tx().0
     }
 }
 
 impl DerefMut for PgTransaction<'_> {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.tx
+        &mut self.inner.tx_mut().0
     }
 }
 
@@ -206,7 +174,7 @@ impl fmt::Debug for PgTransaction<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgTransaction")
             .field("backend_pid", &self.pid)
-            .field("lost", &self.holds.is_broken())
+            .field("lost", &self.inner.is_lost())
             .finish()
     }
 }

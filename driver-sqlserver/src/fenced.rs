@@ -42,6 +42,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 
+use shardlock_core::fenced;
 use shardlock_core::{BoxError, FencedError, Holds, Result};
 use tiberius::{ColumnData, Row, ToSql};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -292,19 +293,8 @@ impl<'s> MssqlTransaction<'s> {
         if let Err(refused) =
             MssqlCheckpoints::save_in(&mut self, subscription, epoch, position).await
         {
-            // A save that failed because the session is gone is a lost
-            // session, not a checkpoint problem.
-            if let Err(lost) = self.holds.ready() {
-                return Err(FencedError::SessionLost(lost));
-            }
-            return match self.rollback().await {
-                Err(lost) if lost.is_session_fatal() => Err(FencedError::SessionLost(lost)),
-                Err(e) => {
-                    debug!(error = %e, "rolling back after a refused checkpoint failed");
-                    Err(FencedError::Checkpoint(refused))
-                }
-                Ok(()) => Err(FencedError::Checkpoint(refused)),
-            };
+            let ready = self.holds.ready();
+            return Err(fenced::refused_save(refused, ready.map(|()| self.rollback())).await);
         }
         self.commit().await.map_err(FencedError::from)
     }
@@ -325,8 +315,8 @@ impl<'s> MssqlTransaction<'s> {
     async fn end(&mut self, op: Op) -> Result<()> {
         self.finished = true;
         let name = match op {
-            Op::Commit => "commit a fenced transaction",
-            _ => "roll back a fenced transaction",
+            Op::Commit => fenced::COMMIT,
+            _ => fenced::ROLLBACK,
         };
         self.holds.begin(name)?;
         let answer = self.conn.call(op).await;
