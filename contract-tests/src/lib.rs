@@ -27,6 +27,8 @@
 //!   and SQL Server harnesses.
 //! - [`assert_fenced_off`] and [`assert_not_claimed`]: the refusal checks of
 //!   checkpoint stores, also for their transactional `save_in`.
+//! - [`FencedHarness`] and the `fenced_*` scenarios: session-fenced
+//!   transactions (a leader ended mid-batch commits no stale effect).
 //!
 //! # Holders are example targets
 //!
@@ -53,6 +55,7 @@ mod balancing;
 mod clauses;
 #[cfg(feature = "containers")]
 pub mod container;
+mod fenced;
 mod harness;
 pub mod holder;
 mod projection;
@@ -61,6 +64,7 @@ mod scenarios;
 
 pub use balancing::*;
 pub use clauses::*;
+pub use fenced::*;
 pub use harness::{
     closed_port, median_round_trip, skip, unique_keys, unique_name, until_ready, until_waiting,
     within, Harness, Holder, SessionOf, Timings, WaiterPoll, UNOBSERVED_WAIT,
