@@ -50,10 +50,10 @@ impl Agent for Idle {
 /// One set per shard in one database (like `SingleTenant`), with a list the
 /// bench can change between cycles.
 #[derive(Clone, Default)]
-struct Switchable(Arc<RwLock<Vec<LockSet>>>);
+pub(crate) struct Switchable(Arc<RwLock<Vec<LockSet>>>);
 
 impl Switchable {
-    fn set(&self, sets: Vec<LockSet>) {
+    pub(crate) fn set(&self, sets: Vec<LockSet>) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = sets;
     }
 }
@@ -64,7 +64,7 @@ impl Distributor for Switchable {
     }
 }
 
-fn sets(db: &DatabaseId, prefix: &str, n: usize) -> Result<Vec<LockSet>, String> {
+pub(crate) fn sets(db: &DatabaseId, prefix: &str, n: usize) -> Result<Vec<LockSet>, String> {
     (0..n)
         .map(|i| {
             let shard = format!("{prefix}-{i}");
@@ -115,7 +115,7 @@ async fn until(
         .map_err(|_| format!("no matching cycle within {limit:?}"))?
 }
 
-fn start<D: Driver, S: Distributor>(
+pub(crate) fn start<D: Driver, S: Distributor>(
     driver: D,
     distributor: S,
     node: &str,

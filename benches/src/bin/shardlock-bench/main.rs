@@ -28,6 +28,7 @@ mod criterion_summary;
 mod handoff;
 mod holders;
 mod loss;
+mod metrics_cost;
 mod micro;
 mod peers;
 mod rebalance;
@@ -166,7 +167,7 @@ fn main() -> Result<()> {
                     .split(',')
                     .map(|m| m.trim().parse::<u32>())
                     .collect::<Result<Vec<_>, _>>()
-                    .context("--only takes measure numbers 1-8")?;
+                    .context("--only takes measure numbers 1-10")?;
                 only = Some(measures);
             }
             "-h" | "--help" => {
@@ -307,6 +308,10 @@ async fn run(config: Config) -> Result<(String, Report)> {
     }
     if ctx.config.wants(9) {
         peers::run(&mut ctx).await;
+    }
+    // Last: it installs a process-wide metrics recorder.
+    if ctx.config.wants(10) {
+        metrics_cost::run(&mut ctx).await;
     }
     let _ = std::fs::remove_dir_all(&ctx.sqlite_root);
     Ok((preamble, ctx.report))
