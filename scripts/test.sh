@@ -23,9 +23,10 @@ fi
 # C libraries some crates build against (tiberius' native-tls: OpenSSL),
 # PgBouncer, which the Postgres suite runs to prove transaction pooling
 # is refused, and iptables + iproute2 (ss), which the fault-injection run
-# uses to cut a node's connections on loopback.
+# uses to cut a node's connections on loopback, and tmux, in which the
+# `status --watch` test reads the redrawn screen.
 missing=""
-for pkg in pkg-config libssl-dev pgbouncer iptables iproute2; do
+for pkg in pkg-config libssl-dev pgbouncer iptables iproute2 tmux; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
 done
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
@@ -50,8 +51,9 @@ if { [ -z "${SHARDLOCK_PG_URL:-}" ] || [ -z "${SHARDLOCK_MYSQL_URL:-}" ]; } &&
     bash scripts/build-images.sh "${images[@]}"
 fi
 if [ "${CI:-}" = "true" ] && [ -z "${SHARDLOCK_REQUIRE+x}" ]; then
-    # In CI a skipped Postgres or MySQL suite is a failure, not a pass.
-    export SHARDLOCK_REQUIRE=postgres,mysql
+    # In CI a skipped Postgres or MySQL suite (or the tmux terminal test)
+    # is a failure, not a pass.
+    export SHARDLOCK_REQUIRE=postgres,mysql,tmux
 fi
 
 log "cargo fmt --check"

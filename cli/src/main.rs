@@ -30,10 +30,12 @@ enum Command {
     /// and `overlaps: N`.
     Demo(demo::DemoArgs),
     /// Run one coordinator process with a sample agent that ticks each
-    /// shard it owns; ctrl-c or SIGTERM stops it gracefully.
+    /// shard it owns; ctrl-c or SIGTERM stops it gracefully;
+    /// `--metrics-addr` serves Prometheus metrics and health.
     Node(node::NodeArgs),
-    /// List the locks held, with their holders, and the live members of a
-    /// balancing group.
+    /// List the locks held in every database (or `--tenants`), with their
+    /// holders, the sets per node and the live members of a balancing group
+    /// with their shares; `--watch` redraws every second.
     Status(status::StatusArgs),
 }
 
