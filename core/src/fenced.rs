@@ -60,6 +60,15 @@ pub trait FencedTx: Send + Sized {
         self,
         op: &'static str,
     ) -> impl Future<Output = std::result::Result<(), Self::Error>> + Send;
+
+    /// Saves the subscription's checkpoint inside the transaction, fenced
+    /// by `epoch` (the driver's checkpoint store's `save_in`).
+    fn save_checkpoint(
+        &mut self,
+        subscription: &str,
+        epoch: i64,
+        position: i64,
+    ) -> impl Future<Output = std::result::Result<(), CheckpointError>> + Send;
 }
 
 /// A transaction on a session's lock-holding connection, with the session's
@@ -172,6 +181,30 @@ impl<'s, T: FencedTx> FencedTransaction<'s, T> {
         rolled.map_err(|e| holds.fail(e))
     }
 
+    /// Saves the checkpoint in this transaction
+    /// ([`FencedTx::save_checkpoint`]), then [`commit`](Self::commit)s: the
+    /// writes made so far and the checkpoint commit together, or neither
+    /// does.
+    ///
+    /// # Errors
+    ///
+    /// [`FencedError::Checkpoint`] when the save is refused or fails (the
+    /// transaction is rolled back); [`FencedError::SessionLost`] when the
+    /// session is lost, before or at the commit; another commit failure as
+    /// [`FencedError::Effects`]. Nothing was committed either way.
+    pub async fn commit_checkpoint(
+        mut self,
+        subscription: &str,
+        epoch: i64,
+        position: i64,
+    ) -> std::result::Result<(), FencedError> {
+        let saved = self.tx.save_checkpoint(subscription, epoch, position).await;
+        if let Err(refused) = saved {
+            return Err(self.refused_save(refused).await);
+        }
+        self.commit().await.map_err(FencedError::from)
+    }
+
     /// What a checkpoint save that failed in this transaction (`refused`)
     /// means, rolling back if the session is still sound: see
     /// [`refused_save`].
@@ -245,6 +278,7 @@ mod tests {
     struct FakeTx {
         sent: Arc<Mutex<Vec<&'static str>>>,
         fail: Option<ErrorKind>,
+        refuse: bool,
     }
 
     impl FakeTx {
@@ -270,6 +304,20 @@ mod tests {
         async fn rollback(self, op: &'static str) -> std::result::Result<(), FakeError> {
             self.send(op)
         }
+
+        async fn save_checkpoint(
+            &mut self,
+            subscription: &str,
+            _: i64,
+            _: i64,
+        ) -> std::result::Result<(), CheckpointError> {
+            if self.refuse {
+                return Err(CheckpointError::NotClaimed {
+                    subscription: subscription.into(),
+                });
+            }
+            Ok(())
+        }
     }
 
     struct Fixture {
@@ -291,6 +339,7 @@ mod tests {
             let tx = FakeTx {
                 sent: Arc::clone(&self.sent),
                 fail,
+                refuse: false,
             };
             FencedTransaction::new(tx, &mut self.holds, &self.round_trips, 7)
         }
@@ -363,6 +412,14 @@ mod tests {
             async fn rollback(self, _: &'static str) -> std::result::Result<(), FakeError> {
                 Ok(())
             }
+            async fn save_checkpoint(
+                &mut self,
+                _: &str,
+                _: i64,
+                _: i64,
+            ) -> std::result::Result<(), CheckpointError> {
+                Ok(())
+            }
         }
         let mut holds = Holds::new(DatabaseId::new("app"));
         let round_trips = AtomicU64::new(0);
@@ -385,6 +442,26 @@ mod tests {
             })
         })
         .await
+    }
+
+    #[tokio::test]
+    async fn commit_checkpoint_commits_a_saved_checkpoint_and_rolls_back_a_refused_one() {
+        let mut f = Fixture::new();
+        f.tx(None)
+            .commit_checkpoint("orders", 1, 3)
+            .await
+            .expect("committed");
+        assert_eq!(f.sent(), [COMMIT]);
+
+        let mut f = Fixture::new();
+        let mut tx = f.tx(None);
+        tx.tx_mut().refuse = true;
+        let err = tx
+            .commit_checkpoint("orders", 1, 3)
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, FencedError::Checkpoint(_)), "{err:?}");
+        assert_eq!(f.sent(), [ROLLBACK], "rolled back, never committed");
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::AtomicU64;
 
 use shardlock_core::fenced::{FencedTransaction, FencedTx};
-use shardlock_core::{FencedError, Holds, Result};
+use shardlock_core::{CheckpointError, FencedError, Holds, Result};
 use sqlx::postgres::{PgConnection, Postgres};
 
 use crate::checkpoints::PgCheckpoints;
@@ -73,6 +73,15 @@ impl FencedTx for PgTx<'_> {
             .rollback()
             .await
             .map_err(|e| PgError::from_query(op, e))
+    }
+
+    async fn save_checkpoint(
+        &mut self,
+        subscription: &str,
+        epoch: i64,
+        position: i64,
+    ) -> std::result::Result<(), CheckpointError> {
+        PgCheckpoints::save_in(&mut self.0, subscription, epoch, position).await
     }
 }
 
@@ -133,16 +142,14 @@ impl<'s> PgTransaction<'s> {
     /// when the session is lost, before or at the commit. Nothing was
     /// committed either way.
     pub async fn commit_checkpoint(
-        mut self,
+        self,
         subscription: &str,
         epoch: i64,
         position: i64,
     ) -> std::result::Result<(), FencedError> {
-        let tx = &mut self.inner.tx_mut().0;
-        if let Err(refused) = PgCheckpoints::save_in(tx, subscription, epoch, position).await {
-            return Err(self.inner.refused_save(refused).await);
-        }
-        self.commit().await.map_err(FencedError::from)
+        self.inner
+            .commit_checkpoint(subscription, epoch, position)
+            .await
     }
 
     /// Rolls back. Dropping the transaction does the same without waiting.
