@@ -1,15 +1,16 @@
 //! Benchmarks of [shardlock](https://docs.rs/shardlock) against raw
 //! baselines: the same lock operations done directly on a connection of the
-//! same kind (sqlx on one `PgConnection`, rusqlite on a key file, a
-//! `Mutex<HashMap>`), measured side by side in the same run.
+//! same kind (sqlx on one `PgConnection` or `MySqlConnection`, rusqlite on
+//! a key file, a `Mutex<HashMap>`), measured side by side in the same run.
 //!
 //! This crate is not published. It holds what the criterion benches
 //! (`benches/micro.rs`) and the latency harness (`shardlock-bench`) share:
 //! the raw baselines, the PostgreSQL bench environment (server-side statement
 //! counts from `pg_stat_statements`, connections per node from
 //! `pg_stat_activity`), the MySQL/MariaDB one (statement counts from the
-//! server's global status, waiters from the processlist), sample statistics, process CPU time and the
-//! Markdown report. `scripts/bench.sh` runs both and writes `BENCHMARKS.md`.
+//! server's global status, waiters from the processlist), sample
+//! statistics, process CPU time and the Markdown report. `scripts/bench.sh`
+//! runs both and writes `BENCHMARKS.md`.
 //!
 //! ```
 //! use std::time::Duration;

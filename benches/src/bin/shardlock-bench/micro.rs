@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use shardlock_benches::{
-    fmt_duration, ratio, RawMemoryLocks, RawMySql, RawPg, RawSqlite, Row, Samples, StatusCounts,
-    Target,
+    fmt_duration, process_cpu_time, ratio, RawMemoryLocks, RawMySql, RawPg, RawSqlite, Row,
+    Samples, StatusCounts, Target,
 };
 use shardlock_core::{DatabaseId, Driver, LockKey, NodeId, Session};
 use shardlock_memory::MemoryServer;
@@ -734,6 +734,7 @@ async fn mysql_single(ctx: &mut Ctx) -> Result<Row, String> {
         }
         Err(why) => format!("; statements not counted: {why}"),
     };
+    let load = crate::rebalance::load_average();
     let (ours, base) = interleave(rounds, per_round, ours_cycle, raw_cycle).await?;
     let _ = session.close().await;
     let _ = raw.close().await;
@@ -743,7 +744,7 @@ async fn mysql_single(ctx: &mut Ctx) -> Result<Row, String> {
         format!(
             "{} cycles each, {rounds} interleaved rounds; raw: sqlx `MySqlConnection` (prepared), \
              `SELECT GET_LOCK(?, 0)` + `SELECT RELEASE_LOCK(?)`; the driver sends text-protocol \
-             statements{counted}",
+             statements{counted}; load average at the start {load}",
             ours.len()
         ),
         &ours,
@@ -862,23 +863,33 @@ async fn mysql_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> {
         }
         Err(why) => Err(why.clone()),
     };
+    let load = crate::rebalance::load_average();
+    // This process's CPU time per cycle of each side (read outside the
+    // timed part): how much of a gap is the driver's client-side work.
+    let (mut ours_cpu, mut raw_cpu) = (Duration::ZERO, Duration::ZERO);
     let mut ours_cycle = async || {
+        let cpu = process_cpu_time().map_err(err)?;
         let started = Instant::now();
         let granted = session.try_acquire(&keys).await.map_err(err)?;
         if !granted.iter().all(|g| *g) {
             return Err("a key was not granted".to_string());
         }
         session.release_all().await.map_err(err)?;
-        Ok(started.elapsed())
+        let elapsed = started.elapsed();
+        ours_cpu += process_cpu_time().map_err(err)?.saturating_sub(cpu);
+        Ok(elapsed)
     };
     let mut raw_cycle = async || {
+        let cpu = process_cpu_time().map_err(err)?;
         let started = Instant::now();
         let granted = raw.try_lock_many(&raw_json).await.map_err(err)?;
         if granted.len() != raw_names.len() || !granted.iter().all(|g| *g) {
             return Err("a raw key was not granted".to_string());
         }
         raw.unlock_all().await.map_err(err)?;
-        Ok(started.elapsed())
+        let elapsed = started.elapsed();
+        raw_cpu += process_cpu_time().map_err(err)?.saturating_sub(cpu);
+        Ok(elapsed)
     };
     for _ in 0..3 {
         ours_cycle().await?;
@@ -886,6 +897,11 @@ async fn mysql_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> {
     }
     let (ours, base) = interleave(rounds, per_round, ours_cycle, raw_cycle).await?;
     let _ = session.close().await;
+    let per_cycle = |total: Duration, n: usize| total / u32::try_from(n + 3).unwrap_or(u32::MAX);
+    let (ours_cpu, raw_cpu) = (
+        per_cycle(ours_cpu, ours.len()),
+        per_cycle(raw_cpu, base.len()),
+    );
     // Diagnosis: the driver's own statement text sent raw over sqlx's text
     // protocol, against the plain raw batch: separates what the statement
     // costs on the server from the driver's client-side work.
@@ -931,10 +947,13 @@ async fn mysql_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> {
         "mysql",
         format!(
             "{size} keys, {} cycles each, {rounds} interleaved rounds; raw: `{}` (one prepared \
-             statement, the names as one JSON array parameter) + `{}`",
+             statement, the names as one JSON array parameter) + `{}`; this process's CPU per \
+             cycle: shardlock {}, raw {}; load average at the start {load}",
             ours.len(),
             RawMySql::TRY_LOCK_MANY,
-            RawMySql::UNLOCK_ALL
+            RawMySql::UNLOCK_ALL,
+            fmt_duration(ours_cpu),
+            fmt_duration(raw_cpu)
         ),
         &ours,
         &base,
@@ -942,12 +961,38 @@ async fn mysql_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> {
     );
     if row.verdict == shardlock_benches::Verdict::Missed {
         let why = match diagnosis.ratio {
-            Some(r) if r <= 1.05 => format!(
-                "the driver's statements sent raw cost {r:.2}× the raw batch (diagnosis row), so \
-                 the gap is the driver's client-side work per key: building the statement text \
-                 (a hex literal per name), the held-key bookkeeping (core's `Holds`) and \
-                 mapping the answer row"
-            ),
+            Some(r) if r <= 1.05 => {
+                let wall = match (ours.p50(), base.p50()) {
+                    (Some(o), Some(b)) => o.saturating_sub(b),
+                    _ => Duration::ZERO,
+                };
+                let cpu = ours_cpu.saturating_sub(raw_cpu);
+                if cpu * 2 >= wall {
+                    format!(
+                        "the driver's statements sent raw cost {r:.2}× the raw batch (diagnosis \
+                         row), and this process spends {} more CPU per cycle with the driver \
+                         ({} against {}) of a {} gap: the driver's client-side work per key \
+                         (building the statement text, a hex literal per name; the held-key \
+                         bookkeeping, core's `Holds`; mapping the answer row)",
+                        fmt_duration(cpu),
+                        fmt_duration(ours_cpu),
+                        fmt_duration(raw_cpu),
+                        fmt_duration(wall)
+                    )
+                } else {
+                    format!(
+                        "the driver's statements sent raw cost {r:.2}× the raw batch (diagnosis \
+                         row), and the driver's client-side work is not it either: {} more CPU \
+                         per cycle ({} against {}) of a {} gap. The rest is waiting on the same \
+                         server work, i.e. this run's noise (or a server-side cost the diagnosis \
+                         row did not reproduce): re-run on a quiet machine",
+                        fmt_duration(cpu),
+                        fmt_duration(ours_cpu),
+                        fmt_duration(raw_cpu),
+                        fmt_duration(wall)
+                    )
+                }
+            }
             Some(r) => format!(
                 "the driver's statements sent raw already cost {r:.2}× the raw batch \
                  (diagnosis row): the server parses {size} hex literals and answers one row of \
@@ -955,7 +1000,15 @@ async fn mysql_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> {
                  answers {size} one-column rows; and the driver releases its keys by name \
                  (`RELEASE_LOCK` per key: `RELEASE_ALL_LOCKS()` would free the session's \
                  liveness lock too and fire a false loss signal) where the raw side frees all \
-                 at once. The rest is the driver's client-side work per key"
+                 at once. Beyond that, this process spends {} more CPU per cycle with the \
+                 driver ({} against {}: the statement text with a hex literal per name, the \
+                 held-key bookkeeping of core's `Holds`, decoding a {size}-column row); on a \
+                 machine as busy as this run's (load average {load} at the start, 2 cores) \
+                 each millisecond of client CPU costs several of wall time, so a quiet rerun \
+                 will show a smaller gap",
+                fmt_duration(ours_cpu.saturating_sub(raw_cpu)),
+                fmt_duration(ours_cpu),
+                fmt_duration(raw_cpu)
             ),
             None => "the statement could not be isolated".to_string(),
         };

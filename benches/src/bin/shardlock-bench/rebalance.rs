@@ -368,7 +368,7 @@ fn p50_text(s: &Samples) -> String {
 
 /// The 1-minute load average (`/proc/loadavg`), for the setup column: on a
 /// shared machine it says how much else ran.
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
