@@ -35,6 +35,7 @@ pub mod metrics;
 mod projection;
 mod signals;
 pub mod wait;
+pub mod watch;
 
 pub use agent::{Agent, AgentContext, AgentError};
 pub use balancing::{fair_share, Balancing};

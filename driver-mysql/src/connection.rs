@@ -18,7 +18,7 @@ use crate::error::{connect_error, MySqlError, DRIVER};
 use crate::options::{whole_seconds, MySqlOptions};
 use crate::session::MySqlSession;
 use crate::sql;
-use crate::watch::{liveness_name, Watched, Watcher};
+use crate::watch::{self, liveness_name, Watched};
 
 /// The oldest MySQL that keeps several named locks per session: 5.7.
 pub const MIN_MYSQL_VERSION: (u32, u32, u32) = (5, 7, 0);
@@ -125,7 +125,7 @@ impl Driver for MySqlDriver {
             "session opened"
         );
         let signals = SessionSignals::new();
-        let watcher = Watcher::start(
+        let watcher = watch::start(
             &handle,
             Watched {
                 conn: established.watch.conn,

@@ -99,7 +99,7 @@ impl MySqlSession {
     /// The connection id of the session's watcher, which waits in
     /// `GET_LOCK` for the session's liveness lock.
     pub fn watcher_id(&self) -> u64 {
-        self.watcher.connection_id()
+        self.watcher.id()
     }
 
     /// The name of the session's liveness lock (`shardlock:live:<hex>`),

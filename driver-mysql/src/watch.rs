@@ -28,31 +28,23 @@
 //!    connection ended), its own connection failed, or the task was dropped
 //!    unstopped (its runtime shut down).
 
-use std::fmt;
-use std::time::Duration;
-
-use shardlock_core::{CancellationToken, SessionSignals, WatchGuard};
+use shardlock_core::watch::{LivenessWait, Seen};
+use shardlock_core::SessionSignals;
 use sqlx::mysql::MySqlConnection;
 use sqlx::{Connection, Executor, Row};
 use tokio::runtime::Handle;
-use tracing::{debug, warn};
 
 use crate::error::MySqlCause;
 use crate::sql;
-
-/// How long the watcher's graceful close may take after it fired.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A fresh liveness lock name.
 pub(crate) fn liveness_name() -> String {
     format!("shardlock:live:{:016x}", fastrand::u64(..))
 }
 
-/// The running watcher of one session. Dropping it stops it.
-pub(crate) struct Watcher {
-    stop: CancellationToken,
-    connection_id: u64,
-}
+/// The running watcher of one session (core's task, with the watcher's
+/// connection id). Dropping it stops it.
+pub(crate) type Watcher = shardlock_core::watch::Watcher<u64>;
 
 /// What the watcher watches.
 pub(crate) struct Watched {
@@ -68,105 +60,65 @@ pub(crate) struct Watched {
     pub(crate) node: String,
 }
 
-impl Watcher {
-    /// Starts the watching task on `handle`.
-    pub(crate) fn start(handle: &Handle, watched: Watched, signals: SessionSignals) -> Self {
-        let stop = CancellationToken::new();
-        let connection_id = watched.connection_id;
-        let _task = handle.spawn(watch(watched, signals, stop.clone()));
-        Self {
-            stop,
-            connection_id,
-        }
-    }
-
-    /// Stops watching without firing. Never blocks.
-    pub(crate) fn stop(&self) {
-        self.stop.cancel();
-    }
-
-    /// The watcher's connection id.
-    pub(crate) fn connection_id(&self) -> u64 {
-        self.connection_id
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-impl fmt::Debug for Watcher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Watcher")
-            .field("connection_id", &self.connection_id)
-            .field("stopped", &self.stop.is_cancelled())
-            .finish()
-    }
-}
-
-/// The watching task: waits in `GET_LOCK(liveness)` until the main
-/// connection ends (granted), the watcher's connection fails, or `stop`.
-async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToken) {
+/// Starts the watcher of `watched` on `handle`.
+pub(crate) fn start(handle: &Handle, watched: Watched, signals: SessionSignals) -> Watcher {
     let Watched {
-        mut conn,
+        conn,
         connection_id,
         main_id,
         liveness,
         node,
     } = watched;
-    let mut armed = WatchGuard::new(
-        signals,
-        stop.clone(),
-        format!("the task watching connection {main_id} stopped (its runtime shut down), so the end of the session can no longer be seen"),
+    let vanished = format!(
+        "the task watching connection {main_id} stopped (its runtime shut down), so the end of \
+         the session can no longer be seen"
     );
-    let statement = sql::watch(&node, main_id, &liveness);
-    loop {
-        let result = {
-            let wait = conn.fetch_one(sqlx::raw_sql(&statement));
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => None,
-                result = wait => Some(result),
-            }
-        };
-        let Some(result) = result else {
-            // Stopped: the session closes; dropping the connection ends the
-            // watcher's server thread once the liveness lock is freed.
-            armed.disarm();
-            debug!(main_id, connection_id, "watcher stopped");
-            return;
-        };
-        match result.and_then(|row| row.try_get::<Option<i64>, _>(0)) {
-            Ok(Some(1)) => {
-                armed.fire(format!(
-                    "the server ended the session (connection {main_id}): its liveness lock \
-                     was freed"
-                ));
-                break;
-            }
+    let wait = Wait {
+        statement: sql::watch(&node, main_id, &liveness),
+        conn,
+        connection_id,
+        main_id,
+    };
+    Watcher::start(handle, connection_id, wait, signals, vanished)
+}
+
+/// The watcher's `GET_LOCK(liveness)`: granted once the main connection
+/// ended.
+struct Wait {
+    conn: MySqlConnection,
+    statement: String,
+    connection_id: u64,
+    main_id: u64,
+}
+
+impl LivenessWait for Wait {
+    async fn wait(&mut self) -> Seen {
+        let Self {
+            conn,
+            statement,
+            connection_id,
+            main_id,
+        } = self;
+        let answer = conn.fetch_one(sqlx::raw_sql(statement)).await;
+        match answer.and_then(|row| row.try_get::<Option<i64>, _>(0)) {
+            Ok(Some(1)) => Seen::Ended(format!(
+                "the server ended the session (connection {main_id}): its liveness lock was freed"
+            )),
             // A year without an answer: wait again.
-            Ok(Some(0)) => continue,
-            Ok(_) => {
-                armed.fire(format!(
-                    "the watcher's wait for connection {main_id} was killed (connection \
-                     {connection_id}), so the end of the session can no longer be seen"
-                ));
-                break;
-            }
-            Err(err) => {
-                let cause = MySqlCause::from(err);
-                if !stop.is_cancelled() {
-                    warn!(main_id, connection_id, error = %cause, "the watcher's connection failed");
-                }
-                armed.fire(format!(
-                    "the connection watching the session (connection {connection_id}) failed, \
-                     so the end of the session can no longer be seen: {cause}"
-                ));
-                return;
-            }
+            Ok(Some(0)) => Seen::Again,
+            Ok(_) => Seen::Ended(format!(
+                "the watcher's wait for connection {main_id} was killed (connection \
+                 {connection_id}), so the end of the session can no longer be seen"
+            )),
+            Err(err) => Seen::Failed(format!(
+                "the connection watching the session (connection {connection_id}) failed, so \
+                 the end of the session can no longer be seen: {}",
+                MySqlCause::from(err)
+            )),
         }
     }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close()).await;
+
+    async fn close(self) {
+        let _ = self.conn.close().await;
+    }
 }

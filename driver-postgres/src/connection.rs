@@ -20,7 +20,7 @@ use crate::listen::{Listen, Listener};
 use crate::options::{application_name, PgOptions};
 use crate::session::PgSession;
 use crate::sql;
-use crate::watch::{Liveness, Watched, Watcher};
+use crate::watch::{self, Liveness, Watched};
 
 /// The oldest supported server: PostgreSQL 12 (`server_version_num`).
 pub const MIN_SERVER_VERSION_NUM: u32 = 120_000;
@@ -157,14 +157,13 @@ impl Driver for PgDriver {
                 database: database.clone(),
             },
         );
-        let watcher = Watcher::start(
+        let watcher = watch::start(
             &handle,
             Watched {
                 conn: established.watch,
                 pid: established.watch_pid,
                 main_pid: established.pid,
                 liveness: established.liveness,
-                database: database.clone(),
             },
             signals.clone(),
         );

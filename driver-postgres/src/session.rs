@@ -111,7 +111,7 @@ impl PgSession {
     /// (`application_name` `shardlock:<node>:watch`), which waits in
     /// `pg_advisory_lock` for the session's liveness lock.
     pub fn watcher_pid(&self) -> i32 {
-        self.watcher.pid()
+        self.watcher.id()
     }
 
     /// The server process of the session's hints connection

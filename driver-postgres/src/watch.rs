@@ -37,19 +37,16 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use shardlock_core::{CancellationToken, DatabaseId, NodeId, SessionSignals, WatchGuard};
+use shardlock_core::watch::{LivenessWait, Seen};
+use shardlock_core::{NodeId, SessionSignals};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tokio::runtime::Handle;
-use tracing::{debug, warn};
 
 use crate::error::PgCause;
 use crate::sql;
-
-/// How long the watcher's graceful close may take after it fired.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The key of a session's liveness lock: `pg_advisory_lock(hi, lo)`, the
 /// two-`int4` form (`pg_locks`: `classid = hi`, `objid = lo`,
@@ -92,11 +89,11 @@ pub(crate) fn random_u64(salt: &str) -> u64 {
     hasher.finish()
 }
 
-/// The running watcher of one session. Dropping it stops it.
-pub(crate) struct Watcher {
-    stop: CancellationToken,
-    pid: i32,
-}
+/// The running watcher of one session (core's task, with the watcher's
+/// backend pid). Dropping it stops it: the task exits without firing and
+/// drops its connection (its backend, still waiting, ends when it notices,
+/// or is granted and ends once the session closes).
+pub(crate) type Watcher = shardlock_core::watch::Watcher<i32>;
 
 /// What the watcher watches.
 pub(crate) struct Watched {
@@ -108,97 +105,56 @@ pub(crate) struct Watched {
     pub(crate) main_pid: i32,
     /// The liveness lock the main backend holds.
     pub(crate) liveness: Liveness,
-    pub(crate) database: DatabaseId,
 }
 
-impl Watcher {
-    /// Starts the watching task on `handle`.
-    pub(crate) fn start(handle: &Handle, watched: Watched, signals: SessionSignals) -> Self {
-        let stop = CancellationToken::new();
-        let pid = watched.pid;
-        let _task = handle.spawn(watch(watched, signals, stop.clone()));
-        Self { stop, pid }
-    }
-
-    /// Stops watching: the task exits without firing and drops its
-    /// connection (its backend, still waiting, ends when it notices, or is
-    /// granted and ends once the session closes). Never blocks.
-    pub(crate) fn stop(&self) {
-        self.stop.cancel();
-    }
-
-    /// The watcher's backend pid.
-    pub(crate) fn pid(&self) -> i32 {
-        self.pid
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-impl fmt::Debug for Watcher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Watcher")
-            .field("pid", &self.pid)
-            .field("stopped", &self.stop.is_cancelled())
-            .finish()
-    }
-}
-
-/// The watching task: waits in `pg_advisory_lock(liveness)` until the main
-/// backend ends (granted), the watcher's connection fails, or `stop`.
-async fn watch(watched: Watched, signals: SessionSignals, stop: CancellationToken) {
+/// Starts the watcher of `watched` on `handle`.
+pub(crate) fn start(handle: &Handle, watched: Watched, signals: SessionSignals) -> Watcher {
     let Watched {
-        mut conn,
+        conn,
         pid,
         main_pid,
         liveness,
-        database,
     } = watched;
-    let mut armed = WatchGuard::new(
-        signals,
-        stop.clone(),
-        format!("the task watching backend {main_pid} stopped (its runtime shut down), so the end of the session can no longer be seen"),
+    let vanished = format!(
+        "the task watching backend {main_pid} stopped (its runtime shut down), so the end of \
+         the session can no longer be seen"
     );
-    let result = {
-        let wait = sqlx::query(sql::WATCH_LIVENESS)
-            .bind(liveness.hi)
-            .bind(liveness.lo)
-            .execute(&mut conn);
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => None,
-            result = wait => Some(result),
-        }
+    let wait = Wait {
+        conn,
+        main_pid,
+        liveness,
     };
-    let Some(result) = result else {
-        armed.disarm();
-        debug!(%database, main_pid, watcher_pid = pid, "session watcher stopped");
-        return;
-    };
-    if stop.is_cancelled() {
-        // The session is closing and freed the lock itself.
-        armed.disarm();
-        return;
-    }
-    match result {
-        Ok(_) => {
-            warn!(%database, main_pid, "the server ended the session: its locks are gone");
-            armed.fire(format!("the server ended the session (backend {main_pid})"));
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close()).await;
-        }
-        Err(err) => {
-            warn!(%database, main_pid, watcher_pid = pid, error = %err,
-                "the connection watching the session failed: treating the session as lost");
-            let cause = PgCause::from(err);
-            armed.fire(format!(
+    Watcher::start(handle, pid, wait, signals, vanished)
+}
+
+/// The watcher's `pg_advisory_lock(liveness)`: granted once the main
+/// backend ended.
+struct Wait {
+    conn: PgConnection,
+    main_pid: i32,
+    liveness: Liveness,
+}
+
+impl LivenessWait for Wait {
+    async fn wait(&mut self) -> Seen {
+        let main_pid = self.main_pid;
+        let answer = sqlx::query(sql::WATCH_LIVENESS)
+            .bind(self.liveness.hi)
+            .bind(self.liveness.lo)
+            .execute(&mut self.conn)
+            .await;
+        match answer {
+            Ok(_) => Seen::Ended(format!("the server ended the session (backend {main_pid})")),
+            Err(err) => Seen::Failed(format!(
                 "the connection watching backend {main_pid} failed, so the end of the session \
-                 can no longer be seen: {cause}"
-            ));
+                 can no longer be seen: {}",
+                PgCause::from(err)
+            )),
         }
+    }
+
+    async fn close(self) {
+        let _ = self.conn.close().await;
     }
 }
 
