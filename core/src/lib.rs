@@ -29,6 +29,7 @@ mod holds;
 mod ids;
 mod key;
 mod leadership;
+pub mod lent;
 mod lock_set;
 mod mapping;
 pub mod metrics;

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardlock_core::lent::{ConnectionLoss, Lent};
 use shardlock_core::{
     CancellationToken, DatabaseId, Error, Holds, LockKey, Result, Session, SessionSignals,
 };
@@ -32,7 +33,7 @@ use tracing::{debug, warn};
 use crate::connection::SideConnect;
 use crate::error::MySqlError;
 use crate::sql::{self, lock_name};
-use crate::wait::{GetLockWait, Outcome, Returned, Wait};
+use crate::wait::{GetLockWait, Wait};
 use crate::watch::Watcher;
 
 /// How long a dropped session's background close may take before the
@@ -130,55 +131,26 @@ impl MySqlSession {
             .or_else(|| self.holds.signals().reason())
     }
 
-    /// Takes the connection back from a finished or abandoned wait.
-    async fn reclaim(&mut self) {
-        let Some(wait) = self.waiting.clone() else {
-            return;
-        };
-        let returned = wait.returned().await;
-        self.waiting = None;
-        if let Err(err) = self.absorb(None, returned) {
-            debug!(error = %err, "an abandoned wait ended with an error");
-        }
+    /// The connection, the wait it may be lent to and the bookkeeping, for
+    /// core's steps.
+    fn lent(&mut self) -> Lent<'_, GetLockWait> {
+        Lent::new(&mut self.conn, &mut self.waiting, &mut self.holds)
     }
 
-    /// Applies the end of a wait for `key` to the session.
-    fn absorb(&mut self, key: Option<&LockKey>, returned: Returned) -> Result<bool> {
-        self.conn = returned.conn;
-        match returned.outcome {
-            Outcome::Granted => {
-                if let Some(key) = key {
-                    self.holds.insert(key.clone());
-                }
-                Ok(true)
-            }
-            Outcome::NotGranted => Ok(false),
-            Outcome::Failed(err) => {
-                if self.conn.is_none() && !err.is_connection_lost() {
-                    let reason = format!("the wait's connection was closed: {err}");
-                    return Err(self.holds.poison(reason));
-                }
-                Err(self.fail(err))
-            }
-        }
+    /// Takes the connection back from a finished or abandoned wait.
+    async fn reclaim(&mut self) {
+        self.lent().reclaim().await;
     }
 
     /// Maps a driver error through core; a lost connection is dropped and
     /// poisons the session.
     fn fail(&mut self, err: MySqlError) -> Error {
-        if err.is_connection_lost() {
-            self.conn = None;
-        }
-        self.holds.fail(err)
+        self.lent().fail(err)
     }
 
     /// Makes the connection ready for a round trip, or says why it cannot.
     async fn ready(&mut self) -> Result<()> {
-        self.reclaim().await;
-        if self.conn.is_none() {
-            return Err(self.holds.poison("the connection is closed"));
-        }
-        self.holds.ready()
+        self.lent().ready().await
     }
 
     /// Sends `statement` as one round trip named `op` and answers every
@@ -316,6 +288,12 @@ fn ints(rows: &[MySqlRow]) -> Result<Vec<Option<i64>>, sqlx::Error> {
     Ok(out)
 }
 
+impl ConnectionLoss for MySqlError {
+    fn is_connection_lost(&self) -> bool {
+        MySqlError::is_connection_lost(self)
+    }
+}
+
 impl Session for MySqlSession {
     /// Held keys, trust and the loss signal; `lost` fires when the watcher
     /// sees the main connection end (within
@@ -387,34 +365,17 @@ impl Session for MySqlSession {
     /// granted meanwhile it is released at once. The next call on the
     /// session waits for that clean-up to finish.
     async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
-        self.ready().await?;
-        if self.holds.contains(key) {
-            return Ok(true);
-        }
-        if cancel.is_cancelled() {
-            return Ok(false);
-        }
-        let Some(conn) = self.conn.take() else {
-            return Err(self.holds.poison("the connection is closed"));
-        };
-        let started = Wait::start(
-            conn,
-            GetLockWait::new(key.clone(), lock_name(key), self.id, Arc::clone(&self.side)),
-            Arc::clone(&self.round_trips),
-        );
-        let wait = match started {
-            Ok(wait) => wait,
-            Err(conn) => {
-                self.conn = Some(conn);
-                return Err(Error::NotInRuntime {
-                    what: "MySqlSession::acquire",
-                });
-            }
-        };
-        self.waiting = Some(Arc::clone(&wait));
-        let returned = wait.finish(cancel).await;
-        self.waiting = None;
-        self.absorb(Some(key), returned)
+        let (id, side) = (self.id, Arc::clone(&self.side));
+        let lock = || GetLockWait::new(key.clone(), lock_name(key), id, side);
+        Lent::new(&mut self.conn, &mut self.waiting, &mut self.holds)
+            .acquire(
+                key,
+                lock,
+                &self.round_trips,
+                cancel,
+                "MySqlSession::acquire",
+            )
+            .await
     }
 
     /// `RELEASE_LOCK(name)` for every held key of `keys`, in one command;

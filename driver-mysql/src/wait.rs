@@ -18,11 +18,6 @@ use crate::connection::SideConnect;
 use crate::error::{is_connection_error, MySqlCause, MySqlError};
 use crate::sql;
 
-pub(crate) use shardlock_core::wait::Outcome;
-
-/// The connection coming back from a wait.
-pub(crate) type Returned = shardlock_core::wait::Returned<MySqlConnection, MySqlError>;
-
 /// A blocking wait on the session's connection.
 pub(crate) type Wait = BlockingWait<GetLockWait>;
 

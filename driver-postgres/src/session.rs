@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shardlock_core::lent::{ConnectionLoss, Lent};
 use shardlock_core::{
     CancellationToken, DatabaseId, Error, Holds, LockKey, Result, Session, SessionSignals,
 };
@@ -38,7 +39,7 @@ use crate::error::PgError;
 use crate::fenced::PgTransaction;
 use crate::listen::Listener;
 use crate::sql;
-use crate::wait::{AdvisoryWait, Outcome, Returned, Wait};
+use crate::wait::{AdvisoryWait, Wait};
 use crate::watch::{Liveness, Watcher};
 
 /// How long a dropped session's background close may take before the
@@ -252,54 +253,26 @@ impl PgSession {
         Ok(marks)
     }
 
-    /// Takes the connection back from a finished or abandoned wait.
-    async fn reclaim(&mut self) {
-        let Some(wait) = self.waiting.clone() else {
-            return;
-        };
-        let returned = wait.returned().await;
-        self.waiting = None;
-        let key = wait.lock().key().clone();
-        if let Err(err) = self.absorb(&key, returned) {
-            debug!(error = %err, "an abandoned wait ended with an error");
-        }
+    /// The connection, the wait it may be lent to and the bookkeeping, for
+    /// core's steps.
+    fn lent(&mut self) -> Lent<'_, AdvisoryWait> {
+        Lent::new(&mut self.conn, &mut self.waiting, &mut self.holds)
     }
 
-    /// Applies the end of a wait for `key` to the session.
-    fn absorb(&mut self, key: &LockKey, returned: Returned) -> Result<bool> {
-        self.conn = returned.conn;
-        match returned.outcome {
-            Outcome::Granted => {
-                self.holds.insert(key.clone());
-                Ok(true)
-            }
-            Outcome::NotGranted => Ok(false),
-            Outcome::Failed(err) => {
-                if self.conn.is_none() && !err.is_connection_lost() {
-                    let reason = format!("the wait's connection was closed: {err}");
-                    return Err(self.holds.poison(reason));
-                }
-                Err(self.fail(err))
-            }
-        }
+    /// Takes the connection back from a finished or abandoned wait.
+    async fn reclaim(&mut self) {
+        self.lent().reclaim().await;
     }
 
     /// Maps a driver error through core; a lost connection is dropped and
     /// poisons the session.
     fn fail(&mut self, err: PgError) -> Error {
-        if err.is_connection_lost() {
-            self.conn = None;
-        }
-        self.holds.fail(err)
+        self.lent().fail(err)
     }
 
     /// Makes the connection ready for a round trip, or says why it cannot be.
     async fn ready(&mut self) -> Result<()> {
-        self.reclaim().await;
-        if self.conn.is_none() {
-            return Err(self.holds.poison("the connection is closed"));
-        }
-        self.holds.ready()
+        self.lent().ready().await
     }
 
     /// The connection; only after [`ready`](Self::ready) succeeded.
@@ -353,6 +326,12 @@ impl PgSession {
         let unlock = !self.holds.is_empty() || self.holds.in_flight().is_some();
         self.holds.clear();
         Some((conn, unlock))
+    }
+}
+
+impl ConnectionLoss for PgError {
+    fn is_connection_lost(&self) -> bool {
+        PgError::is_connection_lost(self)
     }
 }
 
@@ -440,34 +419,11 @@ impl Session for PgSession {
     ///
     /// Needs a Tokio runtime with timers.
     async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
-        self.ready().await?;
-        if self.holds.contains(key) {
-            return Ok(true);
-        }
-        if cancel.is_cancelled() {
-            return Ok(false);
-        }
-        let Some(conn) = self.conn.take() else {
-            return Err(self.holds.poison("the connection is closed"));
-        };
-        let started = Wait::start(
-            conn,
-            AdvisoryWait::new(key.clone(), self.pid, Arc::clone(&self.side)),
-            Arc::clone(&self.round_trips),
-        );
-        let wait = match started {
-            Ok(wait) => wait,
-            Err(conn) => {
-                self.conn = Some(conn);
-                return Err(Error::NotInRuntime {
-                    what: "PgSession::acquire",
-                });
-            }
-        };
-        self.waiting = Some(Arc::clone(&wait));
-        let returned = wait.finish(cancel).await;
-        self.waiting = None;
-        self.absorb(key, returned)
+        let (pid, side) = (self.pid, Arc::clone(&self.side));
+        let lock = || AdvisoryWait::new(key.clone(), pid, side);
+        Lent::new(&mut self.conn, &mut self.waiting, &mut self.holds)
+            .acquire(key, lock, &self.round_trips, cancel, "PgSession::acquire")
+            .await
     }
 
     /// `pg_advisory_unlock` for a held key; a key not held answers `false`

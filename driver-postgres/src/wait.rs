@@ -17,11 +17,6 @@ use crate::connection::SideConnect;
 use crate::error::{classify, is_connection_error, sqlstate_of, Class, PgError};
 use crate::sql;
 
-pub(crate) use shardlock_core::wait::Outcome;
-
-/// The connection coming back from a wait.
-pub(crate) type Returned = shardlock_core::wait::Returned<PgConnection, PgError>;
-
 /// A blocking wait on the session's connection.
 pub(crate) type Wait = BlockingWait<AdvisoryWait>;
 
@@ -37,11 +32,6 @@ impl AdvisoryWait {
     /// The wait for `key` on backend `pid`.
     pub(crate) fn new(key: LockKey, pid: i32, side: Arc<SideConnect>) -> Self {
         Self { key, pid, side }
-    }
-
-    /// The key waited for.
-    pub(crate) fn key(&self) -> &LockKey {
-        &self.key
     }
 }
 
