@@ -1,122 +1,14 @@
 //! The `shardlock` binary on real PostgreSQL: the process demo (one node
 //! killed with SIGKILL, one stopped) and `status --url`.
 //!
-//! Server: `SHARDLOCK_PG_URL`, else a throw-away container of
-//! `SHARDLOCK_PG_IMAGE` (default `shardlock-test/postgres:15`, built by
-//! `scripts/build-images.sh`), else a loud SKIPPED line (a failure when
-//! `SHARDLOCK_REQUIRE` names postgres, as in CI).
+//! Server: see `common` (`SHARDLOCK_PG_URL`, else a container of the local
+//! image, else a loud SKIPPED line).
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Server {
-    url: String,
-    container: Option<String>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(id) = &self.container {
-            let _ = Command::new("docker")
-                .args(["rm", "-f", id])
-                .stdout(Stdio::null())
-                .status();
-        }
-    }
-}
-
-fn skip(why: &str) -> Option<Server> {
-    eprintln!("SKIPPED: postgres (cli): {why}, set SHARDLOCK_PG_URL to run");
-    if std::env::var("SHARDLOCK_REQUIRE").is_ok_and(|v| v.contains("postgres")) {
-        panic!("postgres is required (SHARDLOCK_REQUIRE) but skipped: {why}");
-    }
-    None
-}
-
-fn docker(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .map_err(|e| format!("docker: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
-fn server() -> Option<Server> {
-    if let Ok(url) = std::env::var("SHARDLOCK_PG_URL") {
-        if !url.trim().is_empty() {
-            return Some(Server {
-                url,
-                container: None,
-            });
-        }
-    }
-    let image =
-        std::env::var("SHARDLOCK_PG_IMAGE").unwrap_or_else(|_| "shardlock-test/postgres:15".into());
-    if let Err(e) = docker(&["image", "inspect", &image]) {
-        return skip(&format!("no Docker or no image {image} ({e})"));
-    }
-    let id = match docker(&[
-        "run",
-        "-d",
-        "--label",
-        "shardlock.test=postgres-cli",
-        "-p",
-        "127.0.0.1::5432",
-        "-e",
-        "POSTGRES_PASSWORD=postgres",
-        &image,
-    ]) {
-        Ok(id) => id,
-        Err(e) => return skip(&format!("cannot start {image}: {e}")),
-    };
-    let server = Server {
-        url: String::new(),
-        container: Some(id.clone()),
-    };
-    let port = docker(&["port", &id, "5432/tcp"]).expect("mapped port");
-    let port = port
-        .lines()
-        .next()
-        .and_then(|l| l.rsplit(':').next())
-        .expect("port")
-        .to_string();
-    // Ready when the second "ready to accept connections" line is out (the
-    // first one comes from the entrypoint's temporary init server).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let logs = Command::new("docker")
-            .args(["logs", &id])
-            .output()
-            .expect("docker logs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&logs.stdout),
-            String::from_utf8_lossy(&logs.stderr)
-        );
-        if text.matches("ready to accept connections").count() >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "postgres container did not become ready:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let mut server = server;
-    server.url = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres");
-    Some(server)
-}
-
-fn shardlock(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardlock"))
-        .args(args)
-        .output()
-        .expect("run shardlock")
-}
+mod common;
+use common::{server, shardlock, sql, Kind};
 
 /// The summary's phase lines' counts (`4/4/4`, ...); fails on a phase that
 /// did not settle.
@@ -159,7 +51,9 @@ fn member_holders(doc: &serde_json::Value) -> Vec<(String, Vec<u64>, u64)> {
 
 #[test]
 fn postgres_process_demo_and_status() {
-    let Some(server) = server() else { return };
+    let Some(server) = server(Kind::Postgres) else {
+        return;
+    };
     let output = shardlock(&[
         "demo",
         "--driver",
@@ -339,21 +233,13 @@ fn free_port() -> u16 {
 /// "healthy" once it takes them again.
 #[test]
 fn postgres_node_metrics_and_health() {
-    let Some(server) = server() else { return };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let admin = |sql: String| {
-        let url = server.url.clone();
-        rt.block_on(async move {
-            use shardlock::postgres::sqlx::{self, Connection as _};
-            let mut conn = sqlx::PgConnection::connect(&url)
-                .await
-                .expect("admin connection");
-            sqlx::raw_sql(&sql).execute(&mut conn).await.expect(&sql);
-            let _ = conn.close().await;
-        });
+    let Some(server) = server(Kind::Postgres) else {
+        return;
+    };
+    let admin = |statement: String| {
+        if let Err(e) = sql(Kind::Postgres, &server.url, &[statement]) {
+            panic!("{e}");
+        }
     };
     admin("DROP DATABASE IF EXISTS metricsdb WITH (FORCE)".into());
     admin("CREATE DATABASE metricsdb".into());
