@@ -53,7 +53,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{positions, seed, Recorder, Tick};
+use common::{applied_by, positions, seed, Recorder, Tick};
 use eventcore::ProjectionConfig;
 use eventcore_types::{
     CheckpointStore as _, EventFilter, EventPage, EventReader as _, ProjectorCoordinator as _,
@@ -327,13 +327,8 @@ async fn projection_failover_memory_kill() {
         seen: Arc::clone(&seen),
         pace: Duration::from_millis(1),
     };
-    let count = |node: &str| {
-        seen.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(n, _)| *n == node)
-            .count()
-    };
+    let count =
+        |node: &str| applied_by(&seen.lock().unwrap_or_else(|p| p.into_inner()), node).len();
 
     let driver_a = server.driver();
     let leader = {
@@ -425,16 +420,7 @@ async fn projection_failover_memory_kill() {
     assert!(followed.is_ok(), "the follower answered {followed:?}");
 
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let of = |node: &str| -> Vec<u64> {
-        seen.iter()
-            .filter(|(n, _)| *n == node)
-            .map(|(_, e)| *e)
-            .collect()
-    };
-    let (a, b) = (of("a"), of("b"));
-    assert_eq!(a, (1..=a.len() as u64).collect::<Vec<_>>());
-    let (a_last, b_first) = (*a.last().unwrap_or(&0), *b.first().unwrap_or(&0));
-    assert_eq!(b, (b_first..=EVENTS).collect::<Vec<_>>());
+    let (a_last, b_first) = common::handed_over(&seen, EVENTS);
     assert!(
         b_first == a_last || b_first == a_last + 1,
         "b started at {b_first}, a's last event was {a_last}"

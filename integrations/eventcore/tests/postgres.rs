@@ -114,345 +114,183 @@ coordination_contract!(
 
 // ===== end to end: the server ends the leader's session =====
 
-use std::sync::{Arc, Mutex};
-
-use common::{applied_by, seed, Recorder};
-use eventcore::ProjectionConfig;
-use shardlock_core::CancellationToken;
-use shardlock_eventcore::{leadership_key, run_projection, RunError};
+use common::sql::{self, SqlServer};
+use eventcore_types::StreamPosition;
+use shardlock_core::{CheckpointError, Error, FencedError};
+use shardlock_eventcore::leadership_key;
 use shardlock_postgres::sqlx::{self, postgres::PgConnection, Connection as _};
-
-/// The backend pid holding the advisory lock of `name`'s leadership key.
-async fn holder_pid(url: &str, name: &str) -> Option<i32> {
-    let key = leadership_key(name).unwrap_or_else(|e| panic!("{e}"));
-    let bits = key.id() as u64;
-    let (classid, objid) = ((bits >> 32) as i64, (bits & 0xffff_ffff) as i64);
-    let mut conn = PgConnection::connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("side connection: {e}"));
-    let pid = sqlx::query_scalar(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
-    )
-    .bind(classid)
-    .bind(objid)
-    .fetch_optional(&mut conn)
-    .await
-    .unwrap_or_else(|e| panic!("pg_locks: {e}"));
-    let _ = conn.close().await;
-    pid
-}
-
-/// Two nodes (two Postgres drivers, one shared checkpoint table), eventcore's
-/// in-memory event store; the server terminates the leader's session
-/// mid-stream (`pg_terminate_backend`). The leader's loss signal stops its
-/// run; the follower, waiting in the database, takes over, claims a new
-/// epoch and resumes from the checkpoint: no event lost, and only events
-/// the old leader applied after its session ended (not checkpointed) are
-/// applied again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn projection_failover_postgres_terminate() {
-    const EVENTS: u64 = 300;
-    let Some((url, options, database)) = server().await else {
-        return;
-    };
-    let name = shardlock_contract_tests::unique_name("eventcore-failover");
-    let events = Arc::new(InMemoryEventStore::new());
-    seed(&events, EVENTS).await;
-    let checkpoints = checkpoints(&url).await;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let recorder = |node| Recorder {
-        name: name.clone(),
-        node,
-        seen: Arc::clone(&seen),
-        pace: Duration::from_millis(1),
-    };
-    let count =
-        |node: &str| applied_by(&seen.lock().unwrap_or_else(|p| p.into_inner()), node).len();
-    let node = |events: Arc<InMemoryEventStore>| {
-        let coordinator =
-            ShardlockCoordinator::new(PgDriver::new(options.clone()), database.clone());
-        (events, coordinator, checkpoints.clone())
-    };
-
-    let leader = {
-        let (events, coordinator, checkpoints) = node(Arc::clone(&events));
-        let projector = recorder("a");
-        tokio::spawn(async move {
-            let backend = ShardlockBackend::new(&*events, coordinator, checkpoints);
-            let config = ProjectionConfig::default().continuous();
-            run_projection(projector, &backend, config).await
-        })
-    };
-    let started = Instant::now();
-    while count("a") < 60 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "a did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let follower = {
-        let (events, coordinator, checkpoints) = node(Arc::clone(&events));
-        let (projector, name) = (recorder("b"), name.clone());
-        tokio::spawn(async move {
-            let backend = ShardlockBackend::new(&*events, coordinator, checkpoints);
-            let waited = backend
-                .wait_for_leadership(&name, &CancellationToken::new())
-                .await;
-            assert!(matches!(waited, Ok(true)), "b's wait answered {waited:?}");
-            // Batch mode: returns once every event is applied.
-            run_projection(projector, &backend, ProjectionConfig::default()).await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(count("b"), 0, "b applied while a led");
-
-    let pid = holder_pid(&url, &name)
-        .await
-        .unwrap_or_else(|| panic!("no backend holds the leadership lock"));
-    let mut side = PgConnection::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("side connection: {e}"));
-    let at_end: usize = {
-        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(pid)
-            .fetch_one(&mut side)
-            .await
-            .unwrap_or_else(|e| panic!("pg_terminate_backend: {e}"));
-        assert!(ended, "backend {pid} was not running");
-        count("a")
-    };
-    let _ = side.close().await;
-
-    let led = tokio::time::timeout(Duration::from_secs(10), leader)
-        .await
-        .unwrap_or_else(|_| panic!("the terminated leader did not stop"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        matches!(
-            led,
-            Err(RunError::LeadershipLost { .. } | RunError::FencedOff { .. })
-        ),
-        "the leader answered {led:?}"
-    );
-    let followed = tokio::time::timeout(Duration::from_secs(60), follower)
-        .await
-        .unwrap_or_else(|_| panic!("the follower did not finish"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(followed.is_ok(), "the follower answered {followed:?}");
-
-    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (a, b) = (applied_by(&seen, "a"), applied_by(&seen, "b"));
-    assert_eq!(a, (1..=a.len() as u64).collect::<Vec<_>>());
-    let (a_last, b_first) = (*a.last().unwrap_or(&0), *b.first().unwrap_or(&0));
-    assert_eq!(
-        b,
-        (b_first..=EVENTS).collect::<Vec<_>>(),
-        "b skipped or repeated"
-    );
-    // No gap; everything a applied before its session ended was
-    // checkpointed (but the event in flight).
-    assert!(
-        b_first <= a_last + 1,
-        "b started at {b_first} after a's last {a_last}: events lost"
-    );
-    assert!(
-        b_first as usize >= at_end,
-        "b started at {b_first} though a had applied {at_end} before its session ended"
-    );
-    println!(
-        "postgres failover: a applied 1..={a_last} ({at_end} when its backend was terminated; \
-         stopped with {led:?}); b waited in the database, resumed at {b_first} through {EVENTS}"
-    );
-}
-
-// ===== a fenced batch: no stale effect, no stale progress =====
-
-use eventcore_types::{
-    BatchSize, CheckpointStore as _, EventFilter, EventPage, EventReader as _, StreamPosition,
-};
-use shardlock_core::{Error, FencedError};
-use shardlock_eventcore::{position_prefix, BackendGuard};
 use shardlock_postgres::{PgSession, PgTransaction};
 
-type PgBackend<'e> = ShardlockBackend<&'e InMemoryEventStore, PgDriver, PgCheckpoints, PgPositions>;
+/// The shared scenarios' view of the server: `pg_terminate_backend` ends a
+/// session's backend.
+struct Pg {
+    url: String,
+    options: PgOptions,
+    database: DatabaseId,
+}
 
-/// Reads the next batch (after the committed position) through `backend`
-/// and stages it in a fenced transaction on the leader's connection: one
-/// effect row per tick, the exact position and the checkpoint. Answers the
-/// open transaction, the batch's last position and its size.
-async fn stage<'g>(
-    backend: &PgBackend<'_>,
-    lead: &'g mut BackendGuard<PgSession>,
-    name: &str,
-    table: &str,
-    node: &str,
-) -> (PgTransaction<'g>, StreamPosition, usize) {
-    let page = match backend.load(name).await.unwrap_or_else(|e| panic!("{e}")) {
-        Some(after) => EventPage::after(after, BatchSize::new(10)),
-        None => EventPage::first(BatchSize::new(10)),
-    };
-    let batch = backend
-        .read_events::<common::Tick>(EventFilter::all(), page)
-        .await
-        .unwrap_or_else(|e| panic!("read: {e}"));
-    let &(_, last) = batch.last().unwrap_or_else(|| panic!("an empty batch"));
-    let epoch = lead.epoch();
-    let mut tx = lead
-        .leader_session()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .transaction()
-        .await
-        .unwrap_or_else(|e| panic!("begin: {e}"));
-    for (tick, _) in &batch {
-        sqlx::query(&format!("INSERT INTO {table} (n, node) VALUES ($1, $2)"))
-            .bind(tick.n as i64)
-            .bind(node)
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("effect: {e}"));
+impl Pg {
+    async fn new() -> Option<Self> {
+        let (url, options, database) = server().await?;
+        Some(Self {
+            url,
+            options,
+            database,
+        })
     }
-    PgPositions::advance_in(&mut tx, name, last)
-        .await
-        .unwrap_or_else(|e| panic!("position: {e}"));
-    PgCheckpoints::save_in(&mut tx, name, epoch, position_prefix(last))
-        .await
-        .unwrap_or_else(|e| panic!("checkpoint: {e}"));
-    (tx, last, batch.len())
+
+    async fn side(&self) -> PgConnection {
+        PgConnection::connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("side connection: {e}"))
+    }
 }
 
-/// Effect rows (committed only), by node.
-async fn effects_by(url: &str, table: &str, node: &str) -> i64 {
-    let mut conn = PgConnection::connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("side connection: {e}"));
-    let n = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE node = $1"))
-        .bind(node)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("count: {e}"));
-    let _ = conn.close().await;
-    n
+fn pid(id: u64) -> i32 {
+    i32::try_from(id).unwrap_or_else(|e| panic!("backend pid {id}: {e}"))
 }
 
-/// What eventcore-testing's `leadership_loss_fencing_contract` asserts of
-/// eventcore-postgres' transactional runner, on shardlock's PostgreSQL
-/// fenced transaction: the leader writes a batch's effects, exact position and
-/// checkpoint in one transaction on its lock's connection; its backend is
-/// terminated before the commit; the leader fails with a lost leadership,
-/// and neither its effects nor its progress committed. The follower then
-/// takes over and resumes from the last committed batch.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fenced_batch_terminated_leader_commits_nothing() {
-    let Some((url, options, database)) = server().await else {
-        return;
-    };
-    let name = shardlock_contract_tests::unique_name("eventcore-fenced");
-    let table = format!("fx_{}", name.replace('-', "_").to_lowercase());
-    let events = InMemoryEventStore::new();
-    seed(&events, 30).await;
-    let ticks = common::positions(&events).await;
-    let checkpoints = checkpoints(&url).await;
-    sqlx::query(&format!(
-        "CREATE TABLE {table} (n BIGINT PRIMARY KEY, node VARCHAR(8) NOT NULL)"
-    ))
-    .execute(checkpoints.store().pool())
-    .await
-    .unwrap_or_else(|e| panic!("effects table: {e}"));
-    let node = |_: &str| {
-        ShardlockBackend::new(
-            &events,
-            ShardlockCoordinator::new(PgDriver::new(options.clone()), database.clone()),
-            checkpoints.clone(),
+impl SqlServer for Pg {
+    type Driver = PgDriver;
+    type Store = PgCheckpoints;
+    type Positions = PgPositions;
+    type Tx<'s> = PgTransaction<'s>;
+
+    const NAME: &'static str = "postgres";
+    const ENDED: &'static str = "its backend was terminated";
+
+    fn driver(&self) -> PgDriver {
+        PgDriver::new(self.options.clone())
+    }
+
+    fn database(&self) -> DatabaseId {
+        self.database.clone()
+    }
+
+    async fn checkpoints(&self) -> ShardlockCheckpoints<PgCheckpoints, PgPositions> {
+        checkpoints(&self.url).await
+    }
+
+    async fn create_effects(&self, table: &str) {
+        let mut conn = self.side().await;
+        sqlx::query(&format!(
+            "CREATE TABLE {table} (n BIGINT PRIMARY KEY, node VARCHAR(8) NOT NULL)"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("effects table: {e}"));
+        let _ = conn.close().await;
+    }
+
+    async fn effects_by(&self, table: &str, node: &str) -> i64 {
+        let mut conn = self.side().await;
+        let n = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE node = $1"))
+            .bind(node)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("count: {e}"));
+        let _ = conn.close().await;
+        n
+    }
+
+    /// The backend pid holding the advisory lock of the leadership key.
+    async fn holder(&self, name: &str) -> Option<u64> {
+        let key = leadership_key(name).unwrap_or_else(|e| panic!("{e}"));
+        let bits = key.id() as u64;
+        let (classid, objid) = ((bits >> 32) as i64, (bits & 0xffff_ffff) as i64);
+        let mut conn = self.side().await;
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
         )
-    };
-
-    // a leads and commits the first batch.
-    let a = node("a");
-    let mut lead = a.acquire(&name).await.unwrap_or_else(|e| panic!("{e}"));
-    let (tx, last, n) = stage(&a, &mut lead, &name, &table, "a").await;
-    tx.commit().await.unwrap_or_else(|e| panic!("commit: {e}"));
-    assert_eq!((last, n), (ticks[9], 10));
-
-    // a stages the second batch; its backend is terminated before it commits.
-    let (tx, _, _) = stage(&a, &mut lead, &name, &table, "a").await;
-    let id = tx.backend_pid();
-    let mut side = PgConnection::connect(&url)
+        .bind(classid)
+        .bind(objid)
+        .fetch_optional(&mut conn)
         .await
-        .unwrap_or_else(|e| panic!("side connection: {e}"));
-    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-        .bind(id)
+        .unwrap_or_else(|e| panic!("pg_locks: {e}"));
+        let _ = conn.close().await;
+        pid.map(|pid| u64::try_from(pid).unwrap_or_else(|e| panic!("backend pid {pid}: {e}")))
+    }
+
+    async fn end_connection(&self, id: u64, wait: bool) {
+        let mut side = self.side().await;
+        let ended: bool = if wait {
+            sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        } else {
+            sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        }
+        .bind(pid(id))
         .fetch_one(&mut side)
         .await
         .unwrap_or_else(|e| panic!("pg_terminate_backend: {e}"));
-    assert!(ended, "backend {id} was running");
-    let _ = side.close().await;
-    let failure = tx.commit().await;
-    assert!(
-        matches!(failure, Err(Error::SessionLost { .. })),
-        "the stale leader's commit answered {failure:?}"
-    );
-    drop(lead);
-    assert_eq!(
-        effects_by(&url, &table, "a").await,
-        10,
-        "stale effect must not commit"
-    );
-    assert_eq!(
-        a.load(&name).await.unwrap_or_else(|e| panic!("{e}")),
-        Some(ticks[9]),
-        "stale progress must not commit"
-    );
-
-    // b takes over at once and resumes after the last committed batch.
-    let b = node("b");
-    let started = Instant::now();
-    let mut lead = loop {
-        match b.acquire(&name).await {
-            Ok(lead) => break lead,
-            Err(e) => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "b did not take over: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    for expected in [ticks[19], ticks[29]] {
-        let (tx, last, _) = stage(&b, &mut lead, &name, &table, "b").await;
-        assert_eq!(last, expected);
-        tx.commit()
-            .await
-            .unwrap_or_else(|e| panic!("b commits: {e}"));
+        assert!(ended, "backend {id} was not running");
+        tokio::spawn(async move {
+            let _ = side.close().await;
+        });
     }
-    assert_eq!(effects_by(&url, &table, "b").await, 20);
-    assert_eq!(
-        b.load(&name).await.unwrap_or_else(|e| panic!("{e}")),
-        Some(ticks[29])
-    );
-    // A superseded epoch rolls a whole batch back (FencedOff).
-    let newer = shardlock_core::CheckpointStore::claim(a.checkpoints().store(), &name).await;
-    assert!(newer.is_ok(), "{newer:?}");
-    let epoch = lead.epoch();
-    let session = lead.leader_session().unwrap_or_else(|e| panic!("{e}"));
-    let mut tx = session
-        .transaction()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    sqlx::query(&format!("INSERT INTO {table} (n, node) VALUES (31, 'b')"))
-        .execute(&mut *tx)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let refused = tx.commit_checkpoint(&name, epoch, i64::MAX).await;
-    assert!(
-        matches!(refused, Err(FencedError::Checkpoint(_))),
-        "{refused:?}"
-    );
-    assert_eq!(effects_by(&url, &table, "b").await, 20, "rolled back");
-    println!(
-        "postgres fenced batch: backend {id} terminated before its commit; stale effects 0, \
-         progress stayed at tick 10, b resumed at tick 11"
-    );
+
+    async fn transaction(session: &mut PgSession) -> Result<PgTransaction<'_>, Error> {
+        session.transaction().await
+    }
+
+    fn tx_connection(tx: &PgTransaction<'_>) -> u64 {
+        u64::try_from(tx.backend_pid()).unwrap_or_else(|e| panic!("backend pid: {e}"))
+    }
+
+    async fn write_effect(tx: &mut Self::Tx<'_>, table: &str, n: i64, node: &str) {
+        sqlx::query(&format!("INSERT INTO {table} (n, node) VALUES ($1, $2)"))
+            .bind(n)
+            .bind(node)
+            .execute(&mut **tx)
+            .await
+            .unwrap_or_else(|e| panic!("effect: {e}"));
+    }
+
+    async fn advance_in(tx: &mut Self::Tx<'_>, subscription: &str, position: StreamPosition) {
+        PgPositions::advance_in(tx, subscription, position)
+            .await
+            .unwrap_or_else(|e| panic!("position: {e}"));
+    }
+
+    async fn save_in(
+        tx: &mut Self::Tx<'_>,
+        subscription: &str,
+        epoch: i64,
+        position: i64,
+    ) -> Result<(), CheckpointError> {
+        PgCheckpoints::save_in(tx, subscription, epoch, position).await
+    }
+
+    async fn commit(tx: Self::Tx<'_>) -> Result<(), Error> {
+        tx.commit().await
+    }
+
+    async fn commit_checkpoint(
+        tx: Self::Tx<'_>,
+        subscription: &str,
+        epoch: i64,
+        position: i64,
+    ) -> Result<(), FencedError> {
+        tx.commit_checkpoint(subscription, epoch, position).await
+    }
+}
+
+/// [`sql::failover`]: the server terminates the leader's backend
+/// mid-stream (`pg_terminate_backend`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_failover_postgres_terminate() {
+    let Some(server) = Pg::new().await else {
+        return;
+    };
+    sql::failover(&server).await;
+}
+
+/// [`sql::fenced_batch`]: the leader's backend is terminated before its
+/// batch commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_batch_terminated_leader_commits_nothing() {
+    let Some(server) = Pg::new().await else {
+        return;
+    };
+    sql::fenced_batch(&server).await;
 }

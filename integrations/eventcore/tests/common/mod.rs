@@ -12,6 +12,8 @@
 
 #![allow(dead_code, unused_macros, unreachable_pub)]
 
+pub mod sql;
+
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -124,6 +126,21 @@ pub fn applied_by(seen: &[(&'static str, u64)], node: &str) -> Vec<u64> {
         .filter(|(n, _)| *n == node)
         .map(|(_, e)| *e)
         .collect()
+}
+
+/// Checks a handover of `events` ticks from node `a` to node `b`: each
+/// applied one contiguous run in order, `a` from the first tick, `b`
+/// through the last. Answers `a`'s last tick and `b`'s first.
+pub fn handed_over(seen: &[(&'static str, u64)], events: u64) -> (u64, u64) {
+    let (a, b) = (applied_by(seen, "a"), applied_by(seen, "b"));
+    assert_eq!(a, (1..=a.len() as u64).collect::<Vec<_>>());
+    let (a_last, b_first) = (*a.last().unwrap_or(&0), *b.first().unwrap_or(&0));
+    assert_eq!(
+        b,
+        (b_first..=events).collect::<Vec<_>>(),
+        "b skipped or repeated"
+    );
+    (a_last, b_first)
 }
 
 macro_rules! checkpoint_contract {
