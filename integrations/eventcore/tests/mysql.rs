@@ -164,10 +164,9 @@ async fn positions_advance_only_forward() {
 // ===== end to end: the server ends the leader's session =====
 
 use common::sql::{self, SqlServer};
-use shardlock_core::{CheckpointError, Error, FencedError};
 use shardlock_eventcore::leadership_key;
 use shardlock_mysql::sqlx::{self, mysql::MySqlConnection, Connection as _};
-use shardlock_mysql::{MySqlSession, MySqlTransaction};
+use shardlock_mysql::MySqlTransaction;
 
 /// The shared scenarios' view of the server: `KILL CONNECTION` ends a
 /// session's connection.
@@ -263,10 +262,6 @@ impl SqlServer for MySql {
         });
     }
 
-    async fn transaction(session: &mut MySqlSession) -> Result<MySqlTransaction<'_>, Error> {
-        session.transaction().await
-    }
-
     fn tx_connection(tx: &Self::Tx<'_>) -> u64 {
         tx.connection_id()
     }
@@ -280,33 +275,7 @@ impl SqlServer for MySql {
             .unwrap_or_else(|e| panic!("effect: {e}"));
     }
 
-    async fn advance_in(tx: &mut Self::Tx<'_>, subscription: &str, position: StreamPosition) {
-        MySqlPositions::advance_in(tx, subscription, position)
-            .await
-            .unwrap_or_else(|e| panic!("position: {e}"));
-    }
-
-    async fn save_in(
-        tx: &mut Self::Tx<'_>,
-        subscription: &str,
-        epoch: i64,
-        position: i64,
-    ) -> Result<(), CheckpointError> {
-        MySqlCheckpoints::save_in(tx, subscription, epoch, position).await
-    }
-
-    async fn commit(tx: Self::Tx<'_>) -> Result<(), Error> {
-        tx.commit().await
-    }
-
-    async fn commit_checkpoint(
-        tx: Self::Tx<'_>,
-        subscription: &str,
-        epoch: i64,
-        position: i64,
-    ) -> Result<(), FencedError> {
-        tx.commit_checkpoint(subscription, epoch, position).await
-    }
+    forward_fenced!(MySqlCheckpoints, MySqlPositions);
 }
 
 /// [`sql::failover`]: the server kills the leader's connection mid-stream

@@ -115,11 +115,9 @@ coordination_contract!(
 // ===== end to end: the server ends the leader's session =====
 
 use common::sql::{self, SqlServer};
-use eventcore_types::StreamPosition;
-use shardlock_core::{CheckpointError, Error, FencedError};
 use shardlock_eventcore::leadership_key;
 use shardlock_postgres::sqlx::{self, postgres::PgConnection, Connection as _};
-use shardlock_postgres::{PgSession, PgTransaction};
+use shardlock_postgres::PgTransaction;
 
 /// The shared scenarios' view of the server: `pg_terminate_backend` ends a
 /// session's backend.
@@ -229,10 +227,6 @@ impl SqlServer for Pg {
         });
     }
 
-    async fn transaction(session: &mut PgSession) -> Result<PgTransaction<'_>, Error> {
-        session.transaction().await
-    }
-
     fn tx_connection(tx: &PgTransaction<'_>) -> u64 {
         u64::try_from(tx.backend_pid()).unwrap_or_else(|e| panic!("backend pid: {e}"))
     }
@@ -246,33 +240,7 @@ impl SqlServer for Pg {
             .unwrap_or_else(|e| panic!("effect: {e}"));
     }
 
-    async fn advance_in(tx: &mut Self::Tx<'_>, subscription: &str, position: StreamPosition) {
-        PgPositions::advance_in(tx, subscription, position)
-            .await
-            .unwrap_or_else(|e| panic!("position: {e}"));
-    }
-
-    async fn save_in(
-        tx: &mut Self::Tx<'_>,
-        subscription: &str,
-        epoch: i64,
-        position: i64,
-    ) -> Result<(), CheckpointError> {
-        PgCheckpoints::save_in(tx, subscription, epoch, position).await
-    }
-
-    async fn commit(tx: Self::Tx<'_>) -> Result<(), Error> {
-        tx.commit().await
-    }
-
-    async fn commit_checkpoint(
-        tx: Self::Tx<'_>,
-        subscription: &str,
-        epoch: i64,
-        position: i64,
-    ) -> Result<(), FencedError> {
-        tx.commit_checkpoint(subscription, epoch, position).await
-    }
+    forward_fenced!(PgCheckpoints, PgPositions);
 }
 
 /// [`sql::failover`]: the server terminates the leader's backend

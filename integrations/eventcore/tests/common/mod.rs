@@ -12,6 +12,7 @@
 
 #![allow(dead_code, unused_macros, unreachable_pub)]
 
+#[macro_use]
 pub mod sql;
 
 use std::convert::Infallible;

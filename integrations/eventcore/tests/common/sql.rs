@@ -132,6 +132,53 @@ pub trait SqlServer: Send + Sync {
     }
 }
 
+/// The [`SqlServer`] methods that only forward to the driver's session,
+/// fenced transaction, store and position table (the same calls for every
+/// driver): `transaction`, `advance_in`, `save_in`, `commit`,
+/// `commit_checkpoint`. Invoked inside the `impl SqlServer` with the store
+/// and position table types.
+macro_rules! forward_fenced {
+    ($store:ty, $positions:ty) => {
+        async fn transaction(
+            session: &mut common::sql::SessionOf<Self>,
+        ) -> Result<Self::Tx<'_>, shardlock_core::Error> {
+            session.transaction().await
+        }
+
+        async fn advance_in(
+            tx: &mut Self::Tx<'_>,
+            subscription: &str,
+            position: eventcore_types::StreamPosition,
+        ) {
+            <$positions>::advance_in(tx, subscription, position)
+                .await
+                .unwrap_or_else(|e| panic!("position: {e}"));
+        }
+
+        async fn save_in(
+            tx: &mut Self::Tx<'_>,
+            subscription: &str,
+            epoch: i64,
+            position: i64,
+        ) -> Result<(), shardlock_core::CheckpointError> {
+            <$store>::save_in(tx, subscription, epoch, position).await
+        }
+
+        async fn commit(tx: Self::Tx<'_>) -> Result<(), shardlock_core::Error> {
+            tx.commit().await
+        }
+
+        async fn commit_checkpoint(
+            tx: Self::Tx<'_>,
+            subscription: &str,
+            epoch: i64,
+            position: i64,
+        ) -> Result<(), shardlock_core::FencedError> {
+            tx.commit_checkpoint(subscription, epoch, position).await
+        }
+    };
+}
+
 /// Two nodes (two drivers, one shared checkpoint table), eventcore's
 /// in-memory event store; the server ends the leader's connection
 /// mid-stream. The leader's loss signal stops its run; the follower,
