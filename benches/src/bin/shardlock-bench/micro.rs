@@ -993,23 +993,48 @@ async fn mysql_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> {
                     )
                 }
             }
-            Some(r) => format!(
-                "the driver's statements sent raw already cost {r:.2}× the raw batch \
-                 (diagnosis row): the server parses {size} hex literals and answers one row of \
-                 {size} columns per statement, where the raw batch binds one JSON parameter and \
-                 answers {size} one-column rows; and the driver releases its keys by name \
-                 (`RELEASE_LOCK` per key: `RELEASE_ALL_LOCKS()` would free the session's \
-                 liveness lock too and fire a false loss signal) where the raw side frees all \
-                 at once. Beyond that, this process spends {} more CPU per cycle with the \
-                 driver ({} against {}: the statement text with a hex literal per name, the \
-                 held-key bookkeeping of core's `Holds`, decoding a {size}-column row); on a \
-                 machine as busy as this run's (load average {load} at the start, 2 cores) \
-                 each millisecond of client CPU costs several of wall time, so a quiet rerun \
-                 will show a smaller gap",
-                fmt_duration(ours_cpu.saturating_sub(raw_cpu)),
-                fmt_duration(ours_cpu),
-                fmt_duration(raw_cpu)
-            ),
+            Some(r) => {
+                let statements = format!(
+                    "the driver's statements sent raw already cost {r:.2}× the raw batch \
+                     (diagnosis row): the server parses {size} hex literals and answers one row \
+                     of {size} columns per statement, where the raw batch binds one JSON \
+                     parameter and answers {size} one-column rows; and the driver releases its \
+                     keys by name (`RELEASE_LOCK` per key: `RELEASE_ALL_LOCKS()` would free the \
+                     session's liveness lock too and fire a false loss signal) where the raw side \
+                     frees all at once"
+                );
+                let cpu = format!(
+                    "{} more of this process's CPU per cycle with the driver ({} against {}: the \
+                     statement text with a hex literal per name, the held-key bookkeeping of \
+                     core's `Holds`, decoding a {size}-column row)",
+                    fmt_duration(ours_cpu.saturating_sub(raw_cpu)),
+                    fmt_duration(ours_cpu),
+                    fmt_duration(raw_cpu)
+                );
+                let beyond = match (ours.p50(), d.p50()) {
+                    (Some(o), Some(stmt)) if o > stmt + stmt / 10 => format!(
+                        "Beyond that, the driver takes {} against {} for its statements sent \
+                         raw: {cpu}, stretched in wall time on a machine this busy (load \
+                         average {load} at the start, 2 cores)",
+                        fmt_duration(o),
+                        fmt_duration(stmt)
+                    ),
+                    (Some(o), Some(stmt)) => format!(
+                        "The driver adds little beyond its statements ({} against {} for them \
+                         sent raw; {cpu})",
+                        fmt_duration(o),
+                        fmt_duration(stmt)
+                    ),
+                    _ => String::new(),
+                };
+                format!(
+                    "{statements}. {beyond}. What would close it: the raw side's form for both \
+                     statements, the names as one JSON parameter of one prepared statement \
+                     (`GET_LOCK` / `RELEASE_LOCK` over `JSON_TABLE(? ...)` with `FOR ORDINALITY` \
+                     for the answer's order; MySQL ≥ 8.0.4 and MariaDB ≥ 10.6, so older servers \
+                     keep the literal list)"
+                )
+            }
             None => "the statement could not be isolated".to_string(),
         };
         row.note = Some(format!(
