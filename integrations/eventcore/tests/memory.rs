@@ -85,6 +85,12 @@ fn shared_checkpoints() -> ShardlockCheckpoints<MemoryCheckpoints, MemoryPositio
     ShardlockCheckpoints::new(MemoryCheckpoints::new(), MemoryPositions::new())
 }
 
+/// [`common::advance_only_forward`] on the in-memory table.
+#[tokio::test]
+async fn positions_advance_only_forward() {
+    common::advance_only_forward(&MemoryPositions::new()).await;
+}
+
 #[tokio::test]
 async fn leadership_held_elsewhere_is_an_error() {
     let (server, events, checkpoints) = (

@@ -119,11 +119,7 @@ coordination_contract!(
 
 // ===== positions: the table orders like eventcore =====
 
-use eventcore_types::StreamPosition;
-use shardlock_eventcore::PositionTable as _;
-
-/// `advance` keeps the greatest position (bytewise = eventcore's order,
-/// including the top bit and the last byte), and `load` answers it exactly.
+/// [`common::advance_only_forward`] on the InnoDB table.
 #[tokio::test]
 async fn positions_advance_only_forward() {
     let Some((url, _, _)) = server().await else {
@@ -132,33 +128,7 @@ async fn positions_advance_only_forward() {
     let positions = MySqlPositions::from_pool(pool(&url).await)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let name = shardlock_contract_tests::unique_name("positions");
-    let at = |bits: u128| StreamPosition::new(uuid::Uuid::from_u128(bits));
-    let load = || async {
-        positions
-            .load(&name)
-            .await
-            .unwrap_or_else(|e| panic!("load: {e}"))
-    };
-    assert_eq!(load().await, None);
-    for (advance, expected) in [
-        (at(5), at(5)),
-        (at(4), at(5)),
-        (at(1 << 127), at(1 << 127)),
-        (at(u128::MAX - 1), at(u128::MAX - 1)),
-        (at(7), at(u128::MAX - 1)),
-        (at(u128::MAX), at(u128::MAX)),
-    ] {
-        positions
-            .advance(&name, advance)
-            .await
-            .unwrap_or_else(|e| panic!("advance: {e}"));
-        assert_eq!(
-            load().await,
-            Some(expected),
-            "after advancing to {advance:?}"
-        );
-    }
+    common::advance_only_forward(&positions).await;
 }
 
 // ===== end to end: the server ends the leader's session =====

@@ -112,6 +112,20 @@ coordination_contract!(
     .await
 );
 
+// ===== positions: the table orders like eventcore =====
+
+/// [`common::advance_only_forward`] on the `uuid` column.
+#[tokio::test]
+async fn positions_advance_only_forward() {
+    let Some((url, _, _)) = server().await else {
+        return;
+    };
+    let positions = PgPositions::from_pool(pool(&url).await)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    common::advance_only_forward(&positions).await;
+}
+
 // ===== end to end: the server ends the leader's session =====
 
 use common::sql::{self, SqlServer};

@@ -63,3 +63,13 @@ coordination_contract!(
     }
     .await
 );
+
+/// [`common::advance_only_forward`] on the SQLite table.
+#[tokio::test]
+async fn positions_advance_only_forward() {
+    let file = common::temp_dir("sqlite-positions").join("checkpoints.db");
+    let positions = SqlitePositions::connect(&file)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    common::advance_only_forward(&positions).await;
+}

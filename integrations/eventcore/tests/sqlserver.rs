@@ -99,7 +99,7 @@ async fn create_database(options: &MssqlOptions, database: &str) {
 }
 
 /// Exact eventcore positions in a SQL Server table beside `subscriptions`,
-/// for this test (shardlock-eventcore ships Postgres, SQLite and memory
+/// for this test (shardlock-eventcore ships Postgres, MySQL, SQLite and memory
 /// tables). A position is a UUID kept as `binary(16)`, big-endian, so the
 /// server's binary comparison is the positions' order (`uniqueidentifier`
 /// compares its bytes in another order); it only ever moves forward.
@@ -218,3 +218,13 @@ coordination_contract!(
     }
     .await
 );
+
+/// [`common::advance_only_forward`] on this test's `binary(16)` table.
+#[tokio::test]
+async fn positions_advance_only_forward() {
+    let Some((options, database)) = server().await else {
+        return;
+    };
+    let checkpoints = checkpoints(&options, &database).await;
+    common::advance_only_forward(checkpoints.positions()).await;
+}

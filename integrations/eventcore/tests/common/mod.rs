@@ -144,6 +144,38 @@ pub fn handed_over(seen: &[(&'static str, u64)], events: u64) -> (u64, u64) {
     (a_last, b_first)
 }
 
+/// `advance` keeps the greatest position (bytewise = eventcore's order,
+/// including the top bit and the last byte), and `load` answers it exactly.
+pub async fn advance_only_forward(positions: &impl shardlock_eventcore::PositionTable) {
+    let name = shardlock_contract_tests::unique_name("positions");
+    let at = |bits: u128| StreamPosition::new(uuid::Uuid::from_u128(bits));
+    let load = || async {
+        positions
+            .load(&name)
+            .await
+            .unwrap_or_else(|e| panic!("load: {e}"))
+    };
+    assert_eq!(load().await, None);
+    for (advance, expected) in [
+        (at(5), at(5)),
+        (at(4), at(5)),
+        (at(1 << 127), at(1 << 127)),
+        (at(u128::MAX - 1), at(u128::MAX - 1)),
+        (at(7), at(u128::MAX - 1)),
+        (at(u128::MAX), at(u128::MAX)),
+    ] {
+        positions
+            .advance(&name, advance)
+            .await
+            .unwrap_or_else(|e| panic!("advance: {e}"));
+        assert_eq!(
+            load().await,
+            Some(expected),
+            "after advancing to {advance:?}"
+        );
+    }
+}
+
 macro_rules! checkpoint_contract {
     ($module:ident, $make:expr) => {
         mod $module {
