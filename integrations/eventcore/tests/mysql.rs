@@ -1,7 +1,9 @@
 //! eventcore's published contract on the MySQL/MariaDB driver and
 //! checkpoint store, against the shared test server (`SHARDLOCK_MYSQL_URL`,
 //! or the container of `SHARDLOCK_MYSQL_IMAGE`, default
-//! `shardlock-test/mariadb:10.11`; see `shardlock_contract_tests::container`).
+//! `shardlock-test/mariadb:10.11`; see `shardlock_contract_tests::container`),
+//! and the shared end-to-end scenarios (`common::sql`) with the server
+//! killing the leader's connection.
 
 #![cfg(feature = "mysql")]
 
@@ -10,14 +12,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use eventcore_memory::InMemoryEventStore;
+use common::sql::{self, SqlServer};
 use shardlock_contract_tests::container::{self, SharedContainer, Spec};
 use shardlock_core::DatabaseId;
-use shardlock_eventcore::{
-    MySqlPositions, ShardlockBackend, ShardlockCheckpoints, ShardlockCoordinator,
-};
-use shardlock_mysql::sqlx::mysql::MySqlPool;
-use shardlock_mysql::{MySqlCheckpoints, MySqlDriver, MySqlOptions};
+use shardlock_eventcore::{leadership_key, MySqlPositions, ShardlockCheckpoints};
+use shardlock_mysql::sqlx::mysql::{MySqlConnection, MySqlPool};
+use shardlock_mysql::sqlx::{self, Connection as _};
+use shardlock_mysql::{MySqlCheckpoints, MySqlDriver, MySqlOptions, MySqlTransaction};
 use testcontainers_modules::mariadb::Mariadb;
 
 /// The driver crate's shared container: the same spec, so the same
@@ -32,22 +33,6 @@ static SERVER: SharedContainer = SharedContainer::new(Spec {
     local_only: false,
     startup_timeout: Duration::from_secs(120),
 });
-
-/// The server's URL, options and database, or `None` after the loud skip
-/// line.
-async fn server() -> Option<(String, MySqlOptions, DatabaseId)> {
-    let url = container::shared(&SERVER, Mariadb::default(), |host, port| {
-        format!("mysql://root@{host}:{port}/test")
-    })
-    .await?;
-    let options = MySqlOptions::parse(&url).unwrap_or_else(|e| panic!("not a usable URL: {e}"));
-    let database = options
-        .get_connect_options()
-        .get_database()
-        .unwrap_or("test")
-        .to_string();
-    Some((url, options, DatabaseId::new(database)))
-}
 
 /// A pool, once the server answers (a reused container may still start).
 async fn pool(url: &str) -> MySqlPool {
@@ -81,65 +66,9 @@ async fn checkpoints(url: &str) -> ShardlockCheckpoints<MySqlCheckpoints, MySqlP
     ShardlockCheckpoints::new(store, positions)
 }
 
-checkpoint_contract!(
-    checkpoints,
-    async {
-        let (url, _, _) = server().await?;
-        let checkpoints = checkpoints(&url).await;
-        Some(move || checkpoints.clone())
-    }
-    .await
-);
-
-coordination_contract!(
-    coordinator,
-    async {
-        let (url, options, database) = server().await?;
-        drop(pool(&url).await);
-        Some(move || ShardlockCoordinator::new(MySqlDriver::new(options.clone()), database.clone()))
-    }
-    .await
-);
-
-coordination_contract!(
-    backend,
-    async {
-        let (url, options, database) = server().await?;
-        let checkpoints = checkpoints(&url).await;
-        Some(move || {
-            ShardlockBackend::new(
-                InMemoryEventStore::new(),
-                ShardlockCoordinator::new(MySqlDriver::new(options.clone()), database.clone()),
-                checkpoints.clone(),
-            )
-        })
-    }
-    .await
-);
-
-// ===== positions: the table orders like eventcore =====
-
-/// [`common::advance_only_forward`] on the InnoDB table.
-#[tokio::test]
-async fn positions_advance_only_forward() {
-    let Some((url, _, _)) = server().await else {
-        return;
-    };
-    let positions = MySqlPositions::from_pool(pool(&url).await)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    common::advance_only_forward(&positions).await;
-}
-
-// ===== end to end: the server ends the leader's session =====
-
-use common::sql::{self, SqlServer};
-use shardlock_eventcore::leadership_key;
-use shardlock_mysql::sqlx::{self, mysql::MySqlConnection, Connection as _};
-use shardlock_mysql::MySqlTransaction;
-
 /// The shared scenarios' view of the server: `KILL CONNECTION` ends a
 /// session's connection.
+#[derive(Clone)]
 struct MySql {
     url: String,
     options: MySqlOptions,
@@ -147,15 +76,6 @@ struct MySql {
 }
 
 impl MySql {
-    async fn new() -> Option<Self> {
-        let (url, options, database) = server().await?;
-        Some(Self {
-            url,
-            options,
-            database,
-        })
-    }
-
     async fn side(&self) -> MySqlConnection {
         MySqlConnection::connect(&self.url)
             .await
@@ -171,6 +91,28 @@ impl SqlServer for MySql {
 
     const NAME: &'static str = "mysql";
     const ENDED: &'static str = "its connection was killed";
+
+    async fn start() -> Option<Self> {
+        let url = container::shared(&SERVER, Mariadb::default(), |host, port| {
+            format!("mysql://root@{host}:{port}/test")
+        })
+        .await?;
+        let options = MySqlOptions::parse(&url).unwrap_or_else(|e| panic!("not a usable URL: {e}"));
+        let database = options
+            .get_connect_options()
+            .get_database()
+            .unwrap_or("test")
+            .to_string();
+        Some(Self {
+            url,
+            options,
+            database: DatabaseId::new(database),
+        })
+    }
+
+    async fn ready(&self) {
+        drop(pool(&self.url).await);
+    }
 
     fn driver(&self) -> MySqlDriver {
         MySqlDriver::new(self.options.clone())
@@ -248,11 +190,15 @@ impl SqlServer for MySql {
     forward_fenced!(MySqlCheckpoints, MySqlPositions);
 }
 
+sql_contract!(MySql);
+
+// ===== end to end: the server ends the leader's session =====
+
 /// [`sql::failover`]: the server kills the leader's connection mid-stream
 /// (`KILL CONNECTION`); the follower waits in `GET_LOCK`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projection_failover_mysql_kill() {
-    let Some(server) = MySql::new().await else {
+    let Some(server) = MySql::start().await else {
         return;
     };
     sql::failover(&server).await;
@@ -262,7 +208,7 @@ async fn projection_failover_mysql_kill() {
 /// batch commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_batch_killed_leader_commits_nothing() {
-    let Some(server) = MySql::new().await else {
+    let Some(server) = MySql::start().await else {
         return;
     };
     sql::fenced_batch(&server).await;

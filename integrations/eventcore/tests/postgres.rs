@@ -1,7 +1,9 @@
 //! eventcore's published contract on the PostgreSQL driver and checkpoint
 //! store, against the shared test server (`SHARDLOCK_PG_URL`, or the
 //! container of `SHARDLOCK_PG_IMAGE`, default `shardlock-test/postgres:15`;
-//! see `shardlock_contract_tests::container`).
+//! see `shardlock_contract_tests::container`), and the shared end-to-end
+//! scenarios (`common::sql`) with the server terminating the leader's
+//! backend.
 
 #![cfg(feature = "postgres")]
 
@@ -10,14 +12,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use eventcore_memory::InMemoryEventStore;
+use common::sql::{self, SqlServer};
 use shardlock_contract_tests::container::{self, SharedContainer, Spec};
 use shardlock_core::DatabaseId;
-use shardlock_eventcore::{
-    PgPositions, ShardlockBackend, ShardlockCheckpoints, ShardlockCoordinator,
-};
-use shardlock_postgres::sqlx::postgres::PgPool;
-use shardlock_postgres::{PgCheckpoints, PgDriver, PgOptions};
+use shardlock_eventcore::{leadership_key, PgPositions, ShardlockCheckpoints};
+use shardlock_postgres::sqlx::postgres::{PgConnection, PgPool};
+use shardlock_postgres::sqlx::{self, Connection as _};
+use shardlock_postgres::{PgCheckpoints, PgDriver, PgOptions, PgTransaction};
 use testcontainers_modules::postgres::Postgres;
 
 /// The driver crate's shared container: the same spec, so the same
@@ -32,24 +33,6 @@ static SERVER: SharedContainer = SharedContainer::new(Spec {
     local_only: false,
     startup_timeout: Duration::from_secs(120),
 });
-
-/// The server's URL, options and database, or `None` after the loud skip
-/// line.
-async fn server() -> Option<(String, PgOptions, DatabaseId)> {
-    let url = container::shared(&SERVER, Postgres::default(), |host, port| {
-        format!("postgres://postgres:postgres@{host}:{port}/postgres")
-    })
-    .await?;
-    let options = PgOptions::parse(&url).unwrap_or_else(|e| panic!("not a usable URL: {e}"));
-    let database = {
-        let connect = options.get_connect_options();
-        connect
-            .get_database()
-            .unwrap_or_else(|| connect.get_username())
-            .to_string()
-    };
-    Some((url, options, DatabaseId::new(database)))
-}
 
 /// A pool, once the server answers (a reused container may still start).
 async fn pool(url: &str) -> PgPool {
@@ -76,65 +59,9 @@ async fn checkpoints(url: &str) -> ShardlockCheckpoints<PgCheckpoints, PgPositio
     ShardlockCheckpoints::new(store, positions)
 }
 
-checkpoint_contract!(
-    checkpoints,
-    async {
-        let (url, _, _) = server().await?;
-        let checkpoints = checkpoints(&url).await;
-        Some(move || checkpoints.clone())
-    }
-    .await
-);
-
-coordination_contract!(
-    coordinator,
-    async {
-        let (url, options, database) = server().await?;
-        drop(pool(&url).await);
-        Some(move || ShardlockCoordinator::new(PgDriver::new(options.clone()), database.clone()))
-    }
-    .await
-);
-
-coordination_contract!(
-    backend,
-    async {
-        let (url, options, database) = server().await?;
-        let checkpoints = checkpoints(&url).await;
-        Some(move || {
-            ShardlockBackend::new(
-                InMemoryEventStore::new(),
-                ShardlockCoordinator::new(PgDriver::new(options.clone()), database.clone()),
-                checkpoints.clone(),
-            )
-        })
-    }
-    .await
-);
-
-// ===== positions: the table orders like eventcore =====
-
-/// [`common::advance_only_forward`] on the `uuid` column.
-#[tokio::test]
-async fn positions_advance_only_forward() {
-    let Some((url, _, _)) = server().await else {
-        return;
-    };
-    let positions = PgPositions::from_pool(pool(&url).await)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    common::advance_only_forward(&positions).await;
-}
-
-// ===== end to end: the server ends the leader's session =====
-
-use common::sql::{self, SqlServer};
-use shardlock_eventcore::leadership_key;
-use shardlock_postgres::sqlx::{self, postgres::PgConnection, Connection as _};
-use shardlock_postgres::PgTransaction;
-
 /// The shared scenarios' view of the server: `pg_terminate_backend` ends a
 /// session's backend.
+#[derive(Clone)]
 struct Pg {
     url: String,
     options: PgOptions,
@@ -142,15 +69,6 @@ struct Pg {
 }
 
 impl Pg {
-    async fn new() -> Option<Self> {
-        let (url, options, database) = server().await?;
-        Some(Self {
-            url,
-            options,
-            database,
-        })
-    }
-
     async fn side(&self) -> PgConnection {
         PgConnection::connect(&self.url)
             .await
@@ -170,6 +88,30 @@ impl SqlServer for Pg {
 
     const NAME: &'static str = "postgres";
     const ENDED: &'static str = "its backend was terminated";
+
+    async fn start() -> Option<Self> {
+        let url = container::shared(&SERVER, Postgres::default(), |host, port| {
+            format!("postgres://postgres:postgres@{host}:{port}/postgres")
+        })
+        .await?;
+        let options = PgOptions::parse(&url).unwrap_or_else(|e| panic!("not a usable URL: {e}"));
+        let database = {
+            let connect = options.get_connect_options();
+            connect
+                .get_database()
+                .unwrap_or_else(|| connect.get_username())
+                .to_string()
+        };
+        Some(Self {
+            url,
+            options,
+            database: DatabaseId::new(database),
+        })
+    }
+
+    async fn ready(&self) {
+        drop(pool(&self.url).await);
+    }
 
     fn driver(&self) -> PgDriver {
         PgDriver::new(self.options.clone())
@@ -257,11 +199,15 @@ impl SqlServer for Pg {
     forward_fenced!(PgCheckpoints, PgPositions);
 }
 
+sql_contract!(Pg);
+
+// ===== end to end: the server ends the leader's session =====
+
 /// [`sql::failover`]: the server terminates the leader's backend
 /// mid-stream (`pg_terminate_backend`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projection_failover_postgres_terminate() {
-    let Some(server) = Pg::new().await else {
+    let Some(server) = Pg::start().await else {
         return;
     };
     sql::failover(&server).await;
@@ -271,7 +217,7 @@ async fn projection_failover_postgres_terminate() {
 /// batch commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_batch_terminated_leader_commits_nothing() {
-    let Some(server) = Pg::new().await else {
+    let Some(server) = Pg::start().await else {
         return;
     };
     sql::fenced_batch(&server).await;

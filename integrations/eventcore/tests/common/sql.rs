@@ -40,7 +40,7 @@ pub type Backend<'e, S> = ShardlockBackend<
 /// and position table, its session-fenced transaction, and the statements
 /// that differ between servers. Effects tables have two columns, `n` (the
 /// tick, primary key) and `node` (who applied it).
-pub trait SqlServer: Send + Sync {
+pub trait SqlServer: Clone + Send + Sync + 'static {
     /// The driver under test.
     type Driver: Driver;
     /// The driver's checkpoint store.
@@ -55,6 +55,13 @@ pub trait SqlServer: Send + Sync {
     /// How the server ends a connection, for messages
     /// (`its backend was terminated`).
     const ENDED: &'static str;
+
+    /// The shared test server, or `None` after the loud `SKIPPED` line.
+    fn start() -> impl Future<Output = Option<Self>> + Send;
+
+    /// Returns once the server answers (a reused container may still be
+    /// starting).
+    fn ready(&self) -> impl Future<Output = ()> + Send;
 
     /// A driver as one node would have it.
     fn driver(&self) -> Self::Driver;
@@ -130,6 +137,60 @@ pub trait SqlServer: Send + Sync {
     fn coordinator(&self) -> ShardlockCoordinator<Self::Driver> {
         ShardlockCoordinator::new(self.driver(), self.database())
     }
+}
+
+/// eventcore's contract on one [`SqlServer`] (the checkpoint half, the
+/// coordination half on the coordinator and on the backend, as
+/// `checkpoint_contract!` and `coordination_contract!`), and the position
+/// table's order ([`advance_only_forward`](super::advance_only_forward)).
+macro_rules! sql_contract {
+    ($server:ty) => {
+        checkpoint_contract!(
+            checkpoints,
+            async {
+                let server = <$server as common::sql::SqlServer>::start().await?;
+                let checkpoints = common::sql::SqlServer::checkpoints(&server).await;
+                Some(move || checkpoints.clone())
+            }
+            .await
+        );
+
+        coordination_contract!(
+            coordinator,
+            async {
+                let server = <$server as common::sql::SqlServer>::start().await?;
+                common::sql::SqlServer::ready(&server).await;
+                Some(move || common::sql::SqlServer::coordinator(&server))
+            }
+            .await
+        );
+
+        coordination_contract!(
+            backend,
+            async {
+                let server = <$server as common::sql::SqlServer>::start().await?;
+                let checkpoints = common::sql::SqlServer::checkpoints(&server).await;
+                Some(move || {
+                    shardlock_eventcore::ShardlockBackend::new(
+                        eventcore_memory::InMemoryEventStore::new(),
+                        common::sql::SqlServer::coordinator(&server),
+                        checkpoints.clone(),
+                    )
+                })
+            }
+            .await
+        );
+
+        /// `common::advance_only_forward` on the server's position table.
+        #[tokio::test]
+        async fn positions_advance_only_forward() {
+            let Some(server) = <$server as common::sql::SqlServer>::start().await else {
+                return;
+            };
+            let checkpoints = common::sql::SqlServer::checkpoints(&server).await;
+            common::advance_only_forward(checkpoints.positions()).await;
+        }
+    };
 }
 
 /// The [`SqlServer`] methods that only forward to the driver's session,
