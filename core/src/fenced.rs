@@ -14,7 +14,7 @@
 //! 1. A commit is sent only if [`Holds::ready`] passes (the loss signal
 //!    has not fired and no earlier round trip was interrupted); otherwise
 //!    the transaction is dropped unsent (the driver rolls back) and the
-//!    answer is [`Error::SessionLost`].
+//!    answer is [`Error::SessionLost`](crate::Error::SessionLost).
 //! 2. `COMMIT` and `ROLLBACK` are tracked round trips
 //!    ([`Holds::begin`]/[`Holds::end`], counted in the session's round
 //!    trips): dropped in flight, the session is poisoned at its next call;
