@@ -27,6 +27,56 @@ pub fn process_cpu_time() -> io::Result<Duration> {
     }
 }
 
+/// CPU time on the CPU so far of each live thread of this process, by
+/// thread id (`/proc/self/task/<tid>/schedstat`).
+#[derive(Debug, Clone, Default)]
+pub struct CpuSnapshot(std::collections::HashMap<String, u64>);
+
+impl CpuSnapshot {
+    /// Reads every live thread's schedstat now.
+    ///
+    /// # Errors
+    ///
+    /// When `/proc/self/task` cannot be read (not Linux).
+    pub fn now() -> io::Result<Self> {
+        let mut threads = std::collections::HashMap::new();
+        for entry in fs::read_dir("/proc/self/task")? {
+            let entry = entry?;
+            if let Some(ns) = thread_ns(&entry.path().join("schedstat"))? {
+                threads.insert(entry.file_name().to_string_lossy().into_owned(), ns);
+            }
+        }
+        Ok(Self(threads))
+    }
+
+    /// CPU time used between `earlier` and this snapshot: per thread, so a
+    /// thread that exited in between (a runtime's idle blocking thread)
+    /// does not make the total go down; a thread born in between counts
+    /// from zero.
+    pub fn since(&self, earlier: &CpuSnapshot) -> Duration {
+        let ns: u64 = self
+            .0
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
+            .sum();
+        Duration::from_nanos(ns)
+    }
+}
+
+/// The first field of a thread's schedstat; `None` if the thread is gone.
+fn thread_ns(path: &std::path::Path) -> io::Result<Option<u64>> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    text.split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| io::Error::other(format!("unexpected {}: {text:?}", path.display())))
+}
+
 fn schedstat_total() -> io::Result<Duration> {
     let mut total = 0u64;
     for entry in fs::read_dir("/proc/self/task")? {

@@ -36,7 +36,7 @@ mod raw;
 mod report;
 mod stats;
 
-pub use cpu::process_cpu_time;
+pub use cpu::{process_cpu_time, CpuSnapshot};
 pub use mysql::{MySqlEnv, RawMySql, ServerStatements, StatusCounts, MYSQL_URL_ENV};
 pub use pg::{PgEnv, StatementCalls, StatementCounter, URL_ENV};
 pub use raw::{RawMemoryLocks, RawPg, RawSqlite};

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use shardlock_benches::{
-    fmt_duration, process_cpu_time, ratio, PgEnv, RawMemoryLocks, RawPg, RawSqlite, Row, Samples,
+    fmt_duration, ratio, CpuSnapshot, PgEnv, RawMemoryLocks, RawPg, RawSqlite, Row, Samples,
     StatementCalls, StatementCounter, Target, Verdict,
 };
 use shardlock_core::{
@@ -327,15 +327,17 @@ async fn steady<R: RawSide>(
     }
     // Quiet window: no raw work, CPU and statements counted.
     let s = until(rx, seen, limit, |_| true).await?;
-    let cpu_before = process_cpu_time().ok();
+    // Per thread: a runtime thread that exits in the window must not make
+    // the process total go down.
+    let cpu_before = CpuSnapshot::now().ok();
     if let Some(c) = counter.as_deref_mut() {
         c.reset().await.map_err(err)?;
     }
     let end = until(rx, s.cycles + cycles as u64 - 1, limit, |_| true).await?;
     let window = end.cycles - s.cycles;
-    let cpu_after = process_cpu_time().ok();
+    let cpu_after = CpuSnapshot::now().ok();
     if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-        out.cpu_per_cycle = Some(b.saturating_sub(a) / window.max(1) as u32);
+        out.cpu_per_cycle = Some(b.since(&a) / window.max(1) as u32);
     }
     if let Some(c) = counter {
         let calls = c.calls(BENCH_DB).await.map_err(err)?;
@@ -534,11 +536,11 @@ fn sets_rows(
     if acq.verdict == Verdict::Missed {
         acq.note = Some(format!(
             "Acquisition cycle of {n} sets misses {}: besides the batch (one statement, see \
-             measure 2) the cycle verifies the session (a second round trip), builds, \
-             deduplicates and shuffles {n} lock sets, spawns {n} agent tasks and publishes an \
-             `Assignment` that clones every owned set. The raw side only locks. Publishing a \
-             cheaper assignment (`Arc` the owned list) and starting agents lazily would close \
-             most of it.",
+             measure 2) the cycle verifies the session (a second round trip), takes the \
+             distributor's {n} lock sets (rebuilt and shuffled only when they change), spawns \
+             {n} agent tasks (256 at a time) and publishes the new owned list once. The raw \
+             side only locks. The distributor handing back {n} owned `LockSet`s every cycle and \
+             the agent spawns are what is left.",
             acquire_target.describe()
         ));
     }

@@ -625,10 +625,11 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
             ),
             Some(r) => format!(
                 "the driver's statement sent raw already costs {r:.2}× the plain raw batch \
-                 (diagnosis row): `array_agg(… order by t.i)` over `with ordinality` sorts on \
-                 the server; the rest is client-side work per key (dedup set, `HashMap` of held \
-                 keys). An unordered `array_agg` with the order restored on the client would \
-                 remove the server-side sort"
+                 (diagnosis row): the server-side work differs (for Postgres, the unlock names \
+                 each key instead of `pg_advisory_unlock_all()`, which would also free the \
+                 session's liveness lock; for MySQL, a `GET_LOCK` column per key and a \
+                 `RELEASE_LOCK` per name against the raw side's one `JSON_TABLE` parameter and \
+                 `RELEASE_ALL_LOCKS()`); the rest is client-side work per key"
             ),
             None => "the statement could not be isolated (no statement counts)".to_string(),
         };
