@@ -114,10 +114,11 @@ else
         # directly; a published port (-p) would put docker-proxy, a userland
         # copy loop, into every round trip. Fall back to -p if it fails.
         # fsync off: a throw-away server; lock-table room for the 10,000-key
-        # rows plus a raw baseline; connections for 100 tenants twice.
+        # rows plus a raw baseline; connections for 100 tenants: the node's
+        # three per database (session, watcher, listener) and the raw side's one.
         pin
         pg_args=(-c fsync=off -c shared_preload_libraries=pg_stat_statements
-            -c max_locks_per_transaction=256 -c max_connections=400)
+            -c max_locks_per_transaction=256 -c max_connections=600)
         port=$(free_port 56432)
         if [ -n "$port" ]; then
             log "Postgres: starting a container of $image (host network, 127.0.0.1:$port)"

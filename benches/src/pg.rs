@@ -123,7 +123,8 @@ impl PgEnv {
 
     /// Connections of node `node` (as `shardlock:<node>` names it): the
     /// sessions (`application_name` exactly `shardlock:<node>`) and their
-    /// watchers (`shardlock:<node>:watch`), as `(sessions, watchers)`.
+    /// helper connections (watchers `shardlock:<node>:watch`, listeners
+    /// `shardlock:<node>:hints`), as `(sessions, helpers)`.
     ///
     /// # Errors
     ///
@@ -132,7 +133,7 @@ impl PgEnv {
         let name = format!("shardlock:{node}");
         sqlx::query_as(
             "select count(*) filter (where application_name = $1), \
-                    count(*) filter (where application_name = $1 || ':watch') \
+                    count(*) filter (where application_name in ($1 || ':watch', $1 || ':hints')) \
              from pg_stat_activity",
         )
         .bind(name)

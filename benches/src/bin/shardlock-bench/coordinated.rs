@@ -32,10 +32,11 @@ const M6S: &str = "6 steady cycle time (N sets held)";
 const M6T: &str = "6 steady cycle time, MultiTenanted (T tenant databases)";
 const M6C: &str = "6 connections per node";
 
-/// Connections a Postgres node keeps per database: the session and the
-/// watcher behind its loss signal (plus, only while cancelling a blocking
-/// wait, a transient side connection).
-const PG_CONNECTIONS_PER_DATABASE: usize = 2;
+/// Connections a Postgres node keeps per database: the session, the
+/// watcher behind its loss signal and the listener of release
+/// announcements (plus, only while cancelling a blocking wait, a transient
+/// side connection).
+const PG_CONNECTIONS_PER_DATABASE: usize = 3;
 
 /// An agent that does nothing until told to stop.
 struct Idle;
@@ -313,12 +314,17 @@ async fn steady<R: RawSide>(
     limit: Duration,
 ) -> Result<Steady, String> {
     let mut out = Steady::default();
-    let mut seen = snapshot(&rx.borrow()).cycles;
+    let start = snapshot(&rx.borrow());
+    let mut seen = start.cycles;
     for _ in 0..cycles {
         let s = until(rx, seen, limit, |_| true).await?;
         seen = s.cycles;
-        if !s.all_held {
-            return Err("a set was lost during the steady state".into());
+        // A lost session's sets leave the owned list: count them too.
+        if !s.all_held || s.owned != start.owned {
+            return Err(format!(
+                "a set was lost during the steady state ({} of {} owned)",
+                s.owned, start.owned
+            ));
         }
         out.cycles.push(s.last_cycle);
         // The coordinator now sleeps for its poll interval: the raw check
@@ -578,7 +584,8 @@ fn sets_rows(
             driver: driver.to_string(),
             setup: format!(
                 "N = {n} sets in one database; `pg_stat_activity` rows with application_name \
-                 `shardlock:<node>` (the session) or `shardlock:<node>:watch` (its watcher, \
+                 `shardlock:<node>` (the session), `shardlock:<node>:hints` (its listener) or \
+                 `shardlock:<node>:watch` (its watcher, \
                  behind the loss signal)"
             ),
             ours: c.to_string(),
@@ -863,7 +870,8 @@ fn tenant_rows(
                 "MultiTenanted, T = {t} tenant databases; {}",
                 if driver == "postgres" {
                     "`pg_stat_activity` rows with application_name `shardlock:<node>` (a \
-                     session per database) or `shardlock:<node>:watch` (its watcher)"
+                     session per database), `shardlock:<node>:watch` (its watcher) or \
+                     `shardlock:<node>:hints` (its listener)"
                 } else {
                     "distinct sessions of the node on the memory server"
                 }
