@@ -219,7 +219,7 @@ pub(super) struct Runner<D: Driver, S, A> {
     /// `owned` as last published; `None` once `owned` changed since.
     published: Option<Arc<[OwnedSet]>>,
     /// Held sets per database, counted with `published`.
-    held_per_db: Vec<(DatabaseId, usize)>,
+    held_per_db: HashMap<DatabaseId, usize>,
     /// Some owned set has agents recorded but not spawned yet.
     launch_pending: bool,
     /// Marked when an agent's task ends: supervision has work.
@@ -270,7 +270,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             tx,
             owned: BTreeMap::new(),
             published: None,
-            held_per_db: Vec::new(),
+            held_per_db: HashMap::new(),
             launch_pending: false,
             agents_ended: Ended::default(),
             distribution: Distribution::default(),
@@ -1319,13 +1319,14 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let owned = match &self.published {
             Some(owned) => Arc::clone(owned),
             None => {
-                let mut held_per_db: HashMap<&DatabaseId, usize> = HashMap::new();
+                self.held_per_db.clear();
+                let held_per_db = &mut self.held_per_db;
                 let owned: Arc<[OwnedSet]> = self
                     .owned
                     .values()
                     .map(|o| {
                         if o.held {
-                            *held_per_db.entry(&o.set.database).or_default() += 1;
+                            *held_per_db.entry(o.set.database.clone()).or_default() += 1;
                         }
                         OwnedSet {
                             key: o.set.key.clone(),
@@ -1338,18 +1339,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                         }
                     })
                     .collect();
-                let held_per_db: Vec<(DatabaseId, usize)> = held_per_db
-                    .into_iter()
-                    .map(|(db, n)| (db.clone(), n))
-                    .collect();
-                self.held_per_db = held_per_db;
                 self.published = Some(Arc::clone(&owned));
                 owned
             }
         };
-        let held_per_db = std::mem::take(&mut self.held_per_db);
-        self.record_gauges(&held_per_db);
-        self.held_per_db = held_per_db;
+        self.record_gauges();
         let health = self.health_now(stopped);
         self.health.send_if_modified(|old| {
             let changed = *old != health;
@@ -1381,31 +1375,28 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     }
 
     /// The per-database gauges: sets held and wanted, members, sessions.
-    fn record_gauges(&mut self, held_per_db: &[(DatabaseId, usize)]) {
-        let dbs: HashSet<DatabaseId> = self
-            .conns
-            .keys()
-            .chain(self.wanted_per_db.keys())
-            .cloned()
-            .collect();
-        for db in &dbs {
-            let held = held_per_db
-                .iter()
-                .find(|(d, _)| d == db)
-                .map_or(0, |(_, n)| *n);
-            self.metrics.owned(db, held);
+    fn record_gauges(&mut self) {
+        let Self {
+            conns,
+            wanted_per_db,
+            held_per_db,
+            balance,
+            metrics,
+            ..
+        } = self;
+        let not_connected = wanted_per_db.keys().filter(|db| !conns.contains_key(*db));
+        for db in conns.keys().chain(not_connected) {
+            metrics.owned(db, held_per_db.get(db).copied().unwrap_or(0));
             // Balancing: the node's share of the group (one group per
             // deployment, usually in one database); else all it is given.
-            let wanted = match self.balance.share {
-                Some(share) => share,
-                None => self.wanted_per_db.get(db).copied().unwrap_or(0),
-            };
-            self.metrics.wanted(db, wanted);
-            if self.balance.share.is_some() {
-                self.metrics.members(db, self.balance.members);
+            let wanted = balance
+                .share
+                .unwrap_or_else(|| wanted_per_db.get(db).copied().unwrap_or(0));
+            metrics.wanted(db, wanted);
+            if balance.share.is_some() {
+                metrics.members(db, balance.members);
             }
-            let open = self.conns.get(db).is_some_and(|c| c.session.is_some());
-            self.metrics.session_open(db, open);
+            metrics.session_open(db, conns.get(db).is_some_and(|c| c.session.is_some()));
         }
     }
 
