@@ -354,6 +354,15 @@ impl Distributor for AnyDistributor {
         }
     }
 
+    async fn shared_lock_sets(&self) -> shardlock::Result<std::sync::Arc<[LockSet]>> {
+        match self {
+            Self::Balanced(d) => d.shared_lock_sets().await,
+            Self::Single(d) => d.shared_lock_sets().await,
+            Self::Multi(d) => d.shared_lock_sets().await,
+            Self::Solo(d) => d.shared_lock_sets().await,
+        }
+    }
+
     fn balancing(&self) -> Option<&Balancing> {
         match self {
             Self::Balanced(d) => d.balancing(),

@@ -1,7 +1,8 @@
 //! Distributors build the lock sets a node competes for, every cycle.
 
+use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::balancing::Balancing;
 use crate::error::Result;
@@ -13,6 +14,16 @@ use crate::lock_set::LockSet;
 pub trait Distributor: Send + Sync + 'static {
     /// The lock sets this node should compete for now.
     fn lock_sets(&self) -> impl Future<Output = Result<Vec<LockSet>>> + Send;
+
+    /// The lock sets as a shared list: what the coordinator calls every
+    /// cycle. The default wraps [`lock_sets`](Self::lock_sets). Override it
+    /// to hand back the same `Arc` while nothing changed (a [`ListCache`]
+    /// does the bookkeeping): the coordinator then knows the list is
+    /// unchanged without comparing it, and a node holding thousands of sets
+    /// neither builds nor compares them on a steady cycle.
+    fn shared_lock_sets(&self) -> impl Future<Output = Result<Arc<[LockSet]>>> + Send {
+        async { self.lock_sets().await.map(Arc::from) }
+    }
 
     /// How this node shares the sets with its peers. `None` (the default):
     /// every node takes every free set it can, so the first node to cycle
@@ -80,6 +91,10 @@ impl<D: Distributor> Distributor for Arc<D> {
         (**self).lock_sets()
     }
 
+    fn shared_lock_sets(&self) -> impl Future<Output = Result<Arc<[LockSet]>>> + Send {
+        (**self).shared_lock_sets()
+    }
+
     fn balancing(&self) -> Option<&Balancing> {
         (**self).balancing()
     }
@@ -88,5 +103,110 @@ impl<D: Distributor> Distributor for Arc<D> {
 impl<T: TenantSource> TenantSource for Arc<T> {
     fn tenants(&self) -> impl Future<Output = Result<Vec<DatabaseId>>> + Send {
         (**self).tenants()
+    }
+}
+
+/// The last list a distributor built and the input it was built from: while
+/// the input is unchanged (the same tenants, or `()` for a fixed list) the
+/// same `Arc` is handed back, which is what
+/// [`Distributor::shared_lock_sets`] wants. Clones share the cache.
+pub struct ListCache<I> {
+    last: Arc<Mutex<Option<(I, Arc<[LockSet]>)>>>,
+}
+
+impl<I: PartialEq> ListCache<I> {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self {
+            last: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The list for `input`: the cached one if `input` equals the last
+    /// input, else `build(&input)` (cached on success; an error is returned
+    /// and nothing is cached).
+    ///
+    /// # Errors
+    ///
+    /// Whatever `build` returns.
+    pub fn get_or_build(
+        &self,
+        input: I,
+        build: impl FnOnce(&I) -> Result<Vec<LockSet>>,
+    ) -> Result<Arc<[LockSet]>> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached_input, list)) = last.as_ref() {
+            if *cached_input == input {
+                return Ok(Arc::clone(list));
+            }
+        }
+        let list: Arc<[LockSet]> = build(&input)?.into();
+        *last = Some((input, Arc::clone(&list)));
+        Ok(list)
+    }
+}
+
+impl<I: PartialEq> Default for ListCache<I> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<I> Clone for ListCache<I> {
+    fn clone(&self) -> Self {
+        Self {
+            last: Arc::clone(&self.last),
+        }
+    }
+}
+
+impl<I> fmt::Debug for ListCache<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let len = self
+            .last
+            .lock()
+            .map_or(0, |last| last.as_ref().map_or(0, |(_, list)| list.len()));
+        f.debug_struct("ListCache").field("sets", &len).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LockKey, ShardId};
+
+    fn list(names: &[&str]) -> Result<Vec<LockSet>> {
+        names
+            .iter()
+            .map(|n| {
+                let db = DatabaseId::new("db");
+                let key = LockKey::for_shard(db.as_str(), "s", n)?;
+                Ok(LockSet::new(key, db, vec![ShardId::new(*n)]))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_same_input_hands_back_the_same_list() {
+        let cache = ListCache::new();
+        let a = cache.get_or_build(vec!["x"], |i| list(i)).unwrap();
+        let b = cache
+            .get_or_build(vec!["x"], |_| panic!("rebuilt"))
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = cache.get_or_build(vec!["x", "y"], |i| list(i)).unwrap();
+        assert_eq!(c.len(), 2);
+        assert!(!Arc::ptr_eq(&a, &c));
+    }
+
+    #[test]
+    fn a_failed_build_caches_nothing() {
+        let cache = ListCache::new();
+        let long = "x".repeat(5000);
+        assert!(cache
+            .get_or_build(vec![long.as_str()], |i| list(i))
+            .is_err());
+        let ok = cache.get_or_build(vec!["a"], |i| list(i)).unwrap();
+        assert_eq!(ok.len(), 1);
     }
 }

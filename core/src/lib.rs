@@ -43,7 +43,7 @@ pub use balancing::{fair_share, Balancing};
 pub use coordinator::{
     Assignment, Coordinator, CoordinatorBuilder, CoordinatorConfig, CoordinatorHandle, OwnedSet,
 };
-pub use distributor::{Distributor, SharedTenants, TenantSource};
+pub use distributor::{Distributor, ListCache, SharedTenants, TenantSource};
 pub use driver::{Capabilities, Driver, Session, Support};
 pub use error::{BoxError, DriverError, Error, ErrorKind, InvalidName, Result};
 pub use health::Health;

@@ -92,6 +92,10 @@ impl<D: Distributor> Distributor for Balanced<D> {
         self.inner.lock_sets().await
     }
 
+    async fn shared_lock_sets(&self) -> Result<std::sync::Arc<[LockSet]>> {
+        self.inner.shared_lock_sets().await
+    }
+
     fn balancing(&self) -> Option<&Balancing> {
         Some(&self.balancing)
     }

@@ -1,4 +1,8 @@
-use shardlock_core::{Distributor, LockKey, LockSet, Result, ShardId, TenantSource};
+use std::sync::Arc;
+
+use shardlock_core::{
+    DatabaseId, Distributor, ListCache, LockKey, LockSet, Result, ShardId, TenantSource,
+};
 
 /// The shard-name part of a tenant's lock key.
 pub const TENANT_LOCK_SHARD: &str = "shardlock-tenant";
@@ -12,6 +16,8 @@ pub struct MultiTenanted<T> {
     tenants: T,
     schema: String,
     shards: Vec<ShardId>,
+    /// The sets of the tenants last listed: rebuilt only when they change.
+    cache: ListCache<Vec<DatabaseId>>,
 }
 
 impl<T: TenantSource> MultiTenanted<T> {
@@ -25,20 +31,30 @@ impl<T: TenantSource> MultiTenanted<T> {
             tenants,
             schema: schema.into(),
             shards: shards.into_iter().collect(),
+            cache: ListCache::new(),
         }
+    }
+
+    fn sets(&self, tenants: &[DatabaseId]) -> Result<Vec<LockSet>> {
+        tenants
+            .iter()
+            .map(|db| {
+                let key = LockKey::for_shard(db.as_str(), &self.schema, TENANT_LOCK_SHARD)?;
+                Ok(LockSet::new(key, db.clone(), self.shards.clone()))
+            })
+            .collect()
     }
 }
 
 impl<T: TenantSource> Distributor for MultiTenanted<T> {
     async fn lock_sets(&self) -> Result<Vec<LockSet>> {
         let tenants = self.tenants.tenants().await?;
-        tenants
-            .into_iter()
-            .map(|db| {
-                let key = LockKey::for_shard(db.as_str(), &self.schema, TENANT_LOCK_SHARD)?;
-                Ok(LockSet::new(key, db, self.shards.clone()))
-            })
-            .collect()
+        self.sets(&tenants)
+    }
+
+    async fn shared_lock_sets(&self) -> Result<Arc<[LockSet]>> {
+        let tenants = self.tenants.tenants().await?;
+        self.cache.get_or_build(tenants, |t| self.sets(t))
     }
 }
 

@@ -1,4 +1,6 @@
-use shardlock_core::{DatabaseId, Distributor, LockKey, LockSet, Result, ShardId};
+use std::sync::Arc;
+
+use shardlock_core::{DatabaseId, Distributor, ListCache, LockKey, LockSet, Result, ShardId};
 
 /// One lock set per shard in one database, so shards spread across nodes.
 #[derive(Debug, Clone)]
@@ -6,6 +8,8 @@ pub struct SingleTenant {
     database: DatabaseId,
     schema: String,
     shards: Vec<ShardId>,
+    /// The sets, built once (the list never changes).
+    cache: ListCache<()>,
 }
 
 impl SingleTenant {
@@ -19,6 +23,7 @@ impl SingleTenant {
             database,
             schema: schema.into(),
             shards: shards.into_iter().collect(),
+            cache: ListCache::new(),
         }
     }
 
@@ -46,6 +51,10 @@ impl SingleTenant {
 impl Distributor for SingleTenant {
     async fn lock_sets(&self) -> Result<Vec<LockSet>> {
         self.sets()
+    }
+
+    async fn shared_lock_sets(&self) -> Result<Arc<[LockSet]>> {
+        self.cache.get_or_build((), |()| self.sets())
     }
 }
 

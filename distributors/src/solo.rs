@@ -1,4 +1,6 @@
-use shardlock_core::{DatabaseId, Distributor, LockKey, LockSet, Result, ShardId};
+use std::sync::Arc;
+
+use shardlock_core::{DatabaseId, Distributor, ListCache, LockKey, LockSet, Result, ShardId};
 
 /// The shard name of the solo sentinel key.
 pub const SOLO_SENTINEL_SHARD: &str = "shardlock-solo-sentinel";
@@ -12,6 +14,8 @@ pub struct Solo {
     databases: Vec<DatabaseId>,
     schema: String,
     shards: Vec<ShardId>,
+    /// The sets, built once (the list never changes).
+    cache: ListCache<()>,
 }
 
 impl Solo {
@@ -25,12 +29,11 @@ impl Solo {
             databases: databases.into_iter().collect(),
             schema: schema.into(),
             shards: shards.into_iter().collect(),
+            cache: ListCache::new(),
         }
     }
-}
 
-impl Distributor for Solo {
-    async fn lock_sets(&self) -> Result<Vec<LockSet>> {
+    fn sets(&self) -> Result<Vec<LockSet>> {
         self.databases
             .iter()
             .map(|db| {
@@ -38,6 +41,16 @@ impl Distributor for Solo {
                 Ok(LockSet::new(key, db.clone(), self.shards.clone()).sentinel())
             })
             .collect()
+    }
+}
+
+impl Distributor for Solo {
+    async fn lock_sets(&self) -> Result<Vec<LockSet>> {
+        self.sets()
+    }
+
+    async fn shared_lock_sets(&self) -> Result<Arc<[LockSet]>> {
+        self.cache.get_or_build((), |()| self.sets())
     }
 }
 

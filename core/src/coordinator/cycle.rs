@@ -107,7 +107,10 @@ const AGENT_START_BATCH: usize = 256;
 /// list, not every cycle.
 #[derive(Default)]
 struct Distribution {
-    /// The list as the distributor gave it, to tell a change.
+    /// The list as the distributor last handed it out: the same `Arc`
+    /// again means unchanged, without comparing.
+    source: Option<Arc<[LockSet]>>,
+    /// Its sets, each shared with the owned sets built from it.
     listed: Vec<Arc<LockSet>>,
     /// Per database, the indices into `listed` of its sets (each key once,
     /// the first listing wins), in a random order: nodes started together
@@ -125,16 +128,25 @@ struct Distribution {
 impl Distribution {
     /// Takes the distributor's new list; answers whether it differs from
     /// the last one (then everything derived is rebuilt).
-    fn update(&mut self, sets: Vec<LockSet>) -> bool {
+    fn update(&mut self, sets: Arc<[LockSet]>) -> bool {
+        if let Some(source) = &self.source {
+            if Arc::ptr_eq(source, &sets) {
+                return false;
+            }
+        }
         let same = sets.len() == self.listed.len()
             && sets
                 .iter()
                 .zip(&self.listed)
                 .all(|(new, old)| new == &**old);
         if same {
+            // Keep the new `Arc`: a distributor that caches its list hands
+            // this one back next time.
+            self.source = Some(sets);
             return false;
         }
-        self.listed = sets.into_iter().map(Arc::new).collect();
+        self.listed = sets.iter().cloned().map(Arc::new).collect();
+        self.source = Some(sets);
         self.keys = HashSet::with_capacity(self.listed.len());
         let mut groups: HashMap<DatabaseId, Vec<usize>> = HashMap::new();
         let (mut exclusive, mut sentinels) = (0, false);
@@ -352,7 +364,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     async fn cycle(&mut self) {
         let sets = match tokio::time::timeout(
             self.config.lock_loss_timeout,
-            self.distributor.lock_sets(),
+            self.distributor.shared_lock_sets(),
         )
         .await
         {

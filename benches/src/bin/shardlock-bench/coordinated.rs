@@ -50,18 +50,34 @@ impl Agent for Idle {
 
 /// One set per shard in one database (like `SingleTenant`), with a list the
 /// bench can change between cycles.
-#[derive(Clone, Default)]
-pub(crate) struct Switchable(Arc<RwLock<Vec<LockSet>>>);
+/// Hands out its list as one shared `Arc` until `set` replaces it, as the
+/// library's distributors do.
+#[derive(Clone)]
+pub(crate) struct Switchable(Arc<RwLock<Arc<[LockSet]>>>);
+
+impl Default for Switchable {
+    fn default() -> Self {
+        Self(Arc::new(RwLock::new(Arc::from(Vec::new()))))
+    }
+}
 
 impl Switchable {
     pub(crate) fn set(&self, sets: Vec<LockSet>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = sets;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = sets.into();
+    }
+
+    fn current(&self) -> Arc<[LockSet]> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
 impl Distributor for Switchable {
     async fn lock_sets(&self) -> shardlock_core::Result<Vec<LockSet>> {
-        Ok(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+        Ok(self.current().to_vec())
+    }
+
+    async fn shared_lock_sets(&self) -> shardlock_core::Result<Arc<[LockSet]>> {
+        Ok(self.current())
     }
 }
 

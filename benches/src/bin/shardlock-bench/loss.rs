@@ -312,11 +312,15 @@ async fn sqlite_signal(ctx: &Ctx, rounds: usize) -> Result<Row, String> {
 
 /// Lock sets the bench sets once.
 #[derive(Clone)]
-struct FixedSets(Arc<Vec<LockSet>>);
+struct FixedSets(Arc<[LockSet]>);
 
 impl Distributor for FixedSets {
     async fn lock_sets(&self) -> shardlock_core::Result<Vec<LockSet>> {
-        Ok(self.0.as_ref().clone())
+        Ok(self.0.to_vec())
+    }
+
+    async fn shared_lock_sets(&self) -> shardlock_core::Result<Arc<[LockSet]>> {
+        Ok(Arc::clone(&self.0))
     }
 }
 
@@ -375,7 +379,7 @@ async fn agents(ctx: &mut Ctx, rounds: usize, n: usize) -> Result<Row, String> {
             Ok(LockSet::new(key, db.clone(), vec![ShardId::new(shard)]))
         })
         .collect::<Result<_, String>>()?;
-    let distributor = FixedSets(Arc::new(sets));
+    let distributor = FixedSets(Arc::from(sets));
     let raw_key = LockKey::new("bench:m7:agents:raw").map_err(err)?.id();
     let (mut ours, mut first, mut raw) =
         (Samples::default(), Samples::default(), Samples::default());
