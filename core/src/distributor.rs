@@ -111,8 +111,11 @@ impl<T: TenantSource> TenantSource for Arc<T> {
 /// same `Arc` is handed back, which is what
 /// [`Distributor::shared_lock_sets`] wants. Clones share the cache.
 pub struct ListCache<I> {
-    last: Arc<Mutex<Option<(I, Arc<[LockSet]>)>>>,
+    last: Arc<Mutex<Option<Cached<I>>>>,
 }
+
+/// An input and the list built from it.
+type Cached<I> = (I, Arc<[LockSet]>);
 
 impl<I: PartialEq> ListCache<I> {
     /// An empty cache.

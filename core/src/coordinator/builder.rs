@@ -34,6 +34,11 @@ pub struct CoordinatorConfig {
     /// [`connect_timeout`](Driver::connect_timeout) when that is longer, so
     /// the driver's typed timeout error is seen rather than a bare deadline.
     pub connect_timeout: Duration,
+    /// Sessions opened at once (default 16). Connects run in the background,
+    /// each under its own `connect_timeout`: a node with hundreds of tenant
+    /// databases opens them in waves of this size, and a database that
+    /// cannot be reached delays nobody else.
+    pub connect_concurrency: usize,
     /// How long stopping agents may take before they are aborted (default 5 s).
     pub stop_timeout: Duration,
     /// First restart delay of a failed agent; doubles per failure (default 500 ms).
@@ -57,6 +62,7 @@ impl CoordinatorConfig {
             start_jitter: Duration::from_millis(500),
             lock_loss_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            connect_concurrency: 16,
             stop_timeout: Duration::from_secs(5),
             restart_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -144,6 +150,13 @@ impl<D: Driver, S: Distributor, A: Agent> CoordinatorBuilder<D, S, A> {
     /// Deadline for opening a session (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Sessions opened at once (default 16; 0 counts as 1). See
+    /// [`CoordinatorConfig::connect_concurrency`].
+    pub fn connect_concurrency(mut self, connects: usize) -> Self {
+        self.config.connect_concurrency = connects.max(1);
         self
     }
 

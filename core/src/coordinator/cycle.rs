@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -46,6 +46,18 @@ struct Conn<S> {
     retry_at: Instant,
     /// Why the database has no session (for [`Health`]).
     last_error: Option<String>,
+    /// A connect running in the background (its answer comes as
+    /// [`Settled::Connected`]).
+    connecting: Option<AbortHandle>,
+    /// A verify the cycle stopped waiting for: the session is inside it
+    /// until it answers ([`Settled::Verified`]) or its deadline passes.
+    verifying: Option<AbortHandle>,
+    /// Tells a background task's answer from a stale one: each connect and
+    /// each verify gets a new generation.
+    generation: u64,
+    /// Releases asked for while the session was inside a straggling verify:
+    /// sent when it comes back.
+    pending_release: Vec<(LockKey, bool)>,
 }
 
 impl<S> Conn<S> {
@@ -59,7 +71,34 @@ impl<S> Conn<S> {
             failures: 0,
             retry_at,
             last_error: None,
+            connecting: None,
+            verifying: None,
+            generation: 0,
+            pending_release: Vec::new(),
         }
+    }
+
+    /// The session is out in a background task (connecting or a straggling
+    /// verify): no round trip can be sent now.
+    fn busy(&self) -> bool {
+        self.connecting.is_some() || self.verifying.is_some()
+    }
+
+    /// Whether the database has a session, here or inside a verify.
+    fn has_session(&self) -> bool {
+        self.session.is_some() || self.verifying.is_some()
+    }
+
+    /// Cancels what runs in the background for this slot (the session
+    /// inside a straggling verify is dropped with its task).
+    fn abort_background(&mut self) {
+        if let Some(task) = self.connecting.take() {
+            task.abort();
+        }
+        if let Some(task) = self.verifying.take() {
+            task.abort();
+        }
+        self.pending_release.clear();
     }
 
     fn is_lost(&self) -> bool {
@@ -76,13 +115,33 @@ impl<S> Conn<S> {
     }
 }
 
-/// A round trip running in its own task: the session (if one was opened
-/// or kept), the result, and whether it failed while connecting.
-type RoundTask<D, T> = JoinHandle<(
-    Option<<D as Driver>::Session>,
-    crate::error::Result<T>,
-    bool,
-)>;
+/// A round trip running in its own task: the session and the result.
+type RoundTask<D, T> = JoinHandle<(<D as Driver>::Session, crate::error::Result<T>)>;
+
+/// What a background task of a database's slot answers, through the
+/// runner's channel.
+enum Settled<S> {
+    /// A connect ended.
+    Connected {
+        db: DatabaseId,
+        generation: u64,
+        result: crate::error::Result<S>,
+    },
+    /// A verify ended (how long it took, or why it failed).
+    Verified {
+        db: DatabaseId,
+        generation: u64,
+        session: S,
+        result: crate::error::Result<Duration>,
+    },
+}
+
+/// A verify that answers this much later than the others did (and at least
+/// [`STRAGGLER_FLOOR`] after the cycle sent them) is left running: the
+/// cycle goes on without that database, whose own deadline still stands.
+const STRAGGLER_FACTOR: u32 = 4;
+/// See [`STRAGGLER_FACTOR`].
+const STRAGGLER_FLOOR: Duration = Duration::from_millis(25);
 
 /// Member slots: index and key.
 type Slots = Vec<(u32, LockKey)>;
@@ -257,6 +316,15 @@ pub(super) struct Runner<D: Driver, S, A> {
     wanted_per_db: HashMap<DatabaseId, usize>,
     /// Why the distributor failed in the last cycle, if it did.
     distributor_error: Option<String>,
+    /// Background connects and straggling verifies answer here.
+    settled_tx: mpsc::UnboundedSender<Settled<D::Session>>,
+    settled_rx: mpsc::UnboundedReceiver<Settled<D::Session>>,
+    /// Bounds the connects running at once.
+    connect_permits: Arc<Semaphore>,
+    /// The last generation handed to a slot's background task.
+    generation: u64,
+    /// The next cycle was triggered by a background task's answer.
+    woken_by_settle: bool,
 }
 
 impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
@@ -270,6 +338,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         (tx, health): (watch::Sender<Assignment>, watch::Sender<Health>),
     ) -> Self {
         let metrics = CoordinatorMetrics::new(&config.node_id, driver.name());
+        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+        let connect_permits = Arc::new(Semaphore::new(config.connect_concurrency.max(1)));
         Self {
             driver,
             distributor,
@@ -301,6 +371,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             health,
             wanted_per_db: HashMap::new(),
             distributor_error: None,
+            settled_tx,
+            settled_rx,
+            connect_permits,
+            generation: 0,
+            woken_by_settle: false,
         }
     }
 
@@ -318,7 +393,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 self.cycle().await;
                 self.launch_agents().await;
                 self.publish(started.elapsed(), false);
-                let pause = if self.failing > 0 || self.reconnect_pending() {
+                let pause = if self.failing > 0 {
                     self.config.pause_interval
                 } else if self.balance.hurry {
                     // Membership just changed, or a surplus is left: look
@@ -328,6 +403,12 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                     // ±10 %: nodes started together do not stay in step
                     // (their probes and tries would keep meeting).
                     jittered(self.config.poll_interval)
+                };
+                // A database waiting to reconnect is tried when its delay
+                // is up, not a whole poll later.
+                let pause = match self.next_reconnect() {
+                    Some(at) => pause.min(at.saturating_duration_since(Instant::now())),
+                    None => pause,
                 };
                 tokio::select! {
                     _ = self.stop.cancelled() => break,
@@ -340,6 +421,13 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                         self.publish(Duration::ZERO, false);
                     }
                     _ = self.wake.notified() => {}
+                    Some(settled) = self.settled_rx.recv() => {
+                        // A connect or a straggling verify answered: act on
+                        // it now (a new session acquires at once; a failed
+                        // verify stops its agents at its own deadline).
+                        self.settle(settled).await;
+                        self.woken_by_settle = true;
+                    }
                     _ = self.hinted.notified() => {
                         // Another node released sets: try at once.
                         self.wakeups += 1;
@@ -357,11 +445,29 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         .await;
     }
 
-    fn reconnect_pending(&self) -> bool {
-        self.conns.values().any(|c| c.session.is_none())
+    /// When the earliest database without a session may connect again
+    /// (never sooner than a pause from now when that time has passed, so a
+    /// slot nobody asks to connect cannot spin the loop).
+    fn next_reconnect(&self) -> Option<Instant> {
+        let earliest = self
+            .conns
+            .values()
+            .filter(|c| !c.has_session() && !c.busy())
+            .map(|c| c.retry_at)
+            .min()?;
+        let now = Instant::now();
+        Some(if earliest > now {
+            earliest
+        } else {
+            now + self.config.pause_interval
+        })
     }
 
     async fn cycle(&mut self) {
+        // Connects and straggling verifies that answered since.
+        while let Ok(settled) = self.settled_rx.try_recv() {
+            self.settle(settled).await;
+        }
         let sets = match tokio::time::timeout(
             self.config.lock_loss_timeout,
             self.distributor.shared_lock_sets(),
@@ -402,13 +508,17 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         // one ran within the poll interval (loss signals are still handled):
         // each hop of a handover is then one round trip shorter, and every
         // session is still verified at least once per poll.
-        if self.woken_by_hint && self.last_verify.elapsed() < self.config.poll_interval {
+        // The same holds for a cycle woken by a connect or a verify that
+        // answered in the background.
+        let woken_early = self.woken_by_hint || self.woken_by_settle;
+        if woken_early && self.last_verify.elapsed() < self.config.poll_interval {
             self.handle_lost().await;
         } else {
             self.verify_sessions().await;
             self.last_verify = Instant::now();
         }
         self.woken_by_hint = false;
+        self.woken_by_settle = false;
         // Every owned set comes from the distribution, so none can have
         // left it unless it changed.
         if changed {
@@ -425,41 +535,175 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         self.close_idle_sessions().await;
     }
 
-    /// Verifies every open session in parallel under the lock-loss deadline;
-    /// a failed one has its agents stopped, then is dropped. A verify task
-    /// that panics counts as a failed verify.
+    /// Verifies every open session in parallel, each under the lock-loss
+    /// deadline; a failed one has its agents stopped, then is dropped. A
+    /// verify task that panics counts as a failed verify.
+    ///
+    /// Answers are taken as they come. Once the others are in, a database
+    /// whose verify is still out ([`STRAGGLER_FACTOR`] times the slowest
+    /// answer so far, at least [`STRAGGLER_FLOOR`]) is not waited for: its
+    /// session stays inside the task, the database is skipped until it
+    /// answers, and its answer (or its deadline) is acted on when it comes
+    /// (see [`settle`](Self::settle)). One slow or dead database does not
+    /// hold up the others' cycles.
     async fn verify_sessions(&mut self) {
         self.handle_lost().await;
         let deadline = self.config.lock_loss_timeout;
-        let mut checks = Vec::new();
+        let mut waiting: HashMap<DatabaseId, u64> = HashMap::new();
         for (db, conn) in &mut self.conns {
-            if let Some(mut session) = conn.session.take() {
-                let task_db = db.clone();
-                let task = tokio::spawn(async move {
-                    let started = Instant::now();
-                    let result = guarded("verify", &task_db, deadline, session.verify()).await;
-                    (session, result.map(|()| started.elapsed()))
+            let Some(mut session) = conn.session.take() else {
+                continue;
+            };
+            self.generation += 1;
+            let generation = self.generation;
+            let (tx, task_db) = (self.settled_tx.clone(), db.clone());
+            let task = tokio::spawn(async move {
+                let started = Instant::now();
+                let result = guarded("verify", &task_db, deadline, session.verify()).await;
+                // The receiver lives as long as the runner; a runner gone
+                // drops the session with this message.
+                let _ = tx.send(Settled::Verified {
+                    db: task_db,
+                    generation,
+                    session,
+                    result: result.map(|()| started.elapsed()),
                 });
-                checks.push((db.clone(), task));
-            }
+            });
+            conn.verifying = Some(task.abort_handle());
+            conn.generation = generation;
+            waiting.insert(db.clone(), generation);
         }
-        let mut lost = Vec::new();
-        for (db, task) in checks {
-            match join(task).await {
-                Ok((session, Ok(took))) => {
-                    self.metrics.verified(&db, took);
-                    if let Some(conn) = self.conns.get_mut(&db) {
-                        conn.session = Some(session);
+        let (sent, total) = (Instant::now(), waiting.len());
+        let mut slowest = Duration::ZERO;
+        while !waiting.is_empty() {
+            let next = if waiting.len() < total {
+                let grace = (slowest * STRAGGLER_FACTOR).max(STRAGGLER_FLOOR);
+                match tokio::time::timeout_at(sent + grace, self.settled_rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                }
+            } else {
+                self.settled_rx.recv().await
+            };
+            let Some(settled) = next else {
+                break;
+            };
+            if let Settled::Verified { db, generation, .. } = &settled {
+                if waiting.get(db) == Some(generation) {
+                    waiting.remove(db);
+                    slowest = sent.elapsed();
+                }
+            }
+            self.settle(settled).await;
+        }
+        if !waiting.is_empty() {
+            let slow: Vec<&str> = waiting.keys().map(DatabaseId::as_str).collect();
+            warn!(
+                databases = ?slow,
+                waited = ?sent.elapsed(),
+                "verify still running: not waiting for it (its deadline still stands)"
+            );
+        }
+    }
+
+    /// Acts on what a background connect or straggling verify answered;
+    /// an answer for a slot that moved on since (lost, closed, a newer
+    /// task) is dropped with its session.
+    async fn settle(&mut self, settled: Settled<D::Session>) {
+        match settled {
+            Settled::Connected {
+                db,
+                generation,
+                result,
+            } => {
+                let Some(conn) = self.conns.get_mut(&db) else {
+                    return;
+                };
+                if conn.connecting.is_none() || conn.generation != generation {
+                    return;
+                }
+                conn.connecting = None;
+                match result {
+                    Ok(session) => {
+                        conn.last_error = None;
+                        debug!(database = %db, "connected");
+                        self.attach(&db, session);
+                    }
+                    Err(e) => {
+                        conn.failures = conn.failures.saturating_add(1);
+                        let delay = reconnect_delay(&self.config, conn.failures);
+                        conn.retry_at = Instant::now() + delay;
+                        conn.last_error = Some(format!("cannot connect: {}", e.report()));
+                        warn!(database = %db, error = %e.report(), retry_in = ?delay, "cannot connect");
                     }
                 }
-                Ok((session, Err(e))) => lost.push((db, Some(session), e)),
-                Err(e) => lost.push((db, None, e)),
+            }
+            Settled::Verified {
+                db,
+                generation,
+                session,
+                result,
+            } => {
+                let Some(conn) = self.conns.get_mut(&db) else {
+                    return;
+                };
+                if conn.verifying.is_none() || conn.generation != generation {
+                    return;
+                }
+                conn.verifying = None;
+                match result {
+                    Ok(took) => {
+                        self.metrics.verified(&db, took);
+                        conn.session = Some(session);
+                        let queued = std::mem::take(&mut conn.pending_release);
+                        if !queued.is_empty() {
+                            self.release_keys(&db, &queued).await;
+                        }
+                    }
+                    Err(e) => {
+                        let cause = cause_of(&e, LossCause::Verify);
+                        self.lose_session(&db, Some(session), &e, cause).await;
+                    }
+                }
             }
         }
-        for (db, session, reason) in lost {
-            let cause = cause_of(&reason, LossCause::Verify);
-            self.lose_session(&db, session, &reason, cause).await;
-        }
+    }
+
+    /// Starts opening `db`'s session in the background, at most
+    /// `connect_concurrency` at once; the answer comes as
+    /// [`Settled::Connected`] and wakes the loop.
+    fn start_connect(&mut self, db: &DatabaseId) {
+        self.generation += 1;
+        let generation = self.generation;
+        let (driver, node) = (self.driver.clone(), self.config.node_id.clone());
+        let (tx, permits) = (self.settled_tx.clone(), Arc::clone(&self.connect_permits));
+        let deadline = self.config.connect_timeout;
+        let task_db = db.clone();
+        let task = tokio::spawn(async move {
+            // The permit is held for the connect alone; its deadline starts
+            // once the permit is had. The semaphore is never closed.
+            let _permit = permits.acquire_owned().await.ok();
+            let result = guarded(
+                "connect",
+                &task_db,
+                deadline,
+                driver.connect(&task_db, &node),
+            )
+            .await;
+            let _ = tx.send(Settled::Connected {
+                db: task_db,
+                generation,
+                result,
+            });
+        });
+        let now = Instant::now();
+        let conn = self
+            .conns
+            .entry(db.clone())
+            .or_insert_with(|| Conn::new(now));
+        conn.connecting = Some(task.abort_handle());
+        conn.generation = generation;
+        debug!(database = %db, "connecting");
     }
 
     /// Drops every session whose loss signal fired, its agents stopped
@@ -476,6 +720,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 continue;
             };
             let session = conn.session.take();
+            // A session inside a straggling verify goes with its task.
+            conn.abort_background();
             let reason = conn
                 .signals
                 .as_ref()
@@ -593,6 +839,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         );
         if let Some(conn) = self.conns.get_mut(db) {
             conn.session = None;
+            conn.abort_background();
             conn.signals = None;
             conn._watch = None;
             conn.members.clear();
@@ -665,6 +912,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             return;
         };
         let Some(session) = conn.session.as_mut() else {
+            if conn.verifying.is_some() {
+                // The session is inside a straggling verify: release when
+                // it comes back (if it is lost instead, so are the locks).
+                conn.pending_release.extend(keys.into_iter().zip(clean));
+            }
             return;
         };
         let failure =
@@ -735,10 +987,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
     }
 
-    /// Runs `round` on `db`'s session, connecting first if it has none,
-    /// in a task of its own (so a panic or a dropped future cannot take the
-    /// session's agents' guarantees with it). `None` while `db` waits to
-    /// reconnect.
+    /// Runs `round` on `db`'s session in a task of its own (so a panic or a
+    /// dropped future cannot take the session's agents' guarantees with
+    /// it). `None` while `db` has no session at hand: then a connect is
+    /// started in the background if none runs and the reconnect delay is
+    /// up, and the database is tried again once it answers.
     fn spawn_round<T, F, Fut>(&mut self, db: &DatabaseId, round: F) -> Option<RoundTask<D, T>>
     where
         T: Send + 'static,
@@ -750,44 +1003,34 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             .conns
             .entry(db.clone())
             .or_insert_with(|| Conn::new(now));
-        if conn.session.is_none() && conn.retry_at > now {
-            debug!(database = %db, "waiting to reconnect");
+        if conn.busy() {
+            debug!(database = %db, "session busy (connecting or verifying): skipped this cycle");
             return None;
         }
-        let session = conn.session.take();
-        let driver = self.driver.clone();
-        let node = self.config.node_id.clone();
-        let connect_deadline = self.config.connect_timeout;
-        let db = db.clone();
-        Some(tokio::spawn(async move {
-            let session = match session {
-                Some(s) => s,
-                None => {
-                    match guarded("connect", &db, connect_deadline, driver.connect(&db, &node))
-                        .await
-                    {
-                        Ok(s) => s,
-                        Err(e) => return (None, Err(e), true),
-                    }
+        match conn.session.take() {
+            Some(session) => Some(tokio::spawn(round(session))),
+            None => {
+                if conn.retry_at <= now {
+                    self.start_connect(db);
+                } else {
+                    debug!(database = %db, "waiting to reconnect");
                 }
-            };
-            let (session, result) = round(session).await;
-            (Some(session), result, false)
-        }))
+                None
+            }
+        }
     }
 
-    /// Awaits round tasks: a success puts the session back (attaching a new
-    /// one), a failed connect schedules a reconnect, any other failure loses
-    /// the session (agents stopped first). Answers the successes.
+    /// Awaits round tasks: a success puts the session back, any failure
+    /// loses the session (agents stopped first). Answers the successes.
     async fn collect_rounds<T, X>(
         &mut self,
         rounds: Vec<(DatabaseId, X, RoundTask<D, T>)>,
     ) -> Vec<(DatabaseId, X, T)> {
         let mut done = Vec::with_capacity(rounds.len());
         for (db, extra, task) in rounds {
-            let (session, result, connect_failed) = match join(task).await {
-                Ok(out) => out,
-                Err(e) => (None, Err(e), false),
+            let (session, result) = match join(task).await {
+                Ok((session, result)) => (Some(session), result),
+                Err(e) => (None, Err(e)),
             };
             match result {
                 Ok(value) => {
@@ -799,20 +1042,6 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                         conn.last_error = None;
                     }
                     done.push((db, extra, value));
-                }
-                Err(e) if connect_failed => {
-                    let delay = reconnect_delay(
-                        &self.config,
-                        self.conns
-                            .get(&db)
-                            .map_or(1, |c| c.failures.saturating_add(1)),
-                    );
-                    if let Some(conn) = self.conns.get_mut(&db) {
-                        conn.failures = conn.failures.saturating_add(1);
-                        conn.retry_at = Instant::now() + delay;
-                        conn.last_error = Some(format!("cannot connect: {}", e.report()));
-                        warn!(database = %db, error = %e.report(), retry_in = ?delay, "cannot connect");
-                    }
                 }
                 Err(e) => {
                     let cause = cause_of(&e, LossCause::Error);
@@ -1262,7 +1491,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             .cloned()
             .collect();
         for db in idle {
-            if let Some(conn) = self.conns.remove(&db) {
+            if let Some(mut conn) = self.conns.remove(&db) {
+                conn.abort_background();
                 if let Some(session) = conn.session {
                     let _ =
                         tokio::time::timeout(self.config.lock_loss_timeout, session.close()).await;
@@ -1304,7 +1534,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         for (db, keys) in held {
             self.release_keys(&db, &keys).await;
         }
-        for (db, conn) in self.conns.drain() {
+        for (db, mut conn) in self.conns.drain() {
+            // A session still inside a straggling verify or a connect is
+            // dropped with its task: the server frees its locks.
+            conn.abort_background();
             self.metrics.owned(&db, 0);
             self.metrics.session_open(&db, false);
             if let Some(session) = conn.session {
@@ -1408,7 +1641,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             if balance.share.is_some() {
                 metrics.members(db, balance.members);
             }
-            metrics.session_open(db, conns.get(db).is_some_and(|c| c.session.is_some()));
+            metrics.session_open(db, conns.get(db).is_some_and(Conn::has_session));
         }
     }
 
@@ -1427,11 +1660,13 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         dbs.sort();
         for db in dbs {
             match self.conns.get(db) {
-                Some(conn) if conn.session.is_some() => {}
-                Some(conn) => reasons.push(format!(
-                    "database {db} unreachable: {}",
-                    conn.last_error.as_deref().unwrap_or("reconnecting")
-                )),
+                Some(conn) if conn.has_session() => {}
+                Some(conn) => reasons.push(match (&conn.last_error, conn.connecting.is_some()) {
+                    (Some(e), true) => format!("database {db} unreachable: {e} (connecting again)"),
+                    (Some(e), false) => format!("database {db} unreachable: {e}"),
+                    (None, true) => format!("database {db}: connecting"),
+                    (None, false) => format!("database {db} unreachable: reconnecting"),
+                }),
                 None => reasons.push(format!("database {db}: not connected yet")),
             }
         }

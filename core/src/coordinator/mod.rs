@@ -82,6 +82,35 @@
 //! [`lock_release_window`](crate::Driver::lock_release_window), the time the
 //! server keeps a vanished node's locks (5 + 5 + 5 = 15 s < 25 s on
 //! Postgres by default). Checkpoint fencing covers whatever slips through.
+//!
+//! # Many databases
+//!
+//! A node with hundreds of tenant databases must not run at the pace of the
+//! worst one. Each database's deadlines are its own:
+//!
+//! - **Connects run in the background**, at most
+//!   [`connect_concurrency`](CoordinatorBuilder::connect_concurrency) at
+//!   once (default 16), each under `connect_timeout`. A cycle never waits
+//!   for one: a database without a session is skipped until its connect
+//!   answers, which wakes the loop, and the next cycle acquires its sets.
+//!   An unreachable database (a host that drops packets, a listener that
+//!   never answers) costs the others nothing; a refused one is retried with
+//!   backoff, capped at the poll interval.
+//! - **A straggling verify is left running.** Verifies go out to every
+//!   database at once and are taken as they answer; once the others are in,
+//!   one still out after four times the slowest answer (at least 25 ms) is
+//!   not waited for. Its session stays inside the task; the database is
+//!   skipped (no try, no release: releases are queued and sent when the
+//!   session comes back) until it answers, and then at once: a verify that
+//!   misses its `lock_loss_timeout` stops that database's agents at its own
+//!   deadline, exactly as if the cycle had waited.
+//! - Try-acquire and probe rounds are still awaited in full. They go only to
+//!   databases that passed their verify moments before, so a database that
+//!   stops answering is caught by the verify first.
+//!
+//! Sessions are one per database, never one per lock (a driver may keep
+//! side connections for each session: Postgres keeps a loss watcher and a
+//! release listener, see its docs).
 
 mod agents;
 mod assignment;
