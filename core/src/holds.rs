@@ -51,14 +51,28 @@ use crate::ids::DatabaseId;
 use crate::key::LockKey;
 use crate::signals::SessionSignals;
 
-/// Hashes key ids ([`LockKey::id`]) for the session's tables. A batch of
-/// 10,000 keys hashes each id several times (deduplicate, look up, record,
-/// answer), and std's SipHash costs tens of nanoseconds a time; one folded
-/// 64×64→128-bit multiply of the id with a per-process random seed mixes
-/// every bit (as `foldhash` does) in about one, and the seed keeps a
-/// chosen set of names from colliding on purpose.
-#[derive(Clone, Copy, Default)]
-struct IdHash;
+/// Hashes key ids ([`LockKey::id`]) for tables keyed by them: the
+/// session's held keys here, and any driver's or coordinator's table of
+/// 10,000 keys. A batch of 10,000 keys hashes each id several times
+/// (deduplicate, look up, record, answer), and std's SipHash costs tens of
+/// nanoseconds a time; one folded 64×64→128-bit multiply of the id with a
+/// per-process random seed mixes every bit (as `foldhash` does) in about
+/// one, and the seed keeps a chosen set of names from colliding on purpose.
+/// Meant for `i64` ids and for [`LockKey`]s (which hash their id); other
+/// values are hashed 8 bytes at a time.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use shardlock_core::{IdHash, LockKey};
+///
+/// let key = LockKey::new("orders")?;
+/// let mut by_id: HashMap<i64, LockKey, IdHash> = HashMap::default();
+/// by_id.insert(key.id(), key.clone());
+/// assert_eq!(by_id.get(&key.id()), Some(&key));
+/// # Ok::<(), shardlock_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdHash;
 
 /// The per-process seed of [`IdHash`].
 fn id_seed() -> u64 {
@@ -74,8 +88,9 @@ impl BuildHasher for IdHash {
     }
 }
 
-/// See [`IdHash`].
-struct IdHasher(u64);
+/// The hasher [`IdHash`] builds.
+#[derive(Debug, Clone)]
+pub struct IdHasher(u64);
 
 impl IdHasher {
     fn mix(&mut self, value: u64) {

@@ -45,7 +45,11 @@ fn fnv1a64(parts: &[&[u8]]) -> u64 {
 
 /// A lock key: a validated name and its stable 64-bit id.
 ///
-/// Two keys are equal when their names are equal. Cloning is cheap.
+/// Two keys are equal when their names are equal. Cloning is cheap, and so
+/// are hashing and comparing for equality: both go through the id first
+/// (equal names always have equal ids), so a table of 10,000 keys hashes
+/// 8 bytes per key, not its name, and compares names only on a match.
+/// Keys order by name.
 ///
 /// ```
 /// use shardlock_core::LockKey;
@@ -56,10 +60,43 @@ fn fnv1a64(parts: &[&[u8]]) -> u64 {
 /// assert_eq!(key.id(), LockKey::new("orders-projection")?.id());
 /// # Ok::<(), shardlock_core::Error>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone)]
 pub struct LockKey {
     name: Arc<str>,
     id: i64,
+}
+
+impl PartialEq for LockKey {
+    fn eq(&self, other: &Self) -> bool {
+        // Different ids mean different names; the same `Arc` (a clone) is
+        // the same name. Only two ids that collide compare the text.
+        self.id == other.id && (Arc::ptr_eq(&self.name, &other.name) || self.name == other.name)
+    }
+}
+
+impl Eq for LockKey {}
+
+impl std::hash::Hash for LockKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Consistent with `eq`: equal keys have equal names, so equal ids.
+        state.write_i64(self.id);
+    }
+}
+
+impl PartialOrd for LockKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for LockKey {
+    /// By name (then id, which equal names share).
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if Arc::ptr_eq(&self.name, &other.name) {
+            return std::cmp::Ordering::Equal;
+        }
+        self.name.cmp(&other.name).then(self.id.cmp(&other.id))
+    }
 }
 
 impl LockKey {
@@ -229,6 +266,28 @@ mod tests {
             LockKey::for_shard("main", "public", "orders:all").unwrap(),
             LockKey::new("main:public:orders:all").unwrap()
         );
+    }
+
+    #[test]
+    fn equality_hash_and_order_follow_the_name() {
+        use std::hash::BuildHasher;
+        let state = std::collections::hash_map::RandomState::new();
+        let a = LockKey::new("db:schema:a").unwrap();
+        let a_again = LockKey::new("db:schema:a").unwrap();
+        let b = LockKey::new("db:schema:b").unwrap();
+        // Equal names built apart (no shared `Arc`) are equal and hash alike.
+        assert_eq!(a, a_again);
+        assert_eq!(state.hash_one(&a), state.hash_one(&a_again));
+        assert_eq!(a.cmp(&a_again), std::cmp::Ordering::Equal);
+        assert_ne!(a, b);
+        assert!(a < b && b > a_again, "ordered by name");
+        // Ids that collide (forged here) still tell the names apart.
+        let forged = LockKey {
+            name: Arc::from("db:schema:other"),
+            id: a.id(),
+        };
+        assert_ne!(a, forged);
+        assert_eq!(a.cmp(&forged), "db:schema:a".cmp("db:schema:other"));
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub use driver::{Capabilities, Driver, Session, Support};
 pub use error::{BoxError, DriverError, Error, ErrorKind, InvalidName, Result};
 pub use health::Health;
 pub use hints::{clean_ids, ReleaseHints, CLEAN_MARK_TTL};
-pub use holds::Holds;
+pub use holds::{Holds, IdHash, IdHasher};
 pub use ids::{DatabaseId, NodeId, ShardId};
 pub use key::{LockKey, KEY_SCHEME, MAX_NAME_LEN};
 pub use leadership::{

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use shardlock_core::{
-    Capabilities, DatabaseId, Driver, DriverError, Error, ErrorKind, LockKey, NodeId, ReleaseHints,
-    Result, SessionSignals, Support,
+    Capabilities, DatabaseId, Driver, DriverError, Error, ErrorKind, IdHash, LockKey, NodeId,
+    ReleaseHints, Result, SessionSignals, Support,
 };
 use tokio::sync::{watch, Notify};
 use tracing::debug;
@@ -144,9 +144,13 @@ struct Held {
     since: SystemTime,
 }
 
+/// One database's lock table, by key id ([`LockKey::id`]): a batch or a
+/// verify looks its database up once and then hashes 8 bytes per key.
+type Table = HashMap<i64, Held, IdHash>;
+
 #[derive(Default)]
 pub(crate) struct State {
-    locks: HashMap<(DatabaseId, i64), Held>,
+    locks: HashMap<DatabaseId, Table>,
     pub(crate) sessions: HashMap<SessionId, SessionRecord>,
     /// Sessions blocked in `acquire`, per key.
     waiters: HashMap<(DatabaseId, i64), usize>,
@@ -223,7 +227,8 @@ impl MemoryServer {
         let mut out: Vec<HolderInfo> = state
             .locks
             .iter()
-            .map(|((db, _), held)| HolderInfo {
+            .flat_map(|(db, table)| table.values().map(move |held| (db, held)))
+            .map(|(db, held)| HolderInfo {
                 database: db.clone(),
                 key: held.key.clone(),
                 session: held.session,
@@ -242,10 +247,7 @@ impl MemoryServer {
     /// The session holding `key` in `database`, if any.
     pub fn holder(&self, database: &DatabaseId, key: &LockKey) -> Option<SessionId> {
         let state = self.inner.lock();
-        state
-            .locks
-            .get(&(database.clone(), key.id()))
-            .map(|h| h.session)
+        state.held(database, key).map(|h| h.session)
     }
 
     /// The lock history (the latest 100,000 events).
@@ -327,21 +329,31 @@ impl fmt::Debug for MemoryServer {
         let state = self.inner.lock();
         f.debug_struct("MemoryServer")
             .field("sessions", &state.sessions.len())
-            .field("locks", &state.locks.len())
+            .field(
+                "locks",
+                &state.locks.values().map(Table::len).sum::<usize>(),
+            )
             .field("release_window", &self.inner.release_window)
             .finish()
     }
 }
 
+/// Appends to the lock history, dropping the oldest event when full.
+fn record(events: &mut VecDeque<LockEvent>, event: LockEvent) {
+    if events.len() >= EVENT_HISTORY {
+        let _ = events.pop_front();
+    }
+    events.push_back(event);
+}
+
 impl State {
-    fn record(&mut self, event: LockEvent) {
-        if self.events.len() >= EVENT_HISTORY {
-            let _ = self.events.pop_front();
-        }
-        self.events.push_back(event);
+    /// The lock on `key` in `database`, if any session holds it.
+    fn held(&self, database: &DatabaseId, key: &LockKey) -> Option<&Held> {
+        self.locks.get(database)?.get(&key.id())
     }
 }
 
+#[derive(Clone, Copy)]
 pub(crate) enum Grant {
     Granted,
     Denied,
@@ -424,8 +436,7 @@ impl Inner {
         key: &LockKey,
     ) -> bool {
         state
-            .locks
-            .get(&(database.clone(), key.id()))
+            .held(database, key)
             .is_some_and(|h| h.session != session)
     }
 
@@ -452,94 +463,140 @@ impl Inner {
         database: &DatabaseId,
         key: &LockKey,
     ) -> Grant {
-        let slot = (database.clone(), key.id());
-        match state.locks.get(&slot) {
-            Some(held) if held.session == session => Grant::Granted,
-            Some(_) => Grant::Denied,
-            None => {
-                state.locks.insert(
-                    slot,
-                    Held {
-                        session,
-                        key: key.clone(),
-                        since: SystemTime::now(),
-                    },
-                );
-                let node = node_of(state, session);
-                state.record(LockEvent {
-                    at: Instant::now(),
-                    kind: LockEventKind::Acquired,
-                    key: key.name().to_string(),
-                    database: database.clone(),
-                    session,
-                    node,
-                });
-                Grant::Granted
-            }
-        }
+        self.try_take_many(state, session, database, std::slice::from_ref(key))
+            .into_iter()
+            .next()
+            .unwrap_or(Grant::Denied)
     }
 
-    /// Frees `key` if `session` holds it.
-    pub(crate) fn give_back(
+    /// [`try_take`](Self::try_take) of each key of a batch, the database's
+    /// table looked up once: one answer per key.
+    pub(crate) fn try_take_many(
         &self,
         state: &mut State,
         session: SessionId,
         database: &DatabaseId,
-        key: &LockKey,
-        kind: LockEventKind,
-    ) -> bool {
-        let slot = (database.clone(), key.id());
-        if state.locks.get(&slot).is_some_and(|h| h.session == session) {
-            state.locks.remove(&slot);
-            let node = node_of(state, session);
-            state.record(LockEvent {
-                at: Instant::now(),
-                kind,
-                key: key.name().to_string(),
-                database: database.clone(),
-                session,
-                node,
-            });
-            self.freed.notify_waiters();
-            true
-        } else {
-            false
-        }
+        keys: &[LockKey],
+    ) -> Vec<Grant> {
+        let node = node_of(state, session);
+        let State { locks, events, .. } = state;
+        let table = match locks.get_mut(database) {
+            Some(table) => table,
+            None => locks.entry(database.clone()).or_default(),
+        };
+        keys.iter()
+            .map(|key| match table.get(&key.id()) {
+                Some(held) if held.session == session => Grant::Granted,
+                Some(_) => Grant::Denied,
+                None => {
+                    table.insert(
+                        key.id(),
+                        Held {
+                            session,
+                            key: key.clone(),
+                            since: SystemTime::now(),
+                        },
+                    );
+                    record(
+                        events,
+                        LockEvent {
+                            at: Instant::now(),
+                            kind: LockEventKind::Acquired,
+                            key: key.name().to_string(),
+                            database: database.clone(),
+                            session,
+                            node: node.clone(),
+                        },
+                    );
+                    Grant::Granted
+                }
+            })
+            .collect()
     }
 
-    /// Whether `session` still holds `key`.
-    pub(crate) fn holds(
+    /// Frees each key of `keys` that `session` holds, the database's table
+    /// looked up once; answers, per key, whether it was freed. Waiters are
+    /// woken once if any was.
+    pub(crate) fn give_back_many(
+        &self,
+        state: &mut State,
+        session: SessionId,
+        database: &DatabaseId,
+        keys: &[LockKey],
+        kind: LockEventKind,
+    ) -> Vec<bool> {
+        let node = node_of(state, session);
+        let State { locks, events, .. } = state;
+        let Some(table) = locks.get_mut(database) else {
+            return vec![false; keys.len()];
+        };
+        let freed: Vec<bool> = keys
+            .iter()
+            .map(|key| {
+                if table.get(&key.id()).is_none_or(|h| h.session != session) {
+                    return false;
+                }
+                table.remove(&key.id());
+                record(
+                    events,
+                    LockEvent {
+                        at: Instant::now(),
+                        kind,
+                        key: key.name().to_string(),
+                        database: database.clone(),
+                        session,
+                        node: node.clone(),
+                    },
+                );
+                true
+            })
+            .collect();
+        if freed.contains(&true) {
+            self.freed.notify_waiters();
+        }
+        freed
+    }
+
+    /// The names of the keys of `keys` that `session` no longer holds in
+    /// `database` (a verify), the database's table looked up once.
+    pub(crate) fn not_held<'k>(
         &self,
         state: &State,
         session: SessionId,
         database: &DatabaseId,
-        key: &LockKey,
-    ) -> bool {
-        state
-            .locks
-            .get(&(database.clone(), key.id()))
-            .is_some_and(|h| h.session == session)
+        keys: impl Iterator<Item = &'k LockKey>,
+    ) -> Vec<String> {
+        let table = state.locks.get(database);
+        keys.filter(|key| {
+            table
+                .and_then(|t| t.get(&key.id()))
+                .is_none_or(|h| h.session != session)
+        })
+        .map(|key| key.name().to_string())
+        .collect()
     }
 
     pub(crate) fn free_session(&self, state: &mut State, session: SessionId, kind: LockEventKind) {
-        let slots: Vec<(DatabaseId, i64)> = state
-            .locks
-            .iter()
-            .filter(|(_, h)| h.session == session)
-            .map(|(slot, _)| slot.clone())
-            .collect();
         let node = node_of(state, session);
-        for slot in slots {
-            if let Some(held) = state.locks.remove(&slot) {
-                state.record(LockEvent {
-                    at: Instant::now(),
-                    kind,
-                    key: held.key.name().to_string(),
-                    database: slot.0.clone(),
-                    session,
-                    node: node.clone(),
-                });
-            }
+        let State { locks, events, .. } = state;
+        for (database, table) in locks.iter_mut() {
+            table.retain(|_, held| {
+                if held.session != session {
+                    return true;
+                }
+                record(
+                    events,
+                    LockEvent {
+                        at: Instant::now(),
+                        kind,
+                        key: held.key.name().to_string(),
+                        database: database.clone(),
+                        session,
+                        node: node.clone(),
+                    },
+                );
+                false
+            });
         }
         self.freed.notify_waiters();
     }

@@ -137,9 +137,10 @@ impl Session for MemorySession {
         if !ask.is_empty() {
             let granted = self
                 .round_trip("try_acquire", |inner, state, id, holds| {
-                    let db = holds.database();
-                    ask.iter()
-                        .map(|key| matches!(inner.try_take(state, id, db, key), Grant::Granted))
+                    inner
+                        .try_take_many(state, id, holds.database(), &ask)
+                        .into_iter()
+                        .map(|grant| matches!(grant, Grant::Granted))
                         .collect::<Vec<bool>>()
                 })
                 .await?;
@@ -214,11 +215,7 @@ impl Session for MemorySession {
         }
         let released = self
             .round_trip("release", |inner, state, id, holds| {
-                ask.iter()
-                    .map(|key| {
-                        inner.give_back(state, id, holds.database(), key, LockEventKind::Released)
-                    })
-                    .collect::<Vec<bool>>()
+                inner.give_back_many(state, id, holds.database(), &ask, LockEventKind::Released)
             })
             .await?;
         Ok(self.holds.record_released(keys, &ask, &released))
@@ -240,10 +237,7 @@ impl Session for MemorySession {
         let released = self
             .round_trip("release_announced", |inner, state, id, holds| {
                 let db = holds.database();
-                let released: Vec<bool> = ask
-                    .iter()
-                    .map(|key| inner.give_back(state, id, db, key, LockEventKind::Released))
-                    .collect();
+                let released = inner.give_back_many(state, id, db, &ask, LockEventKind::Released);
                 if released.contains(&true) {
                     let marked: Vec<i64> = ask
                         .iter()
@@ -289,9 +283,9 @@ impl Session for MemorySession {
             return Ok(());
         }
         self.round_trip("release_all", |inner, state, id, holds| {
-            for key in holds.keys() {
-                inner.give_back(state, id, holds.database(), key, LockEventKind::Released);
-            }
+            let keys: Vec<LockKey> = holds.keys().cloned().collect();
+            let _ =
+                inner.give_back_many(state, id, holds.database(), &keys, LockEventKind::Released);
         })
         .await?;
         self.holds.clear();
@@ -301,11 +295,7 @@ impl Session for MemorySession {
     async fn verify(&mut self) -> Result<()> {
         let missing = self
             .round_trip("verify", |inner, state, id, holds| {
-                holds
-                    .keys()
-                    .filter(|key| !inner.holds(state, id, holds.database(), key))
-                    .map(|key| key.name().to_string())
-                    .collect::<Vec<String>>()
+                inner.not_held(state, id, holds.database(), holds.keys())
             })
             .await?;
         if missing.is_empty() {
