@@ -32,6 +32,7 @@ mod metrics_cost;
 mod micro;
 mod peers;
 mod rebalance;
+mod tenants;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -167,7 +168,7 @@ fn main() -> Result<()> {
                     .split(',')
                     .map(|m| m.trim().parse::<u32>())
                     .collect::<Result<Vec<_>, _>>()
-                    .context("--only takes measure numbers 1-10")?;
+                    .context("--only takes measure numbers 1-11")?;
                 only = Some(measures);
             }
             "-h" | "--help" => {
@@ -308,6 +309,9 @@ async fn run(config: Config) -> Result<(String, Report)> {
     }
     if ctx.config.wants(9) {
         peers::run(&mut ctx).await;
+    }
+    if ctx.config.wants(11) {
+        tenants::run(&mut ctx).await;
     }
     // Last: it installs a process-wide metrics recorder.
     if ctx.config.wants(10) {

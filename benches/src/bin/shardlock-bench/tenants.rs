@@ -1,0 +1,1147 @@
+//! Measure 11: many databases, 100 tenant databases × 100 shards on one
+//! node (PostgreSQL), with and without a dead tenant database
+//! (`--quick`: 10 × 10).
+//!
+//! The tenants are the databases `shardlock_bench_t000` … (the ones
+//! measure 6 uses), created once per server if missing, four at a time.
+//! Three configurations run one after the other in the same run:
+//!
+//! - **(a) MultiTenanted**: one coordinator, `MultiTenanted` over the T
+//!   tenants: one lock set per tenant holding its S shards (T sets, T × S
+//!   agents).
+//! - **(b) SingleTenant per tenant**: T coordinators in this process (one
+//!   node id), each `SingleTenant` over its tenant with S shards: one set
+//!   per shard (T × S sets, T × S agents).
+//! - **(c) dead tenant**: (a) plus one more tenant database whose id the
+//!   driver maps to a loopback TCP listener this bench opens itself: it
+//!   accepts connections and never answers, so every connect to it hangs
+//!   until the driver's `connect_timeout` (2 s here; the coordinator's
+//!   connect deadline is set explicitly to 3 s, the driver's + 1 s, which
+//!   the builder would raise it to anyway). A routing [`Driver`] sends that
+//!   one id to a `PgDriver` pointed at the listener and every other id to
+//!   the real server. The last row sets (c) beside (a): how often the live
+//!   tenants are verified, their cycles and their time to own, the
+//!   measurement of "a dead tenant database does not slow the others'
+//!   cycles".
+//!
+//! Rows per configuration: the steady cycle time p50/p95 (every published
+//! `Assignment.last_cycle` over a time window); the verify interval per
+//! live tenant (the window divided by the statements the server ran in
+//! that database, from `pg_stat_statements`: only the verify runs there in
+//! the steady state; a cycle woken by a background answer may skip the
+//! verify, so the published cycles alone no longer say how often each
+//! database is checked); the wall time from `start()` until every set is
+//! owned and held; connections of the node in `pg_stat_activity` per kind
+//! (`application_name` `shardlock:<node>` the sessions, `…:watch` their
+//! watchers, `…:hints` their release listeners, anything else under the
+//! prefix counted apart); process CPU over the window (per thread,
+//! [`CpuSnapshot`]) per verify round (every live tenant verified once);
+//! resident memory (`VmRSS`, process-wide) before the start vs while
+//! holding, per 1,000 shards.
+//!
+//! The raw baseline, same run, before each configuration and alone (its
+//! 10,000 held keys would lengthen every read of `pg_locks`, which is what
+//! the verify is): T plain connections, one per tenant database, opened in
+//! parallel once; each locks its S keys in one `pg_try_advisory_lock`
+//! `unnest` batch, all tenants in parallel; its steady check is one
+//! `count(*) from pg_locks` per connection, all in parallel.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use shardlock_benches::Verdict;
+use shardlock_benches::{fmt_duration, ratio, CpuSnapshot, PgEnv, RawPg, Row, Samples, Target};
+use shardlock_core::{
+    Agent, AgentContext, AgentError, Assignment, Capabilities, Coordinator, CoordinatorHandle,
+    DatabaseId, Distributor, Driver, LockKey, NodeId, ShardId, SharedTenants,
+};
+use shardlock_distributors::{MultiTenanted, SingleTenant};
+use shardlock_postgres::sqlx::{self, Executor as _};
+use shardlock_postgres::{DatabaseMapping, PgDriver, PgOptions, PgSession};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::{err, progress, Ctx, BENCH_DB};
+
+const M11S: &str = "11 many databases: steady cycle time";
+const M11O: &str = "11 many databases: time to own every set";
+const M11C: &str = "11 many databases: connections per node";
+const M11P: &str = "11 many databases: CPU per steady cycle";
+const M11M: &str = "11 many databases: resident memory";
+const M11D: &str = "11 many databases: a dead tenant beside the live ones";
+const M11V: &str = "11 many databases: verify interval per tenant";
+
+/// The schema part of the coordinators' lock names.
+const SCHEMA: &str = "bench-m11";
+/// The schema part of the raw side's key names (other keys, same databases).
+const RAW_SCHEMA: &str = "bench-m11-raw";
+/// Poll and pause interval of every coordinator.
+const POLL: Duration = Duration::from_millis(100);
+/// The driver's connect timeout in (c): how long a connect to the dead
+/// tenant hangs.
+const DEAD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The coordinator's connect deadline in (c), set explicitly.
+const DEAD_COORDINATOR_CONNECT: Duration = Duration::from_secs(3);
+/// Longest wait for a coordinator to own everything.
+const OWN_LIMIT: Duration = Duration::from_secs(120);
+/// Connections a Postgres node keeps per database today.
+const PG_CONNECTIONS_PER_DATABASE: usize = 3;
+/// The dead tenant's database id.
+const DEAD_DB: &str = "shardlock_bench_dead";
+/// Databases created at once when some are missing.
+const CREATE_CONCURRENCY: usize = 4;
+
+/// Sizes and windows of one run.
+struct Shape {
+    tenants: usize,
+    shards: usize,
+    /// Steady window: every published cycle, and process CPU over it.
+    window: Duration,
+    /// Raw checks before each configuration.
+    raw_checks: usize,
+}
+
+/// An agent that does nothing until told to stop.
+struct Idle;
+
+impl Agent for Idle {
+    async fn run(&self, _shard: &ShardId, ctx: AgentContext) -> Result<(), AgentError> {
+        ctx.cancel.cancelled().await;
+        Ok(())
+    }
+}
+
+/// Measure 11.
+pub(crate) async fn run(ctx: &mut Ctx) {
+    let shape = ctx.config.pick(
+        Shape {
+            tenants: 10,
+            shards: 10,
+            window: Duration::from_secs(4),
+            raw_checks: 3,
+        },
+        Shape {
+            tenants: 100,
+            shards: 100,
+            window: Duration::from_secs(15),
+            raw_checks: 5,
+        },
+    );
+    progress(format!(
+        "measure 11: {} tenant databases × {} shards (postgres)",
+        shape.tenants, shape.shards
+    ));
+    match postgres(ctx, &shape).await {
+        Ok(rows) => rows.into_iter().for_each(|r| ctx.report.push(r)),
+        Err(why) => ctx
+            .report
+            .push(Row::not_measured(M11S, "postgres", Target::None, why)),
+    }
+}
+
+/// What the coordinator's last publish says, without cloning the sets.
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    cycles: u64,
+    last_cycle: Duration,
+    owned: usize,
+    all_held: bool,
+}
+
+fn snapshot(a: &Assignment) -> Snapshot {
+    Snapshot {
+        cycles: a.cycles,
+        last_cycle: a.last_cycle,
+        owned: a.owned.len(),
+        all_held: a.owned.iter().all(|s| s.held),
+    }
+}
+
+/// Connections of one node in `pg_stat_activity`, per kind.
+#[derive(Debug, Default, Clone, Copy)]
+struct Conns {
+    sessions: i64,
+    watchers: i64,
+    listeners: i64,
+    other: i64,
+}
+
+impl Conns {
+    fn total(&self) -> i64 {
+        self.sessions + self.watchers + self.listeners + self.other
+    }
+
+    fn describe(&self) -> String {
+        let mut text = format!(
+            "{} ({} sessions + {} watchers + {} listeners",
+            self.total(),
+            self.sessions,
+            self.watchers,
+            self.listeners
+        );
+        if self.other > 0 {
+            text.push_str(&format!(" + {} other", self.other));
+        }
+        text.push(')');
+        text
+    }
+}
+
+async fn node_connections(env: &mut PgEnv, node: &str) -> Result<Conns, String> {
+    let name = format!("shardlock:{node}");
+    let (sessions, watchers, listeners, all): (i64, i64, i64, i64) = sqlx::query_as(
+        "select count(*) filter (where application_name = $1), \
+                count(*) filter (where application_name = $1 || ':watch'), \
+                count(*) filter (where application_name = $1 || ':hints'), \
+                count(*) filter (where application_name = $1 \
+                    or left(application_name, length($1) + 1) = $1 || ':') \
+         from pg_stat_activity",
+    )
+    .bind(name)
+    .fetch_one(env.admin())
+    .await
+    .map_err(err)?;
+    Ok(Conns {
+        sessions,
+        watchers,
+        listeners,
+        other: all - sessions - watchers - listeners,
+    })
+}
+
+/// Resident memory of this process in KiB (`VmRSS`).
+fn rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The tenant database names.
+fn tenant_names(t: usize) -> Vec<String> {
+    (0..t).map(|i| format!("shardlock_bench_t{i:03}")).collect()
+}
+
+/// Creates the tenant databases that are missing, `CREATE_CONCURRENCY` at a
+/// time; answers how many were created.
+async fn ensure_tenants(env: &mut PgEnv, names: &[String]) -> Result<usize, String> {
+    let existing: Vec<String> =
+        sqlx::query_scalar("select datname from pg_database where datname = any($1)")
+            .bind(names)
+            .fetch_all(env.admin())
+            .await
+            .map_err(err)?;
+    let missing: Vec<String> = names
+        .iter()
+        .filter(|n| !existing.contains(n))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let mut tasks = JoinSet::new();
+    for lane in 0..CREATE_CONCURRENCY.min(missing.len()) {
+        let mine: Vec<String> = missing
+            .iter()
+            .skip(lane)
+            .step_by(CREATE_CONCURRENCY)
+            .cloned()
+            .collect();
+        let options = env.options_for(BENCH_DB);
+        tasks.spawn(async move {
+            let mut conn = RawPg::connect(&options).await.map_err(err)?;
+            for name in mine {
+                let quoted = name.replace('"', "\"\"");
+                let sql = format!("create database \"{quoted}\"");
+                conn.conn()
+                    .execute(sql.as_str())
+                    .await
+                    .map_err(|e| format!("create database {name}: {}", err(e)))?;
+            }
+            conn.close().await.map_err(err)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(err)??;
+    }
+    Ok(missing.len())
+}
+
+/// The raw side: one connection per tenant database, each with its keys.
+struct RawTenants {
+    conns: Vec<(RawPg, Vec<i64>)>,
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Acquire,
+    Check,
+    Release,
+}
+
+impl RawTenants {
+    /// Connects to every tenant at once; answers the side and the time.
+    async fn connect(
+        env: &PgEnv,
+        names: &[String],
+        shards: usize,
+    ) -> Result<(Self, Duration), String> {
+        let started = Instant::now();
+        let mut tasks = JoinSet::new();
+        for name in names {
+            let options = env.options_for(name);
+            let keys = (0..shards)
+                .map(|i| LockKey::for_shard(name, RAW_SCHEMA, &format!("k-{i}")).map(|k| k.id()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            tasks.spawn(async move { RawPg::connect(&options).await.map(|c| (c, keys)) });
+        }
+        let mut conns = Vec::with_capacity(names.len());
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined.map_err(err)? {
+                Ok(conn) => conns.push(conn),
+                Err(e) => failure = Some(err(e)),
+            }
+        }
+        let elapsed = started.elapsed();
+        let side = Self { conns };
+        match failure {
+            Some(why) => {
+                side.close().await;
+                Err(format!("raw connect: {why}"))
+            }
+            None => Ok((side, elapsed)),
+        }
+    }
+
+    /// Runs `op` on every connection at once; answers the wall time.
+    async fn all(&mut self, op: Op) -> Result<Duration, String> {
+        let started = Instant::now();
+        let mut tasks = JoinSet::new();
+        for (mut conn, keys) in self.conns.drain(..) {
+            tasks.spawn(async move {
+                let ok = match op {
+                    Op::Acquire => conn
+                        .try_lock_many(&keys)
+                        .await
+                        .map(|got| got.iter().all(|g| *g)),
+                    Op::Check => conn.count_held().await.map(|n| n == keys.len() as i64),
+                    Op::Release => conn.unlock_all().await.map(|()| true),
+                };
+                (conn, keys, ok)
+            });
+        }
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (conn, keys, ok) = joined.map_err(err)?;
+            self.conns.push((conn, keys));
+            match ok {
+                Ok(true) => {}
+                Ok(false) => failure = Some("a raw tenant's keys are not all held".to_string()),
+                Err(e) => failure = Some(err(e)),
+            }
+        }
+        let elapsed = started.elapsed();
+        failure.map_or(Ok(elapsed), Err)
+    }
+
+    async fn close(self) {
+        for (conn, _) in self.conns {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// A loopback TCP listener that accepts connections and never answers: a
+/// dead database server whose connects hang until the client gives up.
+struct DeadServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DeadServer {
+    fn start() -> Result<Self, String> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(err)?;
+        let addr = listener.local_addr().map_err(err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (s, a) = (Arc::clone(&stop), Arc::clone(&accepted));
+        let thread = std::thread::Builder::new()
+            .name("m11-dead-tenant".into())
+            .spawn(move || {
+                // Held open, never read nor written, until the bench stops.
+                let mut held = Vec::new();
+                for conn in listener.incoming() {
+                    if s.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Ok(conn) = conn {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        held.push(conn);
+                    }
+                }
+            })
+            .map_err(err)?;
+        Ok(Self {
+            addr,
+            stop,
+            accepted,
+            thread: Some(thread),
+        })
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for DeadServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A Postgres driver that sends one database id to another server (the
+/// dead one) and every other id to the real one.
+#[derive(Clone)]
+struct WithDeadTenant {
+    live: PgDriver,
+    dead: PgDriver,
+    dead_db: DatabaseId,
+}
+
+impl Driver for WithDeadTenant {
+    type Session = PgSession;
+
+    fn name(&self) -> &'static str {
+        self.live.name()
+    }
+
+    fn connect(
+        &self,
+        database: &DatabaseId,
+        node: &NodeId,
+    ) -> impl std::future::Future<Output = shardlock_core::Result<PgSession>> + Send {
+        let driver = if *database == self.dead_db {
+            self.dead.clone()
+        } else {
+            self.live.clone()
+        };
+        let (database, node) = (database.clone(), node.clone());
+        async move { driver.connect(&database, &node).await }
+    }
+
+    fn lock_release_window(&self) -> Option<Duration> {
+        self.live.lock_release_window()
+    }
+
+    fn connect_timeout(&self) -> Option<Duration> {
+        self.live.connect_timeout()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.live.capabilities()
+    }
+}
+
+fn start<D: Driver, S: Distributor>(
+    driver: D,
+    distributor: S,
+    node: &str,
+    connect_timeout: Option<Duration>,
+) -> Result<CoordinatorHandle, String> {
+    let mut builder = Coordinator::builder(driver, distributor, Idle)
+        .node_id(node)
+        .poll_interval(POLL)
+        .pause_interval(POLL)
+        .start_jitter(Duration::ZERO)
+        .lock_loss_timeout(Duration::from_secs(10));
+    if let Some(timeout) = connect_timeout {
+        builder = builder.connect_timeout(timeout);
+    }
+    builder.build().map_err(err)?.start().map_err(err)
+}
+
+/// What one configuration measured.
+struct Outcome {
+    /// Wall time from `start()` until every set was owned and held.
+    own: Duration,
+    /// The most cycles any coordinator had run by then.
+    own_cycles: u64,
+    /// The raw side's batch before this configuration started.
+    raw_acquire: Duration,
+    /// Published cycle durations in the steady window.
+    cycles: Samples,
+    /// The steady window's length.
+    window: Duration,
+    /// Cycles completed in the steady window (all coordinators).
+    window_cycles: u64,
+    /// Of those, cycles not seen (a watch keeps only the latest publish).
+    unobserved: u64,
+    /// Published cycles of at least [`SLOW_CYCLE`].
+    slow: usize,
+    /// Raw checks before this configuration started.
+    raw: Samples,
+    /// Process CPU over the steady window.
+    cpu: Option<Duration>,
+    /// Statements the server ran in each live tenant database over the
+    /// steady window (`pg_stat_statements`; the verifies, nothing else
+    /// runs there then), or why they are not known.
+    statements: Result<Vec<i64>, String>,
+    /// `VmRSS` before the start and while holding, KiB.
+    rss: Option<(u64, u64)>,
+    conns: Conns,
+    /// Health reasons of the coordinators at the end (degraded only).
+    health: Vec<String>,
+}
+
+/// The publishes of every coordinator, tagged with its index.
+type Publishes = mpsc::UnboundedReceiver<(usize, Snapshot)>;
+
+fn forward(handles: &[CoordinatorHandle], tasks: &mut JoinSet<()>) -> Publishes {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (i, handle) in handles.iter().enumerate() {
+        let mut assignment = handle.assignment();
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            loop {
+                let s = snapshot(&assignment.borrow_and_update());
+                if tx.send((i, s)).is_err() || assignment.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// Starts the coordinators (`launch`), waits until coordinator `i` owns
+/// `expected[i]` sets, all held, then measures the steady state.
+async fn measure(
+    env: &mut PgEnv,
+    names: &[String],
+    shape: &Shape,
+    raw: &mut RawTenants,
+    node: &str,
+    expected: &[usize],
+    launch: impl FnOnce() -> Result<Vec<CoordinatorHandle>, String>,
+) -> Result<Outcome, String> {
+    // The raw side first, alone: its held keys would otherwise make every
+    // read of `pg_locks` (the coordinator's verify) longer.
+    let raw_acquire = raw.all(Op::Acquire).await?;
+    let mut raw_checks = Samples::default();
+    for _ in 0..shape.raw_checks {
+        raw_checks.push(raw.all(Op::Check).await?);
+    }
+    raw.all(Op::Release).await?;
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    let handles = launch()?;
+    let mut forwarders = JoinSet::new();
+    let mut rx = forward(&handles, &mut forwarders);
+    let result = observe(env, names, &mut rx, shape, expected, started).await;
+    let rss_while = rss_kib();
+    let result = match result {
+        Ok(mut out) => match node_connections(env, node).await {
+            Ok(conns) => {
+                out.conns = conns;
+                out.rss = rss_before.zip(rss_while);
+                out.raw_acquire = raw_acquire;
+                out.raw = raw_checks;
+                out.health = handles
+                    .iter()
+                    .flat_map(|h| h.health().reasons())
+                    .map(|r| r.to_string())
+                    .collect();
+                Ok(out)
+            }
+            Err(why) => Err(why),
+        },
+        Err(why) => Err(why),
+    };
+    forwarders.abort_all();
+    let mut stopped = Ok(());
+    for handle in handles {
+        if let Err(e) = handle.stop().await {
+            stopped = Err(err(e));
+        }
+    }
+    let out = result?;
+    stopped?;
+    Ok(out)
+}
+
+/// The own phase and the steady window.
+async fn observe(
+    env: &mut PgEnv,
+    names: &[String],
+    rx: &mut Publishes,
+    shape: &Shape,
+    expected: &[usize],
+    started: Instant,
+) -> Result<Outcome, String> {
+    let n = expected.len();
+    let mut latest: Vec<Option<Snapshot>> = vec![None; n];
+    let owns = |i: usize, s: &Snapshot| s.owned == expected[i] && s.all_held;
+    let mut owning = 0usize;
+    let deadline = tokio::time::Instant::now() + OWN_LIMIT;
+    while owning < n {
+        let (i, s) = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Err("the coordinators stopped".into()),
+            Err(_) => {
+                return Err(format!(
+                    "{owning} of {n} coordinators owned their sets within {OWN_LIMIT:?}"
+                ))
+            }
+        };
+        let before = latest[i].is_some_and(|p| owns(i, &p));
+        let now = owns(i, &s);
+        latest[i] = Some(s);
+        match (before, now) {
+            (false, true) => owning += 1,
+            (true, false) => owning -= 1,
+            _ => {}
+        }
+    }
+    let own = started.elapsed();
+    let own_cycles = latest.iter().flatten().map(|s| s.cycles).max().unwrap_or(0);
+    let mut last: Vec<Snapshot> = latest.into_iter().flatten().collect();
+    let mut out = Outcome {
+        own,
+        own_cycles,
+        raw_acquire: Duration::ZERO,
+        cycles: Samples::default(),
+        window: shape.window,
+        window_cycles: 0,
+        unobserved: 0,
+        slow: 0,
+        raw: Samples::default(),
+        cpu: None,
+        statements: Err("not counted".into()),
+        rss: None,
+        conns: Conns::default(),
+        health: Vec::new(),
+    };
+    // Per thread: a runtime thread that exits in the window must not make
+    // the process total go down.
+    let counting = reset_statements(env).await;
+    let cpu_before = CpuSnapshot::now().ok();
+    window(rx, shape.window, expected, &mut last, &mut out).await?;
+    let cpu_after = CpuSnapshot::now().ok();
+    out.statements = match counting {
+        Ok(()) => tenant_statements(env, names).await,
+        Err(why) => Err(why),
+    };
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        out.cpu = Some(b.since(&a));
+    }
+    Ok(out)
+}
+
+/// `pg_stat_statements_reset()`, or why statements cannot be counted.
+async fn reset_statements(env: &mut PgEnv) -> Result<(), String> {
+    sqlx::query("select pg_stat_statements_reset()")
+        .execute(env.admin())
+        .await
+        .map(drop)
+        .map_err(|e| format!("pg_stat_statements not usable: {}", err(e)))
+}
+
+/// Statements run in each of `names` since the reset, in that order.
+async fn tenant_statements(env: &mut PgEnv, names: &[String]) -> Result<Vec<i64>, String> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "select d.datname, coalesce(sum(s.calls), 0)::bigint from pg_database d \
+         left join pg_stat_statements s on s.dbid = d.oid \
+         where d.datname = any($1) group by d.datname",
+    )
+    .bind(names)
+    .fetch_all(env.admin())
+    .await
+    .map_err(err)?;
+    Ok(names
+        .iter()
+        .map(|n| rows.iter().find(|(d, _)| d == n).map_or(0, |(_, c)| *c))
+        .collect())
+}
+
+/// Per live tenant, the window divided by its statements: how often its
+/// session was verified. Answers the median and the worst tenant's.
+fn verify_intervals(out: &Outcome) -> Option<(Duration, Duration)> {
+    let calls = out.statements.as_ref().ok()?;
+    let mut intervals = Samples::default();
+    for &c in calls {
+        // A tenant never verified counts as the whole window.
+        intervals.push(out.window.div_f64(c.max(1) as f64));
+    }
+    Some((intervals.p50()?, intervals.max()?))
+}
+
+/// Collects the publishes of one time window.
+async fn window(
+    rx: &mut Publishes,
+    length: Duration,
+    expected: &[usize],
+    last: &mut [Snapshot],
+    out: &mut Outcome,
+) -> Result<(), String> {
+    let end = tokio::time::Instant::now() + length;
+    loop {
+        let (i, s) = match tokio::time::timeout_at(end, rx.recv()).await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Err("the coordinators stopped".into()),
+            Err(_) => return Ok(()),
+        };
+        let previous = last[i].cycles;
+        if s.cycles <= previous {
+            continue;
+        }
+        // A lost session's sets leave the owned list: count them too.
+        if s.owned != expected[i] || !s.all_held {
+            return Err(format!(
+                "a set was lost during the steady state ({} of {} owned)",
+                s.owned, expected[i]
+            ));
+        }
+        out.window_cycles += s.cycles - previous;
+        out.unobserved += s.cycles - previous - 1;
+        out.cycles.push(s.last_cycle);
+        out.slow += usize::from(s.last_cycle >= SLOW_CYCLE);
+        last[i] = s;
+    }
+}
+
+fn p50_p95(s: &Samples) -> String {
+    match (s.p50(), s.percentile(95.0)) {
+        (Some(p50), Some(p95)) => format!("p50 {} (p95 {})", fmt_duration(p50), fmt_duration(p95)),
+        _ => "—".to_string(),
+    }
+}
+
+async fn postgres(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
+    let env = ctx.pg()?;
+    let (t, s) = (shape.tenants, shape.shards);
+    let needed = (t * (PG_CONNECTIONS_PER_DATABASE + 1) + 10) as i64;
+    let max = env.max_connections().await?;
+    if max < needed {
+        return Err(format!(
+            "T = {t} needs max_connections ≥ {needed} ({PG_CONNECTIONS_PER_DATABASE} per tenant \
+             for the node, 1 per tenant for the raw side, a few for the bench); the server has \
+             {max}: raise it in scripts/bench.sh"
+        ));
+    }
+    let names = tenant_names(t);
+    let creating = Instant::now();
+    let created = ensure_tenants(env, &names).await?;
+    progress(format!(
+        "  {created} tenant databases created in {} ({} existed)",
+        fmt_duration(creating.elapsed()),
+        t - created
+    ));
+    let (mut raw, raw_connect) = RawTenants::connect(env, &names, s).await?;
+    let result = configurations(env, shape, &names, &mut raw, raw_connect).await;
+    raw.close().await;
+    result
+}
+
+async fn configurations(
+    env: &mut PgEnv,
+    shape: &Shape,
+    names: &[String],
+    raw: &mut RawTenants,
+    raw_connect: Duration,
+) -> Result<Vec<Row>, String> {
+    let (t, s) = (shape.tenants, shape.shards);
+    let tenants: Vec<DatabaseId> = names.iter().map(DatabaseId::new).collect();
+    let shards = || (0..s).map(|i| ShardId::new(format!("shard-{i}")));
+    let base = env.options_for(BENCH_DB);
+    let live_options = |timeout: Option<Duration>| {
+        let options = PgOptions::from_connect_options(base.clone())
+            .database_mapping(DatabaseMapping::SameServer);
+        match timeout {
+            Some(timeout) => options.connect_timeout(timeout),
+            None => options,
+        }
+    };
+    let mut rows = Vec::new();
+
+    progress("  (a) one coordinator, MultiTenanted");
+    let node_a = "bench-m11-multi";
+    let driver = PgDriver::new(live_options(None));
+    let list = tenants.clone();
+    let a = measure(env, names, shape, raw, node_a, &[t], || {
+        let distributor = MultiTenanted::new(SharedTenants::new(list), SCHEMA, shards());
+        Ok(vec![start(driver, distributor, node_a, None)?])
+    })
+    .await;
+
+    progress(format!("  (b) {t} coordinators, SingleTenant each"));
+    let node_b = "bench-m11-single";
+    let driver = PgDriver::new(live_options(None));
+    let list = tenants.clone();
+    let b = measure(env, names, shape, raw, node_b, &vec![s; t], || {
+        list.into_iter()
+            .map(|db| {
+                start(
+                    driver.clone(),
+                    SingleTenant::new(db, SCHEMA, shards()),
+                    node_b,
+                    None,
+                )
+            })
+            .collect()
+    })
+    .await;
+
+    progress("  (c) MultiTenanted with a dead tenant database");
+    let node_c = "bench-m11-dead";
+    let c = match DeadServer::start() {
+        Ok(dead) => {
+            let driver = WithDeadTenant {
+                live: PgDriver::new(live_options(Some(DEAD_CONNECT_TIMEOUT))),
+                dead: PgDriver::new(
+                    live_options(Some(DEAD_CONNECT_TIMEOUT))
+                        .host("127.0.0.1")
+                        .port(dead.addr.port()),
+                ),
+                dead_db: DatabaseId::new(DEAD_DB),
+            };
+            let mut list = tenants.clone();
+            list.push(DatabaseId::new(DEAD_DB));
+            let out = measure(env, names, shape, raw, node_c, &[t], || {
+                let distributor = MultiTenanted::new(SharedTenants::new(list), SCHEMA, shards());
+                Ok(vec![start(
+                    driver,
+                    distributor,
+                    node_c,
+                    Some(DEAD_COORDINATOR_CONNECT),
+                )?])
+            })
+            .await;
+            let accepted = dead.accepted();
+            drop(dead);
+            out.map(|o| (o, accepted))
+        }
+        Err(why) => Err(format!("cannot open the dead tenant's listener: {why}")),
+    };
+
+    let raw_check = "one `select count(*) from pg_locks …` per raw connection, all at once";
+    let setups = [
+        (
+            "a",
+            format!("(a) one node, one coordinator, MultiTenanted over T = {t} tenant databases, S = {s} shards each ({t} sets of {s} shards)"),
+            node_a,
+            &a,
+        ),
+        (
+            "b",
+            format!("(b) one node, {t} coordinators in one process, SingleTenant each over its tenant database with S = {s} shards ({} sets of 1 shard)", t * s),
+            node_b,
+            &b,
+        ),
+    ];
+    for (tag, what, node, outcome) in setups {
+        match outcome {
+            Ok(out) => rows.extend(config_rows(
+                tag,
+                &what,
+                node,
+                t,
+                s,
+                out,
+                raw_connect,
+                raw_check,
+                "",
+            )),
+            Err(why) => rows.push(Row::not_measured(
+                M11S,
+                "postgres",
+                Target::None,
+                format!("{what}: {why}"),
+            )),
+        }
+    }
+    let what_c = format!(
+        "(c) (a) plus a dead tenant database (T = {t} live + 1 whose connects hang: a loopback \
+         listener that accepts and never answers; driver connect_timeout {}, coordinator \
+         connect_timeout {} set explicitly)",
+        fmt_duration(DEAD_CONNECT_TIMEOUT),
+        fmt_duration(DEAD_COORDINATOR_CONNECT)
+    );
+    match &c {
+        Ok((out, accepted)) => {
+            let extra = format!(
+                "; the dead listener accepted {accepted} connections; health at the end: {}",
+                if out.health.is_empty() {
+                    "healthy".to_string()
+                } else {
+                    out.health.join("; ")
+                }
+            );
+            rows.extend(config_rows(
+                "c",
+                &what_c,
+                node_c,
+                t,
+                s,
+                out,
+                raw_connect,
+                raw_check,
+                &extra,
+            ));
+            if let Ok(a) = &a {
+                rows.extend(dead_rows(t, s, a, out));
+            }
+        }
+        Err(why) => rows.push(Row::not_measured(
+            M11D,
+            "postgres",
+            Target::None,
+            format!("{what_c}: {why}"),
+        )),
+    }
+    Ok(rows)
+}
+
+/// Cycles of at least this long count as held up by a connect.
+const SLOW_CYCLE: Duration = Duration::from_secs(1);
+
+/// `p50 X (worst tenant Y)` of the per-tenant verify intervals.
+fn describe_intervals(out: &Outcome) -> String {
+    match verify_intervals(out) {
+        Some((p50, worst)) => format!(
+            "p50 {} (worst tenant {})",
+            fmt_duration(p50),
+            fmt_duration(worst)
+        ),
+        None => match &out.statements {
+            Err(why) => format!("not measured: {why}"),
+            Ok(_) => "—".to_string(),
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn config_rows(
+    tag: &str,
+    what: &str,
+    node: &str,
+    t: usize,
+    s: usize,
+    out: &Outcome,
+    raw_connect: Duration,
+    raw_check: &str,
+    extra: &str,
+) -> Vec<Row> {
+    let shards_total = t * s;
+    let r = match (out.cycles.p50(), out.raw.p50()) {
+        (Some(o), Some(r)) => ratio(o, r),
+        _ => None,
+    };
+    let mut rows = vec![Row {
+        measure: M11S.to_string(),
+        driver: "postgres".into(),
+        setup: format!(
+            "{what}; `Assignment.last_cycle` of {} published cycles over {} ({} completed, {} \
+             not seen: a watch keeps the latest), poll {}; {} cycles ≥ {} (a cycle woken by a \
+             background answer within a poll of the last verify skips the verify and counts \
+             too); raw: {} checks ({raw_check}) with its {} keys held, run alone before the \
+             configuration{extra}",
+            out.cycles.len(),
+            fmt_duration(out.window),
+            out.window_cycles,
+            out.unobserved,
+            fmt_duration(POLL),
+            out.slow,
+            fmt_duration(SLOW_CYCLE),
+            out.raw.len(),
+            t * s
+        ),
+        ours: p50_p95(&out.cycles),
+        raw: p50_p95(&out.raw),
+        ratio: r,
+        target: Target::None,
+        verdict: Verdict::NoTarget,
+        note: None,
+    }];
+    let total_statements = out.statements.as_ref().ok().map(|c| c.iter().sum::<i64>());
+    rows.push(Row {
+        measure: M11V.to_string(),
+        driver: "postgres".into(),
+        setup: format!(
+            "({tag}) per live tenant database: the {} steady window divided by the statements \
+             the server ran in it (`pg_stat_statements`; only the verify runs there in the \
+             steady state){}; poll {}: the best is the poll plus one verify",
+            fmt_duration(out.window),
+            total_statements.map_or(String::new(), |n| format!(", {n} in all")),
+            fmt_duration(POLL)
+        ),
+        ours: describe_intervals(out),
+        raw: "—".into(),
+        ratio: None,
+        target: Target::None,
+        verdict: Verdict::NoTarget,
+        note: None,
+    });
+    let raw_own = raw_connect + out.raw_acquire;
+    rows.push(Row {
+        measure: M11O.to_string(),
+        driver: "postgres".into(),
+        setup: format!(
+            "({tag}) wall time from `start()` until every set is owned and held (after {} \
+             cycle(s); connects + acquire); raw: {t} connections opened in parallel ({}, once) + \
+             {t} `unnest` batches of {s} keys in parallel ({})",
+            out.own_cycles,
+            fmt_duration(raw_connect),
+            fmt_duration(out.raw_acquire)
+        ),
+        ours: fmt_duration(out.own),
+        raw: fmt_duration(raw_own),
+        ratio: ratio(out.own, raw_own),
+        target: Target::None,
+        verdict: Verdict::NoTarget,
+        note: None,
+    });
+    let target = Target::Exactly((t * PG_CONNECTIONS_PER_DATABASE) as f64);
+    rows.push(Row {
+        measure: M11C.to_string(),
+        driver: "postgres".into(),
+        setup: format!(
+            "({tag}) `pg_stat_activity` rows under application_name `shardlock:{node}` \
+             (sessions), `…:watch` (watchers), `…:hints` (release listeners), anything else \
+             under the prefix apart; counted after the steady window"
+        ),
+        ours: out.conns.describe(),
+        raw: format!("{t} databases × {PG_CONNECTIONS_PER_DATABASE}"),
+        ratio: None,
+        target,
+        verdict: target.judge_count(Some(out.conns.total() as f64)),
+        note: None,
+    });
+    if let Some(cpu) = out.cpu {
+        // A verify round: every live tenant verified once.
+        let rounds = total_statements
+            .filter(|n| *n > 0)
+            .map(|n| n as f64 / t as f64);
+        let per_cycle = cpu.div_f64(out.window_cycles.max(1) as f64);
+        let (ours, unit) = match rounds {
+            Some(r) => (
+                fmt_duration(cpu.div_f64(r)),
+                format!("{r:.1} verify rounds (every live tenant verified once)"),
+            ),
+            None => (
+                fmt_duration(per_cycle),
+                "published cycles (statements not counted)".to_string(),
+            ),
+        };
+        rows.push(Row {
+            measure: M11P.to_string(),
+            driver: "postgres".into(),
+            setup: format!(
+                "({tag}) process CPU (per thread, /proc schedstat) over the {} steady window, \
+                 {}, divided by its {unit}; per published cycle {}",
+                fmt_duration(out.window),
+                fmt_duration(cpu),
+                fmt_duration(per_cycle)
+            ),
+            ours,
+            raw: "—".into(),
+            ratio: None,
+            target: Target::None,
+            verdict: Verdict::NoTarget,
+            note: None,
+        });
+    }
+    if let Some((before, held)) = out.rss {
+        let grown = held.saturating_sub(before);
+        let per_1000 = grown as f64 / (shards_total as f64 / 1000.0);
+        rows.push(Row {
+            measure: M11M.to_string(),
+            driver: "postgres".into(),
+            setup: format!(
+                "({tag}) `VmRSS` of the whole bench process before `start()` {:.1} MiB vs while \
+                 holding {:.1} MiB ({shards_total} shards, one agent each); process-wide, and \
+                 memory freed by an earlier configuration or measure is reused (only the first \
+                 configuration of an `--only 11` run starts clean)",
+                before as f64 / 1024.0,
+                held as f64 / 1024.0
+            ),
+            ours: format!(
+                "+{:.1} MiB, {:.2} MiB per 1,000 shards",
+                grown as f64 / 1024.0,
+                per_1000 / 1024.0
+            ),
+            raw: "—".into(),
+            ratio: None,
+            target: Target::None,
+            verdict: Verdict::NoTarget,
+            note: None,
+        });
+    }
+    rows
+}
+
+/// (c) beside (a): how often the live tenants are verified, their cycles
+/// and their time to own.
+fn dead_rows(t: usize, s: usize, a: &Outcome, c: &Outcome) -> Vec<Row> {
+    let target = Target::RatioAtMost(1.5);
+    let (ia, ic) = (verify_intervals(a), verify_intervals(c));
+    let r = match (ic, ia) {
+        (Some((c, _)), Some((a, _))) => ratio(c, a),
+        _ => None,
+    };
+    let worst = match (ic, ia) {
+        (Some((_, c)), Some((_, a))) => ratio(c, a).map_or("—".into(), |r| format!("{r:.2}×")),
+        _ => "—".into(),
+    };
+    let mut row = Row {
+        measure: M11D.to_string(),
+        driver: "postgres".into(),
+        setup: format!(
+            "how often each of the {t} live tenants ({s} shards each) is verified with a dead \
+             tenant database present (c) vs none (a), same run (the shardlock column is (c), \
+             the baseline column (a); worst tenants' ratio {worst}); published cycles (c) \
+             {} ({} ≥ {}) vs (a) {} ({} ≥ {}); time to own every live set (c) {} vs (a) {}",
+            p50_p95(&c.cycles),
+            c.slow,
+            fmt_duration(SLOW_CYCLE),
+            p50_p95(&a.cycles),
+            a.slow,
+            fmt_duration(SLOW_CYCLE),
+            fmt_duration(c.own),
+            fmt_duration(a.own),
+        ),
+        ours: describe_intervals(c),
+        raw: describe_intervals(a),
+        ratio: r,
+        target,
+        verdict: target.judge_ratio(r),
+        note: None,
+    };
+    if row.verdict == Verdict::Missed {
+        row.note = Some(format!(
+            "A dead tenant database slows the live tenants: their sessions are verified less \
+             often than without it. Before connects ran in the background, every cycle waited \
+             for the dead database's connect attempt (retried within a poll interval) until \
+             the driver's connect_timeout ({}) ended it; see the published cycles in the \
+             setup column.",
+            fmt_duration(DEAD_CONNECT_TIMEOUT)
+        ));
+    }
+    vec![row]
+}
