@@ -510,6 +510,28 @@ struct Outcome {
     health: Vec<String>,
 }
 
+impl Outcome {
+    /// Owned after `own` and `own_cycles`; the steady window not yet run.
+    fn new(own: Duration, own_cycles: u64, window: Duration) -> Self {
+        Self {
+            own,
+            own_cycles,
+            raw_acquire: Duration::ZERO,
+            cycles: Samples::default(),
+            window,
+            window_cycles: 0,
+            unobserved: 0,
+            slow: 0,
+            raw: Samples::default(),
+            cpu: None,
+            statements: Err("not counted".into()),
+            rss: None,
+            conns: Conns::default(),
+            health: Vec::new(),
+        }
+    }
+}
+
 /// The publishes of every coordinator, tagged with its index.
 type Publishes = mpsc::UnboundedReceiver<(usize, Snapshot)>;
 
@@ -622,22 +644,7 @@ async fn observe(
     let own = started.elapsed();
     let own_cycles = latest.iter().flatten().map(|s| s.cycles).max().unwrap_or(0);
     let mut last: Vec<Snapshot> = latest.into_iter().flatten().collect();
-    let mut out = Outcome {
-        own,
-        own_cycles,
-        raw_acquire: Duration::ZERO,
-        cycles: Samples::default(),
-        window: shape.window,
-        window_cycles: 0,
-        unobserved: 0,
-        slow: 0,
-        raw: Samples::default(),
-        cpu: None,
-        statements: Err("not counted".into()),
-        rss: None,
-        conns: Conns::default(),
-        health: Vec::new(),
-    };
+    let mut out = Outcome::new(own, own_cycles, shape.window);
     // Per thread: a runtime thread that exits in the window must not make
     // the process total go down.
     let counting = reset_statements(env).await;
@@ -1144,4 +1151,97 @@ fn dead_rows(t: usize, s: usize, a: &Outcome, c: &Outcome) -> Vec<Row> {
         ));
     }
     vec![row]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    #[test]
+    fn the_dead_server_accepts_and_never_answers() {
+        let dead = DeadServer::start().unwrap();
+        let mut conn = TcpStream::connect(dead.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let e = conn.read(&mut buf).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        assert_eq!(dead.accepted(), 1);
+        drop(dead);
+        // Stopped: the held connection is closed.
+        assert_eq!(conn.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn only_the_dead_id_is_routed_to_the_dead_server() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dead = DeadServer::start().unwrap();
+        // The "live" server is a closed port: refused at once.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = |port: u16| {
+            PgOptions::parse(&format!("postgres://u:p@127.0.0.1:{port}"))
+                .unwrap()
+                .connect_timeout(Duration::from_millis(300))
+        };
+        let driver = WithDeadTenant {
+            live: PgDriver::new(options(closed)),
+            dead: PgDriver::new(options(dead.addr.port())),
+            dead_db: DatabaseId::new(DEAD_DB),
+        };
+        let node = NodeId::new("t");
+        runtime.block_on(async {
+            let live = driver.connect(&DatabaseId::new("live"), &node).await;
+            assert!(live.is_err());
+            assert_eq!(dead.accepted(), 0, "the live id went to the dead server");
+            let e = driver
+                .connect(&DatabaseId::new(DEAD_DB), &node)
+                .await
+                .err()
+                .unwrap();
+            assert!(err(e).contains(&dead.addr.port().to_string()));
+            assert!(dead.accepted() >= 1);
+        });
+    }
+
+    #[test]
+    fn verify_intervals_divide_the_window_by_each_tenants_statements() {
+        let mut out = Outcome::new(Duration::ZERO, 0, Duration::from_secs(10));
+        assert_eq!(verify_intervals(&out), None);
+        out.statements = Ok(vec![10, 5, 0]);
+        // 1 s, 2 s, and a tenant never verified counts as the window.
+        assert_eq!(
+            verify_intervals(&out),
+            Some((Duration::from_secs(2), Duration::from_secs(10)))
+        );
+        assert_eq!(describe_intervals(&out), "p50 2.00 s (worst tenant 10.0 s)");
+    }
+
+    #[test]
+    fn connections_are_described_per_kind() {
+        let mut c = Conns {
+            sessions: 2,
+            watchers: 2,
+            listeners: 1,
+            other: 0,
+        };
+        assert_eq!(c.describe(), "5 (2 sessions + 2 watchers + 1 listeners)");
+        c.other = 1;
+        assert_eq!(c.total(), 6);
+        assert!(c.describe().ends_with("+ 1 other)"));
+    }
 }
