@@ -2,8 +2,10 @@
 # Runs the benchmarks and writes BENCHMARKS.md: every measure beside a raw
 # baseline taken in the same run (see benches/ and BENCHMARKS.md).
 #
-#   scripts/bench.sh              full run (about 10-15 minutes on 2 cores)
-#   scripts/bench.sh --quick      short run, a few seconds per measure
+#   scripts/bench.sh              full run: the harness 3 times, each row the
+#                                 median run's (about 40 minutes on 2 cores)
+#   scripts/bench.sh --runs N     the harness N times (1: about 13 minutes)
+#   scripts/bench.sh --quick      short run, a few seconds per measure, once
 #   scripts/bench.sh --out FILE   write FILE instead of BENCHMARKS.md
 #   scripts/bench.sh --no-criterion   only the latency harness
 #
@@ -23,10 +25,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "[bench.sh] $*" >&2; }
 
-quick=0 criterion=1 out=BENCHMARKS.md
+quick=0 criterion=1 out=BENCHMARKS.md runs=
 while [ "$#" -gt 0 ]; do
     case "$1" in
     --quick) quick=1 ;;
+    --runs)
+        runs=${2:?--runs needs a number}
+        case "$runs" in
+        '' | *[!0-9]* | 0)
+            echo "bench.sh: --runs takes a number of runs, 1 or more: $runs" >&2
+            exit 2
+            ;;
+        esac
+        shift
+        ;;
     --no-criterion) criterion=0 ;;
     --out)
         out=${2:?--out needs a file}
@@ -43,6 +55,11 @@ while [ "$#" -gt 0 ]; do
     esac
     shift
 done
+
+# A full run takes the median of three; a quick one is for trying things.
+if [ -z "$runs" ]; then
+    if [ "$quick" -eq 1 ]; then runs=1; else runs=3; fi
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
     log "cargo is not installed: install Rust (https://rustup.rs) first"
@@ -210,10 +227,22 @@ if [ -n "$mysql_skip" ]; then
 fi
 
 # ----- the latency harness --------------------------------------------------
-harness_args=(--out "$work/harness.md")
+# Each run is a process of its own; with several, every row of the table is
+# the median run's row (shardlock-bench median-of), its setup listing them all.
+harness_args=()
 [ "$quick" -eq 1 ] && harness_args+=(--quick)
-log "running the harness (${harness_args[*]})${pin_client[*]:+ under ${pin_client[*]}}"
-"${pin_client[@]}" "$target_dir/release/shardlock-bench" "${harness_args[@]}"
+run_files=()
+for i in $(seq 1 "$runs"); do
+    run_file="$work/harness-$i.md"
+    log "harness run $i of $runs (${harness_args[*]:-full})${pin_client[*]:+ under ${pin_client[*]}}"
+    "${pin_client[@]}" "$target_dir/release/shardlock-bench" "${harness_args[@]}" --out "$run_file"
+    run_files+=("$run_file")
+done
+if [ "$runs" -eq 1 ]; then
+    cp "${run_files[0]}" "$work/harness.md"
+else
+    "$target_dir/release/shardlock-bench" median-of "$work/harness.md" "${run_files[@]}"
+fi
 
 # ----- criterion ------------------------------------------------------------
 criterion_md="(not run: --no-criterion)"
@@ -245,6 +274,7 @@ pinning="not pinned"
 [ "${#pin_client[@]}" -gt 0 ] && pinning="server: docker ${pin_server[*]}; benchmarks: ${pin_client[*]}"
 mode=full
 [ "$quick" -eq 1 ] && mode="quick (--quick: few rounds, not for comparison)"
+[ "$runs" -gt 1 ] && mode="$mode, each row the median of $runs runs of the harness"
 {
     cat <<HEADER
 # shardlock benchmarks

@@ -20,7 +20,8 @@
 //! `raw-pg-holder <key-id>`, `raw-mysql-holder <name>` and
 //! `raw-sqlite-holder <file>`; and
 //! `criterion-summary <target/criterion>` prints criterion's medians as a
-//! Markdown table.
+//! Markdown table; `median-of <out.md> <run.md>...` merges several runs'
+//! tables into one of medians (see `runs.rs`).
 
 mod coordinated;
 mod crash;
@@ -32,6 +33,7 @@ mod metrics_cost;
 mod micro;
 mod peers;
 mod rebalance;
+mod runs;
 mod tenants;
 
 use std::path::PathBuf;
@@ -147,6 +149,7 @@ fn main() -> Result<()> {
         Some("raw-pg-holder") => return holders::raw_pg_holder(&args[1..]),
         Some("raw-sqlite-holder") => return holders::raw_sqlite_holder(&args[1..]),
         Some("raw-mysql-holder") => return holders::raw_mysql_holder(&args[1..]),
+        Some("median-of") => return runs::median_of(&args[1..]),
         Some("criterion-summary") => {
             let dir = args.get(1).context("usage: criterion-summary <dir>")?;
             print!("{}", criterion_summary::summary(std::path::Path::new(dir))?);
