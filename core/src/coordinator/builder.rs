@@ -34,7 +34,7 @@ pub struct CoordinatorConfig {
     /// [`connect_timeout`](Driver::connect_timeout) when that is longer, so
     /// the driver's typed timeout error is seen rather than a bare deadline.
     pub connect_timeout: Duration,
-    /// Sessions opened at once (default 16). Connects run in the background,
+    /// Sessions opened at once (default 64). Connects run in the background,
     /// each under its own `connect_timeout`: a node with hundreds of tenant
     /// databases opens them in waves of this size, and a database that
     /// cannot be reached delays nobody else.
@@ -62,7 +62,7 @@ impl CoordinatorConfig {
             start_jitter: Duration::from_millis(500),
             lock_loss_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
-            connect_concurrency: 16,
+            connect_concurrency: 64,
             stop_timeout: Duration::from_secs(5),
             restart_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -153,7 +153,7 @@ impl<D: Driver, S: Distributor, A: Agent> CoordinatorBuilder<D, S, A> {
         self
     }
 
-    /// Sessions opened at once (default 16; 0 counts as 1). See
+    /// Sessions opened at once (default 64; 0 counts as 1). See
     /// [`CoordinatorConfig::connect_concurrency`].
     pub fn connect_concurrency(mut self, connects: usize) -> Self {
         self.config.connect_concurrency = connects.max(1);

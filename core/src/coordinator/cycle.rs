@@ -410,31 +410,43 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                     Some(at) => pause.min(at.saturating_duration_since(Instant::now())),
                     None => pause,
                 };
-                tokio::select! {
-                    _ = self.stop.cancelled() => break,
-                    _ = self.lost.notified() => {
-                        // A session signalled its loss: its agents are
-                        // already cancelled (their tokens are children of
-                        // its loss token); await them and drop it now, not
-                        // at the next poll.
-                        self.handle_lost().await;
-                        self.publish(Duration::ZERO, false);
+                let until = Instant::now() + pause;
+                let stopping = loop {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => break true,
+                        _ = self.lost.notified() => {
+                            // A session signalled its loss: its agents are
+                            // already cancelled (their tokens are children
+                            // of its loss token); await them and drop it
+                            // now, not at the next poll.
+                            self.handle_lost().await;
+                            self.publish(Duration::ZERO, false);
+                            break false;
+                        }
+                        _ = self.wake.notified() => break false,
+                        Some(settled) = self.settled_rx.recv() => {
+                            // A connect or a straggling verify answered: act
+                            // on it now (a new session acquires at once; a
+                            // failed verify stops its agents at its own
+                            // deadline). A verify that came back sound
+                            // changes nothing: keep waiting.
+                            if self.settle(settled).await {
+                                self.woken_by_settle = true;
+                                break false;
+                            }
+                        }
+                        _ = self.hinted.notified() => {
+                            // Another node released sets: try at once.
+                            self.wakeups += 1;
+                            self.woken_by_hint = true;
+                            debug!("release announced elsewhere: cycling now");
+                            break false;
+                        }
+                        _ = tokio::time::sleep_until(until) => break false,
                     }
-                    _ = self.wake.notified() => {}
-                    Some(settled) = self.settled_rx.recv() => {
-                        // A connect or a straggling verify answered: act on
-                        // it now (a new session acquires at once; a failed
-                        // verify stops its agents at its own deadline).
-                        self.settle(settled).await;
-                        self.woken_by_settle = true;
-                    }
-                    _ = self.hinted.notified() => {
-                        // Another node released sets: try at once.
-                        self.wakeups += 1;
-                        self.woken_by_hint = true;
-                        debug!("release announced elsewhere: cycling now");
-                    }
-                    _ = tokio::time::sleep(pause) => {}
+                };
+                if stopping {
+                    break;
                 }
             }
             self.shutdown().await;
@@ -608,8 +620,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     /// Acts on what a background connect or straggling verify answered;
     /// an answer for a slot that moved on since (lost, closed, a newer
-    /// task) is dropped with its session.
-    async fn settle(&mut self, settled: Settled<D::Session>) {
+    /// task) is dropped with its session. Answers whether a cycle should
+    /// follow (a new session, a failed connect or a lost session: not a
+    /// verify that came back sound, nor a stale answer).
+    async fn settle(&mut self, settled: Settled<D::Session>) -> bool {
         match settled {
             Settled::Connected {
                 db,
@@ -617,10 +631,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 result,
             } => {
                 let Some(conn) = self.conns.get_mut(&db) else {
-                    return;
+                    return false;
                 };
                 if conn.connecting.is_none() || conn.generation != generation {
-                    return;
+                    return false;
                 }
                 conn.connecting = None;
                 match result {
@@ -637,6 +651,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                         warn!(database = %db, error = %e.report(), retry_in = ?delay, "cannot connect");
                     }
                 }
+                true
             }
             Settled::Verified {
                 db,
@@ -645,10 +660,10 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 result,
             } => {
                 let Some(conn) = self.conns.get_mut(&db) else {
-                    return;
+                    return false;
                 };
                 if conn.verifying.is_none() || conn.generation != generation {
-                    return;
+                    return false;
                 }
                 conn.verifying = None;
                 match result {
@@ -659,10 +674,12 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                         if !queued.is_empty() {
                             self.release_keys(&db, &queued).await;
                         }
+                        false
                     }
                     Err(e) => {
                         let cause = cause_of(&e, LossCause::Verify);
                         self.lose_session(&db, Some(session), &e, cause).await;
+                        true
                     }
                 }
             }

@@ -90,7 +90,7 @@
 //!
 //! - **Connects run in the background**, at most
 //!   [`connect_concurrency`](CoordinatorBuilder::connect_concurrency) at
-//!   once (default 16), each under `connect_timeout`. A cycle never waits
+//!   once (default 64), each under `connect_timeout`. A cycle never waits
 //!   for one: a database without a session is skipped until its connect
 //!   answers, which wakes the loop, and the next cycle acquires its sets.
 //!   An unreachable database (a host that drops packets, a listener that
