@@ -59,6 +59,7 @@ use shardlock_core::{
     DatabaseId, Distributor, Driver, LockKey, NodeId, ShardId, SharedTenants,
 };
 use shardlock_distributors::{MultiTenanted, SingleTenant};
+use shardlock_postgres::sqlx::postgres::PgConnectOptions;
 use shardlock_postgres::sqlx::{self, Executor as _};
 use shardlock_postgres::{DatabaseMapping, PgDriver, PgOptions, PgSession};
 use tokio::sync::mpsc;
@@ -116,29 +117,58 @@ impl Agent for Idle {
 
 /// Measure 11.
 pub(crate) async fn run(ctx: &mut Ctx) {
-    let shape = ctx.config.pick(
-        Shape {
-            tenants: 10,
-            shards: 10,
-            window: Duration::from_secs(4),
-            raw_checks: 3,
-        },
-        Shape {
-            tenants: 100,
-            shards: 100,
-            window: Duration::from_secs(15),
-            raw_checks: 5,
-        },
+    let (shape, sets) = ctx.config.pick(
+        (
+            Shape {
+                tenants: 10,
+                shards: 10,
+                window: Duration::from_secs(4),
+                raw_checks: 3,
+            },
+            Shape {
+                tenants: 10,
+                shards: 1_000,
+                window: Duration::from_secs(4),
+                raw_checks: 3,
+            },
+        ),
+        (
+            Shape {
+                tenants: 100,
+                shards: 100,
+                window: Duration::from_secs(15),
+                raw_checks: 5,
+            },
+            Shape {
+                tenants: 100,
+                shards: 1_000,
+                window: Duration::from_secs(10),
+                raw_checks: 3,
+            },
+        ),
     );
     progress(format!(
-        "measure 11: {} tenant databases × {} shards (postgres)",
-        shape.tenants, shape.shards
+        "measure 11: {} tenant databases × {} shards, then {} × {} sets (postgres)",
+        shape.tenants, shape.shards, sets.tenants, sets.shards
     ));
     match postgres(ctx, &shape).await {
         Ok(rows) => rows.into_iter().for_each(|r| ctx.report.push(r)),
         Err(why) => ctx
             .report
             .push(Row::not_measured(M11S, "postgres", Target::None, why)),
+    }
+    progress(format!(
+        "  (d) {} coordinators, SingleTenant each, {} sets each",
+        sets.tenants, sets.shards
+    ));
+    match many_sets(ctx, &sets).await {
+        Ok(rows) => rows.into_iter().for_each(|r| ctx.report.push(r)),
+        Err(why) => ctx.report.push(Row::not_measured(
+            M11M,
+            "postgres",
+            Target::None,
+            format!("{}: {why}", many_sets_what(&sets)),
+        )),
     }
 }
 
@@ -212,16 +242,51 @@ async fn node_connections(env: &mut PgEnv, node: &str) -> Result<Conns, String> 
     })
 }
 
-/// Resident memory of this process in KiB (`VmRSS`).
-fn rss_kib() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
+/// A KiB field of this process's `/proc/self/status` (`VmRSS`: resident
+/// memory now; `VmHWM`: its peak so far).
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    kib_field(&status, field)
+}
+
+/// `field`'s value in KiB in a `/proc/<pid>/status` text.
+fn kib_field(status: &str, field: &str) -> Option<u64> {
+    status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()
+}
+
+/// Resident memory of the process around a configuration's start, KiB.
+#[derive(Debug, Clone, Copy)]
+struct Rss {
+    /// `VmRSS` just before `start()`.
+    before: u64,
+    /// `VmHWM` just before `start()`: how much the process held at most.
+    peak_before: u64,
+    /// `VmRSS` once every set is owned and the steady window ran.
+    held: u64,
+}
+
+/// KiB in MiB.
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// `n` with a comma every three digits (`100,000`).
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The tenant database names.
@@ -503,8 +568,8 @@ struct Outcome {
     /// steady window (`pg_stat_statements`; the verifies, nothing else
     /// runs there then), or why they are not known.
     statements: Result<Vec<i64>, String>,
-    /// `VmRSS` before the start and while holding, KiB.
-    rss: Option<(u64, u64)>,
+    /// Resident memory around the start.
+    rss: Option<Rss>,
     conns: Conns,
     /// Health reasons of the coordinators at the end (degraded only).
     health: Vec<String>,
@@ -571,18 +636,26 @@ async fn measure(
         raw_checks.push(raw.all(Op::Check).await?);
     }
     raw.all(Op::Release).await?;
-    let rss_before = rss_kib();
+    let rss_before = status_kib("VmRSS");
+    let peak_before = status_kib("VmHWM");
     let started = Instant::now();
     let handles = launch()?;
     let mut forwarders = JoinSet::new();
     let mut rx = forward(&handles, &mut forwarders);
     let result = observe(env, names, &mut rx, shape, expected, started).await;
-    let rss_while = rss_kib();
+    let rss_while = status_kib("VmRSS");
     let result = match result {
         Ok(mut out) => match node_connections(env, node).await {
             Ok(conns) => {
                 out.conns = conns;
-                out.rss = rss_before.zip(rss_while);
+                out.rss = match (rss_before, peak_before, rss_while) {
+                    (Some(before), Some(peak_before), Some(held)) => Some(Rss {
+                        before,
+                        peak_before,
+                        held,
+                    }),
+                    _ => None,
+                };
                 out.raw_acquire = raw_acquire;
                 out.raw = raw_checks;
                 out.health = handles
@@ -740,9 +813,9 @@ fn p50_p95(s: &Samples) -> String {
     }
 }
 
-async fn postgres(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
-    let env = ctx.pg()?;
-    let (t, s) = (shape.tenants, shape.shards);
+/// Fails unless the server takes a node over `t` tenants beside the raw
+/// side.
+async fn check_connections(env: &mut PgEnv, t: usize) -> Result<(), String> {
     let needed = (t * (PG_CONNECTIONS_PER_DATABASE + 1) + 10) as i64;
     let max = env.max_connections().await?;
     if max < needed {
@@ -752,6 +825,12 @@ async fn postgres(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
              {max}: raise it in scripts/bench.sh"
         ));
     }
+    Ok(())
+}
+
+/// The tenant databases `shardlock_bench_t000` … for `t` tenants, created
+/// if missing.
+async fn tenants_ready(env: &mut PgEnv, t: usize) -> Result<Vec<String>, String> {
     let names = tenant_names(t);
     let creating = Instant::now();
     let created = ensure_tenants(env, &names).await?;
@@ -760,6 +839,28 @@ async fn postgres(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
         fmt_duration(creating.elapsed()),
         t - created
     ));
+    Ok(names)
+}
+
+/// Driver options for the live tenants: `base`'s server, the tenant id as
+/// the database name.
+fn live_options(base: &PgConnectOptions, timeout: Option<Duration>) -> PgOptions {
+    let options =
+        PgOptions::from_connect_options(base.clone()).database_mapping(DatabaseMapping::SameServer);
+    match timeout {
+        Some(timeout) => options.connect_timeout(timeout),
+        None => options,
+    }
+}
+
+/// The raw side's steady check, as the rows describe it.
+const RAW_CHECK: &str = "one `select count(*) from pg_locks …` per raw connection, all at once";
+
+async fn postgres(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
+    let env = ctx.pg()?;
+    let (t, s) = (shape.tenants, shape.shards);
+    check_connections(env, t).await?;
+    let names = tenants_ready(env, t).await?;
     let (mut raw, raw_connect) = RawTenants::connect(env, &names, s).await?;
     let result = configurations(env, shape, &names, &mut raw, raw_connect).await;
     raw.close().await;
@@ -777,14 +878,7 @@ async fn configurations(
     let tenants: Vec<DatabaseId> = names.iter().map(DatabaseId::new).collect();
     let shards = || (0..s).map(|i| ShardId::new(format!("shard-{i}")));
     let base = env.options_for(BENCH_DB);
-    let live_options = |timeout: Option<Duration>| {
-        let options = PgOptions::from_connect_options(base.clone())
-            .database_mapping(DatabaseMapping::SameServer);
-        match timeout {
-            Some(timeout) => options.connect_timeout(timeout),
-            None => options,
-        }
-    };
+    let live_options = |timeout: Option<Duration>| live_options(&base, timeout);
     let mut rows = Vec::new();
 
     progress("  (a) one coordinator, MultiTenanted");
@@ -847,32 +941,35 @@ async fn configurations(
         Err(why) => Err(format!("cannot open the dead tenant's listener: {why}")),
     };
 
-    let raw_check = "one `select count(*) from pg_locks …` per raw connection, all at once";
     let setups = [
         (
             "a",
             format!("(a) one node, one coordinator, MultiTenanted over T = {t} tenant databases, S = {s} shards each ({t} sets of {s} shards)"),
             node_a,
+            t,
             &a,
         ),
         (
             "b",
-            format!("(b) one node, {t} coordinators in one process, SingleTenant each over its tenant database with S = {s} shards ({} sets of 1 shard)", t * s),
+            format!("(b) one node, {t} coordinators in one process, SingleTenant each over its tenant database with S = {s} shards ({} sets of 1 shard)", thousands(t * s)),
             node_b,
+            t * s,
             &b,
         ),
     ];
-    for (tag, what, node, outcome) in setups {
+    for (tag, what, node, sets, outcome) in setups {
         match outcome {
             Ok(out) => rows.extend(config_rows(
-                tag,
-                &what,
-                node,
-                t,
-                s,
+                &Setup {
+                    tag,
+                    what: &what,
+                    node,
+                    t,
+                    s,
+                    sets,
+                    raw_connect,
+                },
                 out,
-                raw_connect,
-                raw_check,
                 "",
             )),
             Err(why) => rows.push(Row::not_measured(
@@ -901,14 +998,16 @@ async fn configurations(
                 }
             );
             rows.extend(config_rows(
-                "c",
-                &what_c,
-                node_c,
-                t,
-                s,
+                &Setup {
+                    tag: "c",
+                    what: &what_c,
+                    node: node_c,
+                    t,
+                    s,
+                    sets: t,
+                    raw_connect,
+                },
                 out,
-                raw_connect,
-                raw_check,
                 &extra,
             ));
             if let Ok(a) = &a {
@@ -923,6 +1022,90 @@ async fn configurations(
         )),
     }
     Ok(rows)
+}
+
+/// (d) in words.
+fn many_sets_what(shape: &Shape) -> String {
+    let (t, s) = (shape.tenants, shape.shards);
+    format!(
+        "(d) one node holding {} lock sets across {t} tenant databases: {t} coordinators in one \
+         process, SingleTenant each over its tenant database with {} sets of 1 shard",
+        thousands(t * s),
+        thousands(s)
+    )
+}
+
+/// Advisory locks the server's shared lock table has room for at least:
+/// `max_locks_per_transaction × (max_connections +
+/// max_prepared_transactions)` (the table also counts the background
+/// workers' slots, so this is a floor).
+async fn lock_room(env: &mut PgEnv) -> Result<i64, String> {
+    sqlx::query_scalar(
+        "select current_setting('max_locks_per_transaction')::bigint \
+             * (current_setting('max_connections')::bigint \
+                + current_setting('max_prepared_transactions')::bigint)",
+    )
+    .fetch_one(env.admin())
+    .await
+    .map_err(err)
+}
+
+/// (d): T SingleTenant coordinators in this process, S sets of one shard
+/// each, all held (T × S lock sets); the raw side, alone before them, T
+/// connections each locking its S keys in one `unnest` batch. Everything is
+/// freed (coordinators stopped, raw connections closed) before it returns.
+async fn many_sets(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
+    let env = ctx.pg()?;
+    let (t, s) = (shape.tenants, shape.shards);
+    let total = t * s;
+    check_connections(env, t).await?;
+    // Every set's lock, each session's liveness lock, and room to spare.
+    let needed = (total + t + 1_000) as i64;
+    let room = lock_room(env).await?;
+    if room < needed {
+        return Err(format!(
+            "{} advisory locks need a shared lock table of ≥ {needed} (max_locks_per_transaction \
+             × (max_connections + max_prepared_transactions)); the server has {room}: raise \
+             max_locks_per_transaction in scripts/bench.sh",
+            thousands(total)
+        ));
+    }
+    let names = tenants_ready(env, t).await?;
+    let (mut raw, raw_connect) = RawTenants::connect(env, &names, s).await?;
+    let node = "bench-m11-sets";
+    let driver = PgDriver::new(live_options(&env.options_for(BENCH_DB), None));
+    let tenants: Vec<DatabaseId> = names.iter().map(DatabaseId::new).collect();
+    let out = measure(env, &names, shape, &mut raw, node, &vec![s; t], || {
+        tenants
+            .into_iter()
+            .map(|db| {
+                let shards = (0..s).map(|i| ShardId::new(format!("shard-{i}")));
+                start(
+                    driver.clone(),
+                    SingleTenant::new(db, SCHEMA, shards),
+                    node,
+                    None,
+                )
+            })
+            .collect()
+    })
+    .await;
+    raw.close().await;
+    let out = out?;
+    let what = many_sets_what(shape);
+    Ok(config_rows(
+        &Setup {
+            tag: "d",
+            what: &what,
+            node,
+            t,
+            s,
+            sets: total,
+            raw_connect,
+        },
+        &out,
+        "",
+    ))
 }
 
 /// Cycles of at least this long count as held up by a connect.
@@ -943,18 +1126,34 @@ fn describe_intervals(out: &Outcome) -> String {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn config_rows(
-    tag: &str,
-    what: &str,
-    node: &str,
+/// What one configuration was, for its rows.
+struct Setup<'a> {
+    /// `a`, `b`, …
+    tag: &'a str,
+    /// The configuration in words.
+    what: &'a str,
+    /// Its node id.
+    node: &'a str,
+    /// Live tenant databases.
     t: usize,
+    /// Shards per tenant.
     s: usize,
-    out: &Outcome,
+    /// Lock sets of the node (every live one).
+    sets: usize,
+    /// The raw side's connect time, once.
     raw_connect: Duration,
-    raw_check: &str,
-    extra: &str,
-) -> Vec<Row> {
+}
+
+fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
+    let &Setup {
+        tag,
+        what,
+        node,
+        t,
+        s,
+        sets,
+        raw_connect,
+    } = setup;
     let shards_total = t * s;
     let r = match (out.cycles.p50(), out.raw.p50()) {
         (Some(o), Some(r)) => ratio(o, r),
@@ -967,7 +1166,7 @@ fn config_rows(
             "{what}; `Assignment.last_cycle` of {} published cycles over {} ({} completed, {} \
              not seen: a watch keeps the latest), poll {}; {} cycles ≥ {} (a cycle woken by a \
              background answer within a poll of the last verify skips the verify and counts \
-             too); raw: {} checks ({raw_check}) with its {} keys held, run alone before the \
+             too); raw: {} checks ({RAW_CHECK}) with its {} keys held, run alone before the \
              configuration{extra}",
             out.cycles.len(),
             fmt_duration(out.window),
@@ -1010,9 +1209,10 @@ fn config_rows(
         measure: M11O.to_string(),
         driver: "postgres".into(),
         setup: format!(
-            "({tag}) wall time from `start()` until every set is owned and held (after {} \
-             cycle(s); connects + acquire); raw: {t} connections opened in parallel ({}, once) + \
-             {t} `unnest` batches of {s} keys in parallel ({})",
+            "({tag}) wall time from `start()` until every one of the {} sets is owned and held \
+             (after {} cycle(s); connects + acquire); raw: {t} connections opened in parallel \
+             ({}, once) + {t} `unnest` batches of {s} keys in parallel ({})",
+            thousands(sets),
             out.own_cycles,
             fmt_duration(raw_connect),
             fmt_duration(out.raw_acquire)
@@ -1074,24 +1274,43 @@ fn config_rows(
             note: None,
         });
     }
-    if let Some((before, held)) = out.rss {
-        let grown = held.saturating_sub(before);
-        let per_1000 = grown as f64 / (shards_total as f64 / 1000.0);
+    if let Some(rss) = out.rss {
+        let grown = rss.held.saturating_sub(rss.before);
+        // One shard per set: the sets are what the node holds.
+        let (count, unit) = if sets == shards_total {
+            (sets, "sets")
+        } else {
+            (shards_total, "shards")
+        };
+        let per_1000 = grown as f64 / (count as f64 / 1000.0);
+        let held_what = if sets == shards_total {
+            format!("{} sets of 1 shard, one agent each", thousands(sets))
+        } else {
+            format!(
+                "{} shards in {} sets, one agent per shard",
+                thousands(shards_total),
+                thousands(sets)
+            )
+        };
         rows.push(Row {
             measure: M11M.to_string(),
             driver: "postgres".into(),
             setup: format!(
-                "({tag}) `VmRSS` of the whole bench process before `start()` {:.1} MiB vs while \
-                 holding {:.1} MiB ({shards_total} shards, one agent each); process-wide, and \
-                 memory freed by an earlier configuration or measure is reused (only the first \
-                 configuration of an `--only 11` run starts clean)",
-                before as f64 / 1024.0,
-                held as f64 / 1024.0
+                "({tag}) `VmRSS` of the whole bench process (process-wide: every thread and \
+                 measure of this run) before `start()` {:.1} MiB vs while holding {:.1} MiB \
+                 ({held_what}); the process's peak before the start (`VmHWM`) {:.1} MiB: memory \
+                 freed by an earlier configuration or measure, up to the peak minus the start, \
+                 is reused without growing `VmRSS`, so the growth is a lower bound (only the \
+                 first configuration of an `--only 11` run starts clean)",
+                mib(rss.before),
+                mib(rss.held),
+                mib(rss.peak_before)
             ),
             ours: format!(
-                "+{:.1} MiB, {:.2} MiB per 1,000 shards",
-                grown as f64 / 1024.0,
-                per_1000 / 1024.0
+                "+{:.1} MiB for {} {unit}, {:.2} MiB per 1,000 {unit}",
+                mib(grown),
+                thousands(count),
+                mib(per_1000 as u64)
             ),
             raw: "—".into(),
             ratio: None,
