@@ -5,13 +5,14 @@
 //! ```text
 //! cargo build --release -p shardlock-benches --example steady_profile
 //! perf record -F 2000 -g --call-graph dwarf -- \
-//!     target/release/examples/steady_profile [steady|acquire] [memory|postgres] [N] [cycles]
+//!     target/release/examples/steady_profile [steady|acquire|batch] [memory|postgres] [N] [cycles]
 //! ```
 //!
 //! `steady` wakes a coordinator that already holds every set (the verify
 //! cycle of measure 5); `acquire` alternates the distribution between one
 //! anchor set and all N + 1, so every other cycle acquires N new sets (the
-//! acquisition cycle of measure 6). `postgres` reads `SHARDLOCK_PG_URL` and
+//! acquisition cycle of measure 6); `batch` is measure 2's cycle on one
+//! session (`try_acquire` of N keys, then `release_all`). `postgres` reads `SHARDLOCK_PG_URL` and
 //! uses the URL's database. Prints the CPU time of the process per cycle
 //! (from `/proc`, over the cycling only) and the p50 of the coordinator's
 //! own cycle times. Like the bench, it runs on a current-thread runtime.
@@ -165,6 +166,39 @@ async fn run<D: Driver>(
     Ok(())
 }
 
+/// Measure 2's cycle on one session: `try_acquire` of `n` keys, then
+/// `release_all`, `cycles` times.
+async fn batch<D: Driver>(
+    driver: D,
+    db: DatabaseId,
+    n: usize,
+    cycles: usize,
+) -> anyhow::Result<()> {
+    use shardlock_core::{NodeId, Session};
+    let mut session = driver.connect(&db, &NodeId::new("batch-profile")).await?;
+    let keys: Vec<LockKey> = (0..n)
+        .map(|i| LockKey::new(format!("batch-profile:{i}")))
+        .collect::<Result<_, _>>()?;
+    let mut times = Vec::with_capacity(cycles);
+    let cpu_before = CpuSnapshot::now()?;
+    for _ in 0..cycles {
+        let started = std::time::Instant::now();
+        let granted = session.try_acquire(&keys).await?;
+        anyhow::ensure!(granted.iter().all(|g| *g), "a key was not granted");
+        session.release_all().await?;
+        times.push(started.elapsed());
+    }
+    let cpu = CpuSnapshot::now()?.since(&cpu_before);
+    println!(
+        "batch of {n} keys: {cycles} cycles (try_acquire + release_all), process CPU per cycle \
+         {:?}, p50 {:?}",
+        cpu / cycles.max(1) as u32,
+        p50(&mut times),
+    );
+    session.close().await?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).map_or("steady", String::as_str);
@@ -172,10 +206,11 @@ fn main() -> anyhow::Result<()> {
     let n: usize = args.get(3).map_or(Ok(10_000), |s| s.parse())?;
     let cycles: usize = args.get(4).map_or(Ok(2_000), |s| s.parse())?;
     let steady = match mode {
-        "steady" => true,
+        "steady" | "batch" => true,
         "acquire" => false,
-        other => anyhow::bail!("mode {other:?}: steady or acquire"),
+        other => anyhow::bail!("mode {other:?}: steady, acquire or batch"),
     };
+    let batched = mode == "batch";
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -183,7 +218,11 @@ fn main() -> anyhow::Result<()> {
         match driver {
             "memory" => {
                 let server = MemoryServer::with_release_window(Duration::from_secs(60));
-                run(server.driver(), DatabaseId::new("app"), steady, n, cycles).await
+                let db = DatabaseId::new("app");
+                if batched {
+                    return batch(server.driver(), db, n, cycles).await;
+                }
+                run(server.driver(), db, steady, n, cycles).await
             }
             "postgres" => {
                 let url = std::env::var("SHARDLOCK_PG_URL")?;
@@ -193,14 +232,11 @@ fn main() -> anyhow::Result<()> {
                     .get_database()
                     .unwrap_or("postgres")
                     .to_string();
-                run(
-                    PgDriver::new(options),
-                    DatabaseId::new(db),
-                    steady,
-                    n,
-                    cycles,
-                )
-                .await
+                let (driver, db) = (PgDriver::new(options), DatabaseId::new(db));
+                if batched {
+                    return batch(driver, db, n, cycles).await;
+                }
+                run(driver, db, steady, n, cycles).await
             }
             other => anyhow::bail!("driver {other:?}: memory or postgres"),
         }

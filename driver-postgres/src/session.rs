@@ -240,9 +240,10 @@ impl PgSession {
         }
     }
 
-    /// Per id of `asked`, whether the server released it, from the keys an
-    /// unlock statement lists as **not** released (see [`listed`](Self::listed)).
-    fn released(
+    /// Per id of `asked`, whether the server did it (granted or released
+    /// the key), from the keys a statement lists as **not** done (denied by
+    /// a try, kept by an unlock; see [`listed`](Self::listed)).
+    fn not_listed(
         &mut self,
         operation: &str,
         asked: &[i64],
@@ -371,12 +372,13 @@ impl Session for PgSession {
         self.holds.begin("try_acquire")?;
         self.sent();
         let conn = self.conn()?;
+        // Both answer the keys denied.
         let result = if let [id] = ids[..] {
             sqlx::query_scalar::<_, bool>(sql::TRY_ONE)
                 .bind(id)
                 .fetch_one(conn)
                 .await
-                .map(|granted| granted.then(|| vec![id]))
+                .map(|granted| (!granted).then(|| vec![id]))
         } else {
             sqlx::query_scalar::<_, Option<Vec<i64>>>(sql::TRY_MANY)
                 .bind(&ids)
@@ -384,8 +386,8 @@ impl Session for PgSession {
                 .await
         };
         self.holds.end();
-        let granted = match result {
-            Ok(granted) => granted,
+        let denied = match result {
+            Ok(denied) => denied,
             Err(err) => {
                 let err = PgError::from_query("try_acquire", err);
                 let fatal = err.is_connection_lost();
@@ -396,7 +398,7 @@ impl Session for PgSession {
                 return Err(err);
             }
         };
-        let granted = self.listed("try_acquire", &ids, granted)?;
+        let granted = self.not_listed("try_acquire", &ids, denied)?;
         self.holds.finish_acquire(keys, &ask, &granted)
     }
 
@@ -477,7 +479,7 @@ impl Session for PgSession {
             .await;
         self.holds.end();
         let kept = result.map_err(|e| self.fail(PgError::from_query("release_many", e)))?;
-        let released = self.released("release_many", &ids, kept)?;
+        let released = self.not_listed("release_many", &ids, kept)?;
         Ok(self.holds.record_released(keys, &ask, &released))
     }
 
@@ -517,7 +519,7 @@ impl Session for PgSession {
         self.holds.end();
         let (kept, notifications) =
             result.map_err(|e| self.fail(PgError::from_query("release_announced", e)))?;
-        let released = self.released("release_announced", &ids, kept)?;
+        let released = self.not_listed("release_announced", &ids, kept)?;
         debug!(
             pid = self.pid,
             keys = ids.len(),
@@ -585,11 +587,11 @@ impl Session for PgSession {
             return Ok(());
         }
         self.ready().await?;
-        let held = self.holds.held();
-        if held.is_empty() {
+        // The ids alone: no clone of the held keys.
+        let ids: Vec<i64> = self.holds.keys().map(LockKey::id).collect();
+        if ids.is_empty() {
             return Ok(());
         }
-        let ids: Vec<i64> = held.iter().map(LockKey::id).collect();
         self.holds.begin("release_all")?;
         self.sent();
         let conn = self.conn()?;

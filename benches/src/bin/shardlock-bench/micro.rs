@@ -540,10 +540,17 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
                     .sum();
                 n as f64 / N as f64
             };
-            let driver_sql = ours
+            // The driver's two statements, as the server recorded them:
+            // the try, and the unlock by name of the release.
+            let try_sql = ours
                 .iter()
                 .find(|s| s.query.contains("pg_try_advisory_lock"))
                 .map(|s| s.query.clone());
+            let unlock_sql = ours
+                .iter()
+                .find(|s| s.query.contains("pg_advisory_unlock("))
+                .map(|s| s.query.clone());
+            let driver_sql = try_sql.zip(unlock_sql);
             Ok((
                 per(&ours, true),
                 per(&ours, false),
@@ -556,12 +563,13 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
     };
     let (ours, base) = interleave(rounds, per_round, ours_cycle, raw_cycle).await?;
     let _ = session.close().await;
-    // Diagnosis: the driver's own batch statement (as the server recorded
-    // it) sent raw over sqlx, against the plain raw batch: separates the
-    // statement's cost from the driver's client-side work.
+    // Diagnosis: the driver's own statements (as the server recorded them:
+    // the try, then the unlock by name) sent raw over sqlx, against the
+    // plain raw batch: separates the server's work for the driver's
+    // statements from the driver's client-side work.
     let diagnosis = match &counts {
-        Ok((.., Some(sql))) => {
-            let sql = sql.clone();
+        Ok((.., Some((sql, unlock_sql)))) => {
+            let (sql, unlock_sql) = (sql.clone(), unlock_sql.clone());
             let mut plain = async || {
                 let started = Instant::now();
                 raw.try_lock_many(&raw_keys).await.map_err(err)?;
@@ -577,7 +585,14 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
                     .fetch_all(same.conn())
                     .await
                     .map_err(err)?;
-                same.unlock_all().await.map_err(err)?;
+                let kept: Option<Vec<i64>> = shardlock_postgres::sqlx::query_scalar(&unlock_sql)
+                    .bind(&raw_keys)
+                    .fetch_one(same.conn())
+                    .await
+                    .map_err(err)?;
+                if kept.is_some() {
+                    return Err("the driver's unlock statement kept keys".to_string());
+                }
                 Ok(started.elapsed())
             };
             driver_stmt().await?;
@@ -587,7 +602,9 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
                 "2 diagnosis: the driver's batch statement sent raw",
                 "postgres",
                 format!(
-                    "{size} keys, {} cycles each; sqlx sends `{sql}` + unlock all, against the                      plain raw batch; no target (explains the row above)",
+                    "{size} keys, {} cycles each; sqlx sends the driver's two statements, \
+                     `{sql}` + `{unlock_sql}` (the unlock by name), against the plain raw \
+                     batch; no target (explains the row above)",
                     d.len()
                 ),
                 &d,
@@ -617,11 +634,10 @@ async fn postgres_batch(ctx: &mut Ctx, size: usize) -> Result<Vec<Row>, String> 
         let statement = diagnosis.as_ref().and_then(|d| d.ratio);
         let why = match statement {
             Some(r) if r <= 1.05 => format!(
-                "the driver's statement sent raw costs {r:.2}× the plain raw batch (diagnosis \
-                 row), so the gap is the driver's client-side work per key: a dedup `HashSet`, \
-                 a `HashMap` insert and a `LockKey` clone per granted key, and a lookup per key \
-                 for the answer. Building the answer from the server's array directly (no \
-                 dedup set when the batch has no duplicates) would close more of it"
+                "the driver's statements sent raw cost {r:.2}× the plain raw batch (diagnosis \
+                 row), so the gap is the driver's client-side work per key: a dedup set and a \
+                 `LockKey` clone per key asked, a held-key map insert per granted key and the \
+                 map's clearing on release, and sqlx encoding the ids of both statements"
             ),
             Some(r) => format!(
                 "the driver's statement sent raw already costs {r:.2}× the plain raw batch \
