@@ -18,7 +18,8 @@
 //!
 //! Hidden sub-commands used as child processes by the crash measure:
 //! `raw-pg-holder <key-id>`, `raw-mysql-holder <name>` and
-//! `raw-sqlite-holder <file>`; and
+//! `raw-sqlite-holder <file>`; `m11-sets-node <tenants> <sets> <window ms>`
+//! runs measure 11's node (d) in a process of its own; and
 //! `criterion-summary <target/criterion>` prints criterion's medians as a
 //! Markdown table; `median-of <out.md> <run.md>...` merges several runs'
 //! tables into one of medians (see `runs.rs`).
@@ -149,6 +150,7 @@ fn main() -> Result<()> {
         Some("raw-pg-holder") => return holders::raw_pg_holder(&args[1..]),
         Some("raw-sqlite-holder") => return holders::raw_sqlite_holder(&args[1..]),
         Some("raw-mysql-holder") => return holders::raw_mysql_holder(&args[1..]),
+        Some(tenants::SETS_NODE) => return tenants::sets_node(&args[1..]),
         Some("median-of") => return runs::median_of(&args[1..]),
         Some("criterion-summary") => {
             let dir = args.get(1).context("usage: criterion-summary <dir>")?;

@@ -1,10 +1,11 @@
 //! Measure 11: many databases, 100 tenant databases × 100 shards on one
 //! node (PostgreSQL), with and without a dead tenant database
-//! (`--quick`: 10 × 10).
+//! (`--quick`: 10 × 10); then a node holding 100,000 lock sets across the
+//! 100 tenant databases (`--quick`: 10 × 1,000 = 10,000 sets).
 //!
 //! The tenants are the databases `shardlock_bench_t000` … (the ones
 //! measure 6 uses), created once per server if missing, four at a time.
-//! Three configurations run one after the other in the same run:
+//! Four configurations run one after the other in the same run:
 //!
 //! - **(a) MultiTenanted**: one coordinator, `MultiTenanted` over the T
 //!   tenants: one lock set per tenant holding its S shards (T sets, T × S
@@ -23,6 +24,15 @@
 //!   tenants are verified, their cycles and their time to own, the
 //!   measurement of "a dead tenant database does not slow the others'
 //!   cycles".
+//! - **(d) 100,000 sets**: T coordinators (one per tenant database),
+//!   `SingleTenant` each with 1,000 sets of one shard, all owned and held
+//!   (T × 1,000 sets; needs `max_locks_per_transaction × max_connections`
+//!   above that, checked first). The node runs in a child process of its
+//!   own (`shardlock-bench m11-sets-node`, its outcome read back from
+//!   stdout), so that its resident memory is its own: in one process, memory
+//!   an earlier measure freed is reused and the growth reads near zero. The
+//!   raw side for it: T connections each locking its 1,000 keys in one
+//!   `unnest` batch, alone before the node starts, closed before it ends.
 //!
 //! Rows per configuration: the steady cycle time p50/p95 (every published
 //! `Assignment.last_cycle` over a time window); the verify interval per
@@ -37,7 +47,9 @@
 //! prefix counted apart); process CPU over the window (per thread,
 //! [`CpuSnapshot`]) per verify round (every live tenant verified once);
 //! resident memory (`VmRSS`, process-wide) before the start vs while
-//! holding, per 1,000 shards.
+//! holding, per 1,000 sets where each set is one shard ((b), (d)), else per
+//! 1,000 shards. Every configuration's coordinators are stopped, so its
+//! locks freed, before the next starts.
 //!
 //! The raw baseline, same run, before each configuration and alone (its
 //! 10,000 held keys would lengthen every read of `pg_locks`, which is what
@@ -242,33 +254,16 @@ async fn node_connections(env: &mut PgEnv, node: &str) -> Result<Conns, String> 
     })
 }
 
-/// A KiB field of this process's `/proc/self/status` (`VmRSS`: resident
-/// memory now; `VmHWM`: its peak so far).
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    kib_field(&status, field)
-}
-
-/// `field`'s value in KiB in a `/proc/<pid>/status` text.
-fn kib_field(status: &str, field: &str) -> Option<u64> {
-    status
+/// Resident memory of this process in KiB (`VmRSS`).
+fn rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .find(|l| l.starts_with("VmRSS:"))?
         .split_whitespace()
-        .next()?
+        .nth(1)?
         .parse()
         .ok()
-}
-
-/// Resident memory of the process around a configuration's start, KiB.
-#[derive(Debug, Clone, Copy)]
-struct Rss {
-    /// `VmRSS` just before `start()`.
-    before: u64,
-    /// `VmHWM` just before `start()`: how much the process held at most.
-    peak_before: u64,
-    /// `VmRSS` once every set is owned and the steady window ran.
-    held: u64,
 }
 
 /// KiB in MiB.
@@ -281,7 +276,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -551,7 +546,7 @@ struct Outcome {
     /// The raw side's batch before this configuration started.
     raw_acquire: Duration,
     /// Published cycle durations in the steady window.
-    cycles: Samples,
+    cycles: Vec<Duration>,
     /// The steady window's length.
     window: Duration,
     /// Cycles completed in the steady window (all coordinators).
@@ -568,8 +563,8 @@ struct Outcome {
     /// steady window (`pg_stat_statements`; the verifies, nothing else
     /// runs there then), or why they are not known.
     statements: Result<Vec<i64>, String>,
-    /// Resident memory around the start.
-    rss: Option<Rss>,
+    /// `VmRSS` before the start and while holding, KiB.
+    rss: Option<(u64, u64)>,
     conns: Conns,
     /// Health reasons of the coordinators at the end (degraded only).
     health: Vec<String>,
@@ -582,7 +577,7 @@ impl Outcome {
             own,
             own_cycles,
             raw_acquire: Duration::ZERO,
-            cycles: Samples::default(),
+            cycles: Vec::new(),
             window,
             window_cycles: 0,
             unobserved: 0,
@@ -628,36 +623,49 @@ async fn measure(
     expected: &[usize],
     launch: impl FnOnce() -> Result<Vec<CoordinatorHandle>, String>,
 ) -> Result<Outcome, String> {
-    // The raw side first, alone: its held keys would otherwise make every
-    // read of `pg_locks` (the coordinator's verify) longer.
+    let (raw_acquire, raw_checks) = raw_round(raw, shape).await?;
+    let mut out = hold(env, names, shape, node, expected, launch).await?;
+    out.raw_acquire = raw_acquire;
+    out.raw = raw_checks;
+    Ok(out)
+}
+
+/// The raw side alone (its held keys would otherwise make every read of
+/// `pg_locks`, the coordinator's verify, longer): acquire, checks,
+/// release. Answers the acquire's time and the checks'.
+async fn raw_round(raw: &mut RawTenants, shape: &Shape) -> Result<(Duration, Samples), String> {
     let raw_acquire = raw.all(Op::Acquire).await?;
     let mut raw_checks = Samples::default();
     for _ in 0..shape.raw_checks {
         raw_checks.push(raw.all(Op::Check).await?);
     }
     raw.all(Op::Release).await?;
-    let rss_before = status_kib("VmRSS");
-    let peak_before = status_kib("VmHWM");
+    Ok((raw_acquire, raw_checks))
+}
+
+/// Starts the coordinators (`launch`), waits until coordinator `i` owns
+/// `expected[i]` sets, all held, measures the steady state, then stops
+/// them; the raw fields are left empty.
+async fn hold(
+    env: &mut PgEnv,
+    names: &[String],
+    shape: &Shape,
+    node: &str,
+    expected: &[usize],
+    launch: impl FnOnce() -> Result<Vec<CoordinatorHandle>, String>,
+) -> Result<Outcome, String> {
+    let rss_before = rss_kib();
     let started = Instant::now();
     let handles = launch()?;
     let mut forwarders = JoinSet::new();
     let mut rx = forward(&handles, &mut forwarders);
     let result = observe(env, names, &mut rx, shape, expected, started).await;
-    let rss_while = status_kib("VmRSS");
+    let rss_while = rss_kib();
     let result = match result {
         Ok(mut out) => match node_connections(env, node).await {
             Ok(conns) => {
                 out.conns = conns;
-                out.rss = match (rss_before, peak_before, rss_while) {
-                    (Some(before), Some(peak_before), Some(held)) => Some(Rss {
-                        before,
-                        peak_before,
-                        held,
-                    }),
-                    _ => None,
-                };
-                out.raw_acquire = raw_acquire;
-                out.raw = raw_checks;
+                out.rss = rss_before.zip(rss_while);
                 out.health = handles
                     .iter()
                     .flat_map(|h| h.health().reasons())
@@ -804,6 +812,12 @@ async fn window(
         out.slow += usize::from(s.last_cycle >= SLOW_CYCLE);
         last[i] = s;
     }
+}
+
+fn samples(values: &[Duration]) -> Samples {
+    let mut s = Samples::default();
+    values.iter().for_each(|v| s.push(*v));
+    s
 }
 
 fn p50_p95(s: &Samples) -> String {
@@ -968,6 +982,7 @@ async fn configurations(
                     s,
                     sets,
                     raw_connect,
+                    own_process: false,
                 },
                 out,
                 "",
@@ -1006,6 +1021,7 @@ async fn configurations(
                     s,
                     sets: t,
                     raw_connect,
+                    own_process: false,
                 },
                 out,
                 &extra,
@@ -1072,10 +1088,110 @@ async fn many_sets(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
     }
     let names = tenants_ready(env, t).await?;
     let (mut raw, raw_connect) = RawTenants::connect(env, &names, s).await?;
-    let node = "bench-m11-sets";
+    let raw_side = raw_round(&mut raw, shape).await;
+    // The node runs in a process of its own, so that its resident memory
+    // is its own and not memory an earlier measure freed and this reuses.
+    let child = match raw_side {
+        Ok(_) => run_sets_node(shape).await,
+        Err(_) => Err("not started".into()),
+    };
+    raw.close().await;
+    let (raw_acquire, raw_checks) = raw_side?;
+    let mut out = child?;
+    out.raw_acquire = raw_acquire;
+    out.raw = raw_checks;
+    let what = many_sets_what(shape);
+    Ok(config_rows(
+        &Setup {
+            tag: "d",
+            what: &what,
+            node: SETS_NODE_ID,
+            t,
+            s,
+            sets: total,
+            raw_connect,
+            own_process: true,
+        },
+        &out,
+        "",
+    ))
+}
+
+/// The hidden sub-command that runs (d)'s node in a process of its own.
+pub(crate) const SETS_NODE: &str = "m11-sets-node";
+/// (d)'s node id.
+const SETS_NODE_ID: &str = "bench-m11-sets";
+/// The line prefix of the child's answer on stdout.
+const ANSWER: &str = "m11 ";
+
+/// Runs `shardlock-bench m11-sets-node <tenants> <sets> <window ms>` and
+/// reads its outcome (the raw fields empty).
+async fn run_sets_node(shape: &Shape) -> Result<Outcome, String> {
+    let exe = std::env::current_exe().map_err(err)?;
+    let args = [
+        SETS_NODE.to_string(),
+        shape.tenants.to_string(),
+        shape.shards.to_string(),
+        shape.window.as_millis().to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+    })
+    .await
+    .map_err(err)?
+    .map_err(|e| format!("cannot run {SETS_NODE}: {}", err(e)))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() && !stdout.contains(ANSWER) {
+        return Err(format!("{SETS_NODE} ended with {}", output.status));
+    }
+    decode(&stdout)
+}
+
+/// The child side of (d): `<tenants> <sets per tenant> <window ms>`; the
+/// server from `SHARDLOCK_PG_URL`. Prints the outcome (or why there is
+/// none) on stdout for [`decode`].
+pub(crate) fn sets_node(args: &[String]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let number = |i: usize, what: &str| -> anyhow::Result<usize> {
+        let arg = args
+            .get(i)
+            .with_context(|| format!("usage: {SETS_NODE} <tenants> <sets> <window ms> ({what})"))?;
+        arg.parse()
+            .with_context(|| format!("{SETS_NODE}: {what} {arg:?}"))
+    };
+    let shape = Shape {
+        tenants: number(0, "tenants")?,
+        shards: number(1, "sets per tenant")?,
+        window: Duration::from_millis(number(2, "window ms")? as u64),
+        raw_checks: 0,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a Tokio runtime")?;
+    let outcome = runtime.block_on(async {
+        let mut env = match PgEnv::from_env(Duration::from_secs(60)).await {
+            Ok(Some(env)) => env,
+            Ok(None) => return Err(format!("no server: set {}", shardlock_benches::URL_ENV)),
+            Err(why) => return Err(why),
+        };
+        hold_sets(&mut env, &shape).await
+    });
+    print!("{}", encode(&outcome));
+    Ok(())
+}
+
+/// (d)'s node: T SingleTenant coordinators, S sets each, held and measured.
+async fn hold_sets(env: &mut PgEnv, shape: &Shape) -> Result<Outcome, String> {
+    let (t, s) = (shape.tenants, shape.shards);
+    let names = tenant_names(t);
     let driver = PgDriver::new(live_options(&env.options_for(BENCH_DB), None));
     let tenants: Vec<DatabaseId> = names.iter().map(DatabaseId::new).collect();
-    let out = measure(env, &names, shape, &mut raw, node, &vec![s; t], || {
+    hold(env, &names, shape, SETS_NODE_ID, &vec![s; t], || {
         tenants
             .into_iter()
             .map(|db| {
@@ -1083,29 +1199,126 @@ async fn many_sets(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
                 start(
                     driver.clone(),
                     SingleTenant::new(db, SCHEMA, shards),
-                    node,
+                    SETS_NODE_ID,
                     None,
                 )
             })
             .collect()
     })
-    .await;
-    raw.close().await;
-    let out = out?;
-    let what = many_sets_what(shape);
-    Ok(config_rows(
-        &Setup {
-            tag: "d",
-            what: &what,
-            node,
-            t,
-            s,
-            sets: total,
-            raw_connect,
-        },
-        &out,
-        "",
-    ))
+    .await
+}
+
+/// The outcome as `m11 <field> <value>` lines (the raw fields left out).
+fn encode(outcome: &Result<Outcome, String>) -> String {
+    let out = match outcome {
+        Ok(out) => out,
+        Err(why) => return format!("{ANSWER}error {}\n", one_line(why)),
+    };
+    let us = |d: Duration| d.as_micros().to_string();
+    let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+    let mut text = String::new();
+    let mut line = |field: &str, value: String| {
+        text.push_str(&format!("{ANSWER}{field} {value}\n"));
+    };
+    line("own", us(out.own));
+    line("own_cycles", out.own_cycles.to_string());
+    line("window", us(out.window));
+    line("window_cycles", out.window_cycles.to_string());
+    line("unobserved", out.unobserved.to_string());
+    line("slow", out.slow.to_string());
+    line("cycles", list(&mut out.cycles.iter().map(|d| us(*d))));
+    if let Some(cpu) = out.cpu {
+        line("cpu", us(cpu));
+    }
+    match &out.statements {
+        Ok(calls) => line("statements", list(&mut calls.iter().map(i64::to_string))),
+        Err(why) => line("statements_error", one_line(why)),
+    }
+    if let Some((before, held)) = out.rss {
+        line("rss", format!("{before} {held}"));
+    }
+    let c = out.conns;
+    line(
+        "conns",
+        format!("{} {} {} {}", c.sessions, c.watchers, c.listeners, c.other),
+    );
+    for reason in &out.health {
+        line("health", one_line(reason));
+    }
+    text
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
+}
+
+/// Reads [`encode`]'s lines back (other lines are ignored).
+fn decode(text: &str) -> Result<Outcome, String> {
+    let mut out = Outcome::new(Duration::ZERO, 0, Duration::ZERO);
+    let mut seen_own = false;
+    let bad = |field: &str, value: &str| format!("{SETS_NODE} answered {field} {value:?}");
+    let number = |field: &str, value: &str| -> Result<u64, String> {
+        value.trim().parse().map_err(|_| bad(field, value))
+    };
+    let numbers = |field: &str, value: &str| -> Result<Vec<u64>, String> {
+        value
+            .split([',', ' '])
+            .filter(|v| !v.is_empty())
+            .map(|v| number(field, v))
+            .collect()
+    };
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(ANSWER) else {
+            continue;
+        };
+        let (field, value) = rest.split_once(' ').unwrap_or((rest, ""));
+        let micros = |v: u64| Duration::from_micros(v);
+        match field {
+            "error" => return Err(value.to_string()),
+            "own" => {
+                out.own = micros(number(field, value)?);
+                seen_own = true;
+            }
+            "own_cycles" => out.own_cycles = number(field, value)?,
+            "window" => out.window = micros(number(field, value)?),
+            "window_cycles" => out.window_cycles = number(field, value)?,
+            "unobserved" => out.unobserved = number(field, value)?,
+            "slow" => out.slow = number(field, value)? as usize,
+            "cycles" => {
+                out.cycles = numbers(field, value)?.into_iter().map(micros).collect();
+            }
+            "cpu" => out.cpu = Some(micros(number(field, value)?)),
+            "statements" => {
+                out.statements = Ok(numbers(field, value)?
+                    .into_iter()
+                    .map(|n| n as i64)
+                    .collect());
+            }
+            "statements_error" => out.statements = Err(value.to_string()),
+            "rss" => match numbers(field, value)?.as_slice() {
+                [before, held] => out.rss = Some((*before, *held)),
+                _ => return Err(bad(field, value)),
+            },
+            "conns" => match numbers(field, value)?.as_slice() {
+                [s, w, l, o] => {
+                    out.conns = Conns {
+                        sessions: *s as i64,
+                        watchers: *w as i64,
+                        listeners: *l as i64,
+                        other: *o as i64,
+                    }
+                }
+                _ => return Err(bad(field, value)),
+            },
+            "health" => out.health.push(value.to_string()),
+            _ => return Err(bad(field, value)),
+        }
+    }
+    if seen_own {
+        Ok(out)
+    } else {
+        Err(format!("{SETS_NODE} gave no outcome"))
+    }
 }
 
 /// Cycles of at least this long count as held up by a connect.
@@ -1142,6 +1355,8 @@ struct Setup<'a> {
     sets: usize,
     /// The raw side's connect time, once.
     raw_connect: Duration,
+    /// Whether the node ran in a child process of its own.
+    own_process: bool,
 }
 
 fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
@@ -1153,9 +1368,11 @@ fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
         s,
         sets,
         raw_connect,
+        own_process: _,
     } = setup;
     let shards_total = t * s;
-    let r = match (out.cycles.p50(), out.raw.p50()) {
+    let cycles = samples(&out.cycles);
+    let r = match (cycles.p50(), out.raw.p50()) {
         (Some(o), Some(r)) => ratio(o, r),
         _ => None,
     };
@@ -1176,9 +1393,9 @@ fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
             out.slow,
             fmt_duration(SLOW_CYCLE),
             out.raw.len(),
-            t * s
+            thousands(t * s)
         ),
-        ours: p50_p95(&out.cycles),
+        ours: p50_p95(&cycles),
         raw: p50_p95(&out.raw),
         ratio: r,
         target: Target::None,
@@ -1274,15 +1491,15 @@ fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
             note: None,
         });
     }
-    if let Some(rss) = out.rss {
-        let grown = rss.held.saturating_sub(rss.before);
+    if let Some((before, held)) = out.rss {
+        let grown = held.saturating_sub(before);
         // One shard per set: the sets are what the node holds.
         let (count, unit) = if sets == shards_total {
             (sets, "sets")
         } else {
             (shards_total, "shards")
         };
-        let per_1000 = grown as f64 / (count as f64 / 1000.0);
+        let per_1000 = grown as f64 / (count.max(1) as f64 / 1000.0);
         let held_what = if sets == shards_total {
             format!("{} sets of 1 shard, one agent each", thousands(sets))
         } else {
@@ -1296,21 +1513,25 @@ fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
             measure: M11M.to_string(),
             driver: "postgres".into(),
             setup: format!(
-                "({tag}) `VmRSS` of the whole bench process (process-wide: every thread and \
-                 measure of this run) before `start()` {:.1} MiB vs while holding {:.1} MiB \
-                 ({held_what}); the process's peak before the start (`VmHWM`) {:.1} MiB: memory \
-                 freed by an earlier configuration or measure, up to the peak minus the start, \
-                 is reused without growing `VmRSS`, so the growth is a lower bound (only the \
-                 first configuration of an `--only 11` run starts clean)",
-                mib(rss.before),
-                mib(rss.held),
-                mib(rss.peak_before)
+                "({tag}) `VmRSS` {} before `start()` {:.1} MiB vs while holding {:.1} MiB \
+                 ({held_what})",
+                if setup.own_process {
+                    "of a child process running only this node (`shardlock-bench \
+                     m11-sets-node`; process-wide: its runtime and the bench's one admin \
+                     connection count too, nothing freed before it starts)"
+                } else {
+                    "of the whole bench process (process-wide: memory freed by an earlier \
+                     configuration or measure is reused, so the growth is a lower bound; only \
+                     the first configuration of an `--only 11` run starts clean)"
+                },
+                mib(before),
+                mib(held),
             ),
             ours: format!(
                 "+{:.1} MiB for {} {unit}, {:.2} MiB per 1,000 {unit}",
                 mib(grown),
                 thousands(count),
-                mib(per_1000 as u64)
+                per_1000 / 1024.0
             ),
             raw: "—".into(),
             ratio: None,
@@ -1343,10 +1564,10 @@ fn dead_rows(t: usize, s: usize, a: &Outcome, c: &Outcome) -> Vec<Row> {
              tenant database present (c) vs none (a), same run (the shardlock column is (c), \
              the baseline column (a); worst tenants' ratio {worst}); published cycles (c) \
              {} ({} ≥ {}) vs (a) {} ({} ≥ {}); time to own every live set (c) {} vs (a) {}",
-            p50_p95(&c.cycles),
+            p50_p95(&samples(&c.cycles)),
             c.slow,
             fmt_duration(SLOW_CYCLE),
-            p50_p95(&a.cycles),
+            p50_p95(&samples(&a.cycles)),
             a.slow,
             fmt_duration(SLOW_CYCLE),
             fmt_duration(c.own),
@@ -1448,6 +1669,71 @@ mod tests {
             Some((Duration::from_secs(2), Duration::from_secs(10)))
         );
         assert_eq!(describe_intervals(&out), "p50 2.00 s (worst tenant 10.0 s)");
+    }
+
+    #[test]
+    fn the_childs_outcome_reads_back_whole() {
+        let mut out = Outcome::new(Duration::from_millis(1500), 7, Duration::from_secs(10));
+        out.window_cycles = 90;
+        out.unobserved = 3;
+        out.slow = 1;
+        out.cycles = vec![Duration::from_micros(250), Duration::from_millis(12)];
+        out.cpu = Some(Duration::from_micros(4321));
+        out.statements = Ok(vec![40, 0, 12]);
+        out.rss = Some((10_240, 300_000));
+        out.conns = Conns {
+            sessions: 100,
+            watchers: 100,
+            listeners: 99,
+            other: 1,
+        };
+        out.health = vec!["tenant t001:\nsession lost".into()];
+        let text = format!("noise before\n{}", encode(&Ok(out)));
+        let back = decode(&text).unwrap();
+        assert_eq!(back.own, Duration::from_millis(1500));
+        assert_eq!(back.own_cycles, 7);
+        assert_eq!(back.window, Duration::from_secs(10));
+        assert_eq!((back.window_cycles, back.unobserved, back.slow), (90, 3, 1));
+        assert_eq!(
+            back.cycles,
+            [Duration::from_micros(250), Duration::from_millis(12)]
+        );
+        assert_eq!(back.cpu, Some(Duration::from_micros(4321)));
+        assert_eq!(back.statements, Ok(vec![40, 0, 12]));
+        assert_eq!(back.rss, Some((10_240, 300_000)));
+        assert_eq!(
+            back.conns.describe(),
+            "300 (100 sessions + 100 watchers + 99 listeners + 1 other)"
+        );
+        assert_eq!(back.health, ["tenant t001: session lost"]);
+    }
+
+    #[test]
+    fn the_childs_failures_and_silence_are_errors() {
+        let why = decode(&encode(
+            &Err("1 of 2 coordinators owned\ntheir sets".into()),
+        ));
+        assert_eq!(why.err().unwrap(), "1 of 2 coordinators owned their sets");
+        assert!(decode("").err().unwrap().contains("no outcome"));
+        assert!(decode("m11 own 12\nm11 rss 1\n")
+            .err()
+            .unwrap()
+            .contains("rss"));
+        assert!(decode("m11 own soon\n").is_err());
+        let mut empty = Outcome::new(Duration::ZERO, 0, Duration::ZERO);
+        empty.statements = Err("pg_stat_statements not usable".into());
+        let back = decode(&encode(&Ok(empty))).unwrap();
+        assert!(back.cycles.is_empty() && back.cpu.is_none() && back.rss.is_none());
+        assert_eq!(back.statements, Err("pg_stat_statements not usable".into()));
+    }
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(100_000), "100,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
     }
 
     #[test]
