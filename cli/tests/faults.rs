@@ -478,8 +478,32 @@ fn remove_stale_containers() {
     }
 }
 
-fn pg_server() -> Option<Server> {
-    if let Ok(url) = std::env::var("SHARDLOCK_PG_URL") {
+/// What differs between the fault run's servers; [`start_server`] does the
+/// rest.
+struct ServerKind {
+    /// How logs name it.
+    name: &'static str,
+    /// A URL in this variable is used as it is.
+    url_env: &'static str,
+    /// The image to run, else `default_image`.
+    image_env: &'static str,
+    default_image: &'static str,
+    /// The port of a URL that names none.
+    default_port: u16,
+    /// `docker run` arguments from the image on: the image and the
+    /// server's own arguments for `port` (environment variables before it).
+    run_args: fn(image: &str, port: u16) -> Vec<String>,
+    /// The URL of a server started on `port`.
+    url: fn(port: u16) -> String,
+    ready: fn(&str, Duration) -> bool,
+    skip: fn(&str) -> Option<Server>,
+}
+
+/// The server: the URL in `kind.url_env`, else a container of its image on
+/// the host network (so a network cut reaches it without docker-proxy in
+/// between), else a loud skip.
+fn start_server(kind: &ServerKind) -> Option<Server> {
+    if let Ok(url) = std::env::var(kind.url_env) {
         if !url.trim().is_empty() {
             let port = url
                 .rsplit('@')
@@ -487,9 +511,9 @@ fn pg_server() -> Option<Server> {
                 .and_then(|hp| hp.split('/').next())
                 .and_then(|hp| hp.rsplit(':').next())
                 .and_then(|p| p.parse().ok())
-                .unwrap_or(5432);
-            if !pg_ready(&url, Duration::from_secs(30)) {
-                panic!("SHARDLOCK_PG_URL is not reachable");
+                .unwrap_or(kind.default_port);
+            if !(kind.ready)(&url, Duration::from_secs(30)) {
+                panic!("{} is not reachable", kind.url_env);
             }
             return Some(Server {
                 url,
@@ -498,41 +522,30 @@ fn pg_server() -> Option<Server> {
             });
         }
     }
-    let image =
-        std::env::var("SHARDLOCK_PG_IMAGE").unwrap_or_else(|_| "shardlock-test/postgres:15".into());
+    let image = std::env::var(kind.image_env).unwrap_or_else(|_| kind.default_image.into());
     if let Err(e) = run_cmd("docker", &["image", "inspect", &image]) {
-        return pg_skip(&format!("no Docker or no image {image} ({e})"));
+        return (kind.skip)(&format!("no Docker or no image {image} ({e})"));
     }
     remove_stale_containers();
     let port = free_port();
     let pid_label = format!("shardlock.chaos.pid={}", std::process::id());
-    let port_arg = format!("port={port}");
-    let id = match run_cmd(
-        "docker",
-        &[
-            "run",
-            "-d",
-            "--network",
-            "host",
-            "--label",
-            "shardlock.test=chaos",
-            "--label",
-            &pid_label,
-            "-e",
-            "POSTGRES_PASSWORD=postgres",
-            &image,
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            &port_arg,
-            "-c",
-            "fsync=off",
-            "-c",
-            "max_connections=200",
-        ],
-    ) {
+    let mut args: Vec<String> = [
+        "run",
+        "-d",
+        "--network",
+        "host",
+        "--label",
+        "shardlock.test=chaos",
+        "--label",
+        &pid_label,
+    ]
+    .map(String::from)
+    .into();
+    args.extend((kind.run_args)(&image, port));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let id = match run_cmd("docker", &args) {
         Ok(id) => id,
-        Err(e) => return pg_skip(&format!("cannot start {image} on the host network: {e}")),
+        Err(e) => return (kind.skip)(&format!("cannot start {image} on the host network: {e}")),
     };
     cleanup()
         .lock()
@@ -540,12 +553,15 @@ fn pg_server() -> Option<Server> {
         .containers
         .insert(id.clone());
     let server = Server {
-        url: format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"),
+        url: (kind.url)(port),
         port,
         container: Some(id),
     };
-    if !pg_ready(&server.url, Duration::from_secs(90)) {
-        panic!("the Postgres container on 127.0.0.1:{port} did not become ready in 90 s");
+    if !(kind.ready)(&server.url, Duration::from_secs(90)) {
+        panic!(
+            "the {} container on 127.0.0.1:{port} did not become ready in 90 s",
+            kind.name
+        );
     }
     let short_id: String = server
         .container
@@ -555,9 +571,41 @@ fn pg_server() -> Option<Server> {
         .take(12)
         .collect();
     say(&format!(
-        "Postgres {image} on 127.0.0.1:{port} (host network, container {short_id})"
+        "{} {image} on 127.0.0.1:{port} (host network, container {short_id})",
+        kind.name
     ));
     Some(server)
+}
+
+fn pg_server() -> Option<Server> {
+    start_server(&ServerKind {
+        name: "Postgres",
+        url_env: "SHARDLOCK_PG_URL",
+        image_env: "SHARDLOCK_PG_IMAGE",
+        default_image: "shardlock-test/postgres:15",
+        default_port: 5432,
+        run_args: |image, port| {
+            let port = format!("port={port}");
+            [
+                "-e",
+                "POSTGRES_PASSWORD=postgres",
+                image,
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                &port,
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ]
+            .map(String::from)
+            .into()
+        },
+        url: |port| format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres"),
+        ready: pg_ready,
+        skip: pg_skip,
+    })
 }
 
 // ---------------------------------------------------------------------------

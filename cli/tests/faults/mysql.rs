@@ -7,9 +7,7 @@ use std::time::Duration;
 use shardlock::mysql::sqlx::mysql::MySqlConnection;
 use shardlock::mysql::sqlx::{self, Connection, Executor};
 
-use super::{
-    block_on, cleanup, free_port, remove_stale_containers, run_cmd, say, wait_until, Server,
-};
+use super::{block_on, start_server, wait_until, Server, ServerKind};
 
 const URL_ENV: &str = "SHARDLOCK_MYSQL_URL";
 const IMAGE_ENV: &str = "SHARDLOCK_MYSQL_IMAGE";
@@ -59,87 +57,36 @@ fn skip(why: &str) -> Option<Server> {
 }
 
 /// The server: `SHARDLOCK_MYSQL_URL`, else a container of
-/// `SHARDLOCK_MYSQL_IMAGE` on the host network (so a network cut reaches
-/// it without docker-proxy in between), else a loud skip.
+/// `SHARDLOCK_MYSQL_IMAGE` on the host network, else a loud skip.
 pub(super) fn server() -> Option<Server> {
-    if let Ok(url) = std::env::var(URL_ENV) {
-        if !url.trim().is_empty() {
-            let port = url
-                .rsplit('@')
-                .next()
-                .and_then(|hp| hp.split('/').next())
-                .and_then(|hp| hp.rsplit(':').next())
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(3306);
-            if !ready(&url, Duration::from_secs(30)) {
-                panic!("{URL_ENV} is not reachable");
-            }
-            return Some(Server {
-                url,
-                port,
-                container: None,
-            });
-        }
-    }
-    let image = std::env::var(IMAGE_ENV).unwrap_or_else(|_| DEFAULT_IMAGE.into());
-    if let Err(e) = run_cmd("docker", &["image", "inspect", &image]) {
-        return skip(&format!("no Docker or no image {image} ({e})"));
-    }
-    remove_stale_containers();
-    let port = free_port();
-    let pid_label = format!("shardlock.chaos.pid={}", std::process::id());
-    let port_arg = format!("--port={port}");
-    // Root without a password and a database of its own (the image follows
-    // the official image's variables; arguments starting with - go to
-    // mariadbd and override its defaults).
-    let id = match run_cmd(
-        "docker",
-        &[
-            "run",
-            "-d",
-            "--network",
-            "host",
-            "--label",
-            "shardlock.test=chaos",
-            "--label",
-            &pid_label,
-            "-e",
-            "MARIADB_ALLOW_EMPTY_ROOT_PASSWORD=1",
-            "-e",
-            "MARIADB_DATABASE=chaos",
-            &image,
-            "--bind-address=127.0.0.1",
-            &port_arg,
-            "--max-connections=300",
-        ],
-    ) {
-        Ok(id) => id,
-        Err(e) => return skip(&format!("cannot start {image} on the host network: {e}")),
-    };
-    cleanup()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .containers
-        .insert(id.clone());
-    let server = Server {
-        url: format!("mysql://root@127.0.0.1:{port}/chaos"),
-        port,
-        container: Some(id),
-    };
-    if !ready(&server.url, Duration::from_secs(90)) {
-        panic!("the MySQL container on 127.0.0.1:{port} did not become ready in 90 s");
-    }
-    let short_id: String = server
-        .container
-        .as_deref()
-        .unwrap_or("")
-        .chars()
-        .take(12)
-        .collect();
-    say(&format!(
-        "MySQL {image} on 127.0.0.1:{port} (host network, container {short_id})"
-    ));
-    Some(server)
+    start_server(&ServerKind {
+        name: "MySQL",
+        url_env: URL_ENV,
+        image_env: IMAGE_ENV,
+        default_image: DEFAULT_IMAGE,
+        default_port: 3306,
+        // Root without a password and a database of its own (the image
+        // follows the official image's variables; arguments starting with -
+        // go to mariadbd and override its defaults).
+        run_args: |image, port| {
+            let port = format!("--port={port}");
+            [
+                "-e",
+                "MARIADB_ALLOW_EMPTY_ROOT_PASSWORD=1",
+                "-e",
+                "MARIADB_DATABASE=chaos",
+                image,
+                "--bind-address=127.0.0.1",
+                &port,
+                "--max-connections=300",
+            ]
+            .map(String::from)
+            .into()
+        },
+        url: |port| format!("mysql://root@127.0.0.1:{port}/chaos"),
+        ready,
+        skip,
+    })
 }
 
 /// `(session, watcher)` connection ids of `node`'s sessions, from the
