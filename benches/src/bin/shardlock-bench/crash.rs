@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shardlock_benches::{fmt_duration, RawPg, RawSqlite, Row, Samples, Target, Verdict};
+use shardlock_benches::{fmt_duration, RawMySql, RawPg, RawSqlite, Row, Samples, Target, Verdict};
 use shardlock_core::{CancellationToken, DatabaseId, Driver, LockKey, NodeId, Session};
 use shardlock_memory::MemoryServer;
 use shardlock_mysql::lock_name;
@@ -40,6 +40,62 @@ fn row(driver: &str, setup: String, ours: &Samples, raw: Option<&Samples>) -> Ro
         verdict: TARGET.judge_duration(ours.max()),
         note: None,
     }
+}
+
+/// One crash round: starts the holder child `holder` (ready once it prints
+/// `ready`), moves `waiter` into a task that waits for the key with `wait`,
+/// lets `waiting` confirm the waiter is queued in the server, kills the
+/// holder, and answers the waiter, whether it got the key, and the time from
+/// the kill to the grant.
+async fn takeover<T, Wait, Fut>(
+    holder: Command,
+    ready: &'static str,
+    waiter: T,
+    wait: Wait,
+    waiting: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(T, bool, Duration), String>
+where
+    T: Send + 'static,
+    Wait: FnOnce(T) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = (T, Result<bool, String>)> + Send + 'static,
+{
+    let mut holder = HolderProcess::start(holder, ready).await?;
+    let task = tokio::spawn(async move {
+        let (waiter, got) = wait(waiter).await;
+        (waiter, got, Instant::now())
+    });
+    waiting.await?;
+    let killed = Instant::now();
+    holder.kill()?;
+    let (waiter, got, at) = task.await.map_err(err)?;
+    holder.reap();
+    Ok((waiter, got?, at - killed))
+}
+
+/// What a waiter's wait answers: the waiter back, and whether it got the
+/// key.
+type Waited<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (T, Result<bool, String>)> + Send>>;
+
+/// A shardlock waiter's wait: `Session::acquire` of `key`.
+fn acquire<S: Session>(key: &LockKey) -> impl FnOnce(S) -> Waited<S> + Send + 'static {
+    let key = key.clone();
+    move |mut waiter: S| {
+        Box::pin(async move {
+            let got = waiter
+                .acquire(&key, &CancellationToken::new())
+                .await
+                .map_err(err);
+            (waiter, got)
+        })
+    }
+}
+
+/// A fixed pause standing for "the waiter is queued" where the server
+/// cannot be asked (SQLite).
+async fn pause(d: Duration) -> Result<(), String> {
+    tokio::time::sleep(d).await;
+    Ok(())
 }
 
 /// Measure 4 for every driver.
@@ -137,22 +193,19 @@ async fn sqlite(ctx: &mut Ctx, runs: usize) -> Result<Row, String> {
                 cmd.env("SHARDLOCK_HOLDER_URL", &dir)
                     .arg(BENCH_DB)
                     .arg(key.name());
-                let mut holder = HolderProcess::start(cmd, "GRANTED 1").await?;
-                let (k, cancel) = (key.clone(), CancellationToken::new());
-                let task = tokio::spawn(async move {
-                    let got = waiter.acquire(&k, &cancel).await;
-                    (waiter, got, Instant::now())
-                });
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let killed = Instant::now();
-                holder.kill()?;
-                let (w, got, at) = task.await.map_err(err)?;
+                let (w, got, took) = takeover(
+                    cmd,
+                    "GRANTED 1",
+                    waiter,
+                    acquire(&key),
+                    pause(Duration::from_millis(50)),
+                )
+                .await?;
                 waiter = w;
-                holder.reap();
-                if !got.map_err(err)? {
+                if !got {
                     return Err("waiter did not get the key".into());
                 }
-                ours.push(at - killed);
+                ours.push(took);
                 waiter.release(&key).await.map_err(err)?;
             } else {
                 let mut cmd = Command::new(&me);
@@ -222,42 +275,28 @@ async fn postgres(ctx: &mut Ctx, runs: usize) -> Result<Row, String> {
                 cmd.arg(BENCH_DB)
                     .arg(key.name())
                     .env("SHARDLOCK_HOLDER_URL", &url);
-                let mut holder = HolderProcess::start(cmd, "GRANTED 1").await?;
-                let (k, cancel) = (key.clone(), CancellationToken::new());
-                let task = tokio::spawn(async move {
-                    let got = waiter.acquire(&k, &cancel).await;
-                    (waiter, got, Instant::now())
-                });
-                env.until_waiting(waiter_pid, Duration::from_secs(10))
-                    .await?;
-                let killed = Instant::now();
-                holder.kill()?;
-                let (w, got, at) = task.await.map_err(err)?;
+                let waiting = env.until_waiting(waiter_pid, Duration::from_secs(10));
+                let (w, got, took) =
+                    takeover(cmd, "GRANTED 1", waiter, acquire(&key), waiting).await?;
                 waiter = w;
-                holder.reap();
-                if !got.map_err(err)? {
+                if !got {
                     return Err("waiter did not get the key".into());
                 }
-                ours.push(at - killed);
+                ours.push(took);
                 waiter.release(&key).await.map_err(err)?;
             } else {
                 let mut cmd = Command::new(&me);
                 cmd.arg("raw-pg-holder")
                     .arg(raw_key.to_string())
                     .env(shardlock_benches::URL_ENV, &url);
-                let mut holder = HolderProcess::start(cmd, "READY").await?;
-                let task = tokio::spawn(async move {
-                    let got = raw_waiter.lock(raw_key).await;
-                    (raw_waiter, got, Instant::now())
-                });
-                env.until_waiting(raw_pid, Duration::from_secs(10)).await?;
-                let killed = Instant::now();
-                holder.kill()?;
-                let (w, got, at) = task.await.map_err(err)?;
+                let waiting = env.until_waiting(raw_pid, Duration::from_secs(10));
+                let lock = move |mut w: RawPg| async move {
+                    let got = w.lock(raw_key).await.map(|()| true).map_err(err);
+                    (w, got)
+                };
+                let (w, _, took) = takeover(cmd, "READY", raw_waiter, lock, waiting).await?;
                 raw_waiter = w;
-                holder.reap();
-                got.map_err(err)?;
-                raw.push(at - killed);
+                raw.push(took);
                 raw_waiter.unlock(raw_key).await.map_err(err)?;
             }
         }
@@ -309,45 +348,32 @@ async fn mysql(ctx: &mut Ctx, runs: usize) -> Result<Row, String> {
                 cmd.arg(BENCH_DB)
                     .arg(key.name())
                     .env("SHARDLOCK_HOLDER_URL", &url);
-                let mut holder = HolderProcess::start(cmd, "GRANTED 1").await?;
-                let (k, cancel) = (key.clone(), CancellationToken::new());
-                let task = tokio::spawn(async move {
-                    let got = waiter.acquire(&k, &cancel).await;
-                    (waiter, got, Instant::now())
-                });
-                env.until_waiting(waiter_id, Duration::from_secs(10))
-                    .await?;
-                let killed = Instant::now();
-                holder.kill()?;
-                let (w, got, at) = task.await.map_err(err)?;
+                let waiting = env.until_waiting(waiter_id, Duration::from_secs(10));
+                let (w, got, took) =
+                    takeover(cmd, "GRANTED 1", waiter, acquire(&key), waiting).await?;
                 waiter = w;
-                holder.reap();
-                if !got.map_err(err)? {
+                if !got {
                     return Err("waiter did not get the key".into());
                 }
-                ours.push(at - killed);
+                ours.push(took);
                 waiter.release(&key).await.map_err(err)?;
             } else {
                 let mut cmd = Command::new(&me);
                 cmd.arg("raw-mysql-holder")
                     .arg(&raw_name)
                     .env(shardlock_benches::MYSQL_URL_ENV, &url);
-                let mut holder = HolderProcess::start(cmd, "READY").await?;
+                let waiting = env.until_waiting(raw_id, Duration::from_secs(10));
                 let wanted = raw_name.clone();
-                let task = tokio::spawn(async move {
-                    let got = raw_waiter.lock(&wanted).await;
-                    (raw_waiter, got, Instant::now())
-                });
-                env.until_waiting(raw_id, Duration::from_secs(10)).await?;
-                let killed = Instant::now();
-                holder.kill()?;
-                let (w, got, at) = task.await.map_err(err)?;
+                let lock = move |mut w: RawMySql| async move {
+                    let got = w.lock(&wanted).await.map_err(err);
+                    (w, got)
+                };
+                let (w, got, took) = takeover(cmd, "READY", raw_waiter, lock, waiting).await?;
                 raw_waiter = w;
-                holder.reap();
-                if !got.map_err(err)? {
+                if !got {
                     return Err("raw waiter did not get the lock".into());
                 }
-                raw.push(at - killed);
+                raw.push(took);
                 raw_waiter.unlock(&raw_name).await.map_err(err)?;
             }
         }

@@ -74,6 +74,47 @@ struct Pair<S> {
 }
 
 impl<S: Waiting> Pair<S> {
+    /// Two sessions of `driver` in the bench database (nodes `{prefix}a`
+    /// and `{prefix}b`), the first holding `key`.
+    async fn connect<D: Driver<Session = S>>(
+        driver: &D,
+        prefix: &str,
+        key: &str,
+        settle: Duration,
+    ) -> Result<Self, String> {
+        let db = DatabaseId::new(BENCH_DB);
+        let a = driver
+            .connect(&db, &NodeId::new(format!("{prefix}a")))
+            .await
+            .map_err(err)?;
+        let b = driver
+            .connect(&db, &NodeId::new(format!("{prefix}b")))
+            .await
+            .map_err(err)?;
+        Self::new(a, b, LockKey::new(key).map_err(err)?, settle).await
+    }
+
+    /// `n` handoffs of the pair and `n` of `raw`, interleaved (the order
+    /// alternates each round).
+    async fn interleaved(
+        &mut self,
+        raw: &mut RawHandoff,
+        ctx: &mut Ctx,
+        n: usize,
+    ) -> Result<(Samples, Samples), String> {
+        let (mut ours, mut theirs) = (Samples::default(), Samples::default());
+        for i in 0..n {
+            for side in 0..2 {
+                if (i + side) % 2 == 0 {
+                    ours.push(self.handoff(ctx).await?);
+                } else {
+                    theirs.push(raw.once(ctx).await?);
+                }
+            }
+        }
+        Ok((ours, theirs))
+    }
+
     async fn new(mut holder: S, waiter: S, key: LockKey, settle: Duration) -> Result<Self, String> {
         if holder
             .try_acquire(std::slice::from_ref(&key))
@@ -390,30 +431,15 @@ pub(crate) async fn run(ctx: &mut Ctx) {
 
 async fn memory(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
     let server = MemoryServer::new();
-    let db = DatabaseId::new(BENCH_DB);
-    let a = server
-        .driver()
-        .connect(&db, &NodeId::new("a"))
-        .await
-        .map_err(err)?;
-    let b = server
-        .driver()
-        .connect(&db, &NodeId::new("b"))
-        .await
-        .map_err(err)?;
-    let key = LockKey::new("bench:m3:memory").map_err(err)?;
-    let mut pair = Pair::new(a, b, key, Duration::from_millis(1)).await?;
+    let mut pair = Pair::connect(
+        &server.driver(),
+        "",
+        "bench:m3:memory",
+        Duration::from_millis(1),
+    )
+    .await?;
     let mut raw_side = RawHandoff::memory().await;
-    let (mut ours, mut raw) = (Samples::default(), Samples::default());
-    for i in 0..n {
-        for side in 0..2 {
-            if (i + side) % 2 == 0 {
-                ours.push(pair.handoff(ctx).await?);
-            } else {
-                raw.push(raw_side.once(ctx).await?);
-            }
-        }
-    }
+    let (ours, raw) = pair.interleaved(&mut raw_side, ctx, n).await?;
     pair.close().await;
     Ok(row(
         "memory",
@@ -428,22 +454,9 @@ async fn memory(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
 async fn sqlite(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
     let dir = ctx.sqlite_dir("m3");
     let driver = SqliteDriver::open(&dir).map_err(err)?;
-    let db = DatabaseId::new(BENCH_DB);
-    let a = driver.connect(&db, &NodeId::new("a")).await.map_err(err)?;
-    let b = driver.connect(&db, &NodeId::new("b")).await.map_err(err)?;
-    let key = LockKey::new("bench:m3:sqlite").map_err(err)?;
-    let mut pair = Pair::new(a, b, key, Duration::from_millis(20)).await?;
+    let mut pair = Pair::connect(&driver, "", "bench:m3:sqlite", Duration::from_millis(20)).await?;
     let mut raw_side = RawHandoff::sqlite(&dir.join("raw"))?;
-    let (mut ours, mut raw) = (Samples::default(), Samples::default());
-    for i in 0..n {
-        for side in 0..2 {
-            if (i + side) % 2 == 0 {
-                ours.push(pair.handoff(ctx).await?);
-            } else {
-                raw.push(raw_side.once(ctx).await?);
-            }
-        }
-    }
+    let (ours, raw) = pair.interleaved(&mut raw_side, ctx, n).await?;
     pair.close().await;
     let mut r = row(
         "sqlite",
@@ -471,30 +484,16 @@ async fn sqlite(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
 
 async fn postgres(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
     let env = ctx.pg()?;
-    let driver = env.driver();
-    let db = DatabaseId::new(BENCH_DB);
-    let a = driver
-        .connect(&db, &NodeId::new("bench-m3-a"))
-        .await
-        .map_err(err)?;
-    let b = driver
-        .connect(&db, &NodeId::new("bench-m3-b"))
-        .await
-        .map_err(err)?;
-    let key = LockKey::new("bench:m3:postgres").map_err(err)?;
-    let mut pair = Pair::new(a, b, key, Duration::ZERO).await?;
+    let mut pair = Pair::connect(
+        &env.driver(),
+        "bench-m3-",
+        "bench:m3:postgres",
+        Duration::ZERO,
+    )
+    .await?;
     let raw_key = LockKey::new("bench:m3:postgres:raw").map_err(err)?.id();
     let mut raw_side = RawHandoff::postgres(ctx.pg()?, BENCH_DB, raw_key).await?;
-    let (mut ours, mut raw) = (Samples::default(), Samples::default());
-    for i in 0..n {
-        for side in 0..2 {
-            if (i + side) % 2 == 0 {
-                ours.push(pair.handoff(ctx).await?);
-            } else {
-                raw.push(raw_side.once(ctx).await?);
-            }
-        }
-    }
+    let (ours, raw) = pair.interleaved(&mut raw_side, ctx, n).await?;
     pair.close().await;
     raw_side.close().await;
     let mut r = row(
@@ -519,30 +518,11 @@ async fn postgres(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
 
 async fn mysql(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
     let env = ctx.mysql()?;
-    let driver = env.driver();
-    let db = DatabaseId::new(BENCH_DB);
-    let a = driver
-        .connect(&db, &NodeId::new("bench-m3-a"))
-        .await
-        .map_err(err)?;
-    let b = driver
-        .connect(&db, &NodeId::new("bench-m3-b"))
-        .await
-        .map_err(err)?;
-    let key = LockKey::new("bench:m3:mysql").map_err(err)?;
+    let mut pair =
+        Pair::connect(&env.driver(), "bench-m3-", "bench:m3:mysql", Duration::ZERO).await?;
     let raw_name = lock_name(&LockKey::new("bench:m3:mysql:raw").map_err(err)?);
     let mut raw_side = RawHandoff::mysql(ctx.mysql()?, raw_name).await?;
-    let mut pair = Pair::new(a, b, key, Duration::ZERO).await?;
-    let (mut ours, mut raw) = (Samples::default(), Samples::default());
-    for i in 0..n {
-        for side in 0..2 {
-            if (i + side) % 2 == 0 {
-                ours.push(pair.handoff(ctx).await?);
-            } else {
-                raw.push(raw_side.once(ctx).await?);
-            }
-        }
-    }
+    let (ours, raw) = pair.interleaved(&mut raw_side, ctx, n).await?;
     let describe = raw_side.describe();
     pair.close().await;
     raw_side.close().await;
