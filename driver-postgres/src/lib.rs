@@ -37,12 +37,12 @@
 //! | operation | statement | round trips |
 //! |---|---|---|
 //! | `connect` | main connection and watcher connection opened at once; on the main one: server identity, session settings (+ pid again, for the pooling check), `pg_try_advisory_lock(hi, lo)` of a random *liveness lock*; on the watcher: its session settings, then `pg_advisory_lock(hi, lo)`, left waiting; the hints connection is opened afterwards, in the background (its session settings, `LISTEN shardlock_release`, its pid), not waited for | 3 + 1, handshakes overlapped |
-//! | `try_acquire(keys)` | `array_agg(pg_try_advisory_lock(k) ORDER BY i)` over `unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)`, only for keys not held yet (one key: `pg_try_advisory_lock($1)`) | 1 (0 if all held) |
+//! | `try_acquire(keys)` | `array_agg(t.k)` over `unnest($1::bigint[]) AS t(k)` `WHERE NOT pg_try_advisory_lock(t.k)`: the keys denied (NULL when all were granted), only for keys not held yet (one key: `pg_try_advisory_lock($1)`) | 1 (0 if all held) |
 //! | `acquire(key, cancel)` | `pg_advisory_lock($1)`; on cancel or drop, `pg_cancel_backend(pid)` from a side connection, then release a grant that raced it | 1 + cancel |
 //! | `release(key)` | `pg_advisory_unlock($1)` for a held key | 1 (0 if not held) |
 //! | `release_announced(keys, clean)` | the `release_many` unlock of the held keys and, in the same statement, `pg_notify('shardlock_release', payload)` per chunk of the keys actually released (see "Release hints") | 1 (0 if none held) |
 //! | `probe(keys)` | one read of `pg_locks` (advisory, this database, granted, `objsubid = 1`, `pid IS DISTINCT FROM pg_backend_pid()`), `LEFT JOIN`ed to `unnest($1::bigint[]) WITH ORDINALITY`, for keys not held here; takes no lock | 1 (0 if all held here) |
-//! | `release_many(keys)` / `release_all` | `array_agg(pg_advisory_unlock(k) ORDER BY i)` over `unnest($1::bigint[])`, for the held keys only — never `pg_advisory_unlock_all()`, which would free the liveness lock and signal a false loss | 1 (0 if none held) |
+//! | `release_many(keys)` / `release_all` | `array_agg(t.k)` over `unnest($1::bigint[]) AS t(k)` `WHERE NOT pg_advisory_unlock(t.k)`: the keys not released (NULL when all were), for the held keys only — never `pg_advisory_unlock_all()`, which would free the liveness lock and signal a false loss | 1 (0 if none held) |
 //! | `verify` | one statement, one read of `pg_locks`: backend pid, held keys missing, liveness lock still held | 1 |
 //! | `close` / drop | stop the watcher and the hints listener, then `pg_advisory_unlock_all()` (if anything is held) and close | 1 |
 //!
