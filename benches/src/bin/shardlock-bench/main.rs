@@ -18,8 +18,8 @@
 //!
 //! Hidden sub-commands used as child processes by the crash measure:
 //! `raw-pg-holder <key-id>`, `raw-mysql-holder <name>` and
-//! `raw-sqlite-holder <file>`; `m11-sets-node <tenants> <sets> <window ms>`
-//! runs measure 11's node (d) in a process of its own; and
+//! `raw-sqlite-holder <file>`; `m11-sets-node <tenants> <sets> <window ms>
+//! <poll ms>` runs measure 11's node (d) in a process of its own; and
 //! `criterion-summary <target/criterion>` prints criterion's medians as a
 //! Markdown table; `median-of <out.md> <run.md>...` merges several runs'
 //! tables into one of medians (see `runs.rs`).

@@ -93,6 +93,13 @@ const SCHEMA: &str = "bench-m11";
 const RAW_SCHEMA: &str = "bench-m11-raw";
 /// Poll and pause interval of every coordinator.
 const POLL: Duration = Duration::from_millis(100);
+/// Poll interval of (d)'s coordinators in a full run: the default. Every
+/// verify reads all of `pg_locks`, whose cost grows with every lock on the
+/// server: with 100,000 held, 100 sessions verifying every 100 ms would ask
+/// for 100 reads of 100,000 rows every 100 ms, more than a core does.
+const SETS_POLL: Duration = Duration::from_secs(5);
+/// (d)'s steady window in a full run: a few verify rounds at [`SETS_POLL`].
+const SETS_WINDOW: Duration = Duration::from_secs(16);
 /// The driver's connect timeout in (c): how long a connect to the dead
 /// tenant hangs.
 const DEAD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -115,6 +122,8 @@ struct Shape {
     window: Duration,
     /// Raw checks before each configuration.
     raw_checks: usize,
+    /// The coordinators' poll interval.
+    poll: Duration,
 }
 
 /// An agent that does nothing until told to stop.
@@ -136,12 +145,14 @@ pub(crate) async fn run(ctx: &mut Ctx) {
                 shards: 10,
                 window: Duration::from_secs(4),
                 raw_checks: 3,
+                poll: POLL,
             },
             Shape {
                 tenants: 10,
                 shards: 1_000,
                 window: Duration::from_secs(4),
                 raw_checks: 3,
+                poll: Duration::from_secs(1),
             },
         ),
         (
@@ -150,12 +161,14 @@ pub(crate) async fn run(ctx: &mut Ctx) {
                 shards: 100,
                 window: Duration::from_secs(15),
                 raw_checks: 5,
+                poll: POLL,
             },
             Shape {
                 tenants: 100,
                 shards: 1_000,
-                window: Duration::from_secs(10),
+                window: SETS_WINDOW,
                 raw_checks: 3,
+                poll: SETS_POLL,
             },
         ),
     );
@@ -523,11 +536,12 @@ fn start<D: Driver, S: Distributor>(
     driver: D,
     distributor: S,
     node: &str,
+    poll: Duration,
     connect_timeout: Option<Duration>,
 ) -> Result<CoordinatorHandle, String> {
     let mut builder = Coordinator::builder(driver, distributor, Idle)
         .node_id(node)
-        .poll_interval(POLL)
+        .poll_interval(poll)
         .pause_interval(POLL)
         .start_jitter(Duration::ZERO)
         .lock_loss_timeout(Duration::from_secs(10));
@@ -901,7 +915,7 @@ async fn configurations(
     let list = tenants.clone();
     let a = measure(env, names, shape, raw, node_a, &[t], || {
         let distributor = MultiTenanted::new(SharedTenants::new(list), SCHEMA, shards());
-        Ok(vec![start(driver, distributor, node_a, None)?])
+        Ok(vec![start(driver, distributor, node_a, POLL, None)?])
     })
     .await;
 
@@ -916,6 +930,7 @@ async fn configurations(
                     driver.clone(),
                     SingleTenant::new(db, SCHEMA, shards()),
                     node_b,
+                    POLL,
                     None,
                 )
             })
@@ -944,6 +959,7 @@ async fn configurations(
                     driver,
                     distributor,
                     node_c,
+                    POLL,
                     Some(DEAD_COORDINATOR_CONNECT),
                 )?])
             })
@@ -983,6 +999,7 @@ async fn configurations(
                     sets,
                     raw_connect,
                     own_process: false,
+                    poll: POLL,
                 },
                 out,
                 "",
@@ -1022,6 +1039,7 @@ async fn configurations(
                     sets: t,
                     raw_connect,
                     own_process: false,
+                    poll: POLL,
                 },
                 out,
                 &extra,
@@ -1111,6 +1129,7 @@ async fn many_sets(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
             sets: total,
             raw_connect,
             own_process: true,
+            poll: shape.poll,
         },
         &out,
         "",
@@ -1124,7 +1143,8 @@ const SETS_NODE_ID: &str = "bench-m11-sets";
 /// The line prefix of the child's answer on stdout.
 const ANSWER: &str = "m11 ";
 
-/// Runs `shardlock-bench m11-sets-node <tenants> <sets> <window ms>` and
+/// Runs `shardlock-bench m11-sets-node <tenants> <sets> <window ms> <poll
+/// ms>` and
 /// reads its outcome (the raw fields empty).
 async fn run_sets_node(shape: &Shape) -> Result<Outcome, String> {
     let exe = std::env::current_exe().map_err(err)?;
@@ -1133,6 +1153,7 @@ async fn run_sets_node(shape: &Shape) -> Result<Outcome, String> {
         shape.tenants.to_string(),
         shape.shards.to_string(),
         shape.window.as_millis().to_string(),
+        shape.poll.as_millis().to_string(),
     ];
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(exe)
@@ -1151,15 +1172,16 @@ async fn run_sets_node(shape: &Shape) -> Result<Outcome, String> {
     decode(&stdout)
 }
 
-/// The child side of (d): `<tenants> <sets per tenant> <window ms>`; the
+/// The child side of (d): `<tenants> <sets per tenant> <window ms> <poll
+/// ms>`; the
 /// server from `SHARDLOCK_PG_URL`. Prints the outcome (or why there is
 /// none) on stdout for [`decode`].
 pub(crate) fn sets_node(args: &[String]) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let number = |i: usize, what: &str| -> anyhow::Result<usize> {
-        let arg = args
-            .get(i)
-            .with_context(|| format!("usage: {SETS_NODE} <tenants> <sets> <window ms> ({what})"))?;
+        let arg = args.get(i).with_context(|| {
+            format!("usage: {SETS_NODE} <tenants> <sets> <window ms> <poll ms> ({what})")
+        })?;
         arg.parse()
             .with_context(|| format!("{SETS_NODE}: {what} {arg:?}"))
     };
@@ -1168,6 +1190,7 @@ pub(crate) fn sets_node(args: &[String]) -> anyhow::Result<()> {
         shards: number(1, "sets per tenant")?,
         window: Duration::from_millis(number(2, "window ms")? as u64),
         raw_checks: 0,
+        poll: Duration::from_millis(number(3, "poll ms")? as u64),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1200,6 +1223,7 @@ async fn hold_sets(env: &mut PgEnv, shape: &Shape) -> Result<Outcome, String> {
                     driver.clone(),
                     SingleTenant::new(db, SCHEMA, shards),
                     SETS_NODE_ID,
+                    shape.poll,
                     None,
                 )
             })
@@ -1357,6 +1381,8 @@ struct Setup<'a> {
     raw_connect: Duration,
     /// Whether the node ran in a child process of its own.
     own_process: bool,
+    /// The coordinators' poll interval.
+    poll: Duration,
 }
 
 fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
@@ -1369,6 +1395,7 @@ fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
         sets,
         raw_connect,
         own_process: _,
+        poll,
     } = setup;
     let shards_total = t * s;
     let cycles = samples(&out.cycles);
@@ -1389,7 +1416,7 @@ fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
             fmt_duration(out.window),
             out.window_cycles,
             out.unobserved,
-            fmt_duration(POLL),
+            fmt_duration(poll),
             out.slow,
             fmt_duration(SLOW_CYCLE),
             out.raw.len(),
@@ -1412,7 +1439,7 @@ fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
              steady state){}; poll {}: the best is the poll plus one verify",
             fmt_duration(out.window),
             total_statements.map_or(String::new(), |n| format!(", {n} in all")),
-            fmt_duration(POLL)
+            fmt_duration(poll)
         ),
         ours: describe_intervals(out),
         raw: "—".into(),
