@@ -260,8 +260,14 @@ impl CoordinatorMetrics {
         }
     }
 
-    pub(crate) fn ownerless(&mut self, database: &DatabaseId, took: Duration) {
-        self.db(database).ownerless.record(took.as_secs_f64());
+    /// `sets` sets of `database` granted with `took` between their grant
+    /// and their agents' start (one handle lookup for a whole batch).
+    pub(crate) fn ownerless(&mut self, database: &DatabaseId, took: Duration, sets: usize) {
+        if sets > 0 {
+            self.db(database)
+                .ownerless
+                .record_many(took.as_secs_f64(), sets);
+        }
     }
 }
 

@@ -21,6 +21,8 @@ use crate::distributor::Distributor;
 use crate::driver::{Driver, Session, Support};
 use crate::error::Error;
 use crate::health::Health;
+use crate::hints::ReleaseHints;
+use crate::holds::IdHash;
 use crate::ids::DatabaseId;
 use crate::key::LockKey;
 use crate::lock_set::{Guard, LockSet};
@@ -104,14 +106,26 @@ impl<S> Conn<S> {
     fn is_lost(&self) -> bool {
         self.signals.as_ref().is_some_and(SessionSignals::is_lost)
     }
+}
 
-    /// Whether the last release of `key` was announced clean; forgets the
-    /// mark either way (see [`ReleaseHints::take_clean`]).
+/// What granting one database's sets needs, looked up once per batch (not
+/// per set): its release hints, the session's loss token, and the time of
+/// the grant (every set of a batch was granted by the same round trip).
+struct Grant {
+    hints: Option<ReleaseHints>,
+    parent: CancellationToken,
+    since: SystemTime,
+    at: Instant,
+    /// Sets granted clean (no takeover delay) and not, for the metrics.
+    clean: usize,
+    delayed: usize,
+}
+
+impl Grant {
+    /// Whether `key`'s last release was announced clean (forgotten either
+    /// way; see [`ReleaseHints::take_clean`]).
     fn take_clean(&self, key: &LockKey) -> bool {
-        self.signals
-            .as_ref()
-            .and_then(SessionSignals::release_hints)
-            .is_some_and(|hints| hints.take_clean(key))
+        self.hints.as_ref().is_some_and(|h| h.take_clean(key))
     }
 }
 
@@ -176,7 +190,7 @@ struct Distribution {
     /// do not all try the same sets first.
     by_db: Vec<(DatabaseId, Vec<usize>)>,
     /// The keys wanted.
-    keys: HashSet<LockKey>,
+    keys: HashSet<LockKey, IdHash>,
     /// Sets wanted (each key once), and how many of them are exclusive.
     wanted: usize,
     exclusive: usize,
@@ -206,7 +220,7 @@ impl Distribution {
         }
         self.listed = sets.iter().cloned().map(Arc::new).collect();
         self.source = Some(sets);
-        self.keys = HashSet::with_capacity(self.listed.len());
+        self.keys = HashSet::with_capacity_and_hasher(self.listed.len(), IdHash);
         let mut groups: HashMap<DatabaseId, Vec<usize>> = HashMap::new();
         let (mut exclusive, mut sentinels) = (0, false);
         for (i, set) in self.listed.iter().enumerate() {
@@ -297,9 +311,9 @@ pub(super) struct Runner<D: Driver, S, A> {
     agents_ended: Ended,
     distribution: Distribution,
     conns: HashMap<DatabaseId, Conn<D::Session>>,
-    epochs: HashMap<LockKey, u64>,
+    epochs: HashMap<LockKey, u64, IdHash>,
     /// Sentinel keys found held by another node, so the error is logged once.
-    sentinel_conflicts: HashSet<LockKey>,
+    sentinel_conflicts: HashSet<LockKey, IdHash>,
     denied: usize,
     failing: usize,
     cycles: u64,
@@ -357,8 +371,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             agents_ended: Ended::default(),
             distribution: Distribution::default(),
             conns: HashMap::new(),
-            epochs: HashMap::new(),
-            sentinel_conflicts: HashSet::new(),
+            epochs: HashMap::default(),
+            sentinel_conflicts: HashSet::default(),
             denied: 0,
             failing: 0,
             cycles: 0,
@@ -785,12 +799,6 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         conn.session = Some(session);
     }
 
-    /// Whether `key`'s last release in `db` was announced clean (the mark is
-    /// forgotten either way).
-    fn take_clean(&self, db: &DatabaseId, key: &LockKey) -> bool {
-        self.conns.get(db).is_some_and(|c| c.take_clean(key))
-    }
-
     /// The token an exclusive set's agents in `db` descend from: the
     /// session's loss token.
     fn parent_token(&self, db: &DatabaseId) -> CancellationToken {
@@ -1162,16 +1170,18 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let mut acquired = 0usize;
         for outcome in outcomes {
             let (mut here_acquired, mut here_denied) = (0, 0);
+            let mut grant = self.grant(&outcome.db);
             for (set, ok) in outcome.sets {
-                let clean = self.take_clean(&outcome.db, &set.key);
+                let clean = grant.take_clean(&set.key);
                 if ok {
                     here_acquired += 1;
-                    self.granted(set, clean);
+                    self.granted(set, clean, &mut grant);
                 } else {
                     here_denied += 1;
                     self.denied_set(&set);
                 }
             }
+            self.granted_batch(&outcome.db, &grant);
             self.metrics
                 .acquired(&outcome.db, here_acquired, here_denied);
             acquired += here_acquired;
@@ -1351,22 +1361,24 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             }
             let mut giving_back = Vec::new();
             let (mut here_acquired, mut here_denied) = (0, 0);
+            let mut grant = self.grant(&outcome.db);
             for (set, ok) in outcome.sets {
-                let clean = self.take_clean(&outcome.db, &set.key);
+                let clean = grant.take_clean(&set.key);
                 if !ok {
                     here_denied += 1;
                     self.denied_set(&set);
                 } else if set.guard == Guard::Sentinel {
-                    self.granted(set, clean);
+                    self.granted(set, clean, &mut grant);
                 } else if room > 0 {
                     room -= 1;
                     here_acquired += 1;
-                    self.granted(set, clean);
+                    self.granted(set, clean, &mut grant);
                 } else {
                     // Won beyond the share: never started, handed on.
                     giving_back.push((set.key.clone(), clean));
                 }
             }
+            self.granted_batch(&outcome.db, &grant);
             self.metrics
                 .acquired(&outcome.db, here_acquired, here_denied);
             acquired += here_acquired;
@@ -1423,7 +1435,30 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     /// Starts a granted set's agents: after the takeover delay, or at once
     /// when its previous holder announced a clean handover.
-    fn granted(&mut self, set: Arc<LockSet>, clean: bool) {
+    /// The per-database part of granting a batch of `db`'s sets.
+    fn grant(&self, db: &DatabaseId) -> Grant {
+        let conn = self.conns.get(db);
+        Grant {
+            hints: conn
+                .and_then(|c| c.signals.as_ref())
+                .and_then(SessionSignals::release_hints)
+                .cloned(),
+            parent: self.parent_token(db),
+            since: SystemTime::now(),
+            at: Instant::now(),
+            clean: 0,
+            delayed: 0,
+        }
+    }
+
+    /// Records what a batch granted in `db` (the takeover delays).
+    fn granted_batch(&mut self, db: &DatabaseId, grant: &Grant) {
+        self.metrics.ownerless(db, Duration::ZERO, grant.clean);
+        self.metrics
+            .ownerless(db, self.config.takeover_delay, grant.delayed);
+    }
+
+    fn granted(&mut self, set: Arc<LockSet>, clean: bool, grant: &mut Grant) {
         let key = set.key.clone();
         let epoch = {
             let e = self.epochs.entry(key.clone()).or_insert(0);
@@ -1442,28 +1477,34 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             }
         }
         let delay = if clean {
+            grant.clean += 1;
             Duration::ZERO
         } else {
+            grant.delayed += 1;
             self.config.takeover_delay
         };
         debug!(%key, database = %set.database, shards = set.shards.len(), epoch, clean, "lock acquired: starting agents");
-        self.metrics.ownerless(&set.database, delay);
-        self.owned.remove(&key);
-        let parent = self.parent_token(&set.database);
-        let agents = SetAgents::new(&set, &parent, delay);
+        let agents = SetAgents::new(&set, &grant.parent, grant.at + delay);
         self.launch_pending = true;
         self.published = None;
-        self.owned.insert(
-            key,
-            Owned {
-                set,
-                held: true,
-                epoch,
-                since: SystemTime::now(),
-                clean_from: Instant::now() + delay,
-                agents,
-            },
-        );
+        // One search of the tree: a previous record (a sentinel set's) is
+        // replaced, its agents dropped.
+        let owned = Owned {
+            set,
+            held: true,
+            epoch,
+            since: grant.since,
+            clean_from: grant.at + delay,
+            agents,
+        };
+        match self.owned.entry(key) {
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                e.insert(owned);
+            }
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(owned);
+            }
+        }
     }
 
     fn denied_set(&mut self, set: &LockSet) {
@@ -1479,7 +1520,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     fn start_sentinel(&mut self, set: Arc<LockSet>) {
         let key = set.key.clone();
         // A sentinel set runs whether or not its session lives.
-        let agents = SetAgents::new(&set, &CancellationToken::new(), Duration::ZERO);
+        let agents = SetAgents::new(&set, &CancellationToken::new(), Instant::now());
         self.launch_pending = true;
         self.published = None;
         self.owned.insert(
