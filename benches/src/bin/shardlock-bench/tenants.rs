@@ -124,6 +124,10 @@ struct Shape {
     raw_checks: usize,
     /// The coordinators' poll interval.
     poll: Duration,
+    /// Whether the steady window waits for every connection of the node
+    /// (its watchers and listeners come up in the background after the
+    /// sets are owned; their statements would count as verifies).
+    settle: bool,
 }
 
 /// An agent that does nothing until told to stop.
@@ -146,6 +150,7 @@ pub(crate) async fn run(ctx: &mut Ctx) {
                 window: Duration::from_secs(4),
                 raw_checks: 3,
                 poll: POLL,
+                settle: false,
             },
             Shape {
                 tenants: 10,
@@ -153,6 +158,7 @@ pub(crate) async fn run(ctx: &mut Ctx) {
                 window: Duration::from_secs(4),
                 raw_checks: 3,
                 poll: Duration::from_secs(1),
+                settle: true,
             },
         ),
         (
@@ -162,6 +168,7 @@ pub(crate) async fn run(ctx: &mut Ctx) {
                 window: Duration::from_secs(15),
                 raw_checks: 5,
                 poll: POLL,
+                settle: false,
             },
             Shape {
                 tenants: 100,
@@ -169,6 +176,7 @@ pub(crate) async fn run(ctx: &mut Ctx) {
                 window: SETS_WINDOW,
                 raw_checks: 3,
                 poll: SETS_POLL,
+                settle: true,
             },
         ),
     );
@@ -582,6 +590,9 @@ struct Outcome {
     conns: Conns,
     /// Health reasons of the coordinators at the end (degraded only).
     health: Vec<String>,
+    /// How long after owning the node's connections were all up, when the
+    /// window waited for them.
+    settled: Option<Duration>,
 }
 
 impl Outcome {
@@ -602,6 +613,7 @@ impl Outcome {
             rss: None,
             conns: Conns::default(),
             health: Vec::new(),
+            settled: None,
         }
     }
 }
@@ -673,7 +685,7 @@ async fn hold(
     let handles = launch()?;
     let mut forwarders = JoinSet::new();
     let mut rx = forward(&handles, &mut forwarders);
-    let result = observe(env, names, &mut rx, shape, expected, started).await;
+    let result = observe(env, names, node, &mut rx, shape, expected, started).await;
     let rss_while = rss_kib();
     let result = match result {
         Ok(mut out) => match node_connections(env, node).await {
@@ -707,6 +719,7 @@ async fn hold(
 async fn observe(
     env: &mut PgEnv,
     names: &[String],
+    node: &str,
     rx: &mut Publishes,
     shape: &Shape,
     expected: &[usize],
@@ -740,6 +753,16 @@ async fn observe(
     let own_cycles = latest.iter().flatten().map(|s| s.cycles).max().unwrap_or(0);
     let mut last: Vec<Snapshot> = latest.into_iter().flatten().collect();
     let mut out = Outcome::new(own, own_cycles, shape.window);
+    if shape.settle {
+        let want = (names.len() * PG_CONNECTIONS_PER_DATABASE) as i64;
+        out.settled = Some(settle(env, node, want).await?);
+        // Cycles run meanwhile are not the window's.
+        while let Ok((i, s)) = rx.try_recv() {
+            if s.cycles > last[i].cycles {
+                last[i] = s;
+            }
+        }
+    }
     // Per thread: a runtime thread that exits in the window must not make
     // the process total go down.
     let counting = reset_statements(env).await;
@@ -754,6 +777,27 @@ async fn observe(
         out.cpu = Some(b.since(&a));
     }
     Ok(out)
+}
+
+/// Longest wait for a node's connections after it owns its sets.
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits until `node` has `want` connections; answers how long that took.
+async fn settle(env: &mut PgEnv, node: &str, want: i64) -> Result<Duration, String> {
+    let started = Instant::now();
+    loop {
+        let conns = node_connections(env, node).await?;
+        if conns.total() >= want {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > SETTLE_LIMIT {
+            return Err(format!(
+                "the node had {} of its {want} connections {SETTLE_LIMIT:?} after owning its sets",
+                conns.describe()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `pg_stat_statements_reset()`, or why statements cannot be counted.
@@ -1119,6 +1163,14 @@ async fn many_sets(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
     out.raw_acquire = raw_acquire;
     out.raw = raw_checks;
     let what = many_sets_what(shape);
+    let extra = out.settled.map_or(String::new(), |d| {
+        format!(
+            "; the window starts once the node's {} connections are up ({} after owning: the \
+             watchers and listeners connect in the background)",
+            t * PG_CONNECTIONS_PER_DATABASE,
+            fmt_duration(d)
+        )
+    });
     Ok(config_rows(
         &Setup {
             tag: "d",
@@ -1132,7 +1184,7 @@ async fn many_sets(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
             poll: shape.poll,
         },
         &out,
-        "",
+        &extra,
     ))
 }
 
@@ -1191,6 +1243,7 @@ pub(crate) fn sets_node(args: &[String]) -> anyhow::Result<()> {
         window: Duration::from_millis(number(2, "window ms")? as u64),
         raw_checks: 0,
         poll: Duration::from_millis(number(3, "poll ms")? as u64),
+        settle: true,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1254,6 +1307,9 @@ fn encode(outcome: &Result<Outcome, String>) -> String {
     if let Some(cpu) = out.cpu {
         line("cpu", us(cpu));
     }
+    if let Some(settled) = out.settled {
+        line("settled", us(settled));
+    }
     match &out.statements {
         Ok(calls) => line("statements", list(&mut calls.iter().map(i64::to_string))),
         Err(why) => line("statements_error", one_line(why)),
@@ -1312,6 +1368,7 @@ fn decode(text: &str) -> Result<Outcome, String> {
                 out.cycles = numbers(field, value)?.into_iter().map(micros).collect();
             }
             "cpu" => out.cpu = Some(micros(number(field, value)?)),
+            "settled" => out.settled = Some(micros(number(field, value)?)),
             "statements" => {
                 out.statements = Ok(numbers(field, value)?
                     .into_iter()
@@ -1706,6 +1763,7 @@ mod tests {
         out.slow = 1;
         out.cycles = vec![Duration::from_micros(250), Duration::from_millis(12)];
         out.cpu = Some(Duration::from_micros(4321));
+        out.settled = Some(Duration::from_millis(800));
         out.statements = Ok(vec![40, 0, 12]);
         out.rss = Some((10_240, 300_000));
         out.conns = Conns {
@@ -1726,6 +1784,7 @@ mod tests {
             [Duration::from_micros(250), Duration::from_millis(12)]
         );
         assert_eq!(back.cpu, Some(Duration::from_micros(4321)));
+        assert_eq!(back.settled, Some(Duration::from_millis(800)));
         assert_eq!(back.statements, Ok(vec![40, 0, 12]));
         assert_eq!(back.rss, Some((10_240, 300_000)));
         assert_eq!(
@@ -1751,6 +1810,7 @@ mod tests {
         empty.statements = Err("pg_stat_statements not usable".into());
         let back = decode(&encode(&Ok(empty))).unwrap();
         assert!(back.cycles.is_empty() && back.cpu.is_none() && back.rss.is_none());
+        assert!(back.settled.is_none());
         assert_eq!(back.statements, Err("pg_stat_statements not usable".into()));
     }
 
