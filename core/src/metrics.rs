@@ -26,7 +26,7 @@
 //! | `shardlock_fenced_writes_total` | counter | projector | checkpoint saves refused because a newer leader claimed (a stale leader stopped) |
 //! | `shardlock_projection_events_applied_total` | counter | projector | events a projector applied |
 //! | `shardlock_projection_events_dead_lettered_total` | counter | projector | events given to the dead-letter sink after their retries |
-//! | `shardlock_cycle_seconds` | histogram | node, driver | duration of one coordinator cycle |
+//! | `shardlock_cycle_seconds` | histogram | node, driver | duration of one coordinator cycle (verify, releases, acquisition; the agents of won sets are spawned after it) |
 //! | `shardlock_verify_seconds` | histogram | node, database, driver | round trip of one `verify` |
 //! | `shardlock_batch_size` | histogram | node, database, driver | keys in one batched try-acquire |
 //! | `shardlock_loss_to_stopped_seconds` | histogram | node, database, driver | from a session's loss being seen to its sets' agents stopped |

@@ -43,7 +43,10 @@ pub struct Assignment {
     pub failing_agents: usize,
     /// Completed cycles.
     pub cycles: u64,
-    /// How long the last cycle took.
+    /// How long the last cycle took: verify, releases, acquisition round
+    /// trips and recording what changed. The agents of sets it won are
+    /// spawned right after it is published (see `ownerless` in
+    /// [`metrics`](crate::metrics) for their start).
     pub last_cycle: Duration,
     /// When the last cycle ended.
     pub last_cycle_at: Option<SystemTime>,

@@ -405,8 +405,13 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             while !self.stop.is_cancelled() {
                 let started = Instant::now();
                 self.cycle().await;
-                self.launch_agents().await;
+                // The cycle ends with its sets recorded (and published);
+                // the agents of sets it won are spawned right after, in
+                // batches, so winning 10,000 sets is not 10,000 task spawns
+                // inside the round (their start is the agents' own: see the
+                // ownerless metric).
                 self.publish(started.elapsed(), false);
+                self.launch_agents().await;
                 let pause = if self.failing > 0 {
                     self.config.pause_interval
                 } else if self.balance.hurry {

@@ -4,7 +4,8 @@
 //! baseline that proves the same locks are still held.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use shardlock_benches::{
@@ -38,13 +39,57 @@ const M6C: &str = "6 connections per node";
 /// side connection).
 const PG_CONNECTIONS_PER_DATABASE: usize = 3;
 
-/// An agent that does nothing until told to stop.
+/// An agent that does nothing until told to stop; it counts its starts
+/// (see [`AgentStarts`]).
 struct Idle;
 
 impl Agent for Idle {
     async fn run(&self, _shard: &ShardId, ctx: AgentContext) -> Result<(), AgentError> {
+        AGENT_STARTS.started();
         ctx.cancel.cancelled().await;
         Ok(())
+    }
+}
+
+/// How many agents started since the last `reset`, and when the last did:
+/// the acquisition rows report when every new set's agent runs, beside the
+/// cycle (whose time ends before the agents are spawned).
+struct AgentStarts {
+    count: AtomicUsize,
+    last: Mutex<Option<Instant>>,
+}
+
+static AGENT_STARTS: AgentStarts = AgentStarts {
+    count: AtomicUsize::new(0),
+    last: Mutex::new(None),
+};
+
+impl AgentStarts {
+    fn started(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn reset(&self) {
+        self.count.store(0, Ordering::Release);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Waits (polling: a bench helper) until `n` agents started since the
+    /// reset; answers when the last one did.
+    async fn until(&self, n: usize, limit: Duration) -> Result<Instant, String> {
+        let deadline = Instant::now() + limit;
+        while self.count.load(Ordering::Acquire) < n {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "only {} of {n} agents started within {limit:?}",
+                    self.count.load(Ordering::Acquire)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.ok_or_else(|| "no agent start recorded".to_string())
     }
 }
 
@@ -147,6 +192,10 @@ pub(crate) fn start<D: Driver, S: Distributor>(
         // stays inside the memory driver's 20 s and Postgres' 25 s release
         // windows.
         .lock_loss_timeout(Duration::from_secs(10))
+        // Agents start at the grant: the acquisition rows time the agents'
+        // start, not the takeover delay (no other node runs these sets).
+        .takeover_delay(Duration::ZERO)
+        .allow_unsafe_timing()
         .build()
         .map_err(err)?
         .start()
@@ -454,7 +503,7 @@ async fn sets_run<D: Driver, R: RawSide>(
     raw: &mut R,
     counter: Option<&mut StatementCounter>,
     connections: Option<&mut PgEnv>,
-) -> Result<(Samples, Samples, Samples, Steady, Option<i64>), String> {
+) -> Result<SetsRun, String> {
     let limit = Duration::from_secs(120);
     let anchor = sets(db, "anchor", 1)?;
     let mut all = anchor.clone();
@@ -468,6 +517,7 @@ async fn sets_run<D: Driver, R: RawSide>(
         let mut seen = s.cycles;
         let (mut acquire, mut raw_acquire, mut release) =
             (Samples::default(), Samples::default(), Samples::default());
+        let mut running = Samples::default();
         for r in 0..repeats {
             let last = r + 1 == repeats;
             if r % 2 == 0 {
@@ -477,6 +527,8 @@ async fn sets_run<D: Driver, R: RawSide>(
                 }
             }
             distributor.set(all.clone());
+            AGENT_STARTS.reset();
+            let woken = Instant::now();
             handle.wake();
             let s = until(&mut rx, seen, limit, |s| s.owned == n + 1).await?;
             if !s.all_held {
@@ -484,6 +536,7 @@ async fn sets_run<D: Driver, R: RawSide>(
             }
             seen = s.cycles;
             acquire.push(s.last_cycle);
+            running.push(AGENT_STARTS.until(n, limit).await? - woken);
             if r % 2 == 1 {
                 raw_acquire.push(timed(raw, Op::Acquire).await?);
                 if !last {
@@ -506,7 +559,14 @@ async fn sets_run<D: Driver, R: RawSide>(
             None => None,
         };
         let steady = steady(&mut rx, raw, cycles, counter, limit).await?;
-        Ok((acquire, raw_acquire, release, steady, conns))
+        Ok(SetsRun {
+            acquire,
+            raw_acquire,
+            release,
+            running,
+            steady,
+            conns,
+        })
     }
     .await;
     let stopped = handle.stop().await;
@@ -516,16 +576,36 @@ async fn sets_run<D: Driver, R: RawSide>(
     Ok(out)
 }
 
+/// What one `sets_run` measured.
+struct SetsRun {
+    /// Acquisition cycles (`Assignment.last_cycle`).
+    acquire: Samples,
+    raw_acquire: Samples,
+    /// Cycles releasing the sets again.
+    release: Samples,
+    /// From the wake to every new set's agent running.
+    running: Samples,
+    steady: Steady,
+    conns: Option<i64>,
+}
+
 /// The rows of one `sets_run`.
 fn sets_rows(
     driver: &str,
     n: usize,
-    out: (Samples, Samples, Samples, Steady, Option<i64>),
+    out: SetsRun,
     acquire_target: Target,
     raw_acquire: &str,
     raw_check: &str,
 ) -> Vec<Row> {
-    let (acquire, raw_acq, release, steady, conns) = out;
+    let SetsRun {
+        acquire,
+        raw_acquire: raw_acq,
+        release,
+        running,
+        steady,
+        conns,
+    } = out;
     let mut rows = Vec::new();
     let acq_ratio = match (acquire.p50(), raw_acq.p50()) {
         (Some(o), Some(r)) => ratio(o, r),
@@ -545,8 +625,11 @@ fn sets_rows(
         driver: driver.to_string(),
         setup: format!(
             "N = {n}; {} acquisition cycles (`Assignment.last_cycle`: verify + batched \
-             try-acquire + agent start) vs raw {raw_acquire}{release_note}",
-            acquire.len()
+             try-acquire + recording the sets; their agents are spawned after the cycle: every \
+             new agent running {} after the wake, p50, takeover delay 0 here) vs raw \
+             {raw_acquire}{release_note}",
+            acquire.len(),
+            running.p50().map_or("—".to_string(), fmt_duration),
         ),
         ours: p50_p99(&acquire),
         raw: p50_p99(&raw_acq),
@@ -667,7 +750,7 @@ fn sets_rows(
 }
 
 async fn memory_sets(ctx: &mut Ctx, n: usize) -> Result<Vec<Row>, String> {
-    let (repeats, cycles) = ctx.config.pick((1, 3), (3, 10));
+    let (repeats, cycles) = ctx.config.pick((1, 3), (11, 10));
     let server = MemoryServer::new();
     let db = DatabaseId::new(BENCH_DB);
     let keys = sets(&db, "raw", n)?.iter().map(|s| s.key.id()).collect();
@@ -773,7 +856,7 @@ async fn sqlite_sets(ctx: &mut Ctx, n: usize) -> Result<Vec<Row>, String> {
 }
 
 async fn postgres_sets(ctx: &mut Ctx, n: usize) -> Result<Vec<Row>, String> {
-    let (repeats, cycles) = ctx.config.pick((1, 3), (3, 10));
+    let (repeats, cycles) = ctx.config.pick((1, 3), (11, 10));
     let Ctx { pg, counter, .. } = ctx;
     let env = pg.as_mut().map_err(|why| why.clone())?;
     let driver = env.driver();
