@@ -33,6 +33,12 @@
 //!   an earlier measure freed is reused and the growth reads near zero. The
 //!   raw side for it: T connections each locking its 1,000 keys in one
 //!   `unnest` batch, alone before the node starts, closed before it ends.
+//!   Its coordinators poll every 5 s (the default; 1 s in `--quick`), not
+//!   100 ms: each verify reads all of `pg_locks`, 100,000 rows here, and
+//!   100 sessions doing so every 100 ms saturate the server until verifies
+//!   miss their deadline. Its window starts once the node's 3 × T
+//!   connections are up, so that the watchers' and listeners' background
+//!   connects are not counted as verifies.
 //!
 //! Rows per configuration: the steady cycle time p50/p95 (every published
 //! `Assignment.last_cycle` over a time window); the verify interval per
