@@ -175,25 +175,30 @@ fn start(
     tenants: SharedTenants,
     lock_loss_timeout: Duration,
 ) -> (CoordinatorHandle, Recorder) {
+    let distributor = MultiTenanted::new(tenants, "app", shards(2));
+    start_with(driver, distributor, lock_loss_timeout)
+}
+
+fn start_with<S: Distributor>(
+    driver: FaultyDriver,
+    distributor: S,
+    lock_loss_timeout: Duration,
+) -> (CoordinatorHandle, Recorder) {
     let recorder = Recorder::new();
-    let handle = Coordinator::builder(
-        driver,
-        MultiTenanted::new(tenants, "app", shards(2)),
-        RecordingAgent::new(recorder.clone()),
-    )
-    .node_id("n1")
-    .poll_interval(Duration::from_millis(100))
-    .pause_interval(Duration::from_millis(50))
-    .start_jitter(Duration::ZERO)
-    .lock_loss_timeout(lock_loss_timeout)
-    .connect_timeout(FOREVER)
-    .stop_timeout(Duration::from_secs(2))
-    .takeover_delay(Duration::ZERO)
-    .allow_unsafe_timing()
-    .build()
-    .expect("coordinator")
-    .start()
-    .expect("start");
+    let handle = Coordinator::builder(driver, distributor, RecordingAgent::new(recorder.clone()))
+        .node_id("n1")
+        .poll_interval(Duration::from_millis(100))
+        .pause_interval(Duration::from_millis(50))
+        .start_jitter(Duration::ZERO)
+        .lock_loss_timeout(lock_loss_timeout)
+        .connect_timeout(FOREVER)
+        .stop_timeout(Duration::from_secs(2))
+        .takeover_delay(Duration::ZERO)
+        .allow_unsafe_timing()
+        .build()
+        .expect("coordinator")
+        .start()
+        .expect("start");
     (handle, recorder)
 }
 
@@ -372,19 +377,7 @@ async fn a_release_asked_during_a_straggling_verify_is_sent_when_it_answers() {
     sets.add("live", "a");
     let kept = sets.add("slow", "a");
     let leaving = sets.add("slow", "b");
-    let handle = Coordinator::builder(driver, sets.clone(), RecordingAgent::new(Recorder::new()))
-        .node_id("n1")
-        .poll_interval(Duration::from_millis(100))
-        .pause_interval(Duration::from_millis(50))
-        .start_jitter(Duration::ZERO)
-        .lock_loss_timeout(FOREVER)
-        .stop_timeout(Duration::from_secs(2))
-        .takeover_delay(Duration::ZERO)
-        .allow_unsafe_timing()
-        .build()
-        .expect("coordinator")
-        .start()
-        .expect("start");
+    let (handle, _recorder) = start_with(driver, sets.clone(), FOREVER);
     let slow = DatabaseId::new("slow");
     until(&handle, "all three owned", |a| a.owned.len() == 3).await;
 
