@@ -177,6 +177,7 @@ impl Driver for PgDriver {
             watcher,
             listener,
             signals,
+            self.options.get_lock_check_interval(),
         ))
     }
 

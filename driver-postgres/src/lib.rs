@@ -43,7 +43,7 @@
 //! | `release_announced(keys, clean)` | the `release_many` unlock of the held keys and, in the same statement, `pg_notify('shardlock_release', payload)` per chunk of the keys actually released (see "Release hints") | 1 (0 if none held) |
 //! | `probe(keys)` | one read of `pg_locks` (advisory, this database, granted, `objsubid = 1`, `pid IS DISTINCT FROM pg_backend_pid()`), `LEFT JOIN`ed to `unnest($1::bigint[]) WITH ORDINALITY`, for keys not held here; takes no lock | 1 (0 if all held here) |
 //! | `release_many(keys)` / `release_all` | `array_agg(t.k)` over `unnest($1::bigint[]) AS t(k)` `WHERE NOT pg_advisory_unlock(t.k)`: the keys not released (NULL when all were), for the held keys only — never `pg_advisory_unlock_all()`, which would free the liveness lock and signal a false loss | 1 (0 if none held) |
-//! | `verify` | one statement, one read of `pg_locks`: backend pid, held keys missing, liveness lock still held | 1 |
+//! | `verify` | `SELECT pg_backend_pid()` (the same live process), and at most every [`lock_check_interval`](PgOptions::lock_check_interval) (60 s; the first verify too) one read of `pg_locks` instead: backend pid, held keys missing, liveness lock still held | 1 |
 //! | `close` / drop | stop the watcher and the hints listener, then `pg_advisory_unlock_all()` (if anything is held) and close | 1 |
 //!
 //! [`PgSession::round_trips`] counts the statements of the main connection,
@@ -242,6 +242,7 @@ pub use error::{PgCause, PgError};
 pub use fenced::PgTransaction;
 pub use options::{
     Keepalives, PgOptions, DEFAULT_CLIENT_CONNECTION_CHECK_INTERVAL, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LOCK_CHECK_INTERVAL,
 };
 pub use session::PgSession;
 /// Core's mapping from shardlock database ids to PostgreSQL databases, used

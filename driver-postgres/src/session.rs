@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shardlock_core::lent::{ConnectionLoss, Lent};
 use shardlock_core::{
@@ -72,6 +72,9 @@ pub struct PgSession {
     watcher: Watcher,
     listener: Listener,
     round_trips: Arc<AtomicU64>,
+    /// How often verify reads the lock table, and when it last did.
+    lock_check_interval: Duration,
+    last_lock_check: Option<Instant>,
 }
 
 impl PgSession {
@@ -86,6 +89,7 @@ impl PgSession {
         watcher: Watcher,
         listener: Listener,
         signals: SessionSignals,
+        lock_check_interval: Duration,
     ) -> Self {
         Self {
             conn: Some(conn),
@@ -98,7 +102,22 @@ impl PgSession {
             watcher,
             listener,
             round_trips: Arc::new(AtomicU64::new(0)),
+            lock_check_interval,
+            last_lock_check: None,
         }
+    }
+
+    /// Fails (poisoned) when the round trip reached another server process
+    /// than the session's.
+    fn same_process(&mut self, pid: i32) -> Result<()> {
+        if pid == self.pid {
+            return Ok(());
+        }
+        Err(self.holds.poison(format!(
+            "the connection now reaches server process {pid} instead of {}: a proxy moved \
+             it (transaction pooling?), and session locks stay with the old process",
+            self.pid
+        )))
     }
 
     /// The server process (`pg_backend_pid()`) behind this session, as
@@ -629,6 +648,23 @@ impl Session for PgSession {
     /// deadline), the session is poisoned.
     async fn verify(&mut self) -> Result<()> {
         self.ready().await?;
+        let full = self
+            .last_lock_check
+            .is_none_or(|at| at.elapsed() >= self.lock_check_interval);
+        if !full {
+            // The same live process still holds every key (see
+            // `PgOptions::lock_check_interval`).
+            self.holds.begin("verify")?;
+            self.sent();
+            let conn = self.conn()?;
+            let result = sqlx::query_scalar::<_, i32>(sql::VERIFY_PROCESS)
+                .fetch_one(conn)
+                .await;
+            self.holds.end();
+            let pid = result.map_err(|e| self.fail(PgError::from_query("verify", e)))?;
+            return self.same_process(pid);
+        }
+        let started = Instant::now();
         let ids: Vec<i64> = self.holds.keys().map(LockKey::id).collect();
         let liveness = self.liveness;
         self.holds.begin("verify")?;
@@ -643,13 +679,7 @@ impl Session for PgSession {
         self.holds.end();
         let (pid, missing, alive) =
             result.map_err(|e| self.fail(PgError::from_query("verify", e)))?;
-        if pid != self.pid {
-            return Err(self.holds.poison(format!(
-                "the connection now reaches server process {pid} instead of {}: a proxy moved \
-                 it (transaction pooling?), and session locks stay with the old process",
-                self.pid
-            )));
-        }
+        self.same_process(pid)?;
         if !alive {
             return Err(self.holds.poison(format!(
                 "backend {pid} no longer holds the session's liveness lock {liveness} (someone \
@@ -668,6 +698,7 @@ impl Session for PgSession {
             );
             return Err(self.holds.poison(reason));
         }
+        self.last_lock_check = Some(started);
         Ok(())
     }
 

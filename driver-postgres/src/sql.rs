@@ -206,6 +206,11 @@ pub(crate) const VERIFY: &str = concat!(
      AND l.classid = $2::int4::oid AND l.objid = $3::int4::oid)"
 );
 
+/// The light verify: one round trip that proves the session's server
+/// process is the same one and alive, without reading the lock table (see
+/// `PgOptions::lock_check_interval`).
+pub(crate) const VERIFY_PROCESS: &str = "SELECT pg_backend_pid()";
+
 /// The keys this backend holds (for tests).
 #[cfg(test)]
 pub(crate) const HELD_KEYS: &str = concat!(

@@ -1053,3 +1053,79 @@ async fn hints_connection_failure_is_not_a_loss() {
     b.close().await.expect("close");
     raw.close().await.expect("close");
 }
+
+/// The last statement `pid` ran, as `pg_stat_activity` shows it.
+async fn last_statement(h: &PgHarness, pid: i32) -> String {
+    let mut raw = h.raw().await;
+    let query: String = sqlx::query_scalar("SELECT query FROM pg_stat_activity WHERE pid = $1")
+        .bind(pid)
+        .fetch_one(&mut raw)
+        .await
+        .expect("pg_stat_activity");
+    let _ = raw.close().await;
+    query
+}
+
+/// `verify` reads the lock table on its first call and then at most every
+/// `lock_check_interval`; in between it proves the same live process with
+/// `SELECT pg_backend_pid()` (a session lock is freed only by its own
+/// process). With the interval at zero every verify reads it, and a key
+/// unlocked behind the session's back is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reads_the_lock_table_at_its_interval() {
+    let Some(h) = harness().await else { return };
+    let keys = unique_keys("light-verify", 3);
+
+    // Default interval (60 s): the first verify is full, the next light.
+    let mut a = open(&h, "light").await;
+    shardlock_contract_tests::take_all(&mut a, &keys).await;
+    a.verify().await.expect("first verify");
+    assert!(
+        last_statement(&h, a.backend_pid())
+            .await
+            .contains("pg_locks"),
+        "the first verify reads the lock table"
+    );
+    a.verify().await.expect("second verify");
+    assert_eq!(
+        last_statement(&h, a.backend_pid()).await,
+        "SELECT pg_backend_pid()",
+        "a verify within the interval only proves the process"
+    );
+    a.close().await.expect("close");
+
+    // Interval zero: every verify is full, and finds a key unlocked behind
+    // the session's back (through its fenced transaction, which the docs
+    // forbid).
+    let options = h.options().clone().lock_check_interval(Duration::ZERO);
+    let driver = PgDriver::new(options);
+    let mut b = driver
+        .connect(&h.database(), &NodeId::new("full"))
+        .await
+        .expect("connect");
+    shardlock_contract_tests::take_all(&mut b, &keys).await;
+    b.verify().await.expect("first verify");
+    b.verify().await.expect("second verify");
+    assert!(
+        last_statement(&h, b.backend_pid())
+            .await
+            .contains("pg_locks"),
+        "with the interval at zero every verify reads the lock table"
+    );
+    let mut tx = b.transaction().await.expect("begin");
+    let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+        .bind(keys[1].id())
+        .fetch_one(&mut *tx)
+        .await
+        .expect("unlock behind the session's back");
+    assert!(freed);
+    tx.commit().await.expect("commit");
+    match b.verify().await {
+        Err(e) => assert!(
+            e.to_string().contains("no longer shows")
+                || format!("{e:?}").contains("no longer shows"),
+            "the missing key is named: {e:?}"
+        ),
+        Ok(()) => panic!("a full verify must find the key unlocked behind the session's back"),
+    }
+}
