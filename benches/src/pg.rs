@@ -77,10 +77,15 @@ impl PgEnv {
 
     /// A driver whose database ids are database names on this server.
     pub fn driver(&self) -> PgDriver {
-        PgDriver::new(
+        self.driver_with(|options| options)
+    }
+
+    /// [`driver`](Self::driver) with options changed by `change`.
+    pub fn driver_with(&self, change: impl FnOnce(PgOptions) -> PgOptions) -> PgDriver {
+        PgDriver::new(change(
             PgOptions::from_connect_options(self.base.clone())
                 .database_mapping(DatabaseMapping::SameServer),
-        )
+        ))
     }
 
     /// The admin connection (the URL's database).

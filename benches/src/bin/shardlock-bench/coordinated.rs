@@ -695,24 +695,8 @@ fn sets_rows(
             note: None,
         });
     }
-    if let Some(cpu) = steady.cpu_per_cycle {
-        let raw_p50 = steady.raw.p50();
-        let r = raw_p50.and_then(|raw| ratio(cpu, raw));
-        rows.push(Row {
-            measure: M5C.to_string(),
-            driver: driver.to_string(),
-            setup: format!(
-                "N = {n} sets held; process CPU time (/proc schedstat) over {} quiet cycles; raw: \
-                 wall time of the raw check ({raw_check})",
-                steady.window_cycles
-            ),
-            ours: fmt_duration(cpu),
-            raw: raw_p50.map_or("—".to_string(), fmt_duration),
-            ratio: r,
-            target: Target::None,
-            verdict: Verdict::NoTarget,
-            note: None,
-        });
+    if let Some(row) = cpu_row(driver, n, &steady, raw_check, "") {
+        rows.push(row);
     }
     if let Some((per_cycle, calls)) = steady.statements {
         let target = Target::Exactly(1.0);
@@ -747,6 +731,41 @@ fn sets_rows(
         rows.push(row);
     }
     rows
+}
+
+/// Measure 5's CPU row of a steady window (`how`: what differs from the
+/// default setup, if anything). Target at 10,000 sets: at most 2 ms.
+fn cpu_row(driver: &str, n: usize, steady: &Steady, raw_check: &str, how: &str) -> Option<Row> {
+    let cpu = steady.cpu_per_cycle?;
+    let raw_p50 = steady.raw.p50();
+    let target = if n >= 10_000 {
+        Target::AtMost(Duration::from_millis(2))
+    } else {
+        Target::None
+    };
+    let mut row = Row {
+        measure: M5C.to_string(),
+        driver: driver.to_string(),
+        setup: format!(
+            "N = {n} sets held{how}; process CPU time (/proc schedstat) over {} quiet cycles; \
+             raw: wall time of the raw check ({raw_check})",
+            steady.window_cycles
+        ),
+        ours: fmt_duration(cpu),
+        raw: raw_p50.map_or("—".to_string(), fmt_duration),
+        ratio: raw_p50.and_then(|raw| ratio(cpu, raw)),
+        target,
+        verdict: target.judge_duration(Some(cpu)),
+        note: None,
+    };
+    if row.verdict == Verdict::Missed {
+        row.note = Some(format!(
+            "Coordinator CPU per steady cycle at {n} sets over 2 ms ({driver}{how}): the verify's \
+             client work (encoding the held keys, decoding the answer) and the bench's own \
+             scan of the published sets each cycle are counted in the process CPU."
+        ));
+    }
+    Some(row)
 }
 
 async fn memory_sets(ctx: &mut Ctx, n: usize) -> Result<Vec<Row>, String> {
@@ -881,20 +900,33 @@ async fn postgres_sets(ctx: &mut Ctx, n: usize) -> Result<Vec<Row>, String> {
         Some(env),
     )
     .await?;
-    let _ = raw.raw.close().await;
     let target = if n >= 10_000 {
         Target::RatioAtMost(1.2)
     } else {
         Target::None
     };
-    Ok(sets_rows(
+    let raw_check = "`select count(*) from pg_locks …` of its own backend";
+    let mut rows = sets_rows(
         "postgres",
         n,
         out,
         target,
         "`select pg_try_advisory_lock(k) from unnest($1::bigint[]) k` (other database)",
-        "`select count(*) from pg_locks …` of its own backend",
-    ))
+        raw_check,
+    );
+    // The steady verify proves the process (`SELECT pg_backend_pid()`) and
+    // reads the whole lock table once a minute; the cost of that full read,
+    // had it run every cycle, beside it.
+    if n >= 10_000 {
+        let full = env.driver_with(|o| o.lock_check_interval(Duration::ZERO));
+        let node = format!("bench-m5-pg-full-{n}");
+        let out = sets_run(full, &db, &node, n, 1, cycles, &mut raw, None, None).await?;
+        let how = " and the full lock-table check on every verify (`lock_check_interval` 0; \
+                   the default reads it once a minute)";
+        rows.extend(cpu_row("postgres", n, &out.steady, raw_check, how));
+    }
+    let _ = raw.raw.close().await;
+    Ok(rows)
 }
 
 /// Starts a MultiTenanted coordinator over `tenants`, waits until it holds
