@@ -37,7 +37,7 @@ const M6C: &str = "6 connections per node";
 /// watcher behind its loss signal and the listener of release
 /// announcements (plus, only while cancelling a blocking wait, a transient
 /// side connection).
-const PG_CONNECTIONS_PER_DATABASE: usize = 3;
+pub(crate) const PG_CONNECTIONS_PER_DATABASE: usize = 3;
 
 /// An agent that does nothing until told to stop; it counts its starts
 /// (see [`AgentStarts`]).
@@ -138,14 +138,14 @@ pub(crate) fn sets(db: &DatabaseId, prefix: &str, n: usize) -> Result<Vec<LockSe
 
 /// What the coordinator's last publish says, without cloning the sets.
 #[derive(Debug, Clone, Copy)]
-struct Snapshot {
-    cycles: u64,
-    last_cycle: Duration,
-    owned: usize,
-    all_held: bool,
+pub(crate) struct Snapshot {
+    pub(crate) cycles: u64,
+    pub(crate) last_cycle: Duration,
+    pub(crate) owned: usize,
+    pub(crate) all_held: bool,
 }
 
-fn snapshot(a: &Assignment) -> Snapshot {
+pub(crate) fn snapshot(a: &Assignment) -> Snapshot {
     Snapshot {
         cycles: a.cycles,
         last_cycle: a.last_cycle,

@@ -75,8 +75,8 @@ use std::time::{Duration, Instant};
 use shardlock_benches::Verdict;
 use shardlock_benches::{fmt_duration, ratio, CpuSnapshot, PgEnv, RawPg, Row, Samples, Target};
 use shardlock_core::{
-    Agent, AgentContext, AgentError, Assignment, Capabilities, Coordinator, CoordinatorHandle,
-    DatabaseId, Distributor, Driver, LockKey, NodeId, ShardId, SharedTenants,
+    Agent, AgentContext, AgentError, Capabilities, Coordinator, CoordinatorHandle, DatabaseId,
+    Distributor, Driver, LockKey, NodeId, ShardId, SharedTenants,
 };
 use shardlock_distributors::{MultiTenanted, SingleTenant};
 use shardlock_postgres::sqlx::postgres::PgConnectOptions;
@@ -85,6 +85,7 @@ use shardlock_postgres::{DatabaseMapping, PgDriver, PgOptions, PgSession};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::coordinated::{snapshot, Snapshot, PG_CONNECTIONS_PER_DATABASE};
 use crate::{err, progress, Ctx, BENCH_DB};
 
 const M11S: &str = "11 many databases: steady cycle time";
@@ -116,8 +117,6 @@ const DEAD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEAD_COORDINATOR_CONNECT: Duration = Duration::from_secs(3);
 /// Longest wait for a coordinator to own everything.
 const OWN_LIMIT: Duration = Duration::from_secs(120);
-/// Connections a Postgres node keeps per database today.
-const PG_CONNECTIONS_PER_DATABASE: usize = 3;
 /// The dead tenant's database id.
 const DEAD_DB: &str = "shardlock_bench_dead";
 /// Databases created at once when some are missing.
@@ -211,24 +210,6 @@ pub(crate) async fn run(ctx: &mut Ctx) {
             Target::None,
             format!("{}: {why}", many_sets_what(&sets)),
         )),
-    }
-}
-
-/// What the coordinator's last publish says, without cloning the sets.
-#[derive(Debug, Clone, Copy)]
-struct Snapshot {
-    cycles: u64,
-    last_cycle: Duration,
-    owned: usize,
-    all_held: bool,
-}
-
-fn snapshot(a: &Assignment) -> Snapshot {
-    Snapshot {
-        cycles: a.cycles,
-        last_cycle: a.last_cycle,
-        owned: a.owned.len(),
-        all_held: a.owned.iter().all(|s| s.held),
     }
 }
 
