@@ -628,8 +628,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             self.settle(settled).await;
         }
         if !waiting.is_empty() {
+            // Debug, not warn: a server answering many sessions' verifies in
+            // turn leaves some behind every cycle; one that misses its
+            // deadline is logged as a lost session.
             let slow: Vec<&str> = waiting.keys().map(DatabaseId::as_str).collect();
-            warn!(
+            debug!(
                 databases = ?slow,
                 waited = ?sent.elapsed(),
                 "verify still running: not waiting for it (its deadline still stands)"
