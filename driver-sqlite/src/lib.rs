@@ -350,6 +350,28 @@ fn fastrand_u16() -> u16 {
     h.finish() as u16
 }
 
+/// Runs one unit test again in a child process of this test binary,
+/// through `sh -c "<shell>; exec ..."` (e.g. `ulimit -n 64`: a lowered
+/// open-file limit without `unsafe`), with `env` set to `dir`; answers the
+/// child's exit status. `test` is the test's full path.
+#[cfg(all(test, unix))]
+pub(crate) fn rerun_in_child(
+    shell: &str,
+    test: &str,
+    env: &str,
+    dir: &std::path::Path,
+) -> std::process::ExitStatus {
+    let exe = std::env::current_exe().unwrap();
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{shell} && exec \"$0\" \"$@\""))
+        .arg(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(env, dir)
+        .status()
+        .unwrap()
+}
+
 /// The open-file limit, in child processes whose soft limit is lowered with
 /// the shell's `ulimit -S -n` (no `unsafe` needed here).
 #[cfg(all(test, unix))]
@@ -367,22 +389,14 @@ mod open_file_limit_tests {
         }
         let dir =
             std::env::temp_dir().join(format!("shardlock-unit-nofile-{}", std::process::id()));
-        let exe = std::env::current_exe().unwrap();
         // A soft limit of 64 under a hard limit of at least 300; where the
         // hard limit is lower the child cannot show anything.
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg("[ \"$(ulimit -Hn)\" = unlimited ] || [ \"$(ulimit -Hn)\" -ge 300 ] || exit 3; ulimit -S -n 64 && exec \"$0\" \"$@\"")
-            .arg(exe)
-            .args([
-                "--exact",
-                "open_file_limit_tests::opening_the_driver_raises_the_soft_limit_to_the_hard_one",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, &dir)
-            .status()
-            .unwrap();
+        let status = crate::rerun_in_child(
+            "[ \"$(ulimit -Hn)\" = unlimited ] || [ \"$(ulimit -Hn)\" -ge 300 ] || exit 3; ulimit -S -n 64",
+            "open_file_limit_tests::opening_the_driver_raises_the_soft_limit_to_the_hard_one",
+            CHILD,
+            &dir,
+        );
         let _ = std::fs::remove_dir_all(&dir);
         if status.code() == Some(3) {
             eprintln!("SKIPPED: the hard open-file limit is below 300 here, so a raised soft limit cannot be shown");

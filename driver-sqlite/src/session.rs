@@ -565,20 +565,12 @@ mod open_file_limit {
         }
         let dir =
             std::env::temp_dir().join(format!("shardlock-unit-emfile-{}", std::process::id()));
-        let exe = std::env::current_exe().unwrap();
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
-            .arg(exe)
-            .args([
-                "--exact",
-                "session::open_file_limit::running_out_of_file_descriptors_is_a_typed_error_naming_ulimit",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, &dir)
-            .status()
-            .unwrap();
+        let status = crate::rerun_in_child(
+            "ulimit -n 64",
+            "session::open_file_limit::running_out_of_file_descriptors_is_a_typed_error_naming_ulimit",
+            CHILD,
+            &dir,
+        );
         let _ = std::fs::remove_dir_all(&dir);
         assert!(status.success(), "child: {status:?}");
     }
