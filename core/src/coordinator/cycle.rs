@@ -106,6 +106,17 @@ impl<S> Conn<S> {
     fn is_lost(&self) -> bool {
         self.signals.as_ref().is_some_and(SessionSignals::is_lost)
     }
+
+    /// Whether a background task's answer of `generation` is the current
+    /// one for the handle `task` picks (which it then clears); a stale
+    /// answer (the slot was lost, closed or moved on) is not.
+    fn answered(
+        &mut self,
+        generation: u64,
+        task: impl FnOnce(&mut Self) -> &mut Option<AbortHandle>,
+    ) -> bool {
+        generation == self.generation && task(self).take().is_some()
+    }
 }
 
 /// What granting one database's sets needs, looked up once per batch (not
@@ -655,10 +666,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 let Some(conn) = self.conns.get_mut(&db) else {
                     return false;
                 };
-                if conn.connecting.is_none() || conn.generation != generation {
+                if !conn.answered(generation, |c| &mut c.connecting) {
                     return false;
                 }
-                conn.connecting = None;
                 match result {
                     Ok(session) => {
                         conn.last_error = None;
@@ -684,10 +694,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 let Some(conn) = self.conns.get_mut(&db) else {
                     return false;
                 };
-                if conn.verifying.is_none() || conn.generation != generation {
+                if !conn.answered(generation, |c| &mut c.verifying) {
                     return false;
                 }
-                conn.verifying = None;
                 match result {
                     Ok(took) => {
                         self.metrics.verified(&db, took);
