@@ -30,6 +30,10 @@
 //!    a terminated watcher costs a needless reconnect, never an overlap), or
 //!    the task itself was dropped unstopped (its runtime shut down).
 //!
+//! 4. A wait the server cannot queue because its shared lock table is full
+//!    (`53200`, which a big batch can cause for a moment) is retried after a
+//!    pause, not taken for a loss (core's `Seen::Busy`).
+//!
 //! A cut-off network is not covered: both connections just hang, and the
 //! coordinator's verify deadline (self-fencing) stops the work.
 
@@ -45,7 +49,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tokio::runtime::Handle;
 
-use crate::error::PgCause;
+use crate::error::{classify, sqlstate_of, Class, PgCause};
 use crate::sql;
 
 /// The key of a session's liveness lock: `pg_advisory_lock(hi, lo)`, the
@@ -145,6 +149,16 @@ impl LivenessWait for Wait {
             .await;
         match answer {
             Ok(_) => Seen::Ended(format!("the server ended the session (backend {main_pid})")),
+            // Queuing the wait needs a slot in the shared lock table, which
+            // a big batch (this node's or another's) may have filled: the
+            // watcher's connection is fine, so wait again later.
+            Err(err) if sqlstate_of(&err).map(classify) == Some(Class::LockTableFull) => {
+                Seen::Busy(format!(
+                    "the lock table is full, so the wait for backend {main_pid}'s end cannot \
+                     be queued: {}",
+                    PgCause::from(err)
+                ))
+            }
             Err(err) => Seen::Failed(format!(
                 "the connection watching backend {main_pid} failed, so the end of the session \
                  can no longer be seen: {}",
