@@ -127,9 +127,9 @@ impl PgEnv {
     }
 
     /// Connections of node `node` (as `shardlock:<node>` names it): the
-    /// sessions (`application_name` exactly `shardlock:<node>`) and their
-    /// helper connections (watchers `shardlock:<node>:watch`, listeners
-    /// `shardlock:<node>:hints`), as `(sessions, helpers)`.
+    /// sessions (`application_name` exactly `shardlock:<node>`) and any
+    /// other connection of the node (`shardlock:<node>:…`, e.g. a side
+    /// connection cancelling a wait), as `(sessions, others)`.
     ///
     /// # Errors
     ///
@@ -138,7 +138,7 @@ impl PgEnv {
         let name = format!("shardlock:{node}");
         sqlx::query_as(
             "select count(*) filter (where application_name = $1), \
-                    count(*) filter (where application_name in ($1 || ':watch', $1 || ':hints')) \
+                    count(*) filter (where left(application_name, length($1) + 1) = $1 || ':') \
              from pg_stat_activity",
         )
         .bind(name)

@@ -1419,8 +1419,9 @@ impl Chaos {
             }
             Kind::Terminate => {
                 let url = self.server_url();
-                // Half the time the session alone (its watcher must notice),
-                // half the time every backend of the node (watcher too).
+                // Half the time the sessions alone, half the time every
+                // backend of the node (a side connection cancelling a wait
+                // too, if one is open).
                 let all = self.rng.below(2) == 0;
                 let app = format!("shardlock:{target}");
                 let filter = if all {

@@ -1,7 +1,6 @@
-//! The driver, and opening a session: its dedicated connection (label,
-//! server checks, transaction-pooling detection, session settings, liveness
-//! lock), the watcher connection behind its loss signal, and the hints
-//! connection behind its release hints (started in the background).
+//! The driver, and opening a session: its one dedicated connection (label,
+//! server checks, transaction-pooling detection, session settings, `LISTEN`
+//! for release hints), read while idle for its loss signal (see `idle.rs`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -10,17 +9,18 @@ use std::time::Duration;
 use shardlock_core::{
     Capabilities, DatabaseId, Driver, Error, NodeId, ReleaseHints, Result, SessionSignals, Support,
 };
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
-use sqlx::{Connection, Executor, Row};
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgRow};
+use sqlx::{Acquire, Connection, Executor, Pool, Postgres, Row};
 use tokio::runtime::Handle;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::error::{connect_error, PgError, DRIVER};
-use crate::listen::{Listen, Listener};
+use crate::idle::{Heard, Idle};
 use crate::options::{application_name, PgOptions};
 use crate::session::PgSession;
-use crate::sql;
-use crate::watch::{self, Liveness, Watched};
+use crate::sql::{self, RELEASE_CHANNEL};
 
 /// The oldest supported server: PostgreSQL 12 (`server_version_num`).
 pub const MIN_SERVER_VERSION_NUM: u32 = 120_000;
@@ -41,9 +41,10 @@ pub const LOSS_DETECTION_BOUND: Duration = Duration::from_millis(100);
 /// and `idle_session_timeout = 0`.
 const V14: u32 = 140_000;
 
-/// A [`Driver`] for PostgreSQL: each session is one dedicated
-/// [`PgConnection`] (never a pooled one) holding session-level advisory
-/// locks, plus a watcher connection behind its loss signal.
+/// A [`Driver`] for PostgreSQL: each session is one dedicated connection
+/// (never one shared through a pool) holding session-level advisory locks,
+/// read while idle for its loss signal and release hints: one connection
+/// per database a node locks in.
 ///
 /// Cloning is cheap: the options are shared.
 ///
@@ -55,7 +56,7 @@ const V14: u32 = 140_000;
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let driver = PgDriver::new(PgOptions::parse("postgres://app:secret@db:5432/app")?);
 /// let session = driver.connect(&DatabaseId::new("app"), &NodeId::generate()).await?;
-/// println!("backend {}, watched by {}", session.backend_pid(), session.watcher_pid());
+/// println!("backend {}", session.backend_pid());
 /// assert!(!session.signals().is_lost());
 /// # Ok(())
 /// # }
@@ -96,34 +97,32 @@ impl Driver for PgDriver {
 
     /// Opens the session's dedicated connection to the database `database`
     /// maps to (see [`PgOptions::database_for`]), labelled
-    /// `application_name = shardlock:<node>`, and its watcher connection
-    /// (`shardlock:<node>:watch`), both at once. The hints connection
-    /// (`shardlock:<node>:hints`, see
-    /// [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)) is opened in the
-    /// background once the session is returned: its connect time is not
-    /// part of this call, and its failure never fails the session.
+    /// `application_name = shardlock:<node>`: the session's only
+    /// connection. It `LISTEN`s on [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)
+    /// for release hints, and between calls a task reads it, so the session
+    /// sees the server end it without sending a statement (see the crate
+    /// docs, "Failure and takeover").
     ///
     /// Refuses servers that are not PostgreSQL or older than
     /// [`MIN_SERVER_VERSION_NUM`], and connections whose statements land in
     /// different server processes (transaction pooling). Sets the
-    /// keepalives and `client_connection_check_interval` of both
-    /// connections, and turns off `statement_timeout`, `lock_timeout` and
-    /// `idle_session_timeout`, which would otherwise break a blocking wait
-    /// or end an idle lock holder. Then the main connection takes its
-    /// liveness lock and the watcher starts waiting for it (see the crate
-    /// docs, "Failure and takeover").
+    /// keepalives and `client_connection_check_interval`, and turns off
+    /// `statement_timeout`, `lock_timeout` and `idle_session_timeout`, which
+    /// would otherwise break a blocking wait or end an idle lock holder. A
+    /// refused connection (a server starting up) is retried until
+    /// [`PgOptions::connect_timeout`].
     ///
     /// # Errors
     ///
     /// [`Error::Connect`] with a [`PgError`] source: unreachable,
     /// authentication, unknown database, not PostgreSQL, too old,
     /// transaction pooling, timeout; its kind says whether retrying can
-    /// help. [`Error::NotInRuntime`] outside a Tokio runtime (the watcher is
-    /// a task).
+    /// help. [`Error::NotInRuntime`] outside a Tokio runtime (the idle
+    /// reader is a task).
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: a dropped connect closes its half-open connections.
+    /// Cancel-safe: a dropped connect closes its half-open connection.
     async fn connect(&self, database: &DatabaseId, node: &NodeId) -> Result<PgSession> {
         let Ok(handle) = Handle::try_current() else {
             return Err(Error::NotInRuntime {
@@ -137,33 +136,17 @@ impl Driver for PgDriver {
         debug!(
             database = %database,
             pid = established.pid,
-            watcher_pid = established.watch_pid,
             server_version_num = established.version_num,
             "postgres session opened"
         );
         let hints = ReleaseHints::new();
         let signals = SessionSignals::new().with_release_hints(hints.clone());
-        let listener = Listener::start(
+        let idle = Idle::start(
             &handle,
-            Listen {
-                options: established.hints,
-                setup: sql::session_setup(&session_settings(
-                    &self.options,
-                    established.version_num,
-                )),
-                connect_timeout: self.options.get_connect_timeout(),
-                main_pid: established.pid,
+            Heard {
                 hints,
-                database: database.clone(),
-            },
-        );
-        let watcher = watch::start(
-            &handle,
-            Watched {
-                conn: established.watch,
-                pid: established.watch_pid,
                 main_pid: established.pid,
-                liveness: established.liveness,
+                database: database.clone(),
             },
             signals.clone(),
         );
@@ -173,18 +156,17 @@ impl Driver for PgDriver {
             established.pid,
             established.version_num,
             established.side,
-            established.liveness,
-            watcher,
-            listener,
+            idle,
             signals,
             self.options.get_lock_check_interval(),
         ))
     }
 
-    /// A loss signal, emulated with a watcher connection (native to no
-    /// PostgreSQL version), firing within [`LOSS_DETECTION_BOUND`]; release
-    /// hints native (`NOTIFY` in the unlocking statement, `LISTEN` on a
-    /// hints connection: see [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)).
+    /// A loss signal, emulated by reading the session's connection while it
+    /// is idle (native to no PostgreSQL version), firing within
+    /// [`LOSS_DETECTION_BOUND`]; release hints native (`NOTIFY` in the
+    /// unlocking statement, `LISTEN` on the session's connection: see
+    /// [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)).
     fn capabilities(&self) -> Capabilities {
         Capabilities::none()
             .with_loss_signal(Support::Emulated, LOSS_DETECTION_BOUND)
@@ -240,21 +222,24 @@ impl SideConnect {
     }
 }
 
-/// A freshly opened, checked and configured session: the main connection
-/// holding its liveness lock, the watcher connection, configured but not
-/// waiting yet, and the options of the hints connection, not opened yet.
+/// A freshly opened, checked and configured session: its connection,
+/// listening on [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL), whose pool is
+/// closed so it can never reconnect.
 pub(crate) struct Established {
-    pub(crate) conn: PgConnection,
+    pub(crate) conn: PgListener,
     pub(crate) pid: i32,
     pub(crate) version_num: u32,
     pub(crate) side: Arc<SideConnect>,
-    pub(crate) liveness: Liveness,
-    pub(crate) watch: PgConnection,
-    pub(crate) watch_pid: i32,
-    pub(crate) hints: PgConnectOptions,
 }
 
-/// Opens and prepares the session's connections to database `name`.
+/// Opens and prepares the session's connection to database `name`.
+///
+/// The connection is a [`PgListener`] (so it can be read while idle, see
+/// `idle.rs`), which sqlx opens through a pool: a pool of one, closed as
+/// soon as the connection is open, so the listener can never replace a
+/// lost connection with a new one. A refused connection (a server starting
+/// up) is retried by the pool until the connect timeout; then one more
+/// direct attempt says why it failed.
 async fn establish(options: &PgOptions, name: &str, node: &NodeId) -> Result<Established, PgError> {
     // sqlx sends `extra_float_digits` at startup by default; this driver
     // reads no floats, and PgBouncer refuses that parameter unless its
@@ -267,88 +252,88 @@ async fn establish(options: &PgOptions, name: &str, node: &NodeId) -> Result<Est
     let connect = base
         .clone()
         .application_name(&application_name(node.as_str(), ""));
-    let watch = base
-        .clone()
-        .application_name(&application_name(node.as_str(), ":watch"));
-    let hints = base
-        .clone()
-        .application_name(&application_name(node.as_str(), ":hints"));
     let side = Arc::new(SideConnect {
         options: base.application_name(&application_name(node.as_str(), ":cancel")),
         timeout: options.get_connect_timeout(),
     });
     let target = options.target();
     let timeout = options.get_connect_timeout();
-    let opening = async {
-        // Both connections at once: the handshakes overlap.
-        let (main, watcher) = tokio::join!(
-            PgConnection::connect_with(&connect),
-            PgConnection::connect_with(&watch)
-        );
-        let mut conn = main.map_err(|e| connect_error(&target, connect.get_username(), name, e))?;
-        let mut watcher =
-            watcher.map_err(|e| connect_error(&target, connect.get_username(), name, e))?;
-        let (pid, version_num) = prepare(&mut conn, options).await?;
-        let liveness = take_liveness(&mut conn, node).await?;
-        let watch_pid = configure(&mut watcher, options, version_num).await?;
-        Ok::<_, PgError>(Established {
-            conn,
-            pid,
-            version_num,
-            side,
-            liveness,
-            watch: watcher,
-            watch_pid,
-            hints,
-        })
-    };
-    tokio::time::timeout(timeout, opening)
-        .await
-        .map_err(|_| PgError::ConnectTimeout {
-            target: target.clone(),
-            after: timeout,
-        })?
-}
-
-/// Takes a fresh random liveness lock on the main connection (a second draw
-/// in the astronomically unlikely case that the first is taken).
-async fn take_liveness(conn: &mut PgConnection, node: &NodeId) -> Result<Liveness, PgError> {
-    const DRAWS: usize = 3;
-    for _ in 0..DRAWS {
-        let liveness = Liveness::generate(node);
-        let taken: bool = sqlx::query_scalar(sql::TAKE_LIVENESS)
-            .bind(liveness.hi)
-            .bind(liveness.lo)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| PgError::from_query("take the session's liveness lock", e))?;
-        if taken {
-            return Ok(liveness);
+    let started = Instant::now();
+    let pool: Pool<Postgres> = PoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .test_before_acquire(false)
+        .acquire_timeout(timeout)
+        .connect_lazy_with(connect.clone());
+    let opened = PgListener::connect_with(&pool).await;
+    // Closed now (the returned future only waits for the connection to be
+    // given back): the listener can never open another connection.
+    drop(pool.close());
+    let mut conn = match opened {
+        Ok(conn) => conn,
+        Err(sqlx::Error::PoolTimedOut) => {
+            return Err(why_not_open(&connect, &target, name, timeout).await);
         }
-        warn!(%liveness, "a random liveness lock was held elsewhere: drawing another");
-    }
-    Err(PgError::Query {
-        operation: "take the session's liveness lock",
-        source: sqlx::Error::Protocol(format!(
-            "{DRAWS} random liveness locks in a row were held by other sessions"
-        ))
-        .into(),
+        Err(err) => return Err(connect_error(&target, connect.get_username(), name, err)),
+    };
+    conn.eager_reconnect(false);
+    conn.ignore_pool_close_event(true);
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(MIN_SETUP_TIME);
+    let preparing = async {
+        let raw = conn
+            .acquire()
+            .await
+            .map_err(|e| PgError::from_query("take the session's connection", e))?;
+        let (pid, version_num) = prepare(raw, options).await?;
+        conn.listen(RELEASE_CHANNEL)
+            .await
+            .map_err(|e| PgError::from_query("listen for release hints", e))?;
+        Ok::<_, PgError>((pid, version_num))
+    };
+    let (pid, version_num) =
+        tokio::time::timeout(left, preparing)
+            .await
+            .map_err(|_| PgError::ConnectTimeout {
+                target: target.clone(),
+                after: timeout,
+            })??;
+    Ok(Established {
+        conn,
+        pid,
+        version_num,
+        side,
     })
 }
 
-/// Applies the session settings on the watcher connection; answers its
-/// backend pid.
-async fn configure(
-    conn: &mut PgConnection,
-    options: &PgOptions,
-    version_num: u32,
-) -> Result<i32, PgError> {
-    let setup = sql::session_setup(&session_settings(options, version_num));
-    let row: PgRow = conn
-        .fetch_one(setup.as_str())
-        .await
-        .map_err(|e| PgError::from_query("apply the watcher's session settings", e))?;
-    get(&row, 0, "pg_backend_pid()")
+/// The least time the statements after the connect get, however long the
+/// connect took.
+const MIN_SETUP_TIME: Duration = Duration::from_secs(1);
+
+/// After the pool gave up (connection refused, or a server not accepting
+/// connections yet, until the connect timeout): one direct attempt, to
+/// report why.
+async fn why_not_open(
+    connect: &PgConnectOptions,
+    target: &str,
+    name: &str,
+    timeout: Duration,
+) -> PgError {
+    let timed_out = PgError::ConnectTimeout {
+        target: target.to_string(),
+        after: timeout,
+    };
+    match tokio::time::timeout(MIN_SETUP_TIME, PgConnection::connect_with(connect)).await {
+        Ok(Err(err)) => connect_error(target, connect.get_username(), name, err),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            timed_out
+        }
+        Err(_) => timed_out,
+    }
 }
 
 /// Checks the server and applies the session settings, in two separate

@@ -1,10 +1,11 @@
 //! PostgreSQL driver of [shardlock](https://docs.rs/shardlock): each session
-//! is **one dedicated [`PgConnection`](sqlx::postgres::PgConnection)** (never
-//! a pooled one) holding session-level advisory locks, keyed by
-//! [`LockKey::id`](shardlock_core::LockKey::id) as a `bigint`, plus a
-//! watcher connection that signals the moment the server ends the session,
-//! and a hints connection that hears releases other nodes announce
-//! (`LISTEN`/`NOTIFY`). Use it through `shardlock` with feature `postgres`.
+//! is **one dedicated connection** (never one shared through a pool)
+//! holding session-level advisory locks, keyed by
+//! [`LockKey::id`](shardlock_core::LockKey::id) as a `bigint`. Between
+//! calls a task reads that connection, so the session signals the moment
+//! the server ends it and hears the releases other nodes announce
+//! (`LISTEN`/`NOTIFY`): **one connection per database a node locks in**.
+//! Use it through `shardlock` with feature `postgres`.
 //!
 //! ```no_run
 //! use shardlock_core::{CancellationToken, DatabaseId, Driver, LockKey, NodeId, Session};
@@ -36,17 +37,17 @@
 //!
 //! | operation | statement | round trips |
 //! |---|---|---|
-//! | `connect` | main connection and watcher connection opened at once; on the main one: server identity, session settings (+ pid again, for the pooling check), `pg_try_advisory_lock(hi, lo)` of a random *liveness lock*; on the watcher: its session settings, then `pg_advisory_lock(hi, lo)`, left waiting; the hints connection is opened afterwards, in the background (its session settings, `LISTEN shardlock_release`, its pid), not waited for | 3 + 1, handshakes overlapped |
+//! | `connect` | one connection: server identity, session settings (+ pid again, for the pooling check), `LISTEN shardlock_release` | 3 |
 //! | `try_acquire(keys)` | `array_agg(t.k)` over `unnest($1::bigint[]) AS t(k)` `WHERE NOT pg_try_advisory_lock(t.k)`: the keys denied (NULL when all were granted), only for keys not held yet (one key: `pg_try_advisory_lock($1)`) | 1 (0 if all held) |
 //! | `acquire(key, cancel)` | `pg_advisory_lock($1)`; on cancel or drop, `pg_cancel_backend(pid)` from a side connection, then release a grant that raced it | 1 + cancel |
 //! | `release(key)` | `pg_advisory_unlock($1)` for a held key | 1 (0 if not held) |
 //! | `release_announced(keys, clean)` | the `release_many` unlock of the held keys and, in the same statement, `pg_notify('shardlock_release', payload)` per chunk of the keys actually released (see "Release hints") | 1 (0 if none held) |
 //! | `probe(keys)` | one read of `pg_locks` (advisory, this database, granted, `objsubid = 1`, `pid IS DISTINCT FROM pg_backend_pid()`), `LEFT JOIN`ed to `unnest($1::bigint[]) WITH ORDINALITY`, for keys not held here; takes no lock | 1 (0 if all held here) |
-//! | `release_many(keys)` / `release_all` | `array_agg(t.k)` over `unnest($1::bigint[]) AS t(k)` `WHERE NOT pg_advisory_unlock(t.k)`: the keys not released (NULL when all were), for the held keys only — never `pg_advisory_unlock_all()`, which would free the liveness lock and signal a false loss | 1 (0 if none held) |
-//! | `verify` | `SELECT pg_backend_pid()` (the same live process), and at most every [`lock_check_interval`](PgOptions::lock_check_interval) (60 s; the first verify too) one read of `pg_locks` instead: backend pid, held keys missing, liveness lock still held | 1 |
-//! | `close` / drop | stop the watcher and the hints listener, then `pg_advisory_unlock_all()` (if anything is held) and close | 1 |
+//! | `release_many(keys)` / `release_all` | `array_agg(t.k)` over `unnest($1::bigint[]) AS t(k)` `WHERE NOT pg_advisory_unlock(t.k)`: the keys not released (NULL when all were), for the held keys only | 1 (0 if none held) |
+//! | `verify` | `SELECT pg_backend_pid()` (the same live process), and at most every [`lock_check_interval`](PgOptions::lock_check_interval) (60 s; the first verify too) one read of `pg_locks` too: the held keys it no longer shows | 1 |
+//! | `close` / drop | stop the idle reader, then `pg_advisory_unlock_all()` (if anything is held) and close | 1 |
 //!
-//! [`PgSession::round_trips`] counts the statements of the main connection,
+//! [`PgSession::round_trips`] counts the statements of the session,
 //! for tests and metrics. PostgreSQL stacks session locks (taking a key
 //! twice needs two unlocks), so the session tracks what it holds (core's
 //! [`Holds`](shardlock_core::Holds)) and never asks for a key twice.
@@ -65,9 +66,8 @@
 //! # Ok::<(), shardlock_core::Error>(())
 //! ```
 //!
-//! The liveness lock uses the two-`int4` form (`objsubid` is 2), so it
-//! never collides with a key; [`PgSession::liveness_lock`] names it. Tools
-//! that list a node's keys from `pg_locks` should filter `objsubid = 1`.
+//! Tools that list a node's keys from `pg_locks` should filter
+//! `objsubid = 1` (the `bigint` form).
 //!
 //! # Options
 //!
@@ -79,12 +79,12 @@
 //! |---|---|---|
 //! | host, port, user, password, TLS | from the URL, else `PGHOST`, `PGPORT`, `PGUSER`, ... | where and as whom to connect ([`PgOptions::map_connect_options`] for the rest of sqlx's options) |
 //! | [`database_mapping`](PgOptions::database_mapping) | the URL's database ([`DatabaseMapping::ConnectionString`]); [`DatabaseMapping::SameServer`] when the URL names none | which database a shardlock `DatabaseId` locks in. **By default the database named in the URL (or `PGDATABASE`), for every id**; a URL without a database maps id `tenant_7` to database `tenant_7` on the URL's server. For one database per tenant with a URL that names one, set [`DatabaseMapping::SameServer`]; [`DatabaseMapping::Fixed`] names one database, [`DatabaseMapping::custom`] computes it. [`PgOptions::database_for`] tells where an id goes |
-//! | `application_name` | `shardlock:<node-id>` (watcher `…:watch`, hints listener `…:hints`, cancel side connection `…:cancel`), cut to 63 bytes | shows the node in `pg_stat_activity` (set at connect, replaces the URL's) |
-//! | [`keepalives`](PgOptions::keepalives) | idle 10 s, interval 5 s, count 3 | server-side `tcp_keepalives_idle/interval/count` of each connection, plus `tcp_user_timeout` = the window below; `None` leaves the server's settings |
+//! | `application_name` | `shardlock:<node-id>` (cancel side connection `…:cancel`), cut to 63 bytes | shows the node in `pg_stat_activity` (set at connect, replaces the URL's) |
+//! | [`keepalives`](PgOptions::keepalives) | idle 10 s, interval 5 s, count 3 | server-side `tcp_keepalives_idle/interval/count` of the session's connection, plus `tcp_user_timeout` = the window below; `None` leaves the server's settings |
 //! | lock release window | idle + interval × count = **25 s** | [`Driver::lock_release_window`](shardlock_core::Driver::lock_release_window): how long the server keeps a vanished node's locks at least; must exceed the coordinator's poll + lock-loss timeout + stop timeout (5 + 5 + 5 = 15 s by default), which the coordinator checks at build time |
-//! | [`client_connection_check_interval`](PgOptions::client_connection_check_interval) | 2 s | PostgreSQL 14+: a backend waiting in `pg_advisory_lock` (a blocking acquire, or the watcher) notices within this time that its client died, instead of taking the lock for nobody |
-//! | [`connect_timeout`](PgOptions::connect_timeout) | 10 s | limit for opening a session (main and watcher connections), each attempt of the background hints connection, and a side connection that cancels a wait |
-//! | `statement_timeout`, `lock_timeout`, `idle_session_timeout` | set to 0 on all three connections | role or database defaults would cancel a blocking wait (the watcher's included) or end an idle lock holder |
+//! | [`client_connection_check_interval`](PgOptions::client_connection_check_interval) | 2 s | PostgreSQL 14+: a backend waiting in `pg_advisory_lock` (a blocking acquire) notices within this time that its client died, instead of taking the lock for nobody |
+//! | [`connect_timeout`](PgOptions::connect_timeout) | 10 s | limit for opening a session (a refused connection is retried until then: a server starting up refuses for a moment) and a side connection that cancels a wait |
+//! | `statement_timeout`, `lock_timeout`, `idle_session_timeout` | set to 0 on the session's connection | role or database defaults would cancel a blocking wait or end an idle lock holder |
 //!
 //! At connect the driver also checks that the server is PostgreSQL (not a
 //! look-alike such as CockroachDB, whose advisory-lock functions do not
@@ -94,8 +94,8 @@
 //! [`PgError::TransactionPooling`], because session locks belong to one
 //! server process. A pooler may hand back the same process by chance, so
 //! [`verify`](shardlock_core::Session::verify) also compares the backend pid
-//! every time. Session-mode pools work (each session takes two server
-//! connections from the pool).
+//! every time. Session-mode pools work (each session takes one server
+//! connection from the pool).
 //!
 //! # Sizing the lock table and connections
 //!
@@ -108,15 +108,14 @@
 //! [`PgError::LockTableFull`] (naming the setting) after releasing what the
 //! failed batch took. Raise `max_locks_per_transaction` (a restart is needed)
 //! so the table covers the keys all nodes hold at once plus the ordinary
-//! load (each session adds one: its liveness lock).
+//! load.
 //!
-//! Connections are O(databases) per node, never O(keys): **three per
-//! database** (the session `shardlock:<node>`, its watcher
-//! `shardlock:<node>:watch` and its hints listener `shardlock:<node>:hints`),
-//! plus a transient side connection while a blocking wait is being
-//! cancelled. Size `max_connections` for `3 × nodes × databases` plus the
-//! application's own. Through a session-mode PgBouncer each session takes
-//! three server connections from the pool.
+//! Connections are O(databases) per node, never O(keys): **one per
+//! database** (the session, `shardlock:<node>`), plus a transient side
+//! connection while a blocking wait is being cancelled. Size
+//! `max_connections` for `nodes × databases` plus the application's own.
+//! Through a session-mode PgBouncer each session takes one server
+//! connection from the pool.
 //!
 //! # Release hints
 //!
@@ -142,20 +141,14 @@
 //! - **Timing**: the unlocks take effect at once, the notifications are
 //!   delivered when the statement's implicit transaction commits, so a
 //!   listener that hears one finds the keys free.
-//! - **Listening**: each session has a hints connection that `LISTEN`s on
-//!   the channel and records what other sessions announce in its
+//! - **Listening**: the session's own connection `LISTEN`s on the channel
+//!   from `connect` on, and records what other sessions announce in its
 //!   [`SessionSignals::release_hints`](shardlock_core::SessionSignals::release_hints)
 //!   (its own announcements are recognised by the sender's backend pid and
-//!   skipped). The watcher connection cannot double as the listener:
-//!   PostgreSQL delivers notifications only to idle backends, and the
-//!   watcher sits in `pg_advisory_lock` for the session's whole life. The
-//!   hints connection opens in the background after `connect` returns, and
-//!   reconnects with backoff when it fails; each time it starts listening
-//!   it records one wake-up without clean marks, for the releases it could
-//!   not hear meanwhile; hints are only hints, so its
-//!   failure never fires the loss signal or fails a call: a missed hint
-//!   costs one poll interval, and polling stays the fallback.
-//!   [`PgSession::hints_pid`] tells whether it listens.
+//!   skipped). PostgreSQL delivers notifications to an idle backend: the
+//!   idle reader (below) receives them between calls, and those that
+//!   arrive during a call are recorded when it ends. Hints are only hints:
+//!   a missed one costs one poll interval, and polling stays the fallback.
 //!
 //! # Failure and takeover
 //!
@@ -163,12 +156,13 @@
 //!   failover, an idle timeout, a crashed backend): PostgreSQL frees the
 //!   session's locks at once, and the session's
 //!   [`signals().lost()`](shardlock_core::Session::signals) fires within
-//!   milliseconds, without a statement: at connect the main connection took
-//!   a random liveness lock, and the watcher connection waits for it in
-//!   `pg_advisory_lock`; the server grants it the moment the main backend
-//!   exits, and the watcher fires `lost` (`the server ended the session
-//!   (backend <pid>)`). Both backends sleep in the server meanwhile: no
-//!   polling. The coordinator cancels the session's agents on that signal,
+//!   milliseconds, without a statement: between calls the session parks
+//!   its connection with a task that reads it (sqlx's `PgListener`
+//!   receive), so the server's goodbye and the closed socket arrive at
+//!   once, and the task fires `lost` (`the server ended the session
+//!   (backend <pid>)`). No polling, and no second connection: calls closer
+//!   together than 2 ms take the connection straight back; after that the
+//!   reader hands it back within one task hop. The coordinator cancels the session's agents on that signal,
 //!   and takes sets over only after a takeover delay equal to the stated
 //!   bound, [`LOSS_DETECTION_BOUND`] = **100 ms**
 //!   ([`Driver::capabilities`](shardlock_core::Driver::capabilities):
@@ -183,14 +177,14 @@
 //!   a second connection blocked on a key the terminated backend held, is
 //!   p50 0.6 ms, max 5.7 ms in the same runs. The bound leaves a wide
 //!   margin for loaded machines and servers across a network.
-//! - **The watcher's own connection fails** (it was terminated, or the
-//!   server restarted, which ends both): `lost` fires too, since the
-//!   session's end could no longer be seen. Conservative: a terminated
-//!   watcher costs a needless reconnect, never an overlap. A graceful
-//!   `close` or drop stops the watcher first and never fires `lost`.
+//! - **The connection fails** while idle (a reset, an error the server
+//!   sends): `lost` fires too. A graceful `close` or drop stops the reader
+//!   first and never fires `lost`. The connection never reconnects behind
+//!   the session (a new backend would hold none of its locks): the session
+//!   is lost, and the coordinator opens a new one.
 //! - A node that crashes (kill -9) closes its sockets: the server ends its
 //!   sessions and another node can take the keys within milliseconds.
-//! - A node cut off by the network sees nothing (both connections hang):
+//! - A node cut off by the network sees nothing (the connection hangs):
 //!   the server frees its locks after the release window (25 s by
 //!   default); the node's coordinator stops the work earlier, when `verify`
 //!   cannot succeed within its lock-loss timeout.
@@ -229,12 +223,11 @@ mod checkpoints;
 mod connection;
 mod error;
 mod fenced;
-mod listen;
+mod idle;
 mod options;
 mod session;
 mod sql;
 mod wait;
-mod watch;
 
 pub use checkpoints::PgCheckpoints;
 pub use connection::{PgDriver, LOSS_DETECTION_BOUND, MIN_SERVER_VERSION_NUM};
@@ -252,3 +245,21 @@ pub use sql::{KEYS_PER_NOTIFICATION, RELEASE_CHANNEL};
 
 /// The sqlx this driver is built on, for its connect options and errors.
 pub use sqlx;
+
+/// 64 random bits without a dependency: std's randomly keyed SipHash (fresh
+/// keys per `RandomState`) over the time, the process, a counter and `salt`.
+#[cfg(test)]
+pub(crate) fn random_u64(salt: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.write_u32(std::process::id());
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write(salt.as_bytes());
+    hasher.finish()
+}

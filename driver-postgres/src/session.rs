@@ -1,8 +1,8 @@
 //! A PostgreSQL session: one dedicated connection holding session-level
 //! advisory locks
 //! (<https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS>),
-//! plus the watcher connection behind its loss signal (see `watch.rs`) and
-//! the hints connection behind its release hints (see `listen.rs`).
+//! read between calls for its loss signal and release hints (see
+//! `idle.rs`).
 //!
 //! # Invariants
 //!
@@ -11,13 +11,13 @@
 //!    locks, so the session never asks for a key it holds), poisoning (a
 //!    round trip whose future was dropped between `begin` and `end`, a lost
 //!    connection, a failed verify) and the loss signal it shares with the
-//!    watcher. A poisoned or lost session fails every later call with
+//!    idle reader. A poisoned or lost session fails every later call with
 //!    `Error::SessionLost`, and the coordinator replaces it.
-//! 2. A blocking `acquire` lends the connection to a task (see `wait.rs`);
+//! 2. Every call of the [`Session`] trait takes the connection back from
+//!    the idle reader first (`ready`) and parks it again when done (`park`);
+//!    a broken session keeps it until it is closed or dropped.
+//! 3. A blocking `acquire` lends the connection to a task (see `wait.rs`);
 //!    the next call takes it back first.
-//! 3. No statement of a live session frees the liveness lock: releases name
-//!    the held keys (`bigint` form); `pg_advisory_unlock_all()` runs only in
-//!    `close` and drop, after the watcher was stopped.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,48 +29,48 @@ use shardlock_core::lent::{ConnectionLoss, Lent};
 use shardlock_core::{
     CancellationToken, DatabaseId, Error, Holds, LockKey, Result, Session, SessionSignals,
 };
-use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Executor};
+use sqlx::postgres::{PgConnection, PgListener};
+use sqlx::{Acquire, Executor};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
 use crate::connection::SideConnect;
 use crate::error::PgError;
 use crate::fenced::PgTransaction;
-use crate::listen::Listener;
+use crate::idle::Idle;
 use crate::sql;
 use crate::wait::{AdvisoryWait, Wait};
-use crate::watch::{Liveness, Watcher};
 
 /// How long a dropped session's background close may take before the
 /// connection is simply dropped.
 const DROP_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One dedicated connection to one database, holding session-level advisory
-/// locks keyed by [`LockKey::id`], and a watcher connection that fires the
-/// session's loss signal ([`Session::signals`]) the moment the server ends
-/// the main connection's backend.
+/// locks keyed by [`LockKey::id`]. Between calls a task reads it, which
+/// fires the session's loss signal ([`Session::signals`]) the moment the
+/// server ends its backend and records the release hints other sessions
+/// announce.
 ///
 /// # Drop
 ///
-/// Dropping never blocks and works on any Tokio runtime flavour: the
-/// watcher is stopped; then, if a runtime is at hand, a task runs
+/// Dropping never blocks and works on any Tokio runtime flavour: the idle
+/// reader is stopped; then, if a runtime is at hand, a task runs
 /// `pg_advisory_unlock_all()` and closes the connection gracefully;
-/// otherwise the connection is dropped, its socket closes, and the server
-/// ends the session and frees its locks at once. Either way the locks are
+/// otherwise the connection is closed at once, and the server ends the
+/// session and frees its locks. Either way the locks are
 /// gone within milliseconds. After an abandoned
 /// [`acquire`](Session::acquire) the wait's task owns the connection and
 /// closes it when done.
 pub struct PgSession {
-    conn: Option<PgConnection>,
+    /// The connection while the session has it (in a call, or broken);
+    /// between calls it is parked in `idle`.
+    conn: Option<PgListener>,
     waiting: Option<Arc<Wait>>,
     side: Arc<SideConnect>,
     pid: i32,
     version_num: u32,
     holds: Holds,
-    liveness: Liveness,
-    watcher: Watcher,
-    listener: Listener,
+    idle: Idle,
     round_trips: Arc<AtomicU64>,
     /// How often verify reads the lock table, and when it last did.
     lock_check_interval: Duration,
@@ -81,26 +81,23 @@ impl PgSession {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         database: DatabaseId,
-        conn: PgConnection,
+        conn: PgListener,
         pid: i32,
         version_num: u32,
         side: Arc<SideConnect>,
-        liveness: Liveness,
-        watcher: Watcher,
-        listener: Listener,
+        idle: Idle,
         signals: SessionSignals,
         lock_check_interval: Duration,
     ) -> Self {
+        idle.park(conn);
         Self {
-            conn: Some(conn),
+            conn: None,
             waiting: None,
             side,
             pid,
             version_num,
             holds: Holds::with_signals(database, signals),
-            liveness,
-            watcher,
-            listener,
+            idle,
             round_trips: Arc::new(AtomicU64::new(0)),
             lock_check_interval,
             last_lock_check: None,
@@ -127,35 +124,6 @@ impl PgSession {
         self.pid
     }
 
-    /// The server process of the session's watcher connection
-    /// (`application_name` `shardlock:<node>:watch`), which waits in
-    /// `pg_advisory_lock` for the session's liveness lock.
-    pub fn watcher_pid(&self) -> i32 {
-        self.watcher.id()
-    }
-
-    /// The server process of the session's hints connection
-    /// (`application_name` `shardlock:<node>:hints`) while it listens on
-    /// [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL); `None` until it first
-    /// listens (it connects in the background after
-    /// [`connect`](shardlock_core::Driver::connect) returned), while it
-    /// reconnects, and once the session is closed. Releases announced while
-    /// it is `None` are not heard; each time it starts listening the
-    /// session's release hints get one wake-up without clean marks instead
-    /// (recorded before this answers `Some`), so a coordinator tries once
-    /// more rather than waiting for its next poll.
-    pub fn hints_pid(&self) -> Option<i32> {
-        self.listener.pid()
-    }
-
-    /// The session's liveness lock, `(classid, objid)` of the two-`int4`
-    /// advisory lock (`pg_locks.objsubid = 2`) its backend holds for as
-    /// long as it lives; never a shardlock key. For operators and tests that
-    /// count a backend's advisory locks.
-    pub fn liveness_lock(&self) -> (i32, i32) {
-        (self.liveness.hi, self.liveness.lo)
-    }
-
     /// The server's `server_version_num`, e.g. `150008`.
     pub fn server_version_num(&self) -> u32 {
         self.version_num
@@ -164,7 +132,7 @@ impl PgSession {
     /// Statements sent on the main connection since
     /// [`connect`](shardlock_core::Driver::connect) returned (its own setup
     /// statements are not counted), one per round trip; statements of the
-    /// watcher and of side connections are not counted. For tests and
+    /// side connections are not counted. For tests and
     /// metrics: e.g. a batched [`try_acquire`](Session::try_acquire) adds
     /// exactly one, a batch of keys all held already none.
     pub fn round_trips(&self) -> u64 {
@@ -193,8 +161,11 @@ impl PgSession {
     ///
     /// While the transaction is open the session is borrowed, so no lock
     /// call can run on the connection meanwhile (a blocking
-    /// [`acquire`](Session::acquire) still waiting is taken back first).
-    /// The tables live in the database the session locks in (the one
+    /// [`acquire`](Session::acquire) still waiting is taken back first), and
+    /// the connection is not read between the transaction's statements: a
+    /// server that ends the session meanwhile is seen at the next statement
+    /// or the commit, which fails. The connection is read while idle again
+    /// from the session's next call on. The tables live in the database the session locks in (the one
     /// [`PgCheckpoints::connect`](crate::PgCheckpoints::connect) opens for
     /// the same options and id). Keep it short: the server's
     /// `idle_in_transaction_session_timeout`, if set for the role or
@@ -290,16 +261,50 @@ impl PgSession {
         self.lent().fail(err)
     }
 
-    /// Makes the connection ready for a round trip, or says why it cannot be.
+    /// Makes the connection ready for a round trip, or says why it cannot
+    /// be: takes it back from a wait or from the idle reader.
     async fn ready(&mut self) -> Result<()> {
+        if !self.take_back().await {
+            // The reader saw the connection end: the loss signal says why.
+            self.holds.ready()?;
+        }
         self.lent().ready().await
     }
 
+    /// Takes the connection back from a wait or from the idle reader;
+    /// answers whether the session has it.
+    async fn take_back(&mut self) -> bool {
+        self.reclaim().await;
+        if self.conn.is_none() && self.waiting.is_none() {
+            self.conn = self.idle.unpark().await;
+        }
+        self.conn.is_some()
+    }
+
+    /// Parks the connection with the idle reader after a call, unless the
+    /// session is broken (then it stays here until close or drop).
+    fn park(&mut self) {
+        if self.holds.is_broken() || self.holds.signals().is_lost() {
+            return;
+        }
+        if let Some(conn) = self.conn.take() {
+            self.idle.park(conn);
+        }
+    }
+
     /// The connection; only after [`ready`](Self::ready) succeeded.
-    fn conn(&mut self) -> Result<&mut PgConnection> {
-        match self.conn.as_mut() {
-            Some(conn) => Ok(conn),
-            None => Err(self.holds.poison("the connection is closed")),
+    async fn conn(&mut self) -> Result<&mut PgConnection> {
+        let Some(listener) = self.conn.as_mut() else {
+            return Err(self.holds.poison("the connection is closed"));
+        };
+        // The listener's connection is open (its pool is closed, so it
+        // never opens another): this answers at once.
+        match listener.acquire().await {
+            Ok(conn) => Ok(conn),
+            Err(err) => Err(self.holds.poison(format!(
+                "the session's connection is gone: {}",
+                crate::error::PgCause::from(err)
+            ))),
         }
     }
 
@@ -333,13 +338,22 @@ impl PgSession {
         }
     }
 
-    /// Stops the watcher (so the session's own unlock cannot look like a
-    /// loss) and takes the connection for a final statement, unless the
-    /// session is broken: then the connection is just dropped.
-    fn take_for_close(&mut self) -> Option<(PgConnection, bool)> {
-        self.watcher.stop();
-        self.listener.stop();
-        let conn = self.conn.take()?;
+    /// Stops the idle reader and takes the connection for a final
+    /// statement, unless the session is broken: then it is just dropped.
+    /// Answers the connection and whether anything may be held.
+    async fn take_for_close(&mut self) -> Option<(PgListener, bool)> {
+        self.idle.stop();
+        if self.conn.is_none() {
+            self.conn = self.idle.unpark().await;
+        }
+        let conn = self.conn.take();
+        self.close_parts(conn)
+    }
+
+    /// The connection to close and whether to unlock first; `None` when the
+    /// session is broken.
+    fn close_parts(&mut self, conn: Option<PgListener>) -> Option<(PgListener, bool)> {
+        let conn = conn?;
         if self.holds.is_broken() {
             return None;
         }
@@ -355,33 +369,11 @@ impl ConnectionLoss for PgError {
     }
 }
 
-impl Session for PgSession {
-    /// Held keys, trust and the loss signal; `lost` fires when the watcher sees the main
-    /// backend end (within [`LOSS_DETECTION_BOUND`](crate::LOSS_DETECTION_BOUND)
-    /// of `pg_terminate_backend` on a healthy network), when the watcher's
-    /// own connection fails, or when the session is poisoned.
-    fn holds(&self) -> &Holds {
-        &self.holds
-    }
-
-    /// `pg_try_advisory_lock` for every key not held yet, deduplicated, in
-    /// one statement (`unnest($1::bigint[])`, answering the keys granted, no
-    /// sort on the server); held keys
-    /// answer `true` without a round trip, and a batch of only held keys
-    /// sends nothing.
-    ///
-    /// # Errors
-    ///
-    /// A full shared lock table is a [`PgError::LockTableFull`] (inside
-    /// [`Error::Driver`]): the keys the failed batch took are released
-    /// again before the error returns.
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: dropped mid-round-trip, the session no longer knows
-    /// which keys it holds and is poisoned (the next call, e.g.
-    /// [`verify`](Session::verify), fails, and the loss signal fires).
-    async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+/// The calls of [`Session`], run between taking the connection back and
+/// parking it again.
+impl PgSession {
+    /// [`Session::try_acquire`], with the connection taken back and not parked yet.
+    async fn try_acquire_now(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
         self.ready().await?;
         let ask = self.holds.to_acquire(keys);
         if ask.is_empty() {
@@ -390,7 +382,7 @@ impl Session for PgSession {
         let ids: Vec<i64> = ask.iter().map(LockKey::id).collect();
         self.holds.begin("try_acquire")?;
         self.sent();
-        let conn = self.conn()?;
+        let conn = self.conn().await?;
         // Both answer the keys denied.
         let result = if let [id] = ids[..] {
             sqlx::query_scalar::<_, bool>(sql::TRY_ONE)
@@ -421,25 +413,9 @@ impl Session for PgSession {
         self.holds.finish_acquire(keys, &ask, &granted)
     }
 
-    /// Waits in `pg_advisory_lock` (the server wakes the waiter on release:
-    /// no polling) until the key is granted or `cancel` fires. A key already
-    /// held answers `true` at once.
-    ///
-    /// The wait runs in a task that owns the connection. When `cancel`
-    /// fires, the backend's wait is cancelled from a side connection
-    /// (`pg_cancel_backend`), a grant that raced the cancel is released, and
-    /// the answer is `false`.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel-safe, through `cancel` and by dropping the future: a dropped
-    /// wait is cancelled the same way in the background, and if the key was
-    /// granted meanwhile it is released at once, so the key never stays
-    /// held by this session. The next call on the session waits for that
-    /// clean-up to finish.
-    ///
-    /// Needs a Tokio runtime with timers.
-    async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
+    /// [`Session::acquire`], with the connection taken back and not parked yet.
+    async fn acquire_now(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
+        self.take_back().await;
         let (pid, side) = (self.pid, Arc::clone(&self.side));
         let lock = || AdvisoryWait::new(key.clone(), pid, side);
         Lent::new(&mut self.conn, &mut self.waiting, &mut self.holds)
@@ -447,13 +423,8 @@ impl Session for PgSession {
             .await
     }
 
-    /// `pg_advisory_unlock` for a held key; a key not held answers `false`
-    /// without a round trip (never an error, even on a lost session).
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
-    async fn release(&mut self, key: &LockKey) -> Result<bool> {
+    /// [`Session::release`], with the connection taken back and not parked yet.
+    async fn release_now(&mut self, key: &LockKey) -> Result<bool> {
         self.reclaim().await;
         if !self.holds.contains(key) {
             return Ok(false);
@@ -461,7 +432,7 @@ impl Session for PgSession {
         self.ready().await?;
         self.holds.begin("release")?;
         self.sent();
-        let conn = self.conn()?;
+        let conn = self.conn().await?;
         let result = sqlx::query_scalar::<_, bool>(sql::UNLOCK)
             .bind(key.id())
             .fetch_one(conn)
@@ -475,13 +446,8 @@ impl Session for PgSession {
         Ok(released)
     }
 
-    /// One statement for every held key of `keys` (`unnest` +
-    /// `pg_advisory_unlock`); keys not held answer `false` without being sent.
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
-    async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+    /// [`Session::release_many`], with the connection taken back and not parked yet.
+    async fn release_many_now(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
         self.reclaim().await;
         let ask = self.holds.to_release(keys);
         if ask.is_empty() {
@@ -491,7 +457,7 @@ impl Session for PgSession {
         let ids: Vec<i64> = ask.iter().map(LockKey::id).collect();
         self.holds.begin("release_many")?;
         self.sent();
-        let conn = self.conn()?;
+        let conn = self.conn().await?;
         let result = sqlx::query_scalar::<_, Option<Vec<i64>>>(sql::UNLOCK_MANY)
             .bind(&ids)
             .fetch_one(conn)
@@ -502,23 +468,12 @@ impl Session for PgSession {
         Ok(self.holds.record_released(keys, &ask, &released))
     }
 
-    /// Like [`release_many`](Session::release_many) (one statement for the
-    /// held keys of `keys`, none when none is held), and in the **same
-    /// statement** `pg_notify` on [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)
-    /// for the keys the server actually released, so every other session of
-    /// the database hears of it through its
-    /// [`ReleaseHints`](shardlock_core::ReleaseHints) (see
-    /// [`hints_pid`](PgSession::hints_pid)). The notifications are delivered
-    /// when the statement commits, after the unlocks: a listener that hears
-    /// one finds the keys free. A release of nothing sends nothing.
-    ///
-    /// A key counts as handed over cleanly only when every appearance of it
-    /// in `keys` is marked clean in `clean` (a missing mark is not clean).
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
-    async fn release_announced(&mut self, keys: &[LockKey], clean: &[bool]) -> Result<Vec<bool>> {
+    /// [`Session::release_announced`], with the connection taken back and not parked yet.
+    async fn release_announced_now(
+        &mut self,
+        keys: &[LockKey],
+        clean: &[bool],
+    ) -> Result<Vec<bool>> {
         self.reclaim().await;
         let ask = self.holds.to_release(keys);
         if ask.is_empty() {
@@ -529,7 +484,7 @@ impl Session for PgSession {
         let marks = clean_marks(keys, clean, &ids);
         self.holds.begin("release_announced")?;
         self.sent();
-        let conn = self.conn()?;
+        let conn = self.conn().await?;
         let result = sqlx::query_as::<_, (Option<Vec<i64>>, i64)>(sql::RELEASE_ANNOUNCED)
             .bind(&ids)
             .bind(&marks)
@@ -549,16 +504,8 @@ impl Session for PgSession {
         Ok(self.holds.record_released(keys, &ask, &released))
     }
 
-    /// One statement and one read of `pg_locks`, taking no lock: per key,
-    /// whether a backend other than this session's holds its `bigint`
-    /// advisory lock in this database. Keys this session holds answer
-    /// `false` and are not sent; a probe of only such keys sends nothing.
-    ///
-    /// # Cancel safety
-    ///
-    /// Nothing is locked, but dropped mid-round-trip the session is
-    /// poisoned like after any interrupted round trip.
-    async fn probe(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+    /// [`Session::probe`], with the connection taken back and not parked yet.
+    async fn probe_now(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
         self.ready().await?;
         let ask = self.holds.to_acquire(keys);
         if ask.is_empty() {
@@ -567,7 +514,7 @@ impl Session for PgSession {
         let ids: Vec<i64> = ask.iter().map(LockKey::id).collect();
         self.holds.begin("probe")?;
         self.sent();
-        let conn = self.conn()?;
+        let conn = self.conn().await?;
         let result = sqlx::query_scalar::<_, Vec<bool>>(sql::PROBE)
             .bind(&ids)
             .fetch_one(conn)
@@ -592,15 +539,8 @@ impl Session for PgSession {
             .collect())
     }
 
-    /// Releases every held key in one statement (the `release_many`
-    /// statement), or sends nothing when no key is held. Never
-    /// `pg_advisory_unlock_all()`, which would also free the session's
-    /// liveness lock and make the watcher report a loss.
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
-    async fn release_all(&mut self) -> Result<()> {
+    /// [`Session::release_all`], with the connection taken back and not parked yet.
+    async fn release_all_now(&mut self) -> Result<()> {
         self.reclaim().await;
         if self.holds.is_empty() && self.holds.in_flight().is_none() {
             return Ok(());
@@ -613,7 +553,7 @@ impl Session for PgSession {
         }
         self.holds.begin("release_all")?;
         self.sent();
-        let conn = self.conn()?;
+        let conn = self.conn().await?;
         let result = sqlx::query_scalar::<_, Option<Vec<i64>>>(sql::UNLOCK_MANY)
             .bind(&ids)
             .fetch_one(conn)
@@ -631,22 +571,8 @@ impl Session for PgSession {
         Ok(())
     }
 
-    /// One statement and one read of `pg_locks`: the backend pid (unchanged,
-    /// or a proxy moved the connection), the held keys `pg_locks` no longer
-    /// shows granted to this backend, and whether it still holds its
-    /// liveness lock.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::SessionLost`] when the loss signal fired, the connection is
-    /// gone, the backend changed, or a key or the liveness lock is missing;
-    /// the session is then poisoned.
-    ///
-    /// # Cancel safety
-    ///
-    /// Not cancel-safe: dropped mid-round-trip (e.g. by the coordinator's
-    /// deadline), the session is poisoned.
-    async fn verify(&mut self) -> Result<()> {
+    /// [`Session::verify`], with the connection taken back and not parked yet.
+    async fn verify_now(&mut self) -> Result<()> {
         self.ready().await?;
         let full = self
             .last_lock_check
@@ -656,7 +582,7 @@ impl Session for PgSession {
             // `PgOptions::lock_check_interval`).
             self.holds.begin("verify")?;
             self.sent();
-            let conn = self.conn()?;
+            let conn = self.conn().await?;
             let result = sqlx::query_scalar::<_, i32>(sql::VERIFY_PROCESS)
                 .fetch_one(conn)
                 .await;
@@ -666,26 +592,16 @@ impl Session for PgSession {
         }
         let started = Instant::now();
         let ids: Vec<i64> = self.holds.keys().map(LockKey::id).collect();
-        let liveness = self.liveness;
         self.holds.begin("verify")?;
         self.sent();
-        let conn = self.conn()?;
-        let result = sqlx::query_as::<_, (i32, Vec<i64>, bool)>(sql::VERIFY)
+        let conn = self.conn().await?;
+        let result = sqlx::query_as::<_, (i32, Vec<i64>)>(sql::VERIFY)
             .bind(&ids)
-            .bind(liveness.hi)
-            .bind(liveness.lo)
             .fetch_one(conn)
             .await;
         self.holds.end();
-        let (pid, missing, alive) =
-            result.map_err(|e| self.fail(PgError::from_query("verify", e)))?;
+        let (pid, missing) = result.map_err(|e| self.fail(PgError::from_query("verify", e)))?;
         self.same_process(pid)?;
-        if !alive {
-            return Err(self.holds.poison(format!(
-                "backend {pid} no longer holds the session's liveness lock {liveness} (someone \
-                 ran pg_advisory_unlock_all on it?), so its end could go unseen"
-            )));
-        }
         if !missing.is_empty() {
             let names: Vec<&str> = missing
                 .iter()
@@ -701,11 +617,166 @@ impl Session for PgSession {
         self.last_lock_check = Some(started);
         Ok(())
     }
+}
 
-    /// Stops the watcher first (a graceful close never fires the loss
+impl Session for PgSession {
+    /// Held keys, trust and the loss signal; `lost` fires when the idle
+    /// reader sees the connection end (within
+    /// [`LOSS_DETECTION_BOUND`](crate::LOSS_DETECTION_BOUND) of
+    /// `pg_terminate_backend` on a healthy network) or fail, when a call
+    /// finds it gone, or when the session is poisoned.
+    fn holds(&self) -> &Holds {
+        &self.holds
+    }
+
+    /// `pg_try_advisory_lock` for every key not held yet, deduplicated, in
+    /// one statement (`unnest($1::bigint[])`, answering the keys granted, no
+    /// sort on the server); held keys
+    /// answer `true` without a round trip, and a batch of only held keys
+    /// sends nothing.
+    ///
+    /// # Errors
+    ///
+    /// A full shared lock table is a [`PgError::LockTableFull`] (inside
+    /// [`Error::Driver`]): the keys the failed batch took are released
+    /// again before the error returns.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped mid-round-trip, the session no longer knows
+    /// which keys it holds and is poisoned (the next call, e.g.
+    /// [`verify`](Session::verify), fails, and the loss signal fires).
+    async fn try_acquire(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        let answer = self.try_acquire_now(keys).await;
+        self.park();
+        answer
+    }
+
+    /// Waits in `pg_advisory_lock` (the server wakes the waiter on release:
+    /// no polling) until the key is granted or `cancel` fires. A key already
+    /// held answers `true` at once.
+    ///
+    /// The wait runs in a task that owns the connection. When `cancel`
+    /// fires, the backend's wait is cancelled from a side connection
+    /// (`pg_cancel_backend`), a grant that raced the cancel is released, and
+    /// the answer is `false`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe, through `cancel` and by dropping the future: a dropped
+    /// wait is cancelled the same way in the background, and if the key was
+    /// granted meanwhile it is released at once, so the key never stays
+    /// held by this session. The next call on the session waits for that
+    /// clean-up to finish.
+    ///
+    /// Needs a Tokio runtime with timers.
+    async fn acquire(&mut self, key: &LockKey, cancel: &CancellationToken) -> Result<bool> {
+        let answer = self.acquire_now(key, cancel).await;
+        self.park();
+        answer
+    }
+
+    /// `pg_advisory_unlock` for a held key; a key not held answers `false`
+    /// without a round trip (never an error, even on a lost session).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
+    async fn release(&mut self, key: &LockKey) -> Result<bool> {
+        let answer = self.release_now(key).await;
+        self.park();
+        answer
+    }
+
+    /// One statement for every held key of `keys` (`unnest` +
+    /// `pg_advisory_unlock`); keys not held answer `false` without being sent.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
+    async fn release_many(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        let answer = self.release_many_now(keys).await;
+        self.park();
+        answer
+    }
+
+    /// Like [`release_many`](Session::release_many) (one statement for the
+    /// held keys of `keys`, none when none is held), and in the **same
+    /// statement** `pg_notify` on [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)
+    /// for the keys the server actually released, so every other session of
+    /// the database hears of it through its
+    /// [`ReleaseHints`](shardlock_core::ReleaseHints) (see
+    /// [`hints_pid`](PgSession::hints_pid)). The notifications are delivered
+    /// when the statement commits, after the unlocks: a listener that hears
+    /// one finds the keys free. A release of nothing sends nothing.
+    ///
+    /// A key counts as handed over cleanly only when every appearance of it
+    /// in `keys` is marked clean in `clean` (a missing mark is not clean).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
+    async fn release_announced(&mut self, keys: &[LockKey], clean: &[bool]) -> Result<Vec<bool>> {
+        let answer = self.release_announced_now(keys, clean).await;
+        self.park();
+        answer
+    }
+
+    /// One statement and one read of `pg_locks`, taking no lock: per key,
+    /// whether a backend other than this session's holds its `bigint`
+    /// advisory lock in this database. Keys this session holds answer
+    /// `false` and are not sent; a probe of only such keys sends nothing.
+    ///
+    /// # Cancel safety
+    ///
+    /// Nothing is locked, but dropped mid-round-trip the session is
+    /// poisoned like after any interrupted round trip.
+    async fn probe(&mut self, keys: &[LockKey]) -> Result<Vec<bool>> {
+        let answer = self.probe_now(keys).await;
+        self.park();
+        answer
+    }
+
+    /// Releases every held key in one statement (the `release_many`
+    /// statement), or sends nothing when no key is held.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped mid-round-trip, the session is poisoned.
+    async fn release_all(&mut self) -> Result<()> {
+        let answer = self.release_all_now().await;
+        self.park();
+        answer
+    }
+
+    /// One statement: the backend pid (unchanged, or a proxy moved the
+    /// connection). On the first verify, and then at most every
+    /// [`PgOptions::lock_check_interval`](crate::PgOptions::lock_check_interval),
+    /// the same statement also reads `pg_locks` for the held keys it no
+    /// longer shows granted to this backend. A session lock is freed only by
+    /// its own backend, so the same live backend still holds every key
+    /// unless a statement sent behind the session's back unlocked one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SessionLost`] when the loss signal fired, the connection is
+    /// gone, the backend changed, or a key is missing; the session is then
+    /// poisoned.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped mid-round-trip (e.g. by the coordinator's
+    /// deadline), the session is poisoned.
+    async fn verify(&mut self) -> Result<()> {
+        let answer = self.verify_now().await;
+        self.park();
+        answer
+    }
+
+    /// Stops the idle reader first (a graceful close never fires the loss
     /// signal), then `pg_advisory_unlock_all()` if anything is held, then a
-    /// graceful close. A broken session's connection is just dropped: the
-    /// server frees its locks when it notices.
+    /// graceful close (in the background). A broken session's connection
+    /// is just dropped: the server frees its locks when it notices.
     ///
     /// # Cancel safety
     ///
@@ -713,7 +784,7 @@ impl Session for PgSession {
     /// ends the session, freeing its locks.
     async fn close(mut self) -> Result<()> {
         self.reclaim().await;
-        let Some((mut conn, unlock)) = self.take_for_close() else {
+        let Some((mut conn, unlock)) = self.take_for_close().await else {
             return Ok(());
         };
         if unlock {
@@ -725,9 +796,9 @@ impl Session for PgSession {
                 ));
             }
         }
-        if let Err(err) = conn.close().await {
-            debug!(error = %err, "closing the connection failed after releasing its locks");
-        }
+        // Dropped, the listener closes its connection in a task (its pool is
+        // closed, so the connection is not kept).
+        drop(conn);
         Ok(())
     }
 }
@@ -741,40 +812,73 @@ fn clean_marks(keys: &[LockKey], clean: &[bool], ids: &[i64]) -> Vec<bool> {
 
 impl Drop for PgSession {
     fn drop(&mut self) {
-        let Some((conn, unlock)) = self.take_for_close() else {
-            return;
-        };
+        // A connection the reader holds right now goes back to the slot
+        // and is dropped with it, in the reader's task: its socket closes
+        // and the server frees the session's locks.
+        self.idle.stop();
+        let conn = self.conn.take().or_else(|| self.idle.take_parked());
         match Handle::try_current() {
             Ok(handle) => {
+                let Some((conn, unlock)) = self.close_parts(conn) else {
+                    return;
+                };
                 let database = self.holds.database().clone();
                 let _task = handle.spawn(close_in_background(conn, unlock, database));
             }
-            // No runtime: dropping the connection closes its socket and the
-            // server frees the session's locks.
-            Err(_) => drop(conn),
+            Err(_) => {
+                if let Some(conn) = conn {
+                    drop_without_runtime(conn);
+                }
+            }
         }
     }
 }
 
-async fn close_in_background(mut conn: PgConnection, unlock: bool, database: DatabaseId) {
-    let closing = async move {
-        if unlock {
-            if let Err(err) = conn.execute(sql::UNLOCK_ALL).await {
+async fn close_in_background(mut conn: PgListener, unlock: bool, database: DatabaseId) {
+    if unlock {
+        let unlocking = conn.execute(sql::UNLOCK_ALL);
+        match tokio::time::timeout(DROP_CLOSE_TIMEOUT, unlocking).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
                 debug!(%database, error = %err, "unlock on drop failed; dropping the connection");
-                return;
             }
+            Err(_) => debug!(%database, "unlock on drop timed out; dropping the connection"),
         }
-        let _ = conn.close().await;
-    };
-    let _ = tokio::time::timeout(DROP_CLOSE_TIMEOUT, closing).await;
+    }
+    // The listener closes its connection in a task of its own.
+    drop(conn);
+}
+
+/// Drops the connection where no runtime exists (the session outlived its
+/// runtime): sqlx closes a listener's connection in a task, so a
+/// current-thread runtime is entered for the drop; its socket closes, and
+/// the server frees the session's locks. If not even that runtime can be
+/// built, the connection is leaked rather than panicking in `drop`.
+fn drop_without_runtime(conn: PgListener) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => {
+            let entered = runtime.enter();
+            drop(conn);
+            drop(entered);
+            // Dropping the runtime drops the closing task, and with it the
+            // connection.
+            drop(runtime);
+        }
+        Err(err) => {
+            warn!(error = %err, "no runtime to close a dropped session's connection in: it stays open until the process ends");
+            std::mem::forget(conn);
+        }
+    }
 }
 
 impl fmt::Debug for PgSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgSession")
             .field("backend_pid", &self.pid)
-            .field("watcher", &self.watcher)
-            .field("hints", &self.listener)
+            .field("idle", &self.idle)
             .field("holds", &self.holds)
             .field("waiting", &self.waiting.is_some())
             .field("round_trips", &self.round_trips())

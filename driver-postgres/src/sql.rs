@@ -160,17 +160,9 @@ pub(crate) const RELEASE_ANNOUNCED: &str = concat!(
     ") p)"
 );
 
-/// Release every advisory lock of the session, the liveness lock included:
-/// only once the session's watcher is stopped (`close`, drop).
+/// Release every advisory lock of the session: only as it ends (`close`,
+/// drop).
 pub(crate) const UNLOCK_ALL: &str = "SELECT pg_advisory_unlock_all()";
-
-/// Connect, after the checks: the main connection takes its liveness lock
-/// (two-`int4` form, so it never meets a `bigint` key).
-pub(crate) const TAKE_LIVENESS: &str = "SELECT pg_try_advisory_lock($1, $2)";
-
-/// The watcher connection: wait until the main backend's liveness lock is
-/// freed, i.e. until that backend ends.
-pub(crate) const WATCH_LIVENESS: &str = "SELECT pg_advisory_lock($1, $2)";
 
 /// Release `$1` only if this backend holds it (no server WARNING when it
 /// does not): after an abandoned wait whose outcome is unsure.
@@ -193,17 +185,14 @@ pub(crate) const UNLOCK_HELD_OF: &str = concat!(
 );
 
 /// Verify, in one round trip and one read of `pg_locks`: this backend's
-/// pid, those of the keys `$1` it no longer holds, and whether it still holds
-/// its liveness lock `($2, $3)`.
+/// pid, and those of the keys `$1` it no longer holds.
 pub(crate) const VERIFY: &str = concat!(
-    "WITH own AS (SELECT l.classid, l.objid, l.objsubid FROM pg_locks l \
-     WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted) \
-     SELECT pg_backend_pid(), \
+    "SELECT pg_backend_pid(), \
      ARRAY(SELECT t.k FROM unnest($1::bigint[]) AS t(k) EXCEPT SELECT ",
     lock_key_of!(),
-    " FROM own l WHERE l.objsubid = 1), \
-     EXISTS (SELECT 1 FROM own l WHERE l.objsubid = 2 \
-     AND l.classid = $2::int4::oid AND l.objid = $3::int4::oid)"
+    " FROM pg_locks l WHERE ",
+    own_advisory!(),
+    ")"
 );
 
 /// The light verify: one round trip that proves the session's server
@@ -371,17 +360,16 @@ mod tests {
             .await
             .expect("held keys");
         assert_eq!(shown, keys, "pg_locks rebuilt to the same keys");
-        let live: bool = sqlx::query_scalar(TAKE_LIVENESS)
+        // A two-`int4` advisory lock (`objsubid = 2`) is never a key.
+        let other: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
             .bind(7_i32)
             .bind(i32::MAX)
             .fetch_one(&mut conn)
             .await
-            .expect("liveness");
-        assert!(live);
-        let (_, missing, alive): (i32, Vec<i64>, bool) = sqlx::query_as(VERIFY)
+            .expect("two-int lock");
+        assert!(other);
+        let (_, missing): (i32, Vec<i64>) = sqlx::query_as(VERIFY)
             .bind(&keys)
-            .bind(7_i32)
-            .bind(i32::MAX)
             .fetch_one(&mut conn)
             .await
             .expect("verify");
@@ -389,12 +377,11 @@ mod tests {
             missing.is_empty(),
             "verify sees every edge key: {missing:?}"
         );
-        assert!(alive, "verify sees the liveness lock");
         let shown: Vec<i64> = sqlx::query_scalar(HELD_KEYS)
             .fetch_all(&mut conn)
             .await
             .expect("held keys");
-        assert_eq!(shown, keys, "the liveness lock is not a key");
+        assert_eq!(shown, keys, "a two-int lock is not a key");
         let released: bool = sqlx::query_scalar(UNLOCK_IF_HELD)
             .bind(i64::MIN)
             .fetch_one(&mut conn)
@@ -407,15 +394,12 @@ mod tests {
             .await
             .expect("unlock if held");
         assert!(!again, "not held any more: false, no warning");
-        let (_, missing, alive): (i32, Vec<i64>, bool) = sqlx::query_as(VERIFY)
+        let (_, missing): (i32, Vec<i64>) = sqlx::query_as(VERIFY)
             .bind(&keys)
-            .bind(7_i32)
-            .bind(0_i32)
             .fetch_one(&mut conn)
             .await
             .expect("verify");
         assert_eq!(missing, vec![i64::MIN], "verify names the missing key");
-        assert!(!alive, "another liveness key is not held");
         let undone: i64 = sqlx::query_scalar(UNLOCK_HELD_OF)
             .bind(&keys)
             .fetch_one(&mut conn)
@@ -440,7 +424,7 @@ mod tests {
         };
         let mut ours = sqlx::PgConnection::connect(&url).await.expect("connect");
         let mut other = sqlx::PgConnection::connect(&url).await.expect("connect");
-        let salt = (crate::watch::random_u64("sql-batch") >> 20) as i64;
+        let salt = (crate::random_u64("sql-batch") >> 20) as i64;
         let keys: Vec<i64> = (0..500).map(|i| salt + i * 7919 - 250).collect();
         let taken: bool = sqlx::query_scalar(TRY_ONE)
             .bind(keys[123])
@@ -521,7 +505,7 @@ mod tests {
         let mut listener = PgListener::connect(&url).await.expect("listener");
         listener.listen(RELEASE_CHANNEL).await.expect("listen");
         // Edge keys offset by a random bit pattern, so parallel runs differ.
-        let salt = (crate::watch::random_u64("sql-test") >> 20) as i64;
+        let salt = (crate::random_u64("sql-test") >> 20) as i64;
         let keys = [i64::MIN + salt, -1 - salt, salt, i64::MAX - salt];
         for key in &keys[..3] {
             let taken: bool = sqlx::query_scalar(TRY_ONE)
@@ -604,7 +588,7 @@ mod tests {
         assert!(!PROBE.contains("pg_try_advisory"), "a probe takes nothing");
         assert!(
             OTHERS_ADVISORY.contains("l.objsubid = 1"),
-            "never a liveness lock"
+            "never a two-int lock"
         );
     }
 
@@ -617,11 +601,10 @@ mod tests {
         assert_eq!(RELEASE_ANNOUNCED.matches("ORDER BY").count(), 1);
         assert!(RELEASE_ANNOUNCED.contains("string_agg(CASE"));
         assert!(VERIFY.contains("EXCEPT"));
-        assert!(VERIFY.contains("l.objsubid = 1"));
-        assert!(VERIFY.contains("l.objsubid = 2"));
+        assert!(VERIFY.contains("l.objsubid = 1"), "keys only");
         assert!(
             UNLOCK_HELD_OF.contains("l.objsubid = 1"),
-            "never the liveness lock"
+            "never a two-int lock"
         );
         assert_eq!(
             VERIFY.matches("pg_locks").count(),

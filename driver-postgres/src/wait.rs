@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use shardlock_core::wait::{BlockingLock, BlockingWait, WaitEnd};
 use shardlock_core::LockKey;
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::PgListener;
 use tracing::debug;
 
 use crate::connection::SideConnect;
@@ -36,7 +36,7 @@ impl AdvisoryWait {
 }
 
 impl BlockingLock for AdvisoryWait {
-    type Conn = PgConnection;
+    type Conn = PgListener;
     type Error = PgError;
     const STATEMENT: &'static str = "pg_advisory_lock";
 
@@ -44,7 +44,7 @@ impl BlockingLock for AdvisoryWait {
         &self.key
     }
 
-    async fn lock(&self, conn: &mut PgConnection) -> WaitEnd<PgError> {
+    async fn lock(&self, conn: &mut PgListener) -> WaitEnd<PgError> {
         match sqlx::query(sql::LOCK)
             .bind(self.key.id())
             .execute(conn)
@@ -72,7 +72,7 @@ impl BlockingLock for AdvisoryWait {
         Ok(())
     }
 
-    async fn give_back(&self, conn: &mut PgConnection) -> Result<bool, PgError> {
+    async fn give_back(&self, conn: &mut PgListener) -> Result<bool, PgError> {
         sqlx::query_scalar::<_, bool>(sql::UNLOCK_IF_HELD)
             .bind(self.key.id())
             .fetch_one(conn)

@@ -27,6 +27,12 @@ impl FencedHarness for PgHarness {
     type Tx<'s> = PgTransaction<'s>;
     type Checkpoints = PgCheckpoints;
 
+    /// The session's one connection is read only between calls: an open
+    /// transaction learns of the end at its commit.
+    fn loss_signal_during_transaction(&self) -> bool {
+        false
+    }
+
     async fn checkpoints(&self) -> PgCheckpoints {
         PgCheckpoints::connect(self.options(), &self.database())
             .await

@@ -512,8 +512,7 @@ async fn lock_table_full_is_typed_and_undone() {
     );
     let mut raw = sqlx::PgConnection::connect(&own.url).await.expect("raw");
     let left: i64 = sqlx::query_scalar(
-        // Keys only (`objsubid = 1`): the session's own two-int liveness
-        // lock, which its watcher waits on, stays.
+        // Keys only (`objsubid = 1`, the `bigint` form).
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND objsubid = 1",
     )
     .bind(a.backend_pid())
@@ -669,23 +668,6 @@ async fn waiters_match_pg_locks() {
     let _ = side.close().await;
 }
 
-/// Waits until `session`'s hints connection listens (it connects in the
-/// background after `connect`); answers its backend pid.
-async fn listening(session: &PgSession) -> i32 {
-    let started = Instant::now();
-    loop {
-        if let Some(pid) = session.hints_pid() {
-            return pid;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the hints connection of backend {} never listened",
-            session.backend_pid()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn hints_of(session: &PgSession) -> ReleaseHints {
     session
         .signals()
@@ -737,12 +719,13 @@ async fn keys_held_by(raw: &mut sqlx::PgConnection, pid: i32) -> i64 {
     .expect("pg_locks")
 }
 
-/// The `application_name`s of a node's session connections (session,
-/// watcher, hints), sorted.
+/// The `application_name`s of a node's connections (the cancel side
+/// connection excluded), sorted.
 async fn connections_of(raw: &mut sqlx::PgConnection, node: &str) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT application_name FROM pg_stat_activity \
-         WHERE application_name IN ($1, $1 || ':watch', $1 || ':hints') ORDER BY 1",
+         WHERE application_name = $1 OR application_name LIKE $1 || ':%' \
+         AND application_name <> $1 || ':cancel' ORDER BY 1",
     )
     .bind(format!("shardlock:{node}"))
     .fetch_all(raw)
@@ -838,11 +821,6 @@ async fn announced_release_reaches_other_sessions_in_one_round_trip() {
     let mut a = open(&h, &unique_name("announce-a")).await;
     let mut b = open(&h, &unique_name("announce-b")).await;
     let (a_hints, b_hints) = (hints_of(&a), hints_of(&b));
-    let a_pid = listening(&a).await;
-    let b_pid = listening(&b).await;
-    assert_ne!(a_pid, a.backend_pid());
-    assert_ne!(a_pid, a.watcher_pid());
-    assert_ne!(a_pid, b_pid);
     shardlock_contract_tests::take_all(&mut a, &[k1.clone(), k2.clone()]).await;
 
     let before = a.round_trips();
@@ -908,7 +886,6 @@ async fn announcements_beyond_one_payload_arrive_complete() {
     let mut a = open(&h, &unique_name("many-a")).await;
     let b = open(&h, &unique_name("many-b")).await;
     let b_hints = hints_of(&b);
-    let _ = listening(&b).await;
     shardlock_contract_tests::take_all(&mut a, &keys).await;
     // Every other key clean, the last one clean (it closes the last
     // notification, so once it is marked every chunk arrived).
@@ -937,7 +914,6 @@ async fn announcing_a_release_of_nothing_sends_nothing() {
     let mut a = open(&h, &unique_name("none-a")).await;
     let b = open(&h, &unique_name("none-b")).await;
     let b_hints = hints_of(&b);
-    let _ = listening(&b).await;
 
     let before = a.round_trips();
     let released = a
@@ -978,78 +954,95 @@ async fn announcing_a_release_of_nothing_sends_nothing() {
     b.close().await.expect("close");
 }
 
-/// Three connections per session (session, watcher, hints); a hints
-/// connection the server ends is reopened without touching the session,
-/// and closing the session ends it.
+/// One connection per session, read while idle: it hears hints between
+/// calls, the server ending it fires the loss signal without a call, and it
+/// never reconnects behind the session (a new backend would hold none of
+/// its locks); closing the session ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hints_connection_failure_is_not_a_loss() {
+async fn one_connection_per_session_read_while_idle() {
     let Some(h) = harness().await else { return };
-    let node = unique_name("hints-conn");
+    let node = unique_name("one-conn");
     let mut a = open(&h, &node).await;
-    let mut b = open(&h, &unique_name("hints-conn-b")).await;
+    let mut b = open(&h, &unique_name("one-conn-b")).await;
     let a_hints = hints_of(&a);
-    let first = listening(&a).await;
-    assert!(
-        a_hints.received() >= 1,
-        "starting to listen counts as a wake-up (releases before it were not heard)"
-    );
     let mut raw = h.raw().await;
     assert_eq!(
         connections_of(&mut raw, &node).await,
-        vec![
-            format!("shardlock:{node}"),
-            format!("shardlock:{node}:hints"),
-            format!("shardlock:{node}:watch"),
-        ],
-        "three connections per session"
+        vec![format!("shardlock:{node}")],
+        "one connection per session"
     );
 
-    let before = a_hints.received();
-    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-        .bind(first)
-        .fetch_one(&mut raw)
-        .await
-        .expect("terminate the hints connection");
-    assert!(ended);
-    let started = Instant::now();
-    let second = loop {
-        match a.hints_pid() {
-            Some(pid) if pid != first => break pid,
-            _ => {}
-        }
+    // Idle well past the linger, then calls: the reader gives the
+    // connection back each time.
+    let keys = unique_keys("one-conn", 2);
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the hints connection was not reopened"
+            a.try_acquire(std::slice::from_ref(&keys[0]))
+                .await
+                .expect("a")[0],
+            "round {round}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_ne!(second, first);
-    assert!(
-        a_hints.received() > before,
-        "the reconnect woke the session"
-    );
-    assert!(!a.signals().is_lost(), "a hints failure is not a loss");
-    a.verify().await.expect("the session is untouched");
+        a.verify().await.expect("verify");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(a.release(&keys[0]).await.expect("release"));
+    }
 
-    // Hints flow again.
-    let key = unique_keys("hints-conn", 1).remove(0);
-    assert!(b.try_acquire(std::slice::from_ref(&key)).await.expect("b")[0]);
+    // A hint announced while `a` is idle arrives without a call of `a`.
+    assert!(
+        b.try_acquire(std::slice::from_ref(&keys[1]))
+            .await
+            .expect("b")[0]
+    );
     let _ = b
-        .release_announced(std::slice::from_ref(&key), &[true])
+        .release_announced(std::slice::from_ref(&keys[1]), &[true])
         .await
         .expect("announce");
-    clean_arrives(&a_hints, &key).await;
+    clean_arrives(&a_hints, &keys[1]).await;
 
-    a.close().await.expect("close");
+    // The server ends the idle session: the loss signal fires, no call
+    // needed, and the session stays lost: no new backend for the node.
+    assert!(
+        a.try_acquire(std::slice::from_ref(&keys[0]))
+            .await
+            .expect("a")[0]
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    h.terminate(&a).await;
+    tokio::time::timeout(Duration::from_secs(5), a.signals().lost().cancelled())
+        .await
+        .expect("the loss signal fires while the session is idle");
+    let reason = a.signals().reason().unwrap_or_default();
+    assert!(reason.contains("ended the session"), "{reason}");
+    let err = a.verify().await.expect_err("a lost session cannot verify");
+    assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
+    let err = a
+        .try_acquire(std::slice::from_ref(&keys[1]))
+        .await
+        .expect_err("nor take keys");
+    assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
+    assert!(
+        connections_of(&mut raw, &node).await.is_empty(),
+        "no connection was opened behind the lost session"
+    );
+    free_within(&h, &keys[0], Duration::from_secs(5)).await;
+    a.close().await.expect("closing a lost session");
+
+    // Closing a live session ends its connection.
+    let node_c = unique_name("one-conn-c");
+    let c = open(&h, &node_c).await;
+    c.close().await.expect("close");
     let started = Instant::now();
-    while !connections_of(&mut raw, &node).await.is_empty() {
+    while !connections_of(&mut raw, &node_c).await.is_empty() {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "connections of a closed session remain: {:?}",
-            connections_of(&mut raw, &node).await
+            connections_of(&mut raw, &node_c).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(!b.signals().is_lost());
     b.close().await.expect("close");
     raw.close().await.expect("close");
 }

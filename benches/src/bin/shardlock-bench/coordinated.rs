@@ -33,11 +33,10 @@ const M6S: &str = "6 steady cycle time (N sets held)";
 const M6T: &str = "6 steady cycle time, MultiTenanted (T tenant databases)";
 const M6C: &str = "6 connections per node";
 
-/// Connections a Postgres node keeps per database: the session, the
-/// watcher behind its loss signal and the listener of release
-/// announcements (plus, only while cancelling a blocking wait, a transient
-/// side connection).
-pub(crate) const PG_CONNECTIONS_PER_DATABASE: usize = 3;
+/// Connections a Postgres node keeps per database: the session, read while
+/// idle for its loss signal and release announcements (plus, only while
+/// cancelling a blocking wait, a transient side connection).
+pub(crate) const PG_CONNECTIONS_PER_DATABASE: usize = 1;
 
 /// An agent that does nothing until told to stop; it counts its starts
 /// (see [`AgentStarts`]).
@@ -553,8 +552,8 @@ async fn sets_run<D: Driver, R: RawSide>(
         }
         let conns = match connections {
             Some(env) => {
-                let (sessions, watchers) = env.node_connections(node).await.map_err(err)?;
-                Some(sessions + watchers)
+                let (sessions, others) = env.node_connections(node).await.map_err(err)?;
+                Some(sessions + others)
             }
             None => None,
         };
@@ -683,9 +682,8 @@ fn sets_rows(
             driver: driver.to_string(),
             setup: format!(
                 "N = {n} sets in one database; `pg_stat_activity` rows with application_name \
-                 `shardlock:<node>` (the session), `shardlock:<node>:hints` (its listener) or \
-                 `shardlock:<node>:watch` (its watcher, \
-                 behind the loss signal)"
+                 `shardlock:<node>` (the session) or `shardlock:<node>:*` (any other \
+                 connection of the node)"
             ),
             ours: c.to_string(),
             raw: format!("1 database × {PG_CONNECTIONS_PER_DATABASE}"),
@@ -1001,8 +999,8 @@ fn tenant_rows(
                 "MultiTenanted, T = {t} tenant databases; {}",
                 if driver == "postgres" {
                     "`pg_stat_activity` rows with application_name `shardlock:<node>` (a \
-                     session per database), `shardlock:<node>:watch` (its watcher) or \
-                     `shardlock:<node>:hints` (its listener)"
+                     session per database) or `shardlock:<node>:*` (any other connection of \
+                     the node)"
                 } else {
                     "distinct sessions of the node on the memory server"
                 }
@@ -1059,7 +1057,7 @@ async fn memory_tenants(ctx: &mut Ctx, t: usize) -> Result<Vec<Row>, String> {
 async fn postgres_tenants(ctx: &mut Ctx, t: usize) -> Result<Vec<Row>, String> {
     let cycles = ctx.config.pick(3, 10);
     let env = ctx.pg()?;
-    // The node's sessions and watchers, one raw connection per tenant, and
+    // The node's sessions, one raw connection per tenant, and
     // the bench's own few.
     let needed = (t * (PG_CONNECTIONS_PER_DATABASE + 1) + 10) as i64;
     let max = env.max_connections().await?;
@@ -1092,8 +1090,8 @@ async fn postgres_tenants(ctx: &mut Ctx, t: usize) -> Result<Vec<Row>, String> {
             return Err(why);
         }
     };
-    let (sessions, watchers) = env.node_connections(&node).await.map_err(err)?;
-    let connections = sessions + watchers;
+    let (sessions, others) = env.node_connections(&node).await.map_err(err)?;
+    let connections = sessions + others;
     handle.stop().await.map_err(err)?;
     let _ = raw.release().await;
     for conn in raw.conns {

@@ -50,9 +50,9 @@
 //! verify, so the published cycles alone no longer say how often each
 //! database is checked); the wall time from `start()` until every set is
 //! owned and held; connections of the node in `pg_stat_activity` per kind
-//! (`application_name` `shardlock:<node>` the sessions, `…:watch` their
-//! watchers, `…:hints` their release listeners, anything else under the
-//! prefix counted apart); process CPU over the window (per thread,
+//! (`application_name` `shardlock:<node>` the sessions, anything else
+//! under the prefix, e.g. a side connection cancelling a wait, counted
+//! apart); process CPU over the window (per thread,
 //! [`CpuSnapshot`]) per verify round (every live tenant verified once);
 //! resident memory (`VmRSS`, process-wide) before the start vs while
 //! holding, per 1,000 sets where each set is one shard ((b), (d)), else per
@@ -132,9 +132,8 @@ struct Shape {
     raw_checks: usize,
     /// The coordinators' poll interval.
     poll: Duration,
-    /// Whether the steady window waits for every connection of the node
-    /// (its watchers and listeners come up in the background after the
-    /// sets are owned; their statements would count as verifies).
+    /// Whether the steady window waits for every connection of the node to
+    /// be up (one session per database) before it starts.
     settle: bool,
 }
 
@@ -217,24 +216,16 @@ pub(crate) async fn run(ctx: &mut Ctx) {
 #[derive(Debug, Default, Clone, Copy)]
 struct Conns {
     sessions: i64,
-    watchers: i64,
-    listeners: i64,
     other: i64,
 }
 
 impl Conns {
     fn total(&self) -> i64 {
-        self.sessions + self.watchers + self.listeners + self.other
+        self.sessions + self.other
     }
 
     fn describe(&self) -> String {
-        let mut text = format!(
-            "{} ({} sessions + {} watchers + {} listeners",
-            self.total(),
-            self.sessions,
-            self.watchers,
-            self.listeners
-        );
+        let mut text = format!("{} ({} sessions", self.total(), self.sessions);
         if self.other > 0 {
             text.push_str(&format!(" + {} other", self.other));
         }
@@ -245,10 +236,8 @@ impl Conns {
 
 async fn node_connections(env: &mut PgEnv, node: &str) -> Result<Conns, String> {
     let name = format!("shardlock:{node}");
-    let (sessions, watchers, listeners, all): (i64, i64, i64, i64) = sqlx::query_as(
+    let (sessions, all): (i64, i64) = sqlx::query_as(
         "select count(*) filter (where application_name = $1), \
-                count(*) filter (where application_name = $1 || ':watch'), \
-                count(*) filter (where application_name = $1 || ':hints'), \
                 count(*) filter (where application_name = $1 \
                     or left(application_name, length($1) + 1) = $1 || ':') \
          from pg_stat_activity",
@@ -259,9 +248,7 @@ async fn node_connections(env: &mut PgEnv, node: &str) -> Result<Conns, String> 
     .map_err(err)?;
     Ok(Conns {
         sessions,
-        watchers,
-        listeners,
-        other: all - sessions - watchers - listeners,
+        other: all - sessions,
     })
 }
 
@@ -1155,8 +1142,7 @@ async fn many_sets(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
     let what = many_sets_what(shape);
     let extra = out.settled.map_or(String::new(), |d| {
         format!(
-            "; the window starts once the node's {} connections are up ({} after owning: the \
-             watchers and listeners connect in the background)",
+            "; the window starts once the node's {} connections are up ({} after owning)",
             t * PG_CONNECTIONS_PER_DATABASE,
             fmt_duration(d)
         )
@@ -1308,10 +1294,7 @@ fn encode(outcome: &Result<Outcome, String>) -> String {
         line("rss", format!("{before} {held}"));
     }
     let c = out.conns;
-    line(
-        "conns",
-        format!("{} {} {} {}", c.sessions, c.watchers, c.listeners, c.other),
-    );
+    line("conns", format!("{} {}", c.sessions, c.other));
     for reason in &out.health {
         line("health", one_line(reason));
     }
@@ -1371,11 +1354,9 @@ fn decode(text: &str) -> Result<Outcome, String> {
                 _ => return Err(bad(field, value)),
             },
             "conns" => match numbers(field, value)?.as_slice() {
-                [s, w, l, o] => {
+                [s, o] => {
                     out.conns = Conns {
                         sessions: *s as i64,
-                        watchers: *w as i64,
-                        listeners: *l as i64,
                         other: *o as i64,
                     }
                 }
@@ -1521,8 +1502,8 @@ fn config_rows(setup: &Setup<'_>, out: &Outcome, extra: &str) -> Vec<Row> {
         driver: "postgres".into(),
         setup: format!(
             "({tag}) `pg_stat_activity` rows under application_name `shardlock:{node}` \
-             (sessions), `…:watch` (watchers), `…:hints` (release listeners), anything else \
-             under the prefix apart; counted after the steady window"
+             (sessions), anything else under the prefix apart; counted after the steady \
+             window"
         ),
         ours: out.conns.describe(),
         raw: format!("{t} databases × {PG_CONNECTIONS_PER_DATABASE}"),
@@ -1758,8 +1739,6 @@ mod tests {
         out.rss = Some((10_240, 300_000));
         out.conns = Conns {
             sessions: 100,
-            watchers: 100,
-            listeners: 99,
             other: 1,
         };
         out.health = vec!["tenant t001:\nsession lost".into()];
@@ -1777,10 +1756,7 @@ mod tests {
         assert_eq!(back.settled, Some(Duration::from_millis(800)));
         assert_eq!(back.statements, Ok(vec![40, 0, 12]));
         assert_eq!(back.rss, Some((10_240, 300_000)));
-        assert_eq!(
-            back.conns.describe(),
-            "300 (100 sessions + 100 watchers + 99 listeners + 1 other)"
-        );
+        assert_eq!(back.conns.describe(), "101 (100 sessions + 1 other)");
         assert_eq!(back.health, ["tenant t001: session lost"]);
     }
 
@@ -1817,13 +1793,11 @@ mod tests {
     fn connections_are_described_per_kind() {
         let mut c = Conns {
             sessions: 2,
-            watchers: 2,
-            listeners: 1,
             other: 0,
         };
-        assert_eq!(c.describe(), "5 (2 sessions + 2 watchers + 1 listeners)");
+        assert_eq!(c.describe(), "2 (2 sessions)");
         c.other = 1;
-        assert_eq!(c.total(), 6);
-        assert!(c.describe().ends_with("+ 1 other)"));
+        assert_eq!(c.total(), 3);
+        assert_eq!(c.describe(), "3 (2 sessions + 1 other)");
     }
 }
