@@ -92,10 +92,12 @@ struct Slot {
     conn: Option<PgListener>,
     /// The reader holds the connection.
     reading: bool,
-    /// When the connection was parked; `None` while it is not parked (the
-    /// session has it, or the reader handed it back and the session is
-    /// about to take it).
+    /// When the connection was parked (or handed back by the reader);
+    /// `None` while the session has it.
     parked_at: Option<Instant>,
+    /// The reader waits for the next park: only then does a park wake it
+    /// (a park while it sleeps out a linger costs no wake-up).
+    reader_waiting: bool,
 }
 
 impl Shared {
@@ -135,12 +137,15 @@ impl Idle {
         while let Some(notification) = conn.next_buffered() {
             self.shared.heard.record(&notification);
         }
-        {
+        let wake = {
             let mut slot = self.shared.slot();
             slot.conn = Some(conn);
             slot.parked_at = Some(Instant::now());
+            std::mem::take(&mut slot.reader_waiting)
+        };
+        if wake {
+            self.shared.parked.notify_one();
         }
-        self.shared.parked.notify_one();
     }
 
     /// Takes the connection back for a call: at once while it is parked,
@@ -273,9 +278,9 @@ async fn read_while_idle(shared: Arc<Shared>, stop: CancellationToken, mut armed
                     let mut slot = shared.slot();
                     slot.conn = Some(conn);
                     slot.reading = false;
-                    // Handed back, not parked: the reader takes it again
-                    // only after the session parks it anew.
-                    slot.parked_at = None;
+                    // Lingers again: a session that wanted it and went
+                    // away (its call dropped) leaves it to be read again.
+                    slot.parked_at = Some(Instant::now());
                 }
                 shared.returned.notify_waiters();
                 if matches!(end, Read::Stopped) {
@@ -315,7 +320,10 @@ async fn lingered(shared: &Shared) -> PgListener {
                     }
                     Some(due)
                 }
-                _ => None,
+                _ => {
+                    slot.reader_waiting = true;
+                    None
+                }
             }
         };
         match due {
