@@ -18,11 +18,7 @@
 //!    ([`Seen::Failed`]), or the task was dropped unstopped (its runtime
 //!    shut down; [`WatchGuard`] fires then).
 //! 3. No polling: a [`Seen::Again`] (the server's own timeout of the wait)
-//!    waits again at once. Only a [`Seen::Busy`] (the server could not
-//!    queue the wait, e.g. PostgreSQL's shared lock table is full) waits
-//!    again after a pause, growing from [`BUSY_PAUSE_MIN`] to
-//!    [`BUSY_PAUSE_MAX`]: the connection and the session are fine, and until
-//!    the wait is queued again the session's end is seen by its next verify.
+//!    waits again at once.
 
 use std::fmt;
 use std::future::Future;
@@ -37,13 +33,6 @@ use crate::signals::{SessionSignals, WatchGuard};
 /// How long the watcher's graceful close may take after it fired.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The first pause after a [`Seen::Busy`] wait; each busy answer in a row
-/// doubles it, up to [`BUSY_PAUSE_MAX`].
-pub const BUSY_PAUSE_MIN: Duration = Duration::from_millis(50);
-
-/// The longest pause between busy waits.
-pub const BUSY_PAUSE_MAX: Duration = Duration::from_secs(2);
-
 /// What one wait of the watcher saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
@@ -52,11 +41,6 @@ pub enum Seen {
     Ended(String),
     /// The wait's own server-side timeout ran out: wait again.
     Again,
-    /// The server refused to queue the wait for now, its connection still
-    /// good (PostgreSQL's shared lock table is full): wait again after a
-    /// pause. Not a loss: firing would cost a session that may hold locks
-    /// only because another batch filled the table for a moment.
-    Busy(String),
     /// The watcher's connection failed: fire with this reason and drop it.
     Failed(String),
 }
@@ -130,7 +114,6 @@ async fn watch<W: LivenessWait, I: fmt::Debug>(
     stop: CancellationToken,
     id: I,
 ) {
-    let mut busy: Option<Duration> = None;
     loop {
         let seen = {
             let seen = wait.wait();
@@ -148,25 +131,7 @@ async fn watch<W: LivenessWait, I: fmt::Debug>(
             return;
         };
         match seen {
-            Seen::Again => {
-                busy = None;
-                continue;
-            }
-            Seen::Busy(reason) => {
-                let pause = busy.map_or(BUSY_PAUSE_MIN, |p| (p * 2).min(BUSY_PAUSE_MAX));
-                if busy.is_none() {
-                    warn!(watcher = ?id, %reason, "the server cannot queue the session watcher's wait for now: retrying; until then the session's end is seen by its next verify");
-                } else {
-                    debug!(watcher = ?id, %reason, ?pause, "session watcher still busy");
-                }
-                busy = Some(pause);
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => {}
-                    () = tokio::time::sleep(pause) => {}
-                }
-                continue;
-            }
+            Seen::Again => continue,
             Seen::Ended(reason) => {
                 warn!(watcher = ?id, %reason, "session lost");
                 armed.fire(reason);
@@ -249,55 +214,6 @@ mod tests {
         .await
         .expect("closed gracefully");
         assert_eq!(watcher.id(), 7);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_busy_server_is_waited_out_without_firing() {
-        let started = tokio::time::Instant::now();
-        let (_watcher, signals, _) = start(vec![
-            Seen::Busy("lock table full".into()),
-            Seen::Busy("lock table full".into()),
-            Seen::Busy("lock table full".into()),
-            Seen::Again,
-            Seen::Ended("the server ended it".into()),
-        ]);
-        assert_eq!(lost(&signals).await, "the server ended it");
-        // 50 + 100 + 200 ms of pauses, then straight on.
-        let paused = started.elapsed();
-        assert!(
-            paused >= Duration::from_millis(350) && paused < Duration::from_millis(400),
-            "{paused:?}"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn busy_pauses_grow_to_a_cap() {
-        let started = tokio::time::Instant::now();
-        let mut script = vec![Seen::Busy("full".into()); 10];
-        script.push(Seen::Ended("gone".into()));
-        let (_watcher, signals, _) = start(script);
-        tokio::time::timeout(Duration::from_secs(30), signals.lost().cancelled())
-            .await
-            .expect("the loss signal fires");
-        assert_eq!(signals.reason().as_deref(), Some("gone"));
-        // 50 + 100 + 200 + 400 + 800 + 1600, then 2000 four times.
-        let paused = started.elapsed();
-        assert!(
-            paused >= Duration::from_millis(11_150) && paused < Duration::from_millis(11_200),
-            "{paused:?}"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_watcher_stopped_while_busy_never_fires() {
-        let (watcher, signals, _) = start(vec![
-            Seen::Busy("full".into()),
-            Seen::Ended("freed by its own close".into()),
-        ]);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        drop(watcher);
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(!signals.is_lost(), "{:?}", signals.reason());
     }
 
     #[tokio::test]
