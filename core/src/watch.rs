@@ -1,9 +1,11 @@
 //! The task behind an emulated loss signal, for drivers that learn of a
 //! session's end by waiting **in the server** on a second connection (the
-//! watcher): Postgres waits for the session's liveness advisory lock, MySQL
-//! for its liveness `GET_LOCK`. The server frees the lock the moment the
-//! session's connection ends and wakes the watcher, which fires
-//! [`SessionSignals::lost`](crate::SessionSignals::lost).
+//! watcher): the MySQL driver waits for its session's liveness `GET_LOCK`.
+//! The server frees the lock the moment the session's connection ends and
+//! wakes the watcher, which fires
+//! [`SessionSignals::lost`](crate::SessionSignals::lost). (The Postgres
+//! driver needs no watcher: it reads its session's own connection between
+//! calls.)
 //!
 //! Each driver implements [`LivenessWait`] with its statement and what its
 //! answers mean; the task, its stop and its guarantees are here.
