@@ -13,7 +13,7 @@
 //! the connection (the server ended the backend: `pg_terminate_backend`, a
 //! restart, a crash, an idle timeout, keepalives that found the client
 //! gone) fires the session's loss signal at once: no polling, and no
-//! watcher connection waiting on a lock. The next call takes the
+//! second connection waiting on a lock in the server. The next call takes the
 //! connection back ([`Idle::unpark`]): straight from the slot while it
 //! lingers (back-to-back calls cost nothing), or from the reader, one task
 //! hop away.

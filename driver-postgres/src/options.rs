@@ -261,11 +261,10 @@ impl PgOptions {
     /// Why the light verify is enough in between: a session-level advisory
     /// lock is freed only by the process holding it (its own unlock, which
     /// the session tracks, or its end, which fails the round trip and fires
-    /// the loss signal); `pg_advisory_unlock_all()` run on the session's
-    /// connection behind its back frees the liveness lock too, which the
-    /// watcher sees at once. What only the lock table shows is a single key
-    /// unlocked behind the session's back (through its fenced transaction,
-    /// which its docs forbid): found at the next full check. The full check
+    /// the loss signal). What only the lock table shows is a key unlocked
+    /// behind the session's back (a statement such as
+    /// `pg_advisory_unlock_all()` sent through its fenced transaction, which
+    /// its docs forbid): found at the next full check. The full check
     /// costs the server a scan of the whole lock table, so a node verifying
     /// 100 tenant databases holding 100,000 locks every poll would keep a
     /// server core busy.

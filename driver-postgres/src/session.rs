@@ -705,8 +705,8 @@ impl Session for PgSession {
     /// statement** `pg_notify` on [`RELEASE_CHANNEL`](crate::RELEASE_CHANNEL)
     /// for the keys the server actually released, so every other session of
     /// the database hears of it through its
-    /// [`ReleaseHints`](shardlock_core::ReleaseHints) (see
-    /// [`hints_pid`](PgSession::hints_pid)). The notifications are delivered
+    /// [`ReleaseHints`](shardlock_core::ReleaseHints) (its connection
+    /// listens on the channel). The notifications are delivered
     /// when the statement commits, after the unlocks: a listener that hears
     /// one finds the keys free. A release of nothing sends nothing.
     ///

@@ -71,7 +71,7 @@ macro_rules! keys_per_notification {
 /// The `LISTEN`/`NOTIFY` channel of announced releases: sessions send on it
 /// with `pg_notify` in the statement that unlocks
 /// ([`Session::release_announced`](shardlock_core::Session::release_announced)),
-/// and every session's hints connection listens on it. PostgreSQL channels
+/// and every session's own connection listens on it. PostgreSQL channels
 /// are per database, like advisory locks, so only sessions of the same
 /// database hear a release.
 ///

@@ -109,8 +109,8 @@
 //!   stops answering is caught by the verify first.
 //!
 //! Sessions are one per database, never one per lock (a driver may keep
-//! side connections for each session: Postgres keeps a loss watcher and a
-//! release listener, see its docs).
+//! side connections for each session: MySQL keeps a loss watcher, see its
+//! docs; a Postgres session is one connection).
 
 mod agents;
 mod assignment;

@@ -187,7 +187,8 @@ async fn signal(ctx: &mut Ctx, rounds: usize) -> Result<Row, String> {
         format!(
             "{rounds} rounds each, interleaved: a session holding 1 key, its backend ended with \
              `pg_terminate_backend`; until a task awaiting `signals().lost()` runs (the driver's \
-             watcher connection is granted the session's liveness lock); raw: a second \
+             idle reader sees the connection end: the session idle for 50 ms first, as \
+             between cycles); raw: a second \
              connection blocked in `pg_advisory_lock` on a key the terminated backend held, \
              granted. Driver's stated bound (`Capabilities::loss_detection_bound`): {}",
             fmt_duration(LOSS_DETECTION_BOUND)
@@ -200,7 +201,7 @@ async fn signal(ctx: &mut Ctx, rounds: usize) -> Result<Row, String> {
             r.note = Some(format!(
                 "The slowest loss signal ({}) exceeded the driver's stated bound ({}): raise \
                  `LOSS_DETECTION_BOUND` in driver-postgres/src/connection.rs or find what \
-                 delayed the watcher.",
+                 delayed the idle reader.",
                 fmt_duration(max),
                 fmt_duration(LOSS_DETECTION_BOUND)
             ));
@@ -208,9 +209,9 @@ async fn signal(ctx: &mut Ctx, rounds: usize) -> Result<Row, String> {
     }
     if r.verdict == Verdict::Missed {
         r.note = Some(
-            "Loss signal misses ≤50 ms p50: the watcher waits in the server and is woken by the \
-             backend's exit like the raw waiter; compare the raw column for the server's own \
-             share."
+            "Loss signal misses ≤50 ms p50: the idle reader waits on the socket and sees the \
+             backend's goodbye as the raw waiter sees its grant; compare the raw column for the \
+             server's own share."
                 .into(),
         );
     }

@@ -174,9 +174,9 @@ async fn marten(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
             .await
             .map_err(err)?;
     let room = max - in_use - reserved - 5;
-    // Connections of a shardlock node per database: its session, the
-    // watcher behind the loss signal, the listener behind release hints.
-    const OURS: usize = 3;
+    // Connections of a shardlock node per database: its session (read while
+    // idle for the loss signal and release hints).
+    const OURS: usize = 1;
     if (n as i64) > room {
         return Ok(Row {
             measure: M9N.to_string(),
@@ -186,7 +186,7 @@ async fn marten(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
                  server allows max_connections = {max} ({in_use} in use); shardlock needs \
                  {OURS} for any N in one database"
             ),
-            ours: format!("{OURS} connections"),
+            ours: format!("{OURS} connection"),
             raw: format!("not possible: {n} connections > max_connections {max}"),
             ratio: None,
             target: Target::None,
@@ -253,11 +253,11 @@ async fn marten(ctx: &mut Ctx, n: usize) -> Result<Row, String> {
              Marten-style: a warm sqlx `PgPool` of {n} connections, one task per set taking a \
              pooled connection and sending `select pg_try_advisory_lock($1)`, all at once, each \
              keeping its connection while it holds the lock: {n} connections. shardlock: one \
-             session, one batched `try_acquire` of the {n} keys: {OURS} connections (session, \
-             watcher, listener); p50 of the Marten-style side: {}",
+             session, one batched `try_acquire` of the {n} keys: {OURS} connection (the \
+             session); p50 of the Marten-style side: {}",
             theirs.p50().map(fmt_duration).unwrap_or_default()
         ),
-        ours: format!("{} ({OURS} connections)", p50_p99(&ours)),
+        ours: format!("{} ({OURS} connection)", p50_p99(&ours)),
         raw: format!("{} ({n} connections)", p50_p99(&theirs)),
         ratio: r,
         target: Target::None,

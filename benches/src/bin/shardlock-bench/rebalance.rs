@@ -667,8 +667,7 @@ fn handoff_note(
              survivor, not one round trip: a woken survivor skips its verify (one ran within the \
              poll), reads `pg_locks` once for the member probe (a scan of every backend slot, \
              about 0.4 ms here with max_connections = 400), then sends the batched try; the \
-             first hop overlaps the stopping node's three connections (session, watcher, \
-             listener) ending, a few milliseconds of work on the server's one CPU during which \
+             first hop overlaps the stopping node's session ending, a few milliseconds of work on the server's one CPU during which \
              `pg_locks` reads wait; and with three nodes a second hop follows: the survivor whose \
              try won more than its new share of 6 gives the rest back (another NOTIFY) and the \
              third node takes them in one more cycle. First set running elsewhere (one hop): p50 \

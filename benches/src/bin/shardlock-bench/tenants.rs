@@ -38,9 +38,8 @@
 //!   `pg_locks`, 100,000 rows here, and before the light verify (`SELECT
 //!   pg_backend_pid()` in between, `PgOptions::lock_check_interval`) 100
 //!   sessions doing so every 100 ms saturated the server until verifies
-//!   missed their deadline. Its window starts once the node's 3 × T
-//!   connections are up, so that the watchers' and listeners' background
-//!   connects are not counted as verifies.
+//!   missed their deadline. Its window starts once the node's T
+//!   connections are up.
 //!
 //! Rows per configuration: the steady cycle time p50/p95 (every published
 //! `Assignment.last_cycle` over a time window); the verify interval per
@@ -1114,8 +1113,8 @@ async fn many_sets(ctx: &mut Ctx, shape: &Shape) -> Result<Vec<Row>, String> {
     let (t, s) = (shape.tenants, shape.shards);
     let total = t * s;
     check_connections(env, t).await?;
-    // Every set's lock, each session's liveness lock, and room to spare.
-    let needed = (total + t + 1_000) as i64;
+    // Every set's lock, and room to spare.
+    let needed = (total + 1_000) as i64;
     let room = lock_room(env).await?;
     if room < needed {
         return Err(format!(
