@@ -155,22 +155,31 @@ impl Idle {
     /// Cancel-safe: dropped while waiting, the connection stays in the slot.
     pub(crate) async fn unpark(&self) -> Option<PgListener> {
         loop {
+            // Parked (the common case): one lock, nothing registered.
+            if let Some(taken) = self.take_now() {
+                return taken;
+            }
             let returned = self.shared.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
-            {
-                let mut slot = self.shared.slot();
-                if let Some(conn) = slot.conn.take() {
-                    slot.parked_at = None;
-                    return Some(conn);
-                }
-                if !slot.reading {
-                    return None;
-                }
+            // Looked again now that a hand-back cannot be missed.
+            if let Some(taken) = self.take_now() {
+                return taken;
             }
             self.shared.wanted.notify_one();
             returned.await;
         }
+    }
+
+    /// The connection if it is parked (`Some(Some)`), or `Some(None)` if it
+    /// is gone; `None` while the reader holds it.
+    fn take_now(&self) -> Option<Option<PgListener>> {
+        let mut slot = self.shared.slot();
+        if let Some(conn) = slot.conn.take() {
+            slot.parked_at = None;
+            return Some(Some(conn));
+        }
+        (!slot.reading).then_some(None)
     }
 
     /// The connection if it is parked, without waiting (for drop).
