@@ -44,9 +44,46 @@ pub(super) struct SetAgents {
     /// tree node per set).
     slots: Vec<(ShardId, Slot)>,
     /// Parent of every agent's token: cancelling it stops them all.
-    cancel: CancellationToken,
+    cancel: SetToken,
     /// Agents recorded but not spawned yet.
     pending: usize,
+}
+
+/// A set's token, made when its agents are first spawned: a grant only
+/// records the parent, so a cycle winning 10,000 sets makes no token (an
+/// allocation and a lock of the parent each) before it is published.
+enum SetToken {
+    /// Nothing spawned yet: the parent the set's token will descend from.
+    Parent(CancellationToken),
+    /// The set's token, a child of that parent.
+    Own(CancellationToken),
+}
+
+impl SetToken {
+    /// The set's token, made now if it was not yet (a child of a parent
+    /// already cancelled is born cancelled: its agents never run).
+    fn get(&mut self) -> &CancellationToken {
+        if let SetToken::Parent(parent) = self {
+            *self = SetToken::Own(parent.child_token());
+        }
+        match self {
+            // Always `Own` by now.
+            SetToken::Own(token) | SetToken::Parent(token) => token,
+        }
+    }
+
+    /// Cancels the set's token (never the parent); one not made yet is
+    /// made cancelled, so no agent of the set runs after this.
+    fn cancel(&mut self) {
+        if let SetToken::Parent(_) = self {
+            let token = CancellationToken::new();
+            token.cancel();
+            *self = SetToken::Own(token);
+        }
+        if let SetToken::Own(token) = self {
+            token.cancel();
+        }
+    }
 }
 
 /// Set when an agent's task ends (returned, failed, panicked, cancelled or
@@ -94,7 +131,7 @@ impl SetAgents {
     /// driver signals the loss, before the coordinator even wakes up; one
     /// not spawned yet then never is.
     pub(super) fn new(set: &LockSet, parent: &CancellationToken, start_at: Instant) -> Self {
-        let cancel = parent.child_token();
+        let cancel = SetToken::Parent(parent.clone());
         let mut slots: Vec<(ShardId, Slot)> = set
             .shards
             .iter()
@@ -135,15 +172,16 @@ impl SetAgents {
         // The only agent of a set may use the set's own token (cancelling
         // the set cancels exactly it); a restart gets a child token.
         let only = self.slots.len() == 1;
+        let cancel = self.cancel.get();
         for (shard, slot) in &mut self.slots {
             if *budget == 0 {
                 return false;
             }
             if let SlotState::Pending { start_at } = slot.state {
                 let token = if only {
-                    self.cancel.clone()
+                    cancel.clone()
                 } else {
-                    self.cancel.child_token()
+                    cancel.child_token()
                 };
                 slot.state = spawn(
                     agent,
@@ -205,7 +243,7 @@ impl SetAgents {
                 if restart_at <= now {
                     info!(%shard, key = %set.key, failures = slot.failures, "agent restarted");
                     out.restarted += 1;
-                    let token = self.cancel.child_token();
+                    let token = self.cancel.get().child_token();
                     slot.state = spawn(agent, set, shard, epoch, config, token, None, ended);
                 } else {
                     out.waiting += 1;
@@ -216,7 +254,7 @@ impl SetAgents {
     }
 
     /// Cancels every agent without waiting (the first half of [`stop_all`]).
-    pub(super) fn cancel(&self) {
+    pub(super) fn cancel(&mut self) {
         self.cancel.cancel();
     }
 
@@ -240,8 +278,8 @@ impl SetAgents {
 
 /// Stops many sets' agents together: cancels all, then awaits all under one
 /// shared stop timeout. Returns only when no agent of these sets runs.
-pub(super) async fn stop_all(sets: Vec<SetAgents>, stop_timeout: Duration) {
-    for set in &sets {
+pub(super) async fn stop_all(mut sets: Vec<SetAgents>, stop_timeout: Duration) {
+    for set in &mut sets {
         set.cancel();
     }
     let deadline = Instant::now() + stop_timeout;
@@ -320,7 +358,10 @@ use std::future::Future as _;
 impl Drop for SetAgents {
     /// A safety net: agents never outlive the record of them.
     fn drop(&mut self) {
-        self.cancel.cancel();
+        // Never the parent: that is the session's loss token.
+        if let SetToken::Own(token) = &self.cancel {
+            token.cancel();
+        }
         for (_, slot) in &self.slots {
             if let SlotState::Running { task, cancel, .. } = &slot.state {
                 cancel.cancel();

@@ -1498,7 +1498,16 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             // built bottom-up and merged in one pass, not searched for
             // 10,000 times. The batch's records win over previous ones.
             let mut new: BTreeMap<LockKey, Owned> = grant.new.into_iter().collect();
-            self.owned.append(&mut new);
+            if self.owned.len() * 8 < new.len() {
+                // Few records before (the first acquisition): move those
+                // into the batch's tree rather than rebuild it around them.
+                for (key, owned) in std::mem::take(&mut self.owned) {
+                    new.entry(key).or_insert(owned);
+                }
+                self.owned = new;
+            } else {
+                self.owned.append(&mut new);
+            }
         } else {
             for (key, owned) in grant.new {
                 self.owned.insert(key, owned);
