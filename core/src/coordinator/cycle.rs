@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -138,7 +139,7 @@ struct Grant {
 impl Grant {
     /// Whether each set's last release was announced clean, in order
     /// (forgotten either way; see [`ReleaseHints::take_clean`]).
-    fn take_clean(&self, sets: &[(Arc<LockSet>, bool)]) -> Vec<bool> {
+    fn take_clean(&self, sets: &[(Arc<Listed>, bool)]) -> Vec<bool> {
         match &self.hints {
             Some(hints) => hints.take_clean_many(sets.iter().map(|(set, _)| &set.key)),
             None => vec![false; sets.len()],
@@ -178,12 +179,12 @@ const STRAGGLER_FLOOR: Duration = Duration::from_millis(25);
 type Slots = Vec<(u32, LockKey)>;
 
 /// What to try per database: sets, and member slots.
-type TryPlan = HashMap<DatabaseId, (Vec<Arc<LockSet>>, Slots)>;
+type TryPlan = HashMap<DatabaseId, (Vec<Arc<Listed>>, Slots)>;
 
 /// What one database answered to a batched `try_acquire`.
 struct TryOutcome {
     db: DatabaseId,
-    sets: Vec<(Arc<LockSet>, bool)>,
+    sets: Vec<(Arc<Listed>, bool)>,
     slots: Vec<((u32, LockKey), bool)>,
 }
 
@@ -191,6 +192,47 @@ struct TryOutcome {
 /// coordinator yields to the runtime between batches, so winning 10,000 sets
 /// never makes 10,000 tasks runnable at once.
 const AGENT_START_BATCH: usize = 256;
+
+/// A set as the distributor lists it, shared by the distribution and the
+/// owned record built from it, with this node's fencing epoch for its key.
+struct Listed {
+    set: LockSet,
+    /// How many times this node acquired the key. Kept with the set so a
+    /// grant finds it without a lookup; carried to the key's next listing
+    /// when the set changes, and into [`Distribution::retired`] when the
+    /// key leaves the table.
+    epoch: AtomicU64,
+}
+
+impl Listed {
+    fn new(set: LockSet, epoch: u64) -> Arc<Self> {
+        Arc::new(Self {
+            set,
+            epoch: AtomicU64::new(epoch),
+        })
+    }
+
+    /// Counts one more acquisition of the key; answers its epoch.
+    fn next_epoch(&self) -> u64 {
+        // Only the coordinator's task touches it: the atomic is for `Sync`.
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+impl std::ops::Deref for Listed {
+    type Target = LockSet;
+
+    fn deref(&self) -> &LockSet {
+        &self.set
+    }
+}
+
+/// A key's entry in [`Distribution::table`].
+struct Entry {
+    listed: Arc<Listed>,
+    /// The last list that named the key.
+    generation: u64,
+}
 
 /// The distributor's sets as last listed, and what the cycle derives from
 /// them: built (deduplicated, shuffled, grouped) once per change of the
@@ -200,14 +242,22 @@ struct Distribution {
     /// The list as the distributor last handed it out: the same `Arc`
     /// again means unchanged, without comparing.
     source: Option<Arc<[LockSet]>>,
-    /// Its sets, each shared with the owned sets built from it.
-    listed: Vec<Arc<LockSet>>,
+    /// Its sets, one per entry of `source` (a key listed twice gets its
+    /// first listing), each shared with the owned records built from it.
+    listed: Vec<Arc<Listed>>,
+    /// Every key listed now or still held from an earlier list, with its
+    /// listing: a list that names a set again (a tenant's sets after one
+    /// more tenant was added, or sets that left and came back) reuses it,
+    /// so a new list costs one lookup per set, not a copy of each.
+    table: HashMap<LockKey, Entry, IdHash>,
+    /// The epochs of keys that left the table (not listed, not held).
+    retired: HashMap<LockKey, u64, IdHash>,
+    /// Counts the lists taken (see [`Entry::generation`]).
+    generation: u64,
     /// Per database, the indices into `listed` of its sets (each key once,
     /// the first listing wins), in a random order: nodes started together
     /// do not all try the same sets first.
     by_db: Vec<(DatabaseId, Vec<usize>)>,
-    /// The keys wanted.
-    keys: HashSet<LockKey, IdHash>,
     /// Sets wanted (each key once), and how many of them are exclusive.
     wanted: usize,
     exclusive: usize,
@@ -228,36 +278,93 @@ impl Distribution {
             && sets
                 .iter()
                 .zip(&self.listed)
-                .all(|(new, old)| new == &**old);
+                .all(|(new, old)| new == &old.set);
         if same {
             // Keep the new `Arc`: a distributor that caches its list hands
             // this one back next time.
             self.source = Some(sets);
             return false;
         }
-        self.listed = sets.iter().cloned().map(Arc::new).collect();
-        self.source = Some(sets);
-        self.keys = HashSet::with_capacity_and_hasher(self.listed.len(), IdHash);
-        let mut groups: HashMap<DatabaseId, Vec<usize>> = HashMap::new();
-        let (mut exclusive, mut sentinels) = (0, false);
-        for (i, set) in self.listed.iter().enumerate() {
-            if self.keys.insert(set.key.clone()) {
-                groups.entry(set.database.clone()).or_default().push(i);
-                match set.guard {
-                    Guard::Exclusive => exclusive += 1,
-                    Guard::Sentinel => sentinels = true,
+        self.generation += 1;
+        let generation = self.generation;
+        let mut listed = Vec::with_capacity(sets.len());
+        // Grouped by database: lists come in runs of one database, so the
+        // group is looked up only when the database changes.
+        let mut groups: Vec<(DatabaseId, Vec<usize>)> = Vec::new();
+        let mut group_of: HashMap<DatabaseId, usize> = HashMap::new();
+        let mut current: Option<usize> = None;
+        let (mut wanted, mut exclusive, mut sentinels) = (0, 0, false);
+        for (i, set) in sets.iter().enumerate() {
+            let first = match self.table.get_mut(&set.key) {
+                Some(entry) if entry.generation == generation => {
+                    // Listed twice: the first listing wins.
+                    listed.push(Arc::clone(&entry.listed));
+                    continue;
                 }
+                Some(entry) => {
+                    if entry.listed.set != *set {
+                        // The set changed: a new listing, the same epoch.
+                        let epoch = entry.listed.epoch.load(Ordering::Relaxed);
+                        entry.listed = Listed::new(set.clone(), epoch);
+                    }
+                    entry.generation = generation;
+                    Arc::clone(&entry.listed)
+                }
+                None => {
+                    let epoch = self.retired.remove(&set.key).unwrap_or(0);
+                    let new = Listed::new(set.clone(), epoch);
+                    let entry = Entry {
+                        listed: Arc::clone(&new),
+                        generation,
+                    };
+                    self.table.insert(set.key.clone(), entry);
+                    new
+                }
+            };
+            listed.push(first);
+            let group = match current {
+                Some(g) if groups[g].0 == set.database => g,
+                _ => *group_of.entry(set.database.clone()).or_insert_with(|| {
+                    groups.push((set.database.clone(), Vec::new()));
+                    groups.len() - 1
+                }),
+            };
+            current = Some(group);
+            groups[group].1.push(i);
+            wanted += 1;
+            match set.guard {
+                Guard::Exclusive => exclusive += 1,
+                Guard::Sentinel => sentinels = true,
             }
         }
-        self.by_db = groups.into_iter().collect();
-        self.by_db.sort_by(|a, b| a.0.cmp(&b.0));
-        for (_, sets) in &mut self.by_db {
+        // The old listings go first, so a listing only an owned record
+        // still holds is told apart by its count.
+        self.listed = listed;
+        self.source = Some(sets);
+        let Self { table, retired, .. } = self;
+        table.retain(|key, entry| {
+            let keep = entry.generation == generation || Arc::strong_count(&entry.listed) > 1;
+            if !keep {
+                retired.insert(key.clone(), entry.listed.epoch.load(Ordering::Relaxed));
+            }
+            keep
+        });
+        groups.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, sets) in &mut groups {
             fastrand::shuffle(sets);
         }
-        self.wanted = self.keys.len();
+        self.by_db = groups;
+        self.wanted = wanted;
         self.exclusive = exclusive;
         self.sentinels = sentinels;
         true
+    }
+
+    /// Whether `key` is in the current list.
+    fn wants(&self, key: &LockKey) -> bool {
+        self.table
+            .get(key)
+            .is_some_and(|entry| entry.generation == self.generation)
     }
 
     /// Whether `db` has wanted sets.
@@ -268,7 +375,7 @@ impl Distribution {
 
 /// A set this node runs.
 struct Owned {
-    set: Arc<LockSet>,
+    set: Arc<Listed>,
     /// Whether the session holds the key (false only for a sentinel set whose
     /// sentinel is held elsewhere or whose session is down).
     held: bool,
@@ -328,7 +435,6 @@ pub(super) struct Runner<D: Driver, S, A> {
     agents_ended: Ended,
     distribution: Distribution,
     conns: HashMap<DatabaseId, Conn<D::Session>>,
-    epochs: HashMap<LockKey, u64, IdHash>,
     /// Sentinel keys found held by another node, so the error is logged once.
     sentinel_conflicts: HashSet<LockKey, IdHash>,
     denied: usize,
@@ -388,7 +494,6 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             agents_ended: Ended::default(),
             distribution: Distribution::default(),
             conns: HashMap::new(),
-            epochs: HashMap::default(),
             sentinel_conflicts: HashSet::default(),
             denied: 0,
             failing: 0,
@@ -900,11 +1005,11 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     /// Sets no longer distributed: stop their agents, then release the keys.
     async fn release_departed(&mut self) {
-        let wanted = &self.distribution.keys;
+        let distribution = &self.distribution;
         let departed: Vec<LockKey> = self
             .owned
             .keys()
-            .filter(|k| !wanted.contains(*k))
+            .filter(|k| !distribution.wants(k))
             .cloned()
             .collect();
         if departed.is_empty() {
@@ -918,7 +1023,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     /// Stops the agents of the owned sets `keys` **then** releases the held
     /// ones, announced, each marked clean when its agents had been allowed
     /// to start (see [`Owned::clean`]). Answers the sets that left.
-    async fn retire(&mut self, keys: Vec<LockKey>) -> Vec<Arc<LockSet>> {
+    async fn retire(&mut self, keys: Vec<LockKey>) -> Vec<Arc<Listed>> {
         let mut leaving = Vec::new();
         let mut stopping = Vec::new();
         for key in keys {
@@ -1146,8 +1251,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
 
     /// The wanted sets this node does not hold, by database. Costs one
     /// pass over the owned sets when it holds them all (the steady state).
-    fn missing(&mut self) -> HashMap<DatabaseId, Vec<Arc<LockSet>>> {
-        let mut by_db: HashMap<DatabaseId, Vec<Arc<LockSet>>> = HashMap::new();
+    fn missing(&mut self) -> HashMap<DatabaseId, Vec<Arc<Listed>>> {
+        let mut by_db: HashMap<DatabaseId, Vec<Arc<Listed>>> = HashMap::new();
         // Owned sets are all wanted (see `release_departed`), and only a
         // sentinel set can be owned without being held: as many owned as
         // wanted, every one held, means none is missing.
@@ -1157,7 +1262,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             return by_db;
         }
         for (db, indices) in &self.distribution.by_db {
-            let sets: Vec<Arc<LockSet>> = indices
+            let sets: Vec<Arc<Listed>> = indices
                 .iter()
                 .map(|i| &self.distribution.listed[*i])
                 .filter(|set| self.owned.get(&set.key).is_none_or(|o| !o.held))
@@ -1168,7 +1273,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             }
         }
         // Sentinel sets run whether or not the sentinel can be taken.
-        let sentinels: Vec<Arc<LockSet>> = by_db
+        let sentinels: Vec<Arc<Listed>> = by_db
             .values()
             .flatten()
             .filter(|s| s.guard == Guard::Sentinel && !self.owned.contains_key(&s.key))
@@ -1200,7 +1305,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
                 // cheaper than sorting the records.
                 sets.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
             }
-            let mut grant = self.grant(&outcome.db);
+            let mut grant = self.grant(&outcome.db, sets.len());
             let clean = grant.take_clean(&sets);
             for ((set, ok), clean) in sets.into_iter().zip(clean) {
                 if ok {
@@ -1364,7 +1469,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             HashMap::new()
         };
         for (db, sets) in missing {
-            let sets: Vec<Arc<LockSet>> = if room > 0 {
+            let sets: Vec<Arc<Listed>> = if room > 0 {
                 sets
             } else {
                 sets.into_iter()
@@ -1392,7 +1497,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             let mut giving_back = Vec::new();
             let (mut here_acquired, mut here_denied) = (0, 0);
             let sets = outcome.sets;
-            let mut grant = self.grant(&outcome.db);
+            let mut grant = self.grant(&outcome.db, sets.len());
             let clean = grant.take_clean(&sets);
             for ((set, ok), clean) in sets.into_iter().zip(clean) {
                 if !ok {
@@ -1464,8 +1569,9 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
     }
 
-    /// The per-database part of granting a batch of `db`'s sets.
-    fn grant(&self, db: &DatabaseId) -> Grant {
+    /// The per-database part of granting a batch of up to `sets` of `db`'s
+    /// sets.
+    fn grant(&self, db: &DatabaseId, sets: usize) -> Grant {
         let conn = self.conns.get(db);
         Grant {
             hints: conn
@@ -1477,7 +1583,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
             at: Instant::now(),
             clean: 0,
             delayed: 0,
-            new: Vec::new(),
+            new: Vec::with_capacity(sets),
         }
     }
 
@@ -1518,17 +1624,8 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
     /// Starts recording a granted set: its agents run after the takeover
     /// delay, or at once when its previous holder announced a clean
     /// handover. A sentinel set already recorded is only marked held.
-    fn granted(&mut self, set: Arc<LockSet>, clean: bool, grant: &mut Grant) {
-        let epoch = match self.epochs.get_mut(&set.key) {
-            Some(e) => {
-                *e += 1;
-                *e
-            }
-            None => {
-                self.epochs.insert(set.key.clone(), 1);
-                1
-            }
-        };
+    fn granted(&mut self, set: Arc<Listed>, clean: bool, grant: &mut Grant) {
+        let epoch = set.next_epoch();
         if set.guard == Guard::Sentinel {
             if self.sentinel_conflicts.remove(&set.key) {
                 info!(key = %set.key, "sentinel free again: no other solo node seen");
@@ -1570,7 +1667,7 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         }
     }
 
-    fn start_sentinel(&mut self, set: Arc<LockSet>) {
+    fn start_sentinel(&mut self, set: Arc<Listed>) {
         let key = set.key.clone();
         // A sentinel set runs whether or not its session lives.
         let agents = SetAgents::new(&set, &CancellationToken::new(), Instant::now());
@@ -1904,5 +2001,100 @@ impl<D: Driver, S, A> Drop for Runner<D, S, A> {
                 "coordinator dropped without stopping; aborting agents"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::ShardId;
+
+    fn set(db: &str, shard: &str) -> LockSet {
+        let key = LockKey::for_shard(db, "s", shard).unwrap();
+        LockSet::new(key, DatabaseId::new(db), vec![ShardId::new(shard)])
+    }
+
+    fn listing<'a>(d: &'a Distribution, s: &LockSet) -> &'a Arc<Listed> {
+        &d.table[&s.key].listed
+    }
+
+    #[test]
+    fn a_key_listed_twice_is_wanted_once_first_listing_winning() {
+        let (a, b) = (set("db", "a"), set("db", "b"));
+        let mut twice = a.clone();
+        twice.shards.push(ShardId::new("other"));
+        let mut d = Distribution::default();
+        assert!(d.update(Arc::from(vec![a.clone(), b.clone(), twice])));
+        assert_eq!((d.wanted, d.exclusive), (2, 2));
+        assert_eq!(d.by_db.len(), 1);
+        assert_eq!(d.by_db[0].1.len(), 2);
+        assert_eq!(listing(&d, &a).set, a, "the first listing wins");
+        assert!(d.wants(&a.key) && d.wants(&b.key));
+    }
+
+    #[test]
+    fn the_same_list_again_changes_nothing() {
+        let list: Arc<[LockSet]> = Arc::from(vec![set("db", "a")]);
+        let mut d = Distribution::default();
+        assert!(d.update(Arc::clone(&list)));
+        assert!(!d.update(Arc::clone(&list)), "the same Arc");
+        assert!(!d.update(Arc::from(list.to_vec())), "an equal list");
+    }
+
+    #[test]
+    fn sets_are_grouped_by_database_in_any_order() {
+        let list = vec![set("x", "1"), set("y", "1"), set("x", "2"), set("y", "2")];
+        let mut d = Distribution::default();
+        d.update(Arc::from(list));
+        let groups: Vec<(&str, usize)> = d
+            .by_db
+            .iter()
+            .map(|(db, sets)| (db.as_str(), sets.len()))
+            .collect();
+        assert_eq!(groups, [("x", 2), ("y", 2)]);
+        for (db, sets) in &d.by_db {
+            assert!(sets.iter().all(|i| &d.listed[*i].database == db));
+        }
+    }
+
+    #[test]
+    fn a_set_listed_again_keeps_its_listing_and_its_epoch() {
+        let (a, b) = (set("db", "a"), set("db", "b"));
+        let mut d = Distribution::default();
+        d.update(Arc::from(vec![a.clone(), b.clone()]));
+        assert_eq!(listing(&d, &a).next_epoch(), 1);
+        // `a` is held (an owned record shares its listing) while a list
+        // without it is taken, then listed again unchanged.
+        let held = Arc::clone(listing(&d, &a));
+        d.update(Arc::from(vec![b.clone()]));
+        assert!(!d.wants(&a.key), "not in the current list");
+        d.update(Arc::from(vec![a.clone(), b.clone()]));
+        assert!(
+            Arc::ptr_eq(listing(&d, &a), &held),
+            "no copy of an unchanged set"
+        );
+        assert_eq!(listing(&d, &a).next_epoch(), 2);
+        // Listed changed: a new listing, the epoch carried over.
+        let mut changed = a.clone();
+        changed.shards.push(ShardId::new("more"));
+        d.update(Arc::from(vec![changed.clone(), b.clone()]));
+        assert_eq!(listing(&d, &a).set, changed);
+        assert_eq!(listing(&d, &a).next_epoch(), 3);
+    }
+
+    #[test]
+    fn a_key_that_left_the_table_keeps_its_epoch() {
+        let (a, b) = (set("db", "a"), set("db", "b"));
+        let mut d = Distribution::default();
+        d.update(Arc::from(vec![a.clone(), b.clone()]));
+        listing(&d, &a).next_epoch();
+        listing(&d, &a).next_epoch();
+        // Not listed and not held: the key leaves the table.
+        d.update(Arc::from(vec![b.clone()]));
+        assert!(!d.table.contains_key(&a.key));
+        assert_eq!(d.retired.get(&a.key), Some(&2));
+        d.update(Arc::from(vec![a.clone(), b.clone()]));
+        assert_eq!(listing(&d, &a).next_epoch(), 3);
+        assert!(d.retired.is_empty());
     }
 }
