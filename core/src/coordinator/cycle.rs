@@ -1298,23 +1298,28 @@ impl<D: Driver, S: Distributor, A: Agent> Runner<D, S, A> {
         let mut acquired = 0usize;
         for outcome in outcomes {
             let (mut here_acquired, mut here_denied) = (0, 0);
-            let mut sets = outcome.sets;
-            if bulk_merge(sets.len(), self.owned.len()) {
-                // Granted in key order, the batch is recorded by one merge
-                // (see `granted_batch`); sorting these 16-byte entries is
-                // cheaper than sorting the records.
-                sets.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
-            }
+            let sets = outcome.sets;
             let mut grant = self.grant(&outcome.db, sets.len());
             let clean = grant.take_clean(&sets);
+            let mut won = Vec::with_capacity(sets.len());
             for ((set, ok), clean) in sets.into_iter().zip(clean) {
                 if ok {
-                    here_acquired += 1;
-                    self.granted(set, clean, &mut grant);
+                    won.push((set, clean));
                 } else {
                     here_denied += 1;
                     self.denied_set(&set);
                 }
+            }
+            if bulk_merge(won.len(), self.owned.len()) {
+                // Granted in key order, the batch is recorded by one merge
+                // (see `granted_batch`); sorting these 16-byte entries is
+                // cheaper than sorting the records. Denied sets (a standby
+                // node's whole batch) are not sorted.
+                won.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
+            }
+            for (set, clean) in won {
+                here_acquired += 1;
+                self.granted(set, clean, &mut grant);
             }
             self.granted_batch(&outcome.db, grant);
             self.metrics
