@@ -253,6 +253,7 @@ struct Distribution {
     source: Option<Arc<[LockSet]>>,
     /// Its sets, one per entry of `source` (a key listed twice gets its
     /// first listing), each shared with the owned records built from it.
+    /// An equal list again (another `Arc`) is compared with `source`.
     listed: Vec<Arc<Listed>>,
     /// Every key listed now or still held from an earlier list, with its
     /// listing: a list that names a set again (a tenant's sets after one
@@ -283,12 +284,7 @@ impl Distribution {
                 return false;
             }
         }
-        let same = sets.len() == self.listed.len()
-            && sets
-                .iter()
-                .zip(&self.listed)
-                .all(|(new, old)| new == &old.set);
-        if same {
+        if self.source.as_deref() == Some(&*sets) {
             // Keep the new `Arc`: a distributor that caches its list hands
             // this one back next time.
             self.source = Some(sets);
