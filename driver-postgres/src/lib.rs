@@ -172,11 +172,13 @@
 //!   2-core machine, server and benchmark pinned to separate CPUs, 30
 //!   rounds; `scripts/bench.sh`, or `shardlock-bench --only 7` against
 //!   `SHARDLOCK_PG_URL`): from sending `pg_terminate_backend` to `lost`
-//!   firing, p50 0.70 ms, max 4.2 ms; to the last of a coordinator's 100
-//!   agents observing its cancel, p50 1.1–1.5 ms, max 6.3 ms. The raw floor,
-//!   a second connection blocked on a key the terminated backend held, is
-//!   p50 0.6 ms, max 5.7 ms in the same runs. The bound leaves a wide
-//!   margin for loaded machines and servers across a network.
+//!   firing, p50 3.2 ms, max 5.1 ms; to the last of a coordinator's 100
+//!   agents observing its cancel, p50 4.0 ms, max 11 ms. The raw floor, a
+//!   second connection blocked on a key the terminated backend held, is
+//!   p50 1.9 ms, max 3.1 ms in the same runs: the server frees the locks
+//!   before its process exits and closes the socket, which is what the
+//!   reader sees. The bound leaves a wide margin for loaded machines and
+//!   servers across a network.
 //! - **The connection fails** while idle (a reset, an error the server
 //!   sends): `lost` fires too. A graceful `close` or drop stops the reader
 //!   first and never fires `lost`. The connection never reconnects behind
