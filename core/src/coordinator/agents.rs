@@ -52,37 +52,24 @@ pub(super) struct SetAgents {
 /// A set's token, made when its agents are first spawned: a grant only
 /// records the parent, so a cycle winning 10,000 sets makes no token (an
 /// allocation and a lock of the parent each) before it is published.
-enum SetToken {
-    /// Nothing spawned yet: the parent the set's token will descend from.
-    Parent(CancellationToken),
-    /// The set's token, a child of that parent.
-    Own(CancellationToken),
+struct SetToken {
+    /// The parent the set's token descends from (the session's loss token).
+    parent: CancellationToken,
+    /// The set's own token, once made.
+    own: Option<CancellationToken>,
 }
 
 impl SetToken {
     /// The set's token, made now if it was not yet (a child of a parent
     /// already cancelled is born cancelled: its agents never run).
     fn get(&mut self) -> &CancellationToken {
-        if let SetToken::Parent(parent) = self {
-            *self = SetToken::Own(parent.child_token());
-        }
-        match self {
-            // Always `Own` by now.
-            SetToken::Own(token) | SetToken::Parent(token) => token,
-        }
+        self.own.get_or_insert_with(|| self.parent.child_token())
     }
 
     /// Cancels the set's token (never the parent); one not made yet is
     /// made cancelled, so no agent of the set runs after this.
     fn cancel(&mut self) {
-        if let SetToken::Parent(_) = self {
-            let token = CancellationToken::new();
-            token.cancel();
-            *self = SetToken::Own(token);
-        }
-        if let SetToken::Own(token) = self {
-            token.cancel();
-        }
+        self.own.get_or_insert_with(CancellationToken::new).cancel();
     }
 }
 
@@ -131,7 +118,10 @@ impl SetAgents {
     /// driver signals the loss, before the coordinator even wakes up; one
     /// not spawned yet then never is.
     pub(super) fn new(set: &LockSet, parent: &CancellationToken, start_at: Instant) -> Self {
-        let cancel = SetToken::Parent(parent.clone());
+        let cancel = SetToken {
+            parent: parent.clone(),
+            own: None,
+        };
         let mut slots: Vec<(ShardId, Slot)> = set
             .shards
             .iter()
@@ -359,7 +349,7 @@ impl Drop for SetAgents {
     /// A safety net: agents never outlive the record of them.
     fn drop(&mut self) {
         // Never the parent: that is the session's loss token.
-        if let SetToken::Own(token) = &self.cancel {
+        if let Some(token) = &self.cancel.own {
             token.cancel();
         }
         for (_, slot) in &self.slots {
