@@ -247,21 +247,3 @@ pub use sql::{KEYS_PER_NOTIFICATION, RELEASE_CHANNEL};
 
 /// The sqlx this driver is built on, for its connect options and errors.
 pub use sqlx;
-
-/// 64 random bits without a dependency: std's randomly keyed SipHash (fresh
-/// keys per `RandomState`) over the time, the process, a counter and `salt`.
-#[cfg(test)]
-pub(crate) fn random_u64(salt: &str) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    hasher.write_u128(nanos);
-    hasher.write_u32(std::process::id());
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.write(salt.as_bytes());
-    hasher.finish()
-}

@@ -424,7 +424,7 @@ mod tests {
         };
         let mut ours = sqlx::PgConnection::connect(&url).await.expect("connect");
         let mut other = sqlx::PgConnection::connect(&url).await.expect("connect");
-        let salt = (crate::random_u64("sql-batch") >> 20) as i64;
+        let salt = (fastrand::u64(..) >> 20) as i64;
         let keys: Vec<i64> = (0..500).map(|i| salt + i * 7919 - 250).collect();
         let taken: bool = sqlx::query_scalar(TRY_ONE)
             .bind(keys[123])
@@ -505,7 +505,7 @@ mod tests {
         let mut listener = PgListener::connect(&url).await.expect("listener");
         listener.listen(RELEASE_CHANNEL).await.expect("listen");
         // Edge keys offset by a random bit pattern, so parallel runs differ.
-        let salt = (crate::random_u64("sql-test") >> 20) as i64;
+        let salt = (fastrand::u64(..) >> 20) as i64;
         let keys = [i64::MIN + salt, -1 - salt, salt, i64::MAX - salt];
         for key in &keys[..3] {
             let taken: bool = sqlx::query_scalar(TRY_ONE)
